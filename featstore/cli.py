@@ -1,0 +1,466 @@
+"""The `featstore` command: thin wrappers over the library, errors in one line with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from featstore.errors import FeatstoreError
+from featstore.store import default_home, open_store
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise FeatstoreError(f"{self.prog}: {message}")
+
+
+def feature_range(text: str) -> tuple[int, int]:
+    """`LO:HI` as a half-open range."""
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO:HI, got {text!r}") from None
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"empty or negative feature range {text!r}")
+    return lo, hi
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from featstore.ingest import ingest_npz
+
+    report = ingest_npz(
+        args.home, args.file, layer=args.layer, shard=args.shard, tokens_file=args.tokens
+    )
+    print(report)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from featstore.extract import ExtractConfig, extract_all
+
+    cfg = ExtractConfig(
+        source=args.source,
+        layers=tuple(args.layers),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=args.device,
+        text_dir=args.text_dir,
+        max_sequences=args.max_sequences,
+    )
+    for report in extract_all(open_store(args.home, create=True), cfg, shards=args.shards):
+        print(report.summary())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    store = open_store(args.home)
+    for layer in store.layers():
+        for shard in store.shards(layer):
+            info = store.info(layer, shard)
+            print(f"layer {layer} shard {shard}: {info['shape'][0]} tokens, {info['nnz']} nonzeros")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from featstore.synth import SynthConfig, generate_all, planted_path
+
+    cfg = SynthConfig(
+        d_sae=args.d_sae,
+        layers=tuple(args.layers),
+        n_tokens=args.tokens,
+        l0=args.l0,
+        n_planted=args.planted,
+        seed=args.seed,
+    )
+    edges = generate_all(open_store(args.home, create=True), cfg, args.shards, log=print)
+    print(f"{edges.height} planted edges in {planted_path(args.home)}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from featstore.check import check_store
+
+    problems = check_store(open_store(args.home))
+    for problem in problems:
+        print(problem)
+    print(f"{len(problems)} problem(s) found" if problems else "store is sound")
+    return 1 if problems else 0
+
+
+def sql_param(text: str) -> tuple[str, int | float | str]:
+    """`NAME=VALUE` for a `$NAME` in a query; VALUE is an integer, a float, else a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from featstore import sql
+
+    if (args.query is None) == (args.file is None):
+        raise FeatstoreError("give either a QUERY or --file FILE")
+    text = args.query if args.file is None else sql.query_text(args.file)
+    frame = sql.query(open_store(args.home), text, dict(args.param) or None)
+    print(sql.render(frame, args.format))
+    return 0
+
+
+def measure_value(text: str) -> tuple[str, float]:
+    """`MEASURE=VALUE`, e.g. `sufficiency=0.9`."""
+    name, sep, value = text.partition("=")
+    try:
+        return name, float(value if sep else "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MEASURE=VALUE, got {text!r}") from None
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from featstore import measures, stats
+    from featstore.pairs import Variant
+
+    store = open_store(args.home)
+    variant = Variant(args.active_threshold, args.null)
+    if args.never_coactive is not None:
+        shards = stats.shards_of_pair(store, args.layer_a, args.layer_b, args.shards)
+        listed, total = measures.never_coactive_pairs(
+            store, args.layer_a, args.layer_b, *args.never_coactive, shards=shards, variant=variant
+        )
+        stats.write_parquet_atomic(listed, args.out)
+        print(f"{total} never-co-active pairs reach {'='.join(map(str, args.never_coactive))}")
+        print(f"wrote {listed.height} pairs to {args.out}")
+        return 0
+    frame, counts = stats.pair_report(
+        store,
+        args.layer_a,
+        args.layer_b,
+        engine=args.engine,
+        shards=args.shards,
+        min_pearson=args.min_pearson,
+        min_jaccard=args.min_jaccard,
+        features_a=args.features_a,
+        features_b=args.features_b,
+        all_pairs=args.all_pairs,
+        thresholds=dict(args.min),
+        min_both=args.min_both,
+        variant=variant,
+        intervals=args.intervals,
+    )
+    if args.decoder_cosine:
+        cosines = measures.store_decoder_cosine(
+            store, args.layer_a, args.layer_b, args.decoder_cosine
+        )
+        frame = frame.join(cosines, on=["feature_a", "feature_b"], how="left")
+    stats.write_parquet_atomic(frame, args.out)
+    print(
+        stats.describe_counts(
+            counts, args.min_pearson, args.min_jaccard, dict(args.min), args.min_both
+        )
+    )
+    print(f"wrote {frame.height} pairs to {args.out}")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from featstore.graph import export_graph
+
+    graph, summary = export_graph(
+        open_store(args.home),
+        args.out,
+        layers=args.layers,
+        metric=args.metric,
+        threshold=args.threshold,
+        engine=args.engine,
+        min_both=args.min_both,
+    )
+    pairs = ", ".join(f"{k}: {n}" for k, n in summary["edges_per_pair"].items())
+    print(f"{graph.number_of_edges()} edges ({pairs or 'none'}), {graph.number_of_nodes()} nodes")
+    print(f"wrote graph.graphml, edges.parquet and summary.json to {args.out}")
+    return 0
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    from featstore.plots import plot_store
+
+    paths = plot_store(
+        open_store(args.home),
+        args.out,
+        layers=args.layers,
+        threshold=args.threshold,
+        agreement_threshold=args.agreement_threshold,
+        features=args.features,
+        n_edges=args.edges,
+        engine=args.engine,
+    )
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def load_model_and_saes(source: str, layers: Sequence[int], device: str):
+    """The source's model and SAEs; missing files become one line."""
+    from featstore.extract import ExtractConfig
+    from featstore.extract import load_model_and_saes as load
+
+    try:
+        return load(ExtractConfig(source=source, layers=tuple(layers), device=device))
+    except OSError as exc:
+        raise FeatstoreError(f"cannot load the model or SAEs of source {source}: {exc}") from None
+
+
+def cmd_patch(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from featstore.causal import CausalConfig, run_causal
+    from featstore.sql import render
+
+    cfg = CausalConfig(
+        layers=tuple(args.layers),
+        shards=tuple(args.shards) if args.shards else None,
+        max_sequences=args.max_sequences,
+        features=tuple(args.features) if args.features else None,
+        n_exact=args.n_exact,
+        value=args.value,
+        min_effect=args.min_effect,
+        min_pearson=args.min_pearson,
+    )
+    store = open_store(args.home)
+    model, saes = load_model_and_saes(args.source, cfg.layers, args.device)
+    paths = run_causal(store, model, saes, cfg)
+    print(render(pl.read_parquet(paths["comparison"])))
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
+def store_source(store, layer: int) -> str:
+    """The source a layer's activations were extracted with (tiny when unrecorded)."""
+    from featstore.measures import store_source
+
+    return store_source(store, layer)
+
+
+def cmd_concepts(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from featstore.concepts import default_set, run_concepts
+    from featstore.graph import build_graph, store_pair_frames
+
+    store = open_store(args.home)
+    layers = sorted(args.layers)
+    concept_set = args.set or default_set(store_source(store, layers[0]))
+    frames = store_pair_frames(store, layers, metric=args.metric, threshold=args.threshold)
+    graph = build_graph(frames, args.metric, args.threshold)
+    out = Path(args.out) if args.out else store.home / "concepts"
+    paths = run_concepts(
+        store, concept_set, layers, graph, out, shards=args.shards,
+        max_sequences=args.max_sequences, top=args.top, beam=args.beam,
+    )  # fmt: skip
+    print(f"concept set {concept_set}: wrote {len(paths)} files to {out}")
+    return 0
+
+
+def cmd_feature(args: argparse.Namespace) -> int:
+    from featstore import cards
+
+    store = open_store(args.home)
+    layer, feature = cards.parse_key(args.key)
+    card = cards.feature_card(
+        store, layer, feature, top=args.top, partners=args.partners, sort_by=args.sort_by,
+        min_both=args.min_both,
+    )  # fmt: skip
+    print(cards.card_text(card))
+    if args.html:
+        with cards.atomic_output(args.html) as tmp:
+            tmp.write_text(cards.card_html(card), encoding="utf-8")
+        print(f"wrote {args.html}")
+    return 0
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="featstore", description=__doc__)
+    parser.add_argument(
+        "--home", default=None, help="store home (default $FEATSTORE_HOME or ./featstore-data)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    p = sub.add_parser("ingest", help="import activations from a scipy sparse .npz")
+    p.add_argument("file")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--shard", required=True)
+    p.add_argument("--tokens", default=None, help="optional .npz/.parquet token table")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("extract", help="run the model and SAEs over text shards")
+    p.add_argument("--source", default="tiny")
+    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--text-dir", default=None)
+    p.add_argument("--max-sequences", type=int, default=None)
+    p.add_argument("--shards", nargs="*", default=None)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("info", help="list the stored layers and shards")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("synth", help="write synthetic activations with planted relations")
+    p.add_argument("--tokens", type=int, required=True, help="tokens per shard")
+    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--d-sae", type=int, default=24576)
+    p.add_argument("--shards", type=int, default=1, help="number of shards (synth-000, ...)")
+    p.add_argument("--l0", type=float, default=50.0, help="mean active features per token")
+    p.add_argument("--planted", type=int, default=512, help="relations per layer pair")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("check", help="verify a whole store; exit 1 listing every problem")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("sql", help="run a read-only SQL query over the store (DuckDB)")
+    p.add_argument("query", nargs="?", default=None, help="SELECT over activations, tokens, ...")
+    p.add_argument("--file", default=None, help="query file, or the name of one in sql/")
+    p.add_argument(
+        "-p",
+        "--param",
+        type=sql_param,
+        action="append",
+        default=[],
+        help="NAME=VALUE bound to $NAME in the query (repeatable)",
+    )
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("stats", help="exact pair statistics of two layers' features")
+    p.add_argument("--layer-a", type=int, required=True)
+    p.add_argument("--layer-b", type=int, required=True)
+    p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
+    p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
+    p.add_argument("--min-pearson", type=float, default=None)
+    p.add_argument("--min-jaccard", type=float, default=None)
+    p.add_argument("--features-a", type=feature_range, default=None, metavar="LO:HI")
+    p.add_argument("--features-b", type=feature_range, default=None, metavar="LO:HI")
+    p.add_argument("--all-pairs", action="store_true", help="also never-co-active pairs")
+    p.add_argument(
+        "--min",
+        type=measure_value,
+        action="append",
+        default=[],
+        metavar="M=V",
+        help="keep pairs with measure M >= V (any of docs/MEASURES.md; repeatable)",
+    )
+    p.add_argument("--min-both", type=int, default=0, help="keep pairs co-active on >= N tokens")
+    p.add_argument("--intervals", action="store_true", help="add 95%% interval columns")
+    p.add_argument("--active-threshold", type=float, default=0.0, help="active means > this")
+    p.add_argument("--null", action="store_true", help="null model: b's sequences deranged")
+    p.add_argument(
+        "--decoder-cosine",
+        type=int,
+        default=0,
+        metavar="K",
+        help="add decoder_cosine where among each feature's top K",
+    )
+    p.add_argument(
+        "--never-coactive",
+        type=measure_value,
+        default=None,
+        metavar="M=V",
+        help="instead: list the never-co-active pairs with measure M >= V",
+    )
+    p.add_argument("--out", required=True, help="Parquet file of the pairs passing")
+    p.set_defaults(func=cmd_stats)
+
+    from featstore.measures import MIN_BOTH, RANGES
+
+    p = sub.add_parser("graph", help="cross-layer feature graph: GraphML, Parquet edges, summary")
+    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--metric", choices=tuple(RANGES), default="pearson")
+    p.add_argument("--threshold", type=float, default=0.2, help="edges where metric >= this")
+    p.add_argument("--min-both", type=int, default=MIN_BOTH, help="edges co-active on >= N tokens")
+    p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
+    p.add_argument("--out", required=True, help="folder for graph.graphml, edges.parquet, ...")
+    p.set_defaults(func=cmd_graph)
+
+    p = sub.add_parser("plots", help="PNG figures of the pair statistics of adjacent layers")
+    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--threshold", type=float, default=0.2, help="for Pearson and Jaccard")
+    p.add_argument("--agreement-threshold", type=float, default=0.99)
+    p.add_argument("--features", type=feature_range, default=(0, 100), metavar="LO:HI")
+    p.add_argument("--edges", type=int, default=60, help="strongest edges in graph.png")
+    p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.set_defaults(func=cmd_plots)
+
+    p = sub.add_parser("patch", help="causal edges by activation patching, vs correlation")
+    p.add_argument("--source", default="tiny", help="the model and SAEs the store was made with")
+    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
+    p.add_argument("--max-sequences", type=int, default=16, help="per shard")
+    p.add_argument("--features", type=int, nargs="+", default=None, help="source features")
+    p.add_argument("--n-exact", type=int, default=None, help="patched exactly per layer")
+    p.add_argument("--value", type=float, default=0.0, help="0 ablates; else clamp to this")
+    p.add_argument("--min-effect", type=float, default=0.1, help="|relative effect| of an edge")
+    p.add_argument("--min-pearson", type=float, default=0.2, help="a correlation edge")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_patch)
+
+    p = sub.add_parser("concepts", help="features detecting token-level concepts, traced by layer")
+    p.add_argument("--set", default=None, help="concept set name or YAML (default: the source's)")
+    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
+    p.add_argument("--max-sequences", type=int, default=None, help="per shard")
+    p.add_argument("--metric", choices=("pearson", "agreement", "jaccard"), default="pearson")
+    p.add_argument("--threshold", type=float, default=0.2, help="feature graph edges")
+    p.add_argument("--top", type=int, default=5, help="best features kept per concept and layer")
+    p.add_argument("--beam", type=int, default=3, help="features followed per layer")
+    p.add_argument("--out", default=None, help="folder (default: HOME/concepts)")
+    p.set_defaults(func=cmd_concepts)
+
+    p = sub.add_parser("feature", help="a feature's card: frequency, contexts, partners")
+    p.add_argument("key", metavar="LAYER:ID", help="e.g. 7:123")
+    p.add_argument("--top", type=int, default=10, help="top-activating contexts shown")
+    p.add_argument("--partners", type=int, default=10, help="predecessors and successors shown")
+    p.add_argument("--sort-by", default="pearson", help="measure ranking the partners")
+    p.add_argument("--min-both", type=int, default=MIN_BOTH, help="partners co-active >= N")
+    p.add_argument("--html", default=None, help="also write the card as a self-contained page")
+    p.set_defaults(func=cmd_feature)
+
+    # Further commands register here (one add_parser block each).
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.home is None:
+            args.home = str(default_home())
+        return args.func(args)
+    except FeatstoreError as exc:
+        print(f"featstore: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featstore: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `featstore sql ... | head` closed the pipe: not an error
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Text in, sparse SAE feature activations out: tokenise shards, run the model, encode, store."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from featstore import spec
+from featstore.errors import FeatstoreError
+from featstore.sources import Source, get_source
+from featstore.store import Store
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+Logger = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to extract: source, layers, sequence shape and where the text comes from."""
+
+    source: str = "tiny"
+    layers: tuple[int, ...] = (6, 7, 8, 9)
+    seq_len: int = 128
+    batch_size: int = 32
+    device: str = "cpu"
+    text_dir: str | None = None
+    max_sequences: int | None = None  # per shard; None takes the whole shard
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise FeatstoreError("no layers given")
+        if self.seq_len < 2:
+            raise FeatstoreError(
+                f"seq_len must be at least 2 (BOS + one token), got {self.seq_len}"
+            )
+        if self.batch_size < 1:
+            raise FeatstoreError(f"batch_size must be positive, got {self.batch_size}")
+        if self.max_sequences is not None and self.max_sequences < 1:
+            raise FeatstoreError(f"max_sequences must be positive, got {self.max_sequences}")
+        get_source(self.source).check_layers(self.layers)
+
+    def get_source(self) -> Source:
+        return get_source(self.source, self.text_dir)
+
+
+@dataclass
+class ExtractReport:
+    """What one shard's extraction produced, for logs and Dagster metadata."""
+
+    shard: str
+    n_tokens: int = 0
+    seconds: float = 0.0
+    nnz: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def l0(self) -> dict[int, float]:
+        return {layer: n / max(self.n_tokens, 1) for layer, n in self.nnz.items()}
+
+    def summary(self) -> str:
+        l0 = ", ".join(f"L{layer} {v:.1f}" for layer, v in self.l0.items())
+        return (
+            f"shard {self.shard}: {self.n_tokens} tokens in {self.seconds:.1f}s "
+            f"({self.tokens_per_second:.0f} tok/s); L0 {l0}"
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "tokens": self.n_tokens,
+            "seconds": round(self.seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            **{f"nnz_layer_{k}": v for k, v in self.nnz.items()},
+            **{f"l0_layer_{k}": round(v, 3) for k, v in self.l0.items()},
+        }
+
+
+# -- tokenisation ------------------------------------------------------------------------------
+
+
+def pack_sequences(
+    docs: Iterable[list[int]], seq_len: int, bos: int, max_sequences: int | None = None
+) -> np.ndarray:
+    """Concatenate documents (EOS-separated) and cut into [BOS] + (seq_len - 1) token rows."""
+    body = seq_len - 1
+    buffer: list[int] = []
+    rows: list[list[int]] = []
+    for ids in docs:
+        buffer.extend(ids)
+        buffer.append(bos)  # GPT-2 style: BOS and EOS are the same end-of-text token
+        while len(buffer) >= body:
+            rows.append([bos, *buffer[:body]])
+            del buffer[:body]
+            if max_sequences is not None and len(rows) >= max_sequences:
+                return np.asarray(rows, dtype=np.int32)
+    return np.asarray(rows, dtype=np.int32).reshape(-1, seq_len)
+
+
+def token_table(sequences: np.ndarray) -> pl.DataFrame:
+    """One row per token: (seq, pos, token), row-major over the sequences."""
+    n_seq, seq_len = sequences.shape
+    return pl.DataFrame(
+        {
+            "seq": np.repeat(np.arange(n_seq, dtype=np.int32), seq_len),
+            "pos": np.tile(np.arange(seq_len, dtype=np.int32), n_seq),
+            "token": sequences.reshape(-1).astype(np.int32),
+        }
+    )
+
+
+def tokenize_shard(store: Store, cfg: ExtractConfig, shard: str) -> int:
+    """Tokenise one text shard into the store's token table; returns the number of tokens."""
+    source = cfg.get_source()
+    tokenizer = source.load_tokenizer()
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise FeatstoreError(f"tokenizer of source {source.name} has no BOS token")
+    docs = (tokenizer(text)["input_ids"] for text in source.load_texts(shard))
+    sequences = pack_sequences(docs, cfg.seq_len, bos, cfg.max_sequences)
+    if len(sequences) == 0:
+        raise FeatstoreError(f"shard {shard} has less text than one sequence of {cfg.seq_len}")
+    if store.vocab() is None:
+        store.write_vocab(
+            [tokenizer.decode([i]) for i in range(len(tokenizer))], {"source": source.name}
+        )
+    store.write_tokens(
+        shard,
+        token_table(sequences),
+        {
+            "source": source.name,
+            "dataset": source.text["dataset"],
+            "seq_len": cfg.seq_len,
+            "n_sequences": int(len(sequences)),
+        },
+    )
+    return int(sequences.size)
+
+
+# -- extraction --------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _model_and_saes(source_name: str, layers: tuple[int, ...], device: str):
+    source = get_source(source_name)
+    model = source.load_model(device)
+    model.eval()
+    too_deep = [layer for layer in layers if layer >= model.cfg.n_layers]
+    if too_deep:
+        raise FeatstoreError(
+            f"model of source {source_name} has {model.cfg.n_layers} layers; no layer {too_deep}"
+        )
+    saes = {layer: source.load_sae(layer, device) for layer in layers}
+    for layer, sae in saes.items():
+        if sae.cfg.d_in != model.cfg.d_model:
+            raise FeatstoreError(
+                f"SAE {source.sae_id(layer)}: d_in {sae.cfg.d_in} != model d_model "
+                f"{model.cfg.d_model}"
+            )
+    return model, saes
+
+
+def load_model_and_saes(cfg: ExtractConfig, layers: tuple[int, ...] | None = None):
+    """The (cached) model and one SAE per layer, checked against each other."""
+    return _model_and_saes(cfg.source, tuple(sorted(layers or cfg.layers)), cfg.device)
+
+
+def dense_to_csr(acts: torch.Tensor) -> sp.csr_matrix:
+    """(tokens, d_sae) dense tensor -> scipy CSR holding only its nonzeros."""
+    csr = acts.detach().to("cpu", dtype=acts.dtype).to_sparse_csr()
+    return sp.csr_matrix(
+        (csr.values().float().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()),
+        shape=tuple(acts.shape),
+    )
+
+
+def encode_batch(
+    model, saes: dict, hooks: dict[int, str], tokens: torch.Tensor
+) -> dict[int, sp.csr_matrix]:
+    """SAE codes of one batch at each layer's hook; the forward pass stops after the last."""
+    import torch
+
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(
+            tokens,
+            names_filter=list(hooks.values()),
+            stop_at_layer=max(saes) + 1,
+        )
+        out = {}
+        for layer, sae in saes.items():
+            resid = cache[hooks[layer]].reshape(-1, model.cfg.d_model)
+            out[layer] = dense_to_csr(sae.encode(resid.to(sae.dtype)))
+    return out
+
+
+def shard_sequences(store: Store, shard: str) -> np.ndarray:
+    """A shard's token ids as (sequences, seq_len), from its token table."""
+    table = store.tokens(shard)
+    group = store.group(spec.tokens_path(shard), f"token table of shard {shard}")
+    seq_len = int(group.attrs.get("seq_len", 0)) or int(table["pos"].max()) + 1
+    return table["token"].to_numpy().reshape(-1, seq_len)
+
+
+def extract_shard(
+    store: Store,
+    cfg: ExtractConfig,
+    shard: str,
+    layers: tuple[int, ...] | None = None,
+    progress: Logger | None = None,
+) -> ExtractReport:
+    """Encode one tokenised shard at each layer and store it; memory bounded by one batch."""
+    import torch
+
+    layers = tuple(sorted(layers or cfg.layers))
+    source = cfg.get_source()
+    source.check_layers(layers)
+    if shard not in store.token_shards():
+        tokenize_shard(store, cfg, shard)
+    sequences = shard_sequences(store, shard)
+    model, saes = load_model_and_saes(cfg, layers)
+    if sequences.shape[1] > model.cfg.n_ctx:
+        raise FeatstoreError(
+            f"shard {shard}: sequences of {sequences.shape[1]} tokens exceed the model's "
+            f"context of {model.cfg.n_ctx}"
+        )
+    hooks = {layer: source.hook_name(layer) for layer in layers}
+    report = ExtractReport(shard=shard, nnz=dict.fromkeys(layers, 0))
+    say = progress or log.info
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        writers = {
+            layer: stack.enter_context(
+                store.activation_writer(
+                    layer, shard, saes[layer].cfg.d_sae, _attrs(source, layer, cfg)
+                )
+            )
+            for layer in layers
+        }
+        n_batches = -(-len(sequences) // cfg.batch_size)
+        for b, lo in enumerate(range(0, len(sequences), cfg.batch_size)):
+            batch = torch.as_tensor(sequences[lo : lo + cfg.batch_size], device=cfg.device)
+            for layer, csr in encode_batch(model, saes, hooks, batch).items():
+                writers[layer].append(csr)
+                report.nnz[layer] += csr.nnz
+            report.n_tokens += batch.numel()
+            report.seconds = time.perf_counter() - start
+            if b % 10 == 9 or b == n_batches - 1:
+                left = (n_batches - b - 1) * report.seconds / (b + 1)
+                say(
+                    f"shard {shard}: batch {b + 1}/{n_batches}, {report.tokens_per_second:.0f} "
+                    f"tok/s, about {left:.0f}s left"
+                )
+        for layer, writer in writers.items():
+            writer.group.attrs.update({"seconds": round(report.seconds, 3), "l0": report.l0[layer]})
+    return report
+
+
+def _attrs(source: Source, layer: int, cfg: ExtractConfig) -> dict[str, Any]:
+    return {
+        "featstore-spec-version": spec.SPEC_VERSION,
+        "source": source.name,
+        "model": source.model["name"],
+        "sae_release": source.sae["release"],
+        "sae_id": source.sae_id(layer),
+        "hook": source.hook_name(layer),
+        "dataset": source.text["dataset"],
+        "seq_len": cfg.seq_len,
+    }
+
+
+def list_shards(cfg: ExtractConfig) -> list[str]:
+    """The text shards a source offers (one per file for local text)."""
+    return cfg.get_source().shard_names()
+
+
+def extract_all(
+    store: Store, cfg: ExtractConfig, shards: list[str] | None = None
+) -> Iterator[ExtractReport]:
+    """Tokenise and extract every shard (or the given ones), one at a time."""
+    for shard in shards or list_shards(cfg):
+        tokenize_shard(store, cfg, shard)
+        yield extract_shard(store, cfg, shard)

@@ -1,0 +1,208 @@
+"""Pair sums of two activation matrices (tokens x features, non-negative), in memory.
+
+For feature i of A and j of B: `n_both` (tokens where both are > 0) and `sum_xy` (sum over
+tokens of the product); only co-active pairs have either nonzero, so `PairCounts` holds them as
+COO sorted by (feature_a, feature_b). Two engines compute them from matrices: `sparse` (scipy
+products, by blocks of features) and `polars` (a join on the token and a group-by);
+`featstore.pairs` adds the `duckdb` engine and keeps the sums per shard in the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from featstore.errors import FeatstoreError
+
+MAX_BLOCK_WORK = 30_000_000  # multiply-adds per product call: bounds its temporary arrays
+
+Range = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PairCounts:
+    """Co-activation sums of feature pairs over `n_tokens` tokens, sorted by (a, b), unique."""
+
+    n_tokens: int
+    d_a: int
+    d_b: int
+    feature_a: np.ndarray  # (pairs,) int32
+    feature_b: np.ndarray  # (pairs,) int32
+    n_both: np.ndarray  # (pairs,) int64: tokens where both features are > 0
+    sum_xy: np.ndarray  # (pairs,) float64: sum over tokens of the product
+
+    @staticmethod
+    def from_coo(n_tokens: int, d_a: int, d_b: int, fa, fb, n_both, sum_xy) -> PairCounts:
+        """Sum duplicate pairs and sort by (feature_a, feature_b)."""
+        key = np.asarray(fa, np.int64) * d_b + np.asarray(fb, np.int64)
+        n_both, sum_xy = np.asarray(n_both, np.int64), np.asarray(sum_xy, np.float64)
+        if key.size and not np.all(key[1:] > key[:-1]):
+            # Stable sort is timsort: near linear on the concatenated sorted runs of a merge.
+            order = np.argsort(key, kind="stable")
+            key, n_both, sum_xy = key[order], n_both[order], sum_xy[order]
+            starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+            key = key[starts]
+            n_both, sum_xy = np.add.reduceat(n_both, starts), np.add.reduceat(sum_xy, starts)
+        fa, fb = np.divmod(key, d_b)
+        return PairCounts(
+            n_tokens, d_a, d_b, fa.astype(np.int32), fb.astype(np.int32), n_both, sum_xy
+        )
+
+    @staticmethod
+    def _from_csr(n_tokens: int, matrix: sp.csr_matrix) -> PairCounts:
+        """From a complex CSR (real: sum_xy, imaginary: n_both, exact below 2**53)."""
+        matrix.sum_duplicates()
+        d_a, d_b = matrix.shape
+        return PairCounts(
+            n_tokens,
+            d_a,
+            d_b,
+            np.repeat(np.arange(d_a, dtype=np.int32), np.diff(matrix.indptr)),
+            matrix.indices.astype(np.int32, copy=False),
+            matrix.data.imag.astype(np.int64),  # whole numbers: the cast is exact
+            matrix.data.real.copy(),
+        )
+
+    @staticmethod
+    def empty(n_tokens: int, d_a: int, d_b: int) -> PairCounts:
+        return PairCounts.from_coo(n_tokens, d_a, d_b, [], [], [], [])
+
+    @property
+    def nnz(self) -> int:
+        return int(self.feature_a.size)
+
+    def __add__(self, other: PairCounts) -> PairCounts:
+        return PairCounts.total([self, other])
+
+    @staticmethod
+    def total(parts: Sequence[PairCounts], same_tokens: bool = False) -> PairCounts:
+        """The sums over disjoint token sets (shards, token blocks), in one merge; with
+        `same_tokens`, the parts are blocks of pairs over the same tokens instead."""
+        shapes = {(p.d_a, p.d_b) for p in parts}
+        if len(shapes) != 1:
+            raise FeatstoreError(f"pair counts of different feature counts cannot add: {shapes}")
+        n_tokens = parts[0].n_tokens if same_tokens else sum(p.n_tokens for p in parts)
+        full = [p for p in parts if p.nnz]
+        if len(full) <= 1:
+            return dataclasses.replace(full[0] if full else parts[0], n_tokens=n_tokens)
+        cat = [np.concatenate([getattr(p, f) for p in full]) for f in PAIR_ARRAYS]
+        if same_tokens and all(_before(p, q) for p, q in itertools.pairwise(full)):
+            return PairCounts(n_tokens, *shapes.pop(), *cat)  # ordered blocks: already canonical
+        return PairCounts.from_coo(n_tokens, *shapes.pop(), *cat)
+
+    def select(
+        self, features_a: Range | None = None, features_b: Range | None = None
+    ) -> PairCounts:
+        """The pairs with feature_a in [lo, hi) and feature_b in [lo, hi)."""
+        keep = np.ones(self.nnz, dtype=bool)
+        for values, rng in ((self.feature_a, features_a), (self.feature_b, features_b)):
+            if rng is not None:
+                keep &= (values >= rng[0]) & (values < rng[1])
+        return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in PAIR_ARRAYS})
+
+
+PAIR_ARRAYS = ("feature_a", "feature_b", "n_both", "sum_xy")
+
+
+def _before(p: PairCounts, q: PairCounts) -> bool:
+    """Whether every pair of `p` sorts before every pair of `q` (both canonical, nonempty)."""
+    return (int(p.feature_a[-1]), int(p.feature_b[-1])) < (int(q.feature_a[0]), int(q.feature_b[0]))
+
+
+# -- engines: each gives the same PairCounts for one block of tokens ------------------------------
+
+
+def _pattern(matrix: sp.csr_matrix, dtype: type) -> sp.csr_matrix:
+    """`matrix` with every stored value replaced by one (values are > 0: zeros are not stored)."""
+    return sp.csr_matrix((np.ones(matrix.nnz, dtype), matrix.indices, matrix.indptr), matrix.shape)
+
+
+def _canonical_input(matrix: sp.spmatrix) -> sp.csr_matrix:
+    csr = sp.csr_matrix(matrix, dtype=np.float64)
+    csr.sum_duplicates()
+    csr.eliminate_zeros()
+    return csr
+
+
+def balanced_ranges(work: np.ndarray, limit: int) -> list[Range]:
+    """Consecutive ranges of items [0, len(work)) holding ~`limit` work each (an item more)."""
+    ends = np.cumsum(work)
+    total = int(ends[-1]) if ends.size else 0
+    cuts = np.searchsorted(ends, np.arange(limit, total, limit), side="right")
+    edges = np.unique(np.r_[0, cuts, work.size])
+    return [(int(x), int(y)) for x, y in itertools.pairwise(edges)] or [(0, work.size)]
+
+
+def _product_rows(
+    a_rows: sp.csr_matrix, b: sp.csr_matrix, b_on: sp.csr_matrix, first: int, d_a: int
+) -> PairCounts:
+    """Pair sums of features `first + row` (A.T's rows `a_rows`) with every feature of B
+    (`b_on`: B's pattern in int32)."""
+    # Counts in int32 (cheaper than float64, exact per block); the two products share no state
+    # and scipy releases the GIL, so they run on two cores.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        counts = pool.submit(operator.matmul, _pattern(a_rows, np.int32), b_on)
+        sums = a_rows @ b
+        counts = counts.result()
+    # Both products have the pattern of co-active pairs (float64 products of float32 values > 0
+    # never vanish), and scipy emits them in the same order.
+    same = np.array_equal(sums.indptr, counts.indptr) and np.array_equal(
+        sums.indices, counts.indices
+    )
+    if not same:
+        raise RuntimeError("scipy returned different patterns for the count and sum products")
+    data = np.empty(sums.nnz, np.complex128)  # one array to sort: sum_xy + 1j * n_both
+    data.real, data.imag = sums.data, counts.data
+    merged = sp.csr_matrix((data, sums.indices, sums.indptr), shape=sums.shape)
+    part = PairCounts._from_csr(b.shape[0], merged)
+    return dataclasses.replace(part, d_a=d_a, feature_a=part.feature_a + np.int32(first))
+
+
+def iter_sparse_pair_counts(
+    A: sp.spmatrix, B: sp.spmatrix, max_work: int = MAX_BLOCK_WORK
+) -> Iterator[PairCounts]:
+    """`sparse_pair_counts` in blocks of feature_a, in order: one block's pairs in memory."""
+    if A.shape[0] != B.shape[0]:
+        raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
+    a_t = _canonical_input(A).T.tocsr()  # d_a x tokens
+    b = _canonical_input(B)
+    b_on = _pattern(b, np.int32)
+    work = _pattern(a_t, np.int64) @ np.diff(b.indptr).astype(np.int64)  # per feature of A
+    for lo, hi in balanced_ranges(work, max_work):
+        part = _product_rows(a_t[lo:hi], b, b_on, lo, a_t.shape[0])
+        yield dataclasses.replace(part, n_tokens=A.shape[0])
+
+
+def sparse_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:
+    """n_both = Abin.T @ Bbin and sum_xy = A.T @ B (tokens x features, non-negative) with scipy."""
+    return PairCounts.total(list(iter_sparse_pair_counts(A, B)), same_tokens=True)
+
+
+def _long(matrix: sp.csr_matrix) -> pl.LazyFrame:
+    """One row (row, feature, value) per stored value."""
+    rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
+    return pl.LazyFrame({"row": rows, "feature": matrix.indices, "value": matrix.data})
+
+
+def polars_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:
+    """The same sums by a polars join on the token row and a group-by of feature pairs."""
+    if A.shape[0] != B.shape[0]:
+        raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
+    a, b = _canonical_input(A), _canonical_input(B)
+    out = (
+        _long(a)
+        .join(_long(b), on="row", suffix="_b")
+        .group_by("feature", "feature_b")
+        .agg(n_both=pl.len(), sum_xy=(pl.col("value") * pl.col("value_b")).sum())
+        .collect(engine="streaming")
+    )
+    cols = [out[c].to_numpy() for c in ("feature", "feature_b", "n_both", "sum_xy")]
+    return PairCounts.from_coo(A.shape[0], a.shape[1], b.shape[1], *cols)

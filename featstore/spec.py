@@ -1,0 +1,58 @@
+"""Names and numbers of the on-disk layout (docs/STORE_FORMAT.md); the only place they live."""
+
+from __future__ import annotations
+
+import re
+
+SPEC_VERSION = 1
+ROOT = "store.zarr"
+
+# Attribute keys.
+ENCODING_TYPE = "encoding-type"
+ENCODING_VERSION = "encoding-version"
+FEATSTORE_VERSION = "featstore-spec-version"
+SHAPE = "shape"
+
+# Encoding types and their versions.
+CSR = "csr_matrix"
+CSR_VERSION = "0.1.0"
+TOKEN_TABLE = "token_table"
+TOKEN_TABLE_VERSION = "0.1.0"
+VOCAB = "vocab"
+VOCAB_VERSION = "0.1.0"
+FEATURE_STATS = "feature_stats"
+FEATURE_STATS_VERSION = "0.1.0"
+PAIR_STATS = "pair_stats_coo"
+PAIR_STATS_VERSION = "0.1.0"
+
+# Group paths inside the root.
+ACTIVATIONS = "activations"  # activations/layer_{L}/{shard}
+TOKENS = "tokens"  # tokens/{shard}
+PAIRS = "pairs"  # pairs/{a}-{b}/{shard}
+PAIR_STATS_DIR = "pair_stats"  # {home}/pair_stats/{a}-{b}.parquet: merged, for SQL
+CAUSAL_DIR = "causal"  # {home}/causal/: patching effects (featstore.causal), for SQL
+CAUSAL_EDGES_FILE = "causal_edges.parquet"  # in CAUSAL_DIR: the `causal_edges` SQL table
+STAGING = "_staging"  # half-written groups live here until renamed into place
+TRASH = "_trash"  # replaced groups wait here until the new one is in place
+
+# Chunking: nonzeros are scanned by token range, so chunk along the nonzero axis.
+NNZ_CHUNK = 1 << 18
+TOKEN_CHUNK = 1 << 16
+
+SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def layer_group(layer: int) -> str:
+    return f"{ACTIVATIONS}/layer_{layer}"
+
+
+def activation_path(layer: int, shard: str) -> str:
+    return f"{layer_group(layer)}/{shard}"
+
+
+def tokens_path(shard: str) -> str:
+    return f"{TOKENS}/{shard}"
+
+
+def pairs_path(layer_a: int, layer_b: int, shard: str) -> str:
+    return f"{PAIRS}/{layer_a}-{layer_b}/{shard}"

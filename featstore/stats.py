@@ -1,0 +1,499 @@
+"""Exact all-pairs statistics of the features of two layers, finished from additive sums.
+
+From the per-feature sums (`Store.feature_stats`) and the per-pair sums (`featstore.pairs`) over
+n tokens, for feature i of layer a and j of layer b (zeros included):
+pearson = (n*sum_xy - S_i*S_j) / sqrt((n*Q_i - S_i^2)(n*Q_j - S_j^2)) (null where a feature
+never varies), agreement = #(both > 0 or both == 0)/n, jaccard = #(both > 0)/#(either > 0).
+
+Activations are non-negative, so a pair that is never co-active has pearson <= 0 and Jaccard 0:
+results above a positive threshold come from co-active pairs alone, and `threshold_counts`
+counts the other pairs from the per-feature sums, without any d_a x d_b array.
+
+`featstore.measures` adds sufficiency, necessity, mutual information and PMI (same sums, no
+other pass), 95% intervals on request, thresholds on any measure with a minimum support
+`min_both`, and the variants of `featstore.pairs.Variant` (`active_threshold`, the `null` model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from featstore import measures, spec
+from featstore.errors import FeatstoreError
+from featstore.measures import FLAT_VARIANCE, Spread
+from featstore.pairs import (
+    ENGINES,
+    PairCounts,
+    Range,
+    Variant,
+    check_shard,
+    ensure_shard_pairs,
+    feature_blocks,
+    load_shard_pairs,
+    merged_feature_stats,
+    merged_pair_counts,
+    save_shard_pairs,
+    shard_pair_counts,
+    shards_of_pair,
+    sparse_pair_counts,
+    update_shard_pairs,
+    variant_stats,
+)
+from featstore.sql import PAIR_STATS_SCHEMA
+from featstore.store import FeatureStats, Store, writing
+
+__all__ = [
+    "ENGINES",
+    "FLAT_VARIANCE",
+    "Spread",
+    "PairCounts",
+    "finish_stats",
+    "merged_feature_stats",
+    "merged_pair_counts",
+    "pair_report",
+    "pair_stats_path",
+    "pair_stats",
+    "passes",
+    "save_shard_pairs",
+    "shard_pair_counts",
+    "shards_of_pair",
+    "sparse_pair_counts",
+    "threshold_counts",
+    "update_shard_pairs",
+    "write_parquet_atomic",
+]
+
+ALL_PAIRS_LIMIT = 50_000_000  # most pairs `all_pairs` may list; narrow the ranges beyond
+MAX_BLOCK_PAIRS = 20_000_000  # saved shard pairs merged at once (~1 GB of work arrays)
+SCHEMA = {
+    "feature_a": pl.Int32,
+    "feature_b": pl.Int32,
+    "n_tokens": pl.Int64,
+    "n_both": pl.Int64,
+    "n_either": pl.Int64,
+    "sum_xy": pl.Float64,
+    "pearson": pl.Float64,
+    "agreement": pl.Float64,
+    "jaccard": pl.Float64,
+    **dict.fromkeys(measures.NEW_COLUMNS, pl.Float64),
+}
+TABLE_COLUMNS = ("agreement", "jaccard", *measures.NEW_COLUMNS)  # from the 2 x 2 table
+
+
+def _pearson(n: int, sum_xy: np.ndarray, a: Spread, b: Spread, fa, fb) -> np.ndarray:
+    # In place, one gather per term. A never-co-active pair (sum_xy 0) gets exactly
+    # -(u_i*u_j): the form threshold_counts sorts by.
+    out = sum_xy * float(n)
+    out *= a.inv[fa]
+    out *= b.inv[fb]
+    uu = a.u[fa]
+    uu *= b.u[fb]
+    out -= uu
+    return np.clip(out, -1.0, 1.0, out=out)
+
+
+def finish_stats(counts: PairCounts, stats_a: FeatureStats, stats_b: FeatureStats) -> pl.DataFrame:
+    """Every data measure of each pair in `counts` (columns as `SCHEMA`)."""
+    n = counts.n_tokens
+    fa, fb, n_both = counts.feature_a, counts.feature_b, counts.n_both
+    table = measures.Table(n, stats_a.count[fa], stats_b.count[fb], n_both)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pearson = _pearson(n, counts.sum_xy, Spread.of(stats_a), Spread.of(stats_b), fa, fb)
+    columns = {
+        "feature_a": fa,
+        "feature_b": fb,
+        "n_tokens": np.full(fa.size, n, dtype=np.int64),
+        "n_both": n_both,
+        "n_either": table.n_either,
+        "sum_xy": counts.sum_xy,
+        "pearson": pearson,
+        **{m: measures.COUNT_MEASURES[m](table) for m in TABLE_COLUMNS},
+    }
+    return pl.DataFrame(
+        [pl.Series(k, v, dtype=SCHEMA[k], nan_to_null=True) for k, v in columns.items()]
+    )
+
+
+# -- checks ---------------------------------------------------------------------------------------
+
+
+def check_threshold(name: str, value: float | None) -> float | None:
+    if value is not None and not (isinstance(value, int | float) and -1 <= value <= 1):
+        raise FeatstoreError(f"{name} must be a number in [-1, 1], got {value!r}")
+    return value
+
+
+def check_range(name: str, rng: Range | None, d: int) -> Range:
+    """A feature range [lo, hi) inside [0, d); None means all features."""
+    if rng is None:
+        return 0, d
+    lo, hi = (int(x) for x in rng)
+    if not 0 <= lo < hi <= d:
+        raise FeatstoreError(f"{name} {lo}:{hi} is empty or outside the layer's features 0:{d}")
+    return lo, hi
+
+
+# -- never-co-active pairs ------------------------------------------------------------------------
+
+
+def check_all_pairs(features_a: Range, features_b: Range) -> None:
+    size = (features_a[1] - features_a[0]) * (features_b[1] - features_b[0])
+    if size > ALL_PAIRS_LIMIT:
+        raise FeatstoreError(
+            f"all_pairs would list {size} pairs (limit {ALL_PAIRS_LIMIT}): "
+            "narrow features_a/features_b"
+        )
+
+
+def with_all_pairs(counts: PairCounts, features_a: Range, features_b: Range) -> PairCounts:
+    """Every pair of the two ranges, co-active or not (n_both = sum_xy = 0), row-major."""
+    check_all_pairs(features_a, features_b)
+    (lo_a, hi_a), (lo_b, hi_b) = features_a, features_b
+    width_a, width_b = hi_a - lo_a, hi_b - lo_b
+    inside = counts.select(features_a, features_b)
+    where = (inside.feature_a - lo_a).astype(np.int64) * width_b + (inside.feature_b - lo_b)
+    n_both = np.zeros(width_a * width_b, np.int64)
+    sum_xy = np.zeros(width_a * width_b, np.float64)
+    n_both[where], sum_xy[where] = inside.n_both, inside.sum_xy
+    fa = np.repeat(np.arange(lo_a, hi_a, dtype=np.int32), width_b)
+    fb = np.tile(np.arange(lo_b, hi_b, dtype=np.int32), width_a)
+    return PairCounts(counts.n_tokens, counts.d_a, counts.d_b, fa, fb, n_both, sum_xy)
+
+
+def _count_products_at_most(u: np.ndarray, w: np.ndarray, s: float) -> int:
+    """#{(i, j): fl(u_i * w_j) <= s} for u > 0 and sorted w, exactly as the products round."""
+    if not u.size or not w.size:
+        return 0
+    k = np.searchsorted(w, s / u, side="right")
+    while True:  # s / u rounds: step k over the (rare) values on the wrong side
+        last = np.maximum(k - 1, 0)
+        over = (k > 0) & (u * w[last] > s)
+        step = np.minimum(k, w.size - 1)
+        under = ~over & (k < w.size) & (u * w[step] <= s)
+        if not (over.any() or under.any()):
+            return int(k.sum())
+        k = np.where(over, np.searchsorted(w, w[last], side="left"), k)
+        k = np.where(under, np.searchsorted(w, w[step], side="right"), k)
+
+
+def _never_coactive_pearson(
+    co: pl.DataFrame, a: Spread, b: Spread, ranges: tuple[Range, Range], t: float
+) -> int:
+    """How many never-co-active pairs in the ranges have pearson = -(u_i*u_j) >= t."""
+    if t > 0:
+        return 0
+    ua, ub = (s.u[lo:hi] for s, (lo, hi) in zip((a, b), ranges, strict=True))
+    ua, ub = ua[np.isfinite(ua)], np.sort(ub[np.isfinite(ub)])
+    fa, fb = co["feature_a"].to_numpy(), co["feature_b"].to_numpy()
+    products = a.u[fa] * b.u[fb]  # NaN (never passing) where either feature is flat
+    if t <= -1:  # pearson is clipped at -1: every defined pair passes
+        return ua.size * ub.size - int(np.isfinite(products).sum())
+    return _count_products_at_most(ua, ub, -t) - int((products <= -t).sum())
+
+
+def passes(min_pearson: float | None = None, min_jaccard: float | None = None) -> pl.Expr:
+    """Rows at or above every threshold given (a null statistic passes none)."""
+    expr = pl.lit(True)
+    if min_pearson is not None:
+        expr &= pl.col("pearson") >= min_pearson
+    if min_jaccard is not None:
+        expr &= pl.col("jaccard") >= min_jaccard
+    return expr
+
+
+def threshold_counts(
+    frame: pl.DataFrame,
+    stats_a: FeatureStats,
+    stats_b: FeatureStats,
+    *,
+    min_pearson: float | None = None,
+    min_jaccard: float | None = None,
+    features_a: Range | None = None,
+    features_b: Range | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    min_both: int = 0,
+) -> dict[str, int]:
+    """Pairs passing each threshold (and all) among ALL pairs of the ranges, never-co-active too.
+
+    `frame` holds the finished co-active pairs (rows with n_both 0 are ignored). Keys: `pairs`,
+    `co_active`, `pearson` / `jaccard` / each measure of `thresholds` (when that threshold is
+    given) and `all`. With `min_both` >= 1 only pairs active together that often pass.
+    """
+    check_threshold("min_pearson", min_pearson)
+    check_threshold("min_jaccard", min_jaccard)
+    ranges = (
+        check_range("features_a", features_a, stats_a.count.size),
+        check_range("features_b", features_b, stats_b.count.size),
+    )
+    (lo_a, hi_a), (lo_b, hi_b) = ranges
+    co = frame.filter(
+        (pl.col("n_both") > 0)
+        & pl.col("feature_a").is_between(lo_a, hi_a, closed="left")
+        & pl.col("feature_b").is_between(lo_b, hi_b, closed="left")
+    )
+    total = (hi_a - lo_a) * (hi_b - lo_b)
+    never = total - co.height
+    out = {"pairs": total, "co_active": co.height}
+    if thresholds or min_both > 0:
+        named = {"pearson": min_pearson, "jaccard": min_jaccard, **(thresholds or {})}
+        return out | measures.measure_counts(co, stats_a, stats_b, named, min_both, ranges)
+    # Never-co-active pairs passing each threshold: Jaccard 0 where defined (some feature fires).
+    silent = int((stats_a.count[lo_a:hi_a] == 0).sum()) * int((stats_b.count[lo_b:hi_b] == 0).sum())
+    jaccard_never = never - silent if min_jaccard is not None and min_jaccard <= 0 else 0
+    pearson_never = 0
+    if min_pearson is not None:
+        spreads = Spread.of(stats_a), Spread.of(stats_b)
+        pearson_never = _never_coactive_pearson(co, *spreads, ranges, min_pearson)
+        out["pearson"] = co.filter(passes(min_pearson)).height + pearson_never
+    if min_jaccard is not None:
+        out["jaccard"] = co.filter(passes(None, min_jaccard)).height + jaccard_never
+    if min_pearson is not None:  # a pair with a pearson has both features firing: Jaccard 0
+        all_never = pearson_never if min_jaccard is None or min_jaccard <= 0 else 0
+    else:
+        all_never = jaccard_never if min_jaccard is not None else never
+    out["all"] = co.filter(passes(min_pearson, min_jaccard)).height + all_never
+    return out
+
+
+# -- the whole table ------------------------------------------------------------------------------
+
+
+def pair_stats(
+    store: Store,
+    a: int,
+    b: int,
+    *,
+    engine: str = "sparse",
+    shards: Sequence[str] | None = None,
+    min_pearson: float | None = None,
+    min_jaccard: float | None = None,
+    features_a: Range | None = None,
+    features_b: Range | None = None,
+    all_pairs: bool = False,
+    recompute: bool = False,
+    thresholds: Mapping[str, float] | None = None,
+    min_both: int = 0,
+    variant: Variant | None = None,
+    intervals: bool = False,
+) -> pl.DataFrame:
+    """Statistics of the co-active pairs (every pair of the ranges with `all_pairs`) passing
+    the thresholds, over `shards` (default all); see `pair_report`."""
+    return pair_report(
+        store,
+        a,
+        b,
+        engine=engine,
+        shards=shards,
+        min_pearson=min_pearson,
+        min_jaccard=min_jaccard,
+        features_a=features_a,
+        features_b=features_b,
+        all_pairs=all_pairs,
+        recompute=recompute,
+        thresholds=thresholds,
+        min_both=min_both,
+        variant=variant,
+        intervals=intervals,
+        count=False,
+    )[0]
+
+
+@dataclass(frozen=True)
+class PairScan:
+    """Fresh saved sums of two layers over `shards`, finished block by block of feature_a."""
+
+    store: Store
+    a: int
+    b: int
+    shards: list[str]
+    variant: Variant
+    range_a: Range
+    range_b: Range
+    stats_a: FeatureStats
+    stats_b: FeatureStats
+
+    @staticmethod
+    def open(
+        store: Store,
+        a: int,
+        b: int,
+        *,
+        engine: str = "sparse",
+        shards: Sequence[str] | None = None,
+        features_a: Range | None = None,
+        features_b: Range | None = None,
+        recompute: bool = False,
+        variant: Variant | None = None,
+    ) -> PairScan:
+        """Check the arguments and compute (by `engine`) and save the shard sums lacking."""
+        variant = variant or Variant()
+        chosen = shards_of_pair(store, a, b, shards)
+        _, d_a, d_b = check_shard(store, a, b, chosen[0])
+        range_a = check_range("features_a", features_a, d_a)
+        range_b = check_range("features_b", features_b, d_b)
+        ensure_shard_pairs(store, a, b, chosen, engine, recompute, variant)
+        stats = variant_stats(store, a, b, chosen, variant)
+        return PairScan(store, a, b, chosen, variant, range_a, range_b, *stats)
+
+    def blocks(
+        self, all_pairs: bool = False, max_block_pairs: int = MAX_BLOCK_PAIRS
+    ) -> Iterator[tuple[Range, pl.DataFrame]]:
+        """(range of feature_a, its finished pairs) in order; memory: one block of ~
+        `max_block_pairs` saved pairs."""
+        if all_pairs:
+            check_all_pairs(self.range_a, self.range_b)
+        store, a, b, variant = self.store, self.a, self.b, self.variant
+        for block in feature_blocks(
+            store, a, b, self.shards, self.range_a, max_block_pairs, variant
+        ):
+            parts = [load_shard_pairs(store, a, b, s, block, variant) for s in self.shards]
+            pair_sums = PairCounts.total(parts).select(block, self.range_b)
+            if all_pairs:
+                pair_sums = with_all_pairs(pair_sums, block, self.range_b)
+            yield block, finish_stats(pair_sums, self.stats_a, self.stats_b)
+
+
+def pair_report(
+    store: Store,
+    a: int,
+    b: int,
+    *,
+    engine: str = "sparse",
+    shards: Sequence[str] | None = None,
+    min_pearson: float | None = None,
+    min_jaccard: float | None = None,
+    features_a: Range | None = None,
+    features_b: Range | None = None,
+    all_pairs: bool = False,
+    recompute: bool = False,
+    max_block_pairs: int = MAX_BLOCK_PAIRS,
+    thresholds: Mapping[str, float] | None = None,
+    min_both: int = 0,
+    variant: Variant | None = None,
+    intervals: bool = False,
+    count: bool = True,
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The pairs passing the thresholds, and `threshold_counts` over all pairs of the ranges.
+
+    `thresholds` maps any measure of `measures.RANGES` (data ones) to its minimum; `min_both`
+    is the least number of tokens a pair must be active together on; `intervals` adds 95%
+    bounds to the rows returned. Shard sums are reused when saved and fresh, else computed by
+    `engine` and saved. The work goes by blocks of feature_a holding ~`max_block_pairs` saved
+    pairs, so memory is bounded by one block plus the result. The full plain table (all shards,
+    no ranges; thresholds aside) is saved as `{home}/pair_stats/{a}-{b}.parquet` on the way, for
+    the `pair_stats` SQL table. Without `count` the counts are not made (an empty dict).
+    """
+    limits = {
+        "min_pearson": check_threshold("min_pearson", min_pearson),
+        "min_jaccard": check_threshold("min_jaccard", min_jaccard),
+    }
+    thresholds = dict(thresholds or {})
+    keep = passes(**limits) & measures.passing(thresholds, min_both)  # checks the thresholds
+    scan = PairScan.open(
+        store, a, b, engine=engine, shards=shards, features_a=features_a,
+        features_b=features_b, recompute=recompute, variant=variant,
+    )  # fmt: skip
+    full = (
+        shards is None
+        and features_a is None
+        and features_b is None
+        and not all_pairs
+        and scan.variant.plain
+    )
+    kept, counts = [], Counter[str]()
+    with _table_writer(store if full else None, a, b) as save:
+        for block, frame in scan.blocks(all_pairs, max_block_pairs):
+            save(frame)
+            kept.append(frame.filter(keep))
+            if count:
+                counts.update(
+                    threshold_counts(
+                        frame,
+                        scan.stats_a,
+                        scan.stats_b,
+                        **limits,
+                        features_a=block,
+                        features_b=scan.range_b,
+                        thresholds=thresholds,
+                        min_both=min_both,
+                    )
+                )
+    table = pl.concat(kept)
+    if intervals:
+        table = measures.with_intervals(table, scan.stats_a, scan.stats_b)
+    return table, dict(counts)
+
+
+def pair_stats_path(store: Store, a: int, b: int) -> Path:
+    return store.home / spec.PAIR_STATS_DIR / f"{a}-{b}.parquet"
+
+
+@contextlib.contextmanager
+def _atomic(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside `path`, moved over it (os.replace) only if the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with writing(str(path)):  # a full disk, a folder in the way: one line
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write `path` whole or not at all."""
+    with _atomic(path) as tmp:
+        frame.write_parquet(tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _table_writer(
+    store: Store | None, a: int, b: int
+) -> Iterator[Callable[[pl.DataFrame], None]]:
+    """A function appending finished blocks, with their layers, to the store's merged file of
+    the pair (`pair_stats_path`; no store: no file), under the file's write lock."""
+    if store is None:
+        yield lambda frame: None
+        return
+    path = pair_stats_path(store, a, b)
+    layers = [pl.lit(a, pl.Int32).alias("layer_a"), pl.lit(b, pl.Int32).alias("layer_b")]
+    # No dictionaries: pair statistics hardly repeat, and trying them doubles the write time.
+    with (
+        store.lock(f"{spec.PAIR_STATS_DIR}/{a}-{b}"),
+        _atomic(path) as tmp,
+        pq.ParquetWriter(tmp, PAIR_STATS_SCHEMA, use_dictionary=False) as writer,
+    ):
+        yield lambda frame: writer.write_table(
+            frame.select(*layers, *PAIR_STATS_SCHEMA.names[2:]).to_arrow().cast(PAIR_STATS_SCHEMA)
+        )
+
+
+def describe_counts(
+    counts: dict[str, int],
+    min_pearson: float | None,
+    min_jaccard: float | None,
+    thresholds: Mapping[str, float] | None = None,
+    min_both: int = 0,
+) -> str:
+    """One line: how many of all pairs pass each threshold."""
+    parts = [f"{counts['pairs']} pairs, {counts['co_active']} co-active"]
+    named = {"pearson": min_pearson, "jaccard": min_jaccard, **(thresholds or {})}
+    for measure, threshold in named.items():
+        if threshold is not None:
+            parts.append(f"{measure} >= {threshold}: {counts[measure]}")
+    if min_both > 0:
+        parts.append(f"(n_both >= {min_both})")
+    parts.append(f"all thresholds: {counts['all']}")
+    return "; ".join(parts)

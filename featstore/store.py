@@ -1,0 +1,523 @@
+"""The activation store: sparse SAE activations per (layer, shard) in Zarr v3."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import zarr
+import zarr.storage
+
+from featstore import spec
+from featstore.errors import FeatstoreError, StoreBusyError
+
+DEFAULT_HOME = "featstore-data"
+
+
+def default_home() -> Path:
+    """`$FEATSTORE_HOME`, else `./featstore-data`."""
+    return Path(os.environ.get("FEATSTORE_HOME", DEFAULT_HOME))
+
+
+def open_store(home: str | os.PathLike[str] | None = None, *, create: bool = False) -> Store:
+    """Open the store under `home` (default `$FEATSTORE_HOME` or `./featstore-data`)."""
+    return Store(Path(home) if home is not None else default_home(), create=create)
+
+
+def check_shard_name(shard: str) -> str:
+    if not isinstance(shard, str) or not spec.SHARD_NAME.match(shard):
+        raise FeatstoreError(
+            f"bad shard name {shard!r}: use letters, digits, '_', '.', '-' (at most 128)"
+        )
+    return shard
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Additive per-feature sufficient statistics of one (layer, shard)."""
+
+    n_tokens: int
+    count: np.ndarray  # (d_sae,) int64: tokens where the feature is > 0
+    total: np.ndarray  # (d_sae,) float64: sum of activations
+    sumsq: np.ndarray  # (d_sae,) float64: sum of squared activations
+
+    @staticmethod
+    def of(matrix: sp.csr_matrix) -> FeatureStats:
+        d = matrix.shape[1]
+        idx, val = matrix.indices, matrix.data.astype(np.float64)
+        pos = val > 0
+        return FeatureStats(
+            n_tokens=matrix.shape[0],
+            count=np.bincount(idx[pos], minlength=d).astype(np.int64),
+            total=np.bincount(idx, weights=val, minlength=d),
+            sumsq=np.bincount(idx, weights=val * val, minlength=d),
+        )
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        return FeatureStats(
+            self.n_tokens + other.n_tokens,
+            self.count + other.count,
+            self.total + other.total,
+            self.sumsq + other.sumsq,
+        )
+
+
+class Store:
+    """A featstore home: `store.zarr` plus lock files; safe against crashes mid-write."""
+
+    def __init__(self, home: Path, *, create: bool = False) -> None:
+        self.home = home
+        self.root_path = home / spec.ROOT
+        if not (self.root_path / "zarr.json").exists():
+            if not create:
+                raise FeatstoreError(
+                    f"no featstore store at {home} (missing {self.root_path / 'zarr.json'}); "
+                    "run extraction or `featstore ingest` first"
+                )
+            self.root_path.mkdir(parents=True, exist_ok=True)
+            root = zarr.open_group(self._zstore(), mode="a", zarr_format=3)
+            root.attrs.update({spec.FEATSTORE_VERSION: spec.SPEC_VERSION})
+        version = self._root_attrs().get(spec.FEATSTORE_VERSION)
+        if version is None or int(version) > spec.SPEC_VERSION:
+            raise FeatstoreError(
+                f"store {self.root_path} has featstore spec version {version}, this featstore "
+                f"reads up to {spec.SPEC_VERSION}: upgrade featstore"
+            )
+        self._recover()
+
+    # -- low level -----------------------------------------------------------------------------
+
+    def _zstore(self, read_only: bool = False) -> zarr.storage.LocalStore:
+        return zarr.storage.LocalStore(self.root_path, read_only=read_only)
+
+    def _root_attrs(self) -> dict[str, Any]:
+        try:
+            return dict(zarr.open_group(self._zstore(True), mode="r").attrs)
+        except Exception as exc:  # a corrupt root zarr.json
+            raise FeatstoreError(
+                f"corrupt store root {self.root_path / 'zarr.json'}: {exc}"
+            ) from None
+
+    def _recover(self) -> None:
+        """Undo what killed writers left: put back a group parked in the trash between the two
+        renames of a replace, and drop half-written staging folders. An entry whose group lock
+        is held belongs to a live writer and is left alone."""
+        for folder in (spec.TRASH, spec.STAGING):
+            base = self.root_path / folder
+            for entry in sorted(base.iterdir()) if base.is_dir() else []:
+                path = _entry_path(entry)
+                if path is None:  # no owner to ask: a trash entry is dropped, staging kept
+                    if folder == spec.TRASH:
+                        shutil.rmtree(entry, ignore_errors=True)
+                    continue
+                with contextlib.suppress(StoreBusyError), self.lock(path):
+                    target = self.root_path / path
+                    parked = folder == spec.TRASH and (entry / "zarr.json").exists()
+                    if parked and not target.exists():
+                        (entry / ".target").unlink(missing_ok=True)
+                        os.rename(entry, target)
+                    else:
+                        shutil.rmtree(entry, ignore_errors=True)
+
+    def _exists(self, path: str) -> bool:
+        return (self.root_path / path / "zarr.json").exists()
+
+    @contextlib.contextmanager
+    def lock(self, path: str, timeout: float = 0.0) -> Iterator[None]:
+        """Hold the write lock of one group; waits up to `timeout` s, then raises StoreBusyError."""
+        lock_file = self.home / "locks" / (path.replace("/", "__") + ".lock")
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_file, "a+") as fh:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreBusyError(
+                            f"{path} is being written by another process (lock {lock_file})"
+                        ) from None
+                    time.sleep(0.1)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def staged(self, path: str, lock_timeout: float = 0.0) -> Iterator[GroupWriter]:
+        """A group written in a staging folder and renamed over `path` only when complete."""
+        staging = self.root_path / spec.STAGING / _entry_name(path)
+        with self.lock(path, lock_timeout):
+            try:
+                with writing(path):
+                    store = zarr.storage.LocalStore(staging)
+                    group = zarr.open_group(store, mode="w", zarr_format=3)
+                writer = GroupWriter(group, path)
+                yield writer
+                with writing(path):
+                    # Attributes last: their presence is part of what makes a group complete.
+                    writer.group.attrs.update(writer.attrs)
+                    # Parents only now: a write that fails leaves no empty group behind.
+                    self._ensure_parents(path)
+                    self._swap_in(staging, path)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def write_group(
+        self,
+        path: str,
+        arrays: Mapping[str, np.ndarray],
+        attrs: Mapping[str, Any],
+        chunks: Mapping[str, int] | None = None,
+        lock_timeout: float = 0.0,
+    ) -> None:
+        """Write a group of 1-D arrays atomically, replacing any old one whole."""
+        chunks = chunks or {}
+        with self.staged(path, lock_timeout) as writer:
+            for name, values in arrays.items():
+                writer.append(name, values, chunks.get(name, spec.NNZ_CHUNK))
+            writer.attrs.update(attrs)
+
+    def _ensure_parents(self, path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if not self._exists(sub):  # a store of its own: zarr leaves the ancestors alone
+                local = zarr.storage.LocalStore(self.root_path / sub)
+                zarr.open_group(local, mode="a", zarr_format=3)
+
+    def _swap_in(self, staging: Path, path: str) -> None:
+        target = self.root_path / path
+        if not target.exists():
+            os.rename(staging, target)
+            return
+        # The trash entry's name records its target, so no moment leaves the old group
+        # without its way back (`_recover`).
+        parked = self.root_path / spec.TRASH / _entry_name(path)
+        parked.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(target, parked)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(parked, target)
+            raise
+        shutil.rmtree(parked, ignore_errors=True)
+
+    def delete_group(self, path: str, lock_timeout: float = 0.0) -> bool:
+        """Remove a group whole (renamed away first, so it is never seen half-deleted)."""
+        target = self.root_path / path
+        if not target.exists():
+            return False
+        with self.lock(path, lock_timeout):
+            gone = self.root_path / spec.STAGING / _entry_name(path)
+            gone.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(target, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+        return True
+
+    def group(self, path: str, what: str) -> zarr.Group:
+        if not self._exists(path):
+            raise FeatstoreError(f"{what} not in store {self.home} (missing {path}/zarr.json)")
+        try:
+            return zarr.open_group(self._zstore(True), path=path, mode="r")
+        except Exception as exc:
+            raise FeatstoreError(f"{what}: corrupt {path}/zarr.json: {exc}") from None
+
+    def read_array(self, group: zarr.Group, name: str, what: str, sel: slice = slice(None)):
+        try:
+            return group[name][sel]
+        except Exception as exc:
+            where = f"{group.path}/{name}"
+            raise FeatstoreError(
+                f"{what}: cannot read {where} in {self.root_path}: {exc}"
+            ) from None
+
+    def children(self, path: str) -> list[str]:
+        base = self.root_path / path
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists())
+
+    # -- activations ---------------------------------------------------------------------------
+
+    def layers(self) -> list[int]:
+        names = self.children(spec.ACTIVATIONS)
+        return sorted(int(n.split("_", 1)[1]) for n in names if n.startswith("layer_"))
+
+    def shards(self, layer: int) -> list[str]:
+        return self.children(spec.layer_group(layer))
+
+    def token_shards(self) -> list[str]:
+        return self.children(spec.TOKENS)
+
+    def _activation_group(self, layer: int, shard: str) -> zarr.Group:
+        if layer not in self.layers():
+            raise FeatstoreError(
+                f"layer {layer} not in store {self.home} (layers: {self.layers()})"
+            )
+        path, what = spec.activation_path(layer, shard), f"layer {layer} shard {shard}"
+        return self._encoded(path, what, (spec.CSR, spec.CSR_VERSION))
+
+    def _encoded(self, path: str, what: str, encoding: tuple[str, str]) -> zarr.Group:
+        """The group at `path`, refused unless written in the encoding this featstore reads."""
+        group = self.group(path, what)
+        found = (group.attrs.get(spec.ENCODING_TYPE), group.attrs.get(spec.ENCODING_VERSION))
+        if found != encoding:
+            raise FeatstoreError(
+                f"{what}: {path}/zarr.json has encoding {found}, this featstore reads "
+                f"{encoding} (docs/STORE_FORMAT.md): upgrade featstore"
+            )
+        return group
+
+    def info(self, layer: int, shard: str) -> dict[str, Any]:
+        """The attributes of one (layer, shard) group."""
+        return dict(self._activation_group(layer, shard).attrs)
+
+    def read(
+        self, layer: int, shard: str, start: int = 0, stop: int | None = None
+    ) -> sp.csr_matrix:
+        """Activations of tokens [start, stop) as CSR (tokens x d_sae)."""
+        group = self._activation_group(layer, shard)
+        what = f"layer {layer} shard {shard}"
+        n_rows, d_sae = group.attrs[spec.SHAPE]
+        stop = n_rows if stop is None else min(stop, n_rows)
+        start = min(start, stop)
+        indptr = np.asarray(self.read_array(group, "indptr", what, slice(start, stop + 1)))
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        data = self.read_array(group, "data", what, slice(lo, hi))
+        indices = self.read_array(group, "indices", what, slice(lo, hi))
+        return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, d_sae))
+
+    def iter_blocks(
+        self, layer: int, shard: str, block_tokens: int = spec.TOKEN_CHUNK
+    ) -> Iterator[tuple[int, sp.csr_matrix]]:
+        """(first token, CSR block) over a shard, memory bounded by one block."""
+        n_rows = self.info(layer, shard)[spec.SHAPE][0]
+        for start in range(0, max(n_rows, 1), block_tokens):
+            yield start, self.read(layer, shard, start, start + block_tokens)
+
+    def feature_stats(self, layer: int, shard: str) -> FeatureStats:
+        group = self._activation_group(layer, shard)
+        what = f"layer {layer} shard {shard}"
+        return FeatureStats(
+            n_tokens=int(group.attrs[spec.SHAPE][0]),
+            count=np.asarray(self.read_array(group, "feature_count", what)),
+            total=np.asarray(self.read_array(group, "feature_sum", what)),
+            sumsq=np.asarray(self.read_array(group, "feature_sumsq", what)),
+        )
+
+    @contextlib.contextmanager
+    def activation_writer(
+        self,
+        layer: int,
+        shard: str,
+        d_sae: int,
+        attrs: Mapping[str, Any] | None = None,
+        lock_timeout: float = 0.0,
+    ) -> Iterator[ActivationWriter]:
+        """Write one (layer, shard) block by block; it becomes visible whole, at the end."""
+        check_shard_name(shard)
+        with self.staged(spec.activation_path(layer, shard), lock_timeout) as group:
+            writer = ActivationWriter(group, layer, shard, d_sae)
+            yield writer
+            writer.finish(attrs or {})
+
+    def write_activations(
+        self,
+        layer: int,
+        shard: str,
+        matrix: sp.spmatrix,
+        attrs: Mapping[str, Any] | None = None,
+        lock_timeout: float = 0.0,
+    ) -> None:
+        """Store one (layer, shard) as CSR, replacing any earlier version whole."""
+        csr = validate_activations(matrix, f"layer {layer} shard {shard}")
+        with self.activation_writer(layer, shard, csr.shape[1], attrs, lock_timeout) as w:
+            w.append(csr)
+
+    # -- tokens and vocabulary -----------------------------------------------------------------
+
+    def write_tokens(
+        self,
+        shard: str,
+        table: pl.DataFrame,
+        attrs: Mapping[str, Any] | None = None,
+        lock_timeout: float = 0.0,
+    ) -> None:
+        """Store a shard's token table (columns seq, pos, token), one row per activation row."""
+        check_shard_name(shard)
+        missing = {"seq", "pos", "token"} - set(table.columns)
+        if missing:
+            raise FeatstoreError(f"token table of shard {shard} lacks columns {sorted(missing)}")
+        self.write_group(
+            spec.tokens_path(shard),
+            {c: table[c].to_numpy().astype(np.int32) for c in ("seq", "pos", "token")},
+            {
+                **dict(attrs or {}),
+                spec.ENCODING_TYPE: spec.TOKEN_TABLE,
+                spec.ENCODING_VERSION: spec.TOKEN_TABLE_VERSION,
+                "n_tokens": table.height,
+                "shard": shard,
+            },
+            chunks={c: spec.TOKEN_CHUNK for c in ("seq", "pos", "token")},
+            lock_timeout=lock_timeout,
+        )
+
+    def tokens(self, shard: str) -> pl.DataFrame:
+        what = f"token table of shard {shard}"
+        group = self._encoded(
+            spec.tokens_path(shard), what, (spec.TOKEN_TABLE, spec.TOKEN_TABLE_VERSION)
+        )
+        return pl.DataFrame(
+            {c: np.asarray(self.read_array(group, c, what)) for c in ("seq", "pos", "token")}
+        )
+
+    def write_vocab(self, strings: list[str], attrs: Mapping[str, Any] | None = None) -> None:
+        """Store the decoded text of every token id as UTF-8 bytes plus offsets."""
+        encoded = [s.encode("utf-8") for s in strings]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(b) for b in encoded])
+        self.write_group(
+            spec.VOCAB,
+            {"bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8), "offsets": offsets},
+            {
+                **dict(attrs or {}),
+                spec.ENCODING_TYPE: spec.VOCAB,
+                spec.ENCODING_VERSION: spec.VOCAB_VERSION,
+            },
+        )
+
+    def vocab(self) -> list[str] | None:
+        if not self._exists(spec.VOCAB):
+            return None
+        group = self.group(spec.VOCAB, "vocabulary")
+        raw = bytes(np.asarray(self.read_array(group, "bytes", "vocabulary")))
+        off = np.asarray(self.read_array(group, "offsets", "vocabulary"))
+        return [raw[a:b].decode("utf-8", "replace") for a, b in zip(off[:-1], off[1:], strict=True)]
+
+    def delete_shard(self, shard: str) -> list[str]:
+        """Remove a shard's tokens, activations and pair statistics; returns what went."""
+        removed = []
+        paths = [spec.activation_path(layer, shard) for layer in self.layers()]
+        paths += [f"{spec.PAIRS}/{p}/{shard}" for p in self.children(spec.PAIRS)]
+        paths.append(spec.tokens_path(shard))
+        for path in paths:
+            if self.delete_group(path):
+                removed.append(path)
+        return removed
+
+
+def _entry_name(path: str) -> str:
+    """A unique `_staging`/`_trash` folder name that records the group it belongs to."""
+    return f"{uuid.uuid4().hex}.{urllib.parse.quote(path, safe='')}"
+
+
+def _entry_path(entry: Path) -> str | None:
+    """The group a `_staging`/`_trash` folder belongs to (None if it does not say)."""
+    marker = entry / ".target"  # how trash entries of earlier writers named their group
+    if marker.is_file():
+        return marker.read_text()
+    _, sep, quoted = entry.name.partition(".")
+    return urllib.parse.unquote(quoted) if sep else None
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Turn an OSError while writing `what` (a full disk, ...) into a one-line error."""
+    try:
+        yield
+    except OSError as exc:
+        raise FeatstoreError(f"cannot write {what}: {exc}") from None
+
+
+class GroupWriter:
+    """Appends 1-D arrays to a staged group; attributes are written when it is swapped in."""
+
+    def __init__(self, group: zarr.Group, path: str = "") -> None:
+        self.group, self.path = group, path
+        self.attrs: dict[str, Any] = {}
+
+    def append(self, name: str, values: np.ndarray, chunk: int = spec.NNZ_CHUNK) -> None:
+        values = np.ascontiguousarray(values)
+        with writing(f"{self.path}/{name}"):
+            if name not in self.group:
+                self.group.create_array(name, shape=(0,), dtype=values.dtype, chunks=(chunk,))
+            if values.size:
+                self.group[name].append(values)
+
+
+class ActivationWriter:
+    """Appends CSR row blocks of one (layer, shard) and keeps its feature statistics."""
+
+    def __init__(self, group: GroupWriter, layer: int, shard: str, d_sae: int) -> None:
+        self.group, self.layer, self.shard, self.d_sae = group, layer, shard, d_sae
+        self.stats = FeatureStats(
+            0, *(np.zeros(d_sae, dt) for dt in (np.int64, np.float64, np.float64))
+        )
+        self.nnz = 0
+        group.append("indptr", np.zeros(1, np.int64), spec.TOKEN_CHUNK)
+
+    def append(self, block: sp.spmatrix) -> None:
+        """Append token rows; `block` is validated (finite, non-negative, d_sae wide)."""
+        what = f"layer {self.layer} shard {self.shard}"
+        csr = validate_activations(block, what)
+        if csr.shape[1] != self.d_sae:
+            raise FeatstoreError(f"{what}: {csr.shape[1]} features, expected d_sae {self.d_sae}")
+        self.group.append("data", csr.data.astype(np.float32))
+        self.group.append("indices", csr.indices.astype(np.int32))
+        self.group.append("indptr", csr.indptr[1:].astype(np.int64) + self.nnz, spec.TOKEN_CHUNK)
+        self.nnz += csr.nnz
+        self.stats = self.stats + FeatureStats.of(csr)
+
+    def finish(self, attrs: Mapping[str, Any]) -> None:
+        for name, dtype in (("data", np.float32), ("indices", np.int32)):
+            self.group.append(name, np.zeros(0, dtype))
+        self.group.append("feature_count", self.stats.count)
+        self.group.append("feature_sum", self.stats.total)
+        self.group.append("feature_sumsq", self.stats.sumsq)
+        self.group.attrs.update(
+            {
+                **dict(attrs),
+                spec.ENCODING_TYPE: spec.CSR,
+                spec.ENCODING_VERSION: spec.CSR_VERSION,
+                spec.SHAPE: [self.stats.n_tokens, self.d_sae],
+                "layer": int(self.layer),
+                "shard": self.shard,
+                "d_sae": int(self.d_sae),
+                "nnz": int(self.nnz),
+            }
+        )
+
+
+def validate_activations(matrix: Any, what: str) -> sp.csr_matrix:
+    """A finite, non-negative 2-D sparse matrix as canonical CSR, or a one-line error."""
+    if not sp.issparse(matrix):
+        raise FeatstoreError(f"{what}: expected a scipy sparse matrix, got {type(matrix).__name__}")
+    if matrix.ndim != 2:
+        raise FeatstoreError(f"{what}: expected 2-D tokens x features, got {matrix.ndim}-D")
+    if not (np.issubdtype(matrix.dtype, np.floating) or np.issubdtype(matrix.dtype, np.integer)):
+        raise FeatstoreError(f"{what}: activations must be numbers, got dtype {matrix.dtype}")
+    if matrix.shape[1] >= 2**31:
+        raise FeatstoreError(f"{what}: {matrix.shape[1]} features is more than int32 ids allow")
+    csr = sp.csr_matrix(matrix, dtype=np.float32)
+    csr.sum_duplicates()
+    csr.eliminate_zeros()
+    if not np.all(np.isfinite(csr.data)):
+        raise FeatstoreError(f"{what}: activations contain NaN or infinite values")
+    if csr.nnz and csr.data.min() < 0:
+        raise FeatstoreError(f"{what}: activations must be non-negative (min {csr.data.min()})")
+    csr.sort_indices()
+    return csr

@@ -1,0 +1,1 @@
+"""Assets by domain: extraction (tokens, activations and their checks), statistics."""

@@ -1,0 +1,162 @@
+"""Causal assets: patching effects vs the correlation graph, concept traces, erasure."""
+
+# No `from __future__ import annotations`: Dagster reads the context, config and resource
+# annotations at definition time and needs the real classes, not strings.
+from pathlib import Path
+
+import dagster as dg
+import networkx as nx
+import polars as pl
+
+from featstore.causal import CausalConfig, causal_dir, run_causal
+from featstore.concepts import default_set, run_concepts
+from featstore.erasure import run_erasure
+from featstore.errors import FeatstoreError
+from featstore.extract import load_model_and_saes
+from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
+from pipelines.resources import FeatstoreResource
+
+CAUSAL_VERSION = "1"
+CONCEPTS_DIR = "concepts"  # {home}/concepts/: best features, traces, one PNG per concept
+ERASURE_DIR = "erasure"  # {home}/erasure/: erasure and gradual-change tables and PNGs
+
+
+class CausalEdgesConfig(dg.Config):
+    max_sequences: int = 16  # per shard (tiny: ~25 s of one CPU thread per sequence)
+    n_exact: int | None = None  # source features patched exactly per layer; None: all active
+    value: float = 0.0  # 0 ablates; another value clamps
+    min_effect: float = 0.1  # |relative effect| of a causal edge
+    min_tokens: int = 5
+
+
+class ConceptTracesConfig(dg.Config):
+    concept_set: str | None = None  # a set in concepts/ or a YAML path; None: the source's
+    max_sequences: int | None = None  # per shard
+    top: int = 5
+    beam: int = 3
+
+
+class ErasureConfig(dg.Config):
+    max_sequences: int = 32  # per shard
+
+
+def read_graph(featstore: FeatstoreResource) -> nx.DiGraph:
+    path = featstore.home_path() / GRAPH_DIR / "feature_graph.graphml"
+    if not path.exists():
+        raise FeatstoreError(f"no feature graph at {path}: materialise feature_graph")
+    return nx.read_graphml(path)
+
+
+def files_metadata(paths: dict[str, Path]) -> dict:
+    """PNGs inline, everything else as a path."""
+    return {
+        name: inline_png(p) if p.suffix == ".png" else dg.MetadataValue.path(str(p))
+        for name, p in paths.items()
+    }
+
+
+@dg.asset(
+    deps=[pair_stats, feature_graph],
+    code_version=CAUSAL_VERSION,
+    group_name="causal",
+    kinds={"pytorch", "parquet"},
+)
+def causal_edges(config: CausalEdgesConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+    """Effect of ablating each layer-L feature on every later feature (exact patching, and its
+    attribution-patching estimate), compared with the correlation graph.
+
+    `featstore.causal.run_causal`: `{home}/causal/causal_edges.parquet` (the `causal_edges` table
+    of `featstore sql`), `comparison.parquet` and two PNGs.
+    """
+    store = featstore.open()
+    graph = read_graph(featstore)
+    cfg = CausalConfig(
+        layers=tuple(featstore.layers),
+        max_sequences=config.max_sequences,
+        n_exact=config.n_exact,
+        value=config.value,
+        min_effect=config.min_effect,
+        min_tokens=config.min_tokens,
+        min_pearson=float(graph.graph["threshold"]),
+    )
+    model, saes = load_model_and_saes(featstore.extract_config())
+    paths = run_causal(store, model, saes, cfg)
+    comparison = pl.read_parquet(paths["comparison"])
+    return dg.MaterializeResult(
+        metadata={
+            "comparison": dg.MetadataValue.md(markdown(comparison)),
+            "folder": dg.MetadataValue.path(str(causal_dir(store))),
+            **files_metadata(paths),
+        }
+    )
+
+
+@dg.asset(
+    deps=[feature_graph],
+    code_version=CAUSAL_VERSION,
+    group_name="causal",
+    kinds={"polars", "matplotlib"},
+)
+def concept_traces(
+    config: ConceptTracesConfig, featstore: FeatstoreResource
+) -> dg.MaterializeResult:
+    """The features that detect each concept of a concept set best (AUROC, precision/recall),
+    per layer, and the concept's path through the layers along the feature graph.
+
+    `featstore.concepts.run_concepts`: tables and one PNG per concept under `{home}/concepts/`.
+    """
+    store = featstore.open()
+    concept_set = config.concept_set or default_set(featstore.source)
+    paths = run_concepts(
+        store,
+        concept_set,
+        featstore.layers,
+        read_graph(featstore),
+        featstore.home_path() / CONCEPTS_DIR,
+        max_sequences=config.max_sequences,
+        top=config.top,
+        beam=config.beam,
+    )
+    best = pl.read_parquet(paths["best_features"]).filter(pl.col("rank") == 1)
+    return dg.MaterializeResult(
+        metadata={
+            "concept_set": concept_set,
+            "best_feature_per_layer": dg.MetadataValue.md(
+                markdown(best.select("concept", "layer", "feature", "auroc", "f1"))
+            ),
+            **files_metadata(paths),
+        }
+    )
+
+
+@dg.asset(
+    deps=[feature_graph],
+    code_version=CAUSAL_VERSION,
+    group_name="causal",
+    kinds={"pytorch", "matplotlib"},
+)
+def erasure(config: ErasureConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+    """Which attention heads and MLP of block L lower the features of L with no successor at
+    L+1 and which write the new features of L+1; and each feature's best Pearson and decoder
+    cosine 1-3 layers on (the gradual-change conjecture).
+
+    `featstore.erasure.run_erasure`: tables and PNGs under `{home}/erasure/`.
+    """
+    store = featstore.open()
+    model, saes = load_model_and_saes(featstore.extract_config())
+    paths = run_erasure(
+        store,
+        model,
+        saes,
+        read_graph(featstore),
+        featstore.layers,
+        featstore.home_path() / ERASURE_DIR,
+        max_sequences=config.max_sequences,
+    )
+    components = pl.read_parquet(paths["erasure_components"])
+    return dg.MaterializeResult(
+        metadata={"components": dg.MetadataValue.md(markdown(components)), **files_metadata(paths)}
+    )
+
+
+causal_assets = [causal_edges, concept_traces, erasure]

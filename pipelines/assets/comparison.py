@@ -1,0 +1,123 @@
+"""Comparison assets: every measure and method compared on the same tokens, and feature cards."""
+
+# No `from __future__ import annotations`: Dagster reads the context, config and resource
+# annotations at definition time and needs the real classes, not strings.
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from featstore.cards import busiest_features, write_cards
+from featstore.compare import DEFAULT_THRESHOLDS, CompareConfig, run_comparison
+from featstore.errors import FeatstoreError
+from featstore.graph import EDGES
+from featstore.measures import MIN_BOTH
+from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
+from pipelines.resources import FeatstoreResource
+
+COMPARISON_VERSION = "1"
+COMPARISON_DIR = "comparison"  # {home}/comparison/: one Parquet per table, three PNGs
+CARDS_DIR = "cards"  # {home}/cards/: index.html and L{layer}_{feature}.html
+
+
+class MethodComparisonConfig(dg.Config):
+    thresholds: dict[str, float] = dict(DEFAULT_THRESHOLDS)  # data measure -> its threshold
+    min_both: int = MIN_BOTH  # pairs co-active on fewer tokens are no candidates
+    distances: list[int] = [1, 2, 3]  # layer gaps of the best-match score distributions
+    null_quantile: float = 0.95  # null-corrected threshold: this quantile of null best scores
+    decoder_k: int = 10  # decoder cosines kept per feature (0: no decoder_cosine method)
+    community_metric: str = "pearson"
+    community_threshold: float = 0.2
+    seed: int = 0  # Louvain's
+    engine: str = "sparse"
+
+
+class FeatureCardsConfig(dg.Config):
+    n_features: int = 50  # the graph's busiest features (most edges) get a page
+    top: int = 10  # top-activating contexts per page
+    partners: int = 10  # predecessors and successors per page
+    sort_by: str = "pearson"
+    min_both: int = MIN_BOTH
+
+
+@dg.asset(
+    deps=[pair_stats, feature_graph],
+    code_version=COMPARISON_VERSION,
+    group_name="comparison",
+    kinds={"polars", "networkx", "matplotlib"},
+)
+def method_comparison(
+    config: MethodComparisonConfig, featstore: FeatstoreResource
+) -> dg.MaterializeResult:
+    """Cross-layer measures and methods compared on the same tokens and SAEs.
+
+    `featstore.compare.run_comparison`: each feature's best successor under every measure, the
+    decoder cosine and (when `{home}/causal/` holds patching effects) the causal effect; their
+    agreement and Spearman correlation; pairs above threshold in the data and in the null model
+    (later layer's sequences deranged); features "from nowhere" with and without the null
+    correction; best-match scores by layer distance; Louvain communities. Files under
+    `{home}/comparison/`.
+    """
+    cfg = CompareConfig(
+        layers=tuple(featstore.layers),
+        thresholds=dict(config.thresholds),
+        min_both=config.min_both,
+        distances=tuple(config.distances),
+        null_quantile=config.null_quantile,
+        decoder_k=config.decoder_k,
+        community_metric=config.community_metric,
+        community_threshold=config.community_threshold,
+        seed=config.seed,
+        engine=config.engine,
+    )
+    out = featstore.home_path() / COMPARISON_DIR
+    result, paths = run_comparison(featstore.open(), cfg, out)
+    metadata: dict[str, Any] = {
+        name: inline_png(path) for name, path in paths.items() if path.suffix == ".png"
+    }
+    for name in ("agreement", "null_counts", "from_nowhere"):
+        metadata[name] = dg.MetadataValue.md(markdown(getattr(result, name)))
+    sizes = result.communities.select("community", "size", "layers", "per_layer").head(20)
+    metadata["communities"] = dg.MetadataValue.md(markdown(sizes))
+    metadata["notes"] = dg.MetadataValue.json(result.notes)
+    metadata["folder"] = dg.MetadataValue.path(str(out))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+@dg.asset(
+    deps=[feature_graph],
+    code_version=COMPARISON_VERSION,
+    group_name="comparison",
+    kinds={"html"},
+)
+def feature_cards(config: FeatureCardsConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+    """A static HTML page per busiest feature of the graph (most edges), linked to each other.
+
+    `featstore.cards.write_cards`: activation frequency and mean, top-activating contexts, and
+    predecessors and successors with every measure and their 95% intervals; the pages open in a
+    browser without a server. Files under `{home}/cards/`.
+    """
+    edges_path = featstore.home_path() / GRAPH_DIR / EDGES
+    if not edges_path.exists():
+        raise FeatstoreError(f"no graph edges at {edges_path}: materialise feature_graph")
+    keys = busiest_features(pl.read_parquet(edges_path), config.n_features)
+    out = featstore.home_path() / CARDS_DIR
+    paths = write_cards(
+        featstore.open(),
+        keys,
+        out,
+        top=config.top,
+        partners=config.partners,
+        sort_by=config.sort_by,
+        min_both=config.min_both,
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "pages": len(keys),
+            "features": dg.MetadataValue.json([f"L{layer}:{f}" for layer, f in keys]),
+            "index": dg.MetadataValue.path(str(paths[0])),
+        }
+    )
+
+
+comparison_assets = [method_comparison, feature_cards]

@@ -1,0 +1,96 @@
+"""Extraction assets: text shards -> token tables -> sparse SAE activations per layer."""
+
+# No `from __future__ import annotations`: Dagster reads the context and resource annotations
+# at definition time and needs the real classes, not strings.
+
+from typing import Any
+
+import dagster as dg
+
+from featstore import spec
+from featstore.extract import ExtractReport, extract_shard, tokenize_shard
+from featstore.store import Store
+from pipelines.partitions import (
+    LAYER,
+    group_by_shard,
+    multi_key,
+    shard_layer_partitions,
+    shard_partitions,
+)
+from pipelines.resources import FeatstoreResource
+
+# Bump a code version when the asset's output would change for the same input.
+EXTRACTION_VERSION = "1"
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    code_version=EXTRACTION_VERSION,
+    group_name="extraction",
+    kinds={"zarr"},
+)
+def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> None:
+    """Each text shard tokenised into [BOS] + (seq_len - 1) token sequences.
+
+    `featstore.extract.tokenize_shard`: one row per (sequence, position), the rows every layer's
+    activations of the shard share.
+    """
+    store, cfg = featstore.open(), featstore.extract_config()
+    for shard in context.partition_keys:
+        n_tokens = tokenize_shard(store, cfg, shard)
+        context.add_asset_metadata(
+            {
+                "tokens": n_tokens,
+                "sequences": n_tokens // cfg.seq_len,
+                "dagster/row_count": n_tokens,
+                "path": dg.MetadataValue.path(str(store.root_path / spec.tokens_path(shard))),
+            },
+            partition_key=shard,
+        )
+
+
+@dg.asset(
+    partitions_def=shard_layer_partitions,
+    deps=[tokens],  # Dagster maps (shard, layer) to the shard's tokens on its own
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    automation_condition=dg.AutomationCondition.eager(),
+    code_version=EXTRACTION_VERSION,
+    group_name="extraction",
+    kinds={"pytorch", "zarr"},
+    pool="featstore_model",
+)
+def activations(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> None:
+    """Sparse SAE feature activations (tokens x d_sae, CSR) of one shard at one layer.
+
+    `featstore.extract.extract_shard`: a run over several layers of a shard does one forward pass
+    and encodes every layer from it.
+    """
+    store, cfg = featstore.open(), featstore.extract_config()
+    by_shard = group_by_shard(shard_layer_partitions, context.partition_keys, LAYER)
+    for shard, layer_keys in by_shard.items():
+        layers = tuple(int(k) for k in layer_keys)
+        report = extract_shard(store, cfg, shard, layers=layers, progress=context.log.info)
+        context.log.info(report.summary())
+        for layer in layers:
+            context.add_asset_metadata(
+                layer_metadata(store, report, layer),
+                partition_key=multi_key(shard, **{LAYER: str(layer)}),
+            )
+
+
+def layer_metadata(store: Store, report: ExtractReport, layer: int) -> dict[str, Any]:
+    """One layer's slice of a shard's extraction report, for its partition in the UI."""
+    meta = report.metadata()
+    return {
+        "tokens": meta["tokens"],
+        "nonzeros": meta[f"nnz_layer_{layer}"],
+        "l0": meta[f"l0_layer_{layer}"],
+        "tokens_per_second": meta["tokens_per_second"],
+        "seconds": meta["seconds"],
+        "layers_in_forward_pass": len(report.nnz),
+        "dagster/row_count": meta["tokens"],
+        "path": dg.MetadataValue.path(
+            str(store.root_path / spec.activation_path(layer, report.shard))
+        ),
+    }

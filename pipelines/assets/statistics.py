@@ -1,0 +1,194 @@
+"""Statistics assets: per-shard pair sums -> merged pair statistics -> feature graph -> plots."""
+
+# No `from __future__ import annotations`: Dagster reads the context, config and resource
+# annotations at definition time and needs the real classes, not strings.
+import base64
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from featstore import graph as fgraph
+from featstore import plots as fplots
+from featstore.pairs import update_shard_pairs
+from featstore.stats import pair_stats as merged_pair_stats
+from featstore.stats import pair_stats_path
+from pipelines.assets.extraction import activations
+from pipelines.partitions import (
+    PAIR,
+    group_by_shard,
+    layers_to_pairs,
+    multi_key,
+    pair_partitions,
+    parse_pair,
+    shard_pair_partitions,
+)
+from pipelines.resources import FeatstoreResource
+
+STATISTICS_VERSION = "1"
+GRAPH_DIR = "graph"  # {home}/graph/: graph.graphml, edges.parquet, summary.json
+PLOTS_DIR = "plots"  # {home}/plots/*.png
+EAGER = dg.AutomationCondition.eager()
+
+
+class PairSumsConfig(dg.Config):
+    engine: str = "sparse"  # sparse, polars or duckdb (featstore.pairs.ENGINES): same sums
+
+
+class GraphConfig(PairSumsConfig):
+    metric: str = "pearson"  # an edge needs metric >= threshold
+    threshold: float = 0.2
+
+
+class PlotsConfig(PairSumsConfig):
+    threshold: float = 0.2  # Pearson's and Jaccard's bar (the graph's default)
+    agreement_threshold: float = 0.99
+    first_feature: int = 0  # the heatmap shows features [first, first + n_features)
+    n_features: int = 100
+    n_edges: int = 60  # strongest edges in the layered drawing
+
+
+@dg.asset(
+    partitions_def=shard_pair_partitions,
+    deps=[dg.AssetDep(activations, partition_mapping=layers_to_pairs())],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    automation_condition=EAGER,
+    code_version=STATISTICS_VERSION,
+    group_name="statistics",
+    kinds={"scipy", "zarr"},
+)
+def shard_pair_stats(
+    context: dg.AssetExecutionContext, config: PairSumsConfig, featstore: FeatstoreResource
+) -> None:
+    """Co-activation counts and sums of products of every co-active feature pair, per shard.
+
+    `featstore.pairs.update_shard_pairs`: additive sufficient statistics, saved at
+    `pairs/{a}-{b}/{shard}` so adding a shard never recomputes the others.
+    """
+    store = featstore.open()
+    by_shard = group_by_shard(shard_pair_partitions, context.partition_keys, PAIR)
+    for shard, pairs in by_shard.items():
+        for pair in pairs:
+            counts = update_shard_pairs(store, *parse_pair(pair), shard, config.engine)
+            context.add_asset_metadata(
+                {"tokens": counts.n_tokens, "co_active_pairs": counts.nnz},
+                partition_key=multi_key(shard, **{PAIR: pair}),
+            )
+
+
+@dg.asset(
+    partitions_def=pair_partitions,
+    deps=[shard_pair_stats],  # Dagster maps a pair to that pair of every shard on its own
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    automation_condition=EAGER,
+    code_version=STATISTICS_VERSION,
+    group_name="statistics",
+    kinds={"polars", "parquet"},
+)
+def pair_stats(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> None:
+    """Pearson, agreement and Jaccard of each co-active feature pair, merged over all shards.
+
+    `featstore.stats.pair_stats`: saved as `{home}/pair_stats/{a}-{b}.parquet`, the `pair_stats`
+    table of `featstore sql`.
+    """
+    store = featstore.open()
+    for pair in context.partition_keys:
+        a, b = parse_pair(pair)
+        frame = merged_pair_stats(store, a, b)
+        top = frame.sort("pearson", descending=True, nulls_last=True).head(10)
+        context.add_asset_metadata(
+            {
+                "tokens": int(frame["n_tokens"][0]) if frame.height else 0,
+                "co_active_pairs": frame.height,
+                "dagster/row_count": frame.height,
+                "top_pairs_by_pearson": dg.MetadataValue.md(markdown(top)),
+                "path": dg.MetadataValue.path(str(pair_stats_path(store, a, b))),
+            },
+            partition_key=pair,
+        )
+
+
+@dg.asset(
+    deps=[pair_stats],
+    automation_condition=EAGER,
+    code_version=STATISTICS_VERSION,
+    group_name="statistics",
+    kinds={"networkx", "parquet"},
+)
+def feature_graph(config: GraphConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+    """Directed graph of feature pairs of adjacent layers with metric >= threshold.
+
+    `featstore.graph.export_graph`: GraphML, a Parquet edge list and summary.json under
+    `{home}/graph/`; metadata: edges per layer pair, degree distributions, share of active
+    features with a successor in the next layer.
+    """
+    out = featstore.home_path() / GRAPH_DIR
+    _, summary = fgraph.export_graph(
+        featstore.open(),
+        out,
+        layers=featstore.layers,
+        metric=config.metric,
+        threshold=config.threshold,
+        engine=config.engine,
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "nodes": summary["nodes"],
+            "edges": summary["edges"],
+            "edges_per_pair": dg.MetadataValue.json(summary["edges_per_pair"]),
+            "share_with_successor": dg.MetadataValue.json(
+                {layer: s["share_of_active"] for layer, s in summary["successors"].items()}
+            ),
+            "out_degree": dg.MetadataValue.json(summary["out_degree"]),
+            "in_degree": dg.MetadataValue.json(summary["in_degree"]),
+            "graphml": dg.MetadataValue.path(str(out / fgraph.GRAPHML)),
+            "edge_list": dg.MetadataValue.path(str(out / fgraph.EDGES)),
+        }
+    )
+
+
+@dg.asset(
+    deps=[pair_stats, feature_graph],
+    automation_condition=EAGER,
+    code_version=STATISTICS_VERSION,
+    group_name="statistics",
+    kinds={"matplotlib"},
+)
+def plots(config: PlotsConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+    """PNG figures under `{home}/plots/`, each also shown inline here: a heatmap of a block of
+    features per layer pair, co-occurrence histograms, pairs above threshold per layer pair, and
+    a layered drawing of the strongest edges.
+
+    `featstore.plots.plot_store`.
+    """
+    out = featstore.home_path() / PLOTS_DIR
+    paths = fplots.plot_store(
+        featstore.open(),
+        out,
+        layers=featstore.layers,
+        threshold=config.threshold,
+        agreement_threshold=config.agreement_threshold,
+        features=(config.first_feature, config.first_feature + config.n_features),
+        n_edges=config.n_edges,
+        engine=config.engine,
+    )
+    metadata: dict[str, Any] = {path.stem: inline_png(path) for path in paths}
+    metadata["folder"] = dg.MetadataValue.path(str(out))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def markdown(frame: pl.DataFrame) -> str:
+    with pl.Config(
+        tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True
+    ):
+        return str(frame)
+
+
+def inline_png(path: Path) -> dg.MetadataValue:
+    """A PNG as Markdown with a data URI, so the UI shows the picture itself."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return dg.MetadataValue.md(f"![{path.name}](data:image/png;base64,{data})")
+
+
+statistics_assets = [shard_pair_stats, pair_stats, feature_graph, plots]

@@ -1,0 +1,24 @@
+"""The code location: assembles assets, checks, resources and sensors; nothing else lives here."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from pipelines.assets.checks import activation_checks
+from pipelines.assets.extraction import activations, tokens
+from pipelines.assets.statistics import statistics_assets
+from pipelines.resources import FeatstoreResource
+from pipelines.sensors import automation, new_text_shards
+
+
+def build_defs(featstore: FeatstoreResource) -> dg.Definitions:
+    """The code location around one store and extraction configuration."""
+    return dg.Definitions(
+        assets=[tokens, activations, *statistics_assets],
+        asset_checks=activation_checks,
+        resources={"featstore": featstore},
+        sensors=[new_text_shards, automation],
+    )
+
+
+defs = build_defs(FeatstoreResource())
