@@ -11,9 +11,18 @@ Data: `featstore.synth` stores of layers 6 and 7 with 24,576 features (L0 ~ 50),
 - dense: both layers as dense float32 tokens x features arrays, standardised per feature, then
   `A.T @ B / n` into a 24,576 x 24,576 float32 matrix of Pearson correlations (Balcells et al.
   2024). Where that does not fit, a slice of rows (tokens) and output columns is measured and the
-  time scaled by (n / rows) for reading and standardising and by (n / rows) * (d / cols) for the
+  time scaled by (n / rows) for densifying and standardising and by (n / rows) * (d / cols) for the
   product; its memory is then the arrays' size, computed, not measured.
 - sparse: scipy `A.T @ B` of the CSR matrices, no statistics (the floor for any exact engine).
+
+`save shard sums` times `featstore.pairs.update_shard_pairs` (the default engine computing the
+shard pair sums and saving them to the store, as the `shard_pair_stats` asset does): the
+engines' query rows save nothing since issue 3.
+
+Engines slower than the dense baseline allows (duckdb, polars) run on the first 20,000 tokens at
+200,000 and their time is scaled. Each measurement is capped at min(24 GB, 85% of available
+memory) of address space, so one that outgrows a shared machine fails with a note instead.
+Method and numbers: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from featstore import spec
 from featstore.store import Store, open_store
 from featstore.synth import SynthConfig, generate_all, planted_path
 
@@ -49,14 +59,13 @@ GOAL_MILLION_GB = 24
 # -- data --------------------------------------------------------------------------------------
 
 
-def synthetic_home(n_tokens: int, n_shards: int = 1) -> Path:
-    """A cached synthetic store with `n_tokens` tokens over `n_shards` shards."""
-    home = OUT / f"synth-{n_tokens}x{n_shards}"
+def synthetic_home(n_tokens: int) -> Path:
+    """A cached one-shard synthetic store of `n_tokens` tokens."""
+    home = OUT / f"synth-{n_tokens}x1"
     if not planted_path(home).exists():
-        per_shard = -(-n_tokens // n_shards)
-        cfg = SynthConfig(d_sae=D_SAE, layers=LAYERS, n_tokens=per_shard, seed=0)
+        cfg = SynthConfig(d_sae=D_SAE, layers=LAYERS, n_tokens=n_tokens, seed=0)
         print(f"generating {n_tokens} synthetic tokens in {home} ...", flush=True)
-        generate_all(open_store(home, create=True), cfg, n_shards)
+        generate_all(open_store(home, create=True), cfg, 1)
     return home
 
 
@@ -88,8 +97,10 @@ def dense(home: str, rows: int | None, cols: int | None) -> dict:
     """Dense Pearson on the first `rows` tokens and `cols` output columns, scaled to full size."""
     start = time.perf_counter()
     a, b = (read_layer(open_store(home), layer) for layer in LAYERS)
+    read = time.perf_counter() - start
     n, d = a.shape
     rows, cols = min(rows or n, n), min(cols or d, d)
+    start = time.perf_counter()
     x, y = a[:rows].toarray(), b[:rows].toarray()
     del a, b
     for m in (x, y):  # standardise in place, float32 throughout
@@ -100,13 +111,10 @@ def dense(home: str, rows: int | None, cols: int | None) -> dict:
     corr = x.T @ y[:, :cols]
     corr /= np.float32(rows)
     product = time.perf_counter() - start
-    seconds = (prep + product * d / cols) * n / rows
+    seconds = read + (prep + product * d / cols) * n / rows
     exact = rows == n and cols == d
-    note = (
-        "measured"
-        if exact
-        else f"{rows} tokens x {cols} columns, scaled x{n * d / rows / cols:.0f}"
-    )
+    scaled = f"{rows} tokens x {cols} columns, scaled x{n * d / rows / cols:.0f}"
+    note = "measured" if exact else scaled
     return {"seconds": seconds, "product_s": product * n / rows * d / cols, "note": note,
             "exact": exact, "est_bytes": 4 * (2 * n * d + d * d)}  # fmt: skip
 
@@ -141,7 +149,29 @@ def engine(home: str, name: str | None) -> dict:
     return {"seconds": seconds, "rows": found.height, "note": note}
 
 
-MEASURES: dict[str, Callable[..., dict]] = {"dense": dense, "sparse": sparse, "engine": engine}
+def saving(home: str) -> dict:
+    """`featstore.pairs.update_shard_pairs` of every shard (the `shard_pair_stats` asset's work):
+    the default engine's shard pair sums computed and saved for later calls."""
+    from featstore import pairs
+
+    store = open_store(home)
+    start = time.perf_counter()
+    saved = [pairs.update_shard_pairs(store, *LAYERS, s) for s in store.shards(LAYERS[0])]
+    seconds = time.perf_counter() - start
+    folder = store.root_path / "pairs"
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    for s in saved:  # the next measurement recomputes: no need to keep gigabytes
+        store.delete_group(spec.pairs_path(*LAYERS, s.shard))
+    note = f"{sum(s.nnz for s in saved):,} pairs saved, {size / 1e9:.2f} GB on disk"
+    return {"seconds": seconds, "note": note}
+
+
+MEASURES: dict[str, Callable[..., dict]] = {
+    "dense": dense,
+    "sparse": sparse,
+    "engine": engine,
+    "save": saving,
+}
 
 
 def available_bytes() -> int:
@@ -228,6 +258,9 @@ def measure_size(n: int, args: argparse.Namespace, engines: list[str]) -> list[d
             )
             row["peak_bytes"] = None  # a slice's memory says little about the full size
         results.append(row)
+    if args.save and engines:
+        row = measure("save", args.timeout, home=str(home))
+        results.append({**row, "method": f"save shard sums ({engines[0]})"})
     for row in results:
         row["tokens"] = n
     return results
@@ -243,9 +276,9 @@ def table(results: list[dict]) -> str:
         sparse_s = next(r["seconds"] for r in same if r["method"] == "scipy A.T @ B")
         peak = row.get("peak_bytes")
         if row["method"] == "dense baseline" and not row.get("exact"):
-            peak_text = f"~{row['est_bytes'] / 2**30:.1f} GiB (arrays)"
+            peak_text = f"~{row['est_bytes'] / 1e9:.1f} GB (arrays)"
         else:
-            peak_text = "-" if peak is None else f"{peak / 2**30:.2f} GiB"
+            peak_text = "-" if peak is None else f"{peak / 1e9:.2f} GB"
         seconds = row["seconds"]
         lines.append(
             f"| {row['tokens']:,} | {row['method']} | {seconds:.2f} | {peak_text} "
@@ -288,6 +321,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--million", action="store_true", help="the default engine on 1,000,000 tokens")
     p.add_argument("--engines", nargs="*", default=None, help="default: sparse duckdb polars")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
+    p.add_argument("--no-save", dest="save", action="store_false", help="skip the save row")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sizes = [1_000_000] if args.million else [4096, 20_000 if args.quick else 200_000]
@@ -310,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         engines = []
     elif args.million:
         engines = [default]
+        args.save = False
     load_before = os.getloadavg()[0]
     results = []
     for n in args.sizes:

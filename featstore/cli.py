@@ -159,6 +159,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         min_both=args.min_both,
         variant=variant,
         intervals=args.intervals,
+        save=args.save,
     )
     if args.decoder_cosine:
         cosines = measures.store_decoder_cosine(
@@ -381,6 +382,13 @@ def build_parser() -> ArgumentParser:
         default=None,
         metavar="M=V",
         help="instead: list the never-co-active pairs with measure M >= V",
+    )
+    p.add_argument(
+        "--save",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="save the shard pair sums computed and the merged table (default: only without "
+        "thresholds, ranges or shards)",
     )
     p.add_argument("--out", required=True, help="Parquet file of the pairs passing")
     p.set_defaults(func=cmd_stats)

@@ -30,9 +30,8 @@ from featstore.measures import (
     MIN_BOTH,
     check_measure,
     decoder_cosine,
-    load_decoder,
     passing,
-    store_source,
+    store_decoders,
 )
 from featstore.pairs import Variant, merged_feature_stats
 from featstore.plots import no_data, pair_label, save
@@ -193,7 +192,7 @@ def decoder_scores(
     if k <= 0:
         return {}, "decoder_k is 0"
     try:
-        w = decoders or {lay: load_decoder(store_source(store, lay), lay) for lay in layers}
+        w = decoders or store_decoders(store, layers)
     except FeatstoreError as exc:
         return {}, str(exc)
     pairs = itertools.pairwise(sorted(layers))

@@ -49,7 +49,9 @@ class ExtractConfig:
             raise FeatstoreError(f"batch_size must be positive, got {self.batch_size}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise FeatstoreError(f"max_sequences must be positive, got {self.max_sequences}")
-        get_source(self.source).check_layers(self.layers)
+        source = get_source(self.source)
+        source.check_layers(self.layers)
+        source.check_seq_len(self.seq_len)
 
     def get_source(self) -> Source:
         return get_source(self.source, self.text_dir)
@@ -251,7 +253,7 @@ def extract_shard(
         }
         n_batches = -(-len(sequences) // cfg.batch_size)
         for b, lo in enumerate(range(0, len(sequences), cfg.batch_size)):
-            batch = torch.as_tensor(sequences[lo : lo + cfg.batch_size], device=cfg.device)
+            batch = torch.tensor(sequences[lo : lo + cfg.batch_size], device=cfg.device)
             for layer, csr in encode_batch(model, saes, hooks, batch).items():
                 writers[layer].append(csr)
                 report.nnz[layer] += csr.nnz

@@ -23,7 +23,15 @@ import numpy as np
 import polars as pl
 
 from featstore.errors import FeatstoreError
-from featstore.measures import DATA_FREE, MIN_BOTH, above, check_measure, passing
+from featstore.measures import (
+    DATA_FREE,
+    MIN_BOTH,
+    above,
+    check_measure,
+    decoder_cosine,
+    passing,
+    store_decoders,
+)
 from featstore.measures import RANGES as METRICS  # measures an edge can be thresholded on
 from featstore.stats import merged_feature_stats, pair_stats, write_parquet_atomic
 from featstore.store import Store
@@ -264,13 +272,8 @@ def store_pair_frames(
     API; for `decoder_cosine`, the `top_k` cosines of each feature (`measures.decoder_cosine`)."""
     check_metric(metric, threshold)
     if metric in DATA_FREE:
-        from featstore.measures import decoder_cosine, load_decoder, store_source
-
         pairs = adjacent_pairs(layers)
-        w = {
-            lay: load_decoder(store_source(store, lay), lay)
-            for lay in {x for p in pairs for x in p}
-        }
+        w = store_decoders(store, [x for p in pairs for x in p])
         return {
             (a, b): decoder_cosine(w[a], w[b], top_k).filter(above(metric, threshold))
             for a, b in pairs

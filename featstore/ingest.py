@@ -23,7 +23,11 @@ def load_npz(path: str | Path) -> sp.csr_matrix:
         matrix = sp.load_npz(path)
     except (ValueError, OSError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise FeatstoreError(f"{path}: not a scipy sparse .npz ({exc})") from None
-    return validate_activations(matrix, str(path))
+    matrix = validate_activations(matrix, str(path))
+    if 0 in matrix.shape:
+        n, d = matrix.shape
+        raise FeatstoreError(f"{path}: empty matrix ({n} tokens x {d} features), nothing to ingest")
+    return matrix
 
 
 def load_token_table(path: str | Path, n_rows: int) -> pl.DataFrame:
@@ -105,6 +109,5 @@ def ingest_npz(
         raise
     n_tokens, d_sae = matrix.shape
     return (
-        f"layer {layer} shard {shard}: {n_tokens} tokens x {d_sae} features, "
-        f"{matrix.nnz} nonzeros"
+        f"layer {layer} shard {shard}: {n_tokens} tokens x {d_sae} features, {matrix.nnz} nonzeros"
     )

@@ -9,9 +9,10 @@ docs/MEASURES.md defines each measure and says which can be high for never-co-ac
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,10 +50,11 @@ class Table:
     count_b: np.ndarray
     n_both: np.ndarray
 
-    @property
+    @functools.cached_property  # each is used by several measures
     def n_either(self) -> np.ndarray:
         return self.count_a + self.count_b - self.n_both
 
+    @functools.cached_property
     def excess(self) -> np.ndarray:
         """n*n_both - count_a*count_b, exactly (int64): every cell's n*n_ij - n_i*n_j up to sign."""
         n, ca, cb, nb = (
@@ -89,27 +91,33 @@ def pmi(t: Table) -> np.ndarray:
     """log P(both) / (P(a) P(b)) = log lift: -inf for a never-co-active pair of live features."""
     # log1p of the exact excess keeps the digits that log(n*n_both / (count_a*count_b)) loses.
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.log1p(_ratio(t.excess(), np.multiply(t.count_a, t.count_b, dtype=np.float64)))
+        return np.log1p(_ratio(t.excess, np.multiply(t.count_a, t.count_b, dtype=np.float64)))
 
 
 def mutual_information(t: Table) -> np.ndarray:
     """Mutual information (nats) of the two binary variables 'a active' and 'b active'."""
     n = np.asarray(t.n, np.float64)
-    excess = t.excess()
-    n_a0, n_b0 = n - t.count_a, n - t.count_b
+    excess = t.excess
+    ca, cb, nb = (np.asarray(x, np.float64) for x in (t.count_a, t.count_b, t.n_both))
+    n_a0, n_b0 = n - ca, n - cb
     cells = (  # (n_ij, n_i, n_j, sign of n*n_ij - n_i*n_j)
-        (t.n_both, t.count_a, t.count_b, 1.0),
-        (t.count_a - t.n_both, t.count_a, n_b0, -1.0),
-        (t.count_b - t.n_both, n_a0, t.count_b, -1.0),
-        (n - t.n_either, n_a0, n_b0, 1.0),
+        (nb, ca, cb, 1.0),
+        (ca - nb, ca, n_b0, -1.0),
+        (cb - nb, n_a0, cb, -1.0),
+        (n_a0 - cb + nb, n_a0, n_b0, 1.0),
     )
-    total = np.zeros(np.broadcast(n, excess).shape)
+    total = np.zeros(np.broadcast(n, excess, ca, cb).shape)
     with np.errstate(invalid="ignore", divide="ignore"):
         for n_ij, n_i, n_j, sign in cells:
-            n_ij = np.asarray(n_ij, np.float64)
-            term = n_ij * np.log1p(sign * excess / (np.asarray(n_i, np.float64) * n_j))
-            total += np.where(n_ij > 0, term, 0.0)  # 0 log 0 = 0
-        return np.maximum(total / n, 0.0)  # NaN (no tokens) stays NaN
+            term = np.multiply(n_i, n_j, out=np.empty(total.shape))
+            np.divide(excess, term, out=term)
+            if sign < 0:
+                np.negative(term, out=term)
+            np.log1p(term, out=term)  # log(n*n_ij / (n_i*n_j)), its digits kept
+            term *= n_ij
+            np.add(total, term, out=total, where=np.broadcast_to(n_ij, total.shape) > 0)
+        total /= n  # 0 log 0 = 0 above; NaN (no tokens) stays NaN
+        return np.maximum(total, 0.0, out=total)
 
 
 COUNT_MEASURES: dict[str, Callable[[Table], np.ndarray]] = {
@@ -460,6 +468,12 @@ def load_decoder(source: str, layer: int) -> np.ndarray:
     return sae.W_dec.detach().float().cpu().numpy()
 
 
+def store_decoders(store: Store, layers: Iterable[int]) -> dict[int, np.ndarray]:
+    """W_dec of each layer's SAE, from the source its activations came from."""
+    return {lay: load_decoder(store_source(store, lay), lay) for lay in sorted(set(layers))}
+
+
 def store_decoder_cosine(store: Store, a: int, b: int, k: int = 10) -> pl.DataFrame:
     """`decoder_cosine` of two layers' SAEs, from the source their activations came from."""
-    return decoder_cosine(*(load_decoder(store_source(store, lay), lay) for lay in (a, b)), k)
+    w = store_decoders(store, (a, b))
+    return decoder_cosine(w[a], w[b], k)

@@ -6,7 +6,10 @@ feature_a, feature_b, n_both, sum_xy sorted by (feature_a, feature_b), plus `ind
 feature_a), so a new shard costs only its own work; sums over shards are merged by adding.
 Three engines give the same sums: `sparse` (scipy products, default), `polars` (join +
 group-by) and `duckdb` (`sql/pair_counts.sql` over `featstore sql`'s views).
-`featstore.stats` turns them into Pearson, agreement, Jaccard and `featstore.measures`' others.
+`featstore.pairscan` adds them up block by block of feature_a, computing those not saved in
+memory; `featstore.stats` turns them into Pearson, agreement, Jaccard and `featstore.measures`'
+others. Sums are saved by `update_shard_pairs` (the `shard_pair_stats` asset) and by calls that
+ask to save, not by queries.
 
 A `Variant` keys other sums of the same shards, kept beside the plain ones at
 `pairs/{a}-{b}.t{T}[.null]/{shard}`: an `active_threshold` T (activations <= T count as zero, for
@@ -25,6 +28,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 import zarr
+from zarr.codecs import BloscCodec
 
 from featstore import spec
 from featstore.errors import FeatstoreError
@@ -167,7 +171,8 @@ def check_shard(store: Store, a: int, b: int, shard: str) -> tuple[int, int, int
 def iter_shard_pair_counts(
     store: Store, a: int, b: int, shard: str, engine: str = "sparse", block_tokens: int = 0
 ) -> Iterator[PairCounts]:
-    """Pair sums of one shard by `engine`, as blocks of feature_a in order (they concatenate)."""
+    """Pair sums of one shard by `engine`, as blocks of feature_a in order (they concatenate;
+    each feature's pairs lie in one block)."""
     if engine not in ENGINES:
         raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
     n_tokens, d_a, d_b = check_shard(store, a, b, shard)
@@ -239,6 +244,9 @@ class SavedPairs:
 
 
 _DTYPES = {"feature_a": np.int32, "feature_b": np.int32, "n_both": np.int64, "sum_xy": np.float64}
+# LZ4 with byte shuffling: as small as zarr's default zstd on these arrays, written in about
+# half the time (bench/RESULTS.md).
+_COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
 
 
 def save_shard_pairs(
@@ -260,6 +268,10 @@ def save_shard_pairs(
     per_feature = np.zeros(fingerprint["d_a"], np.int64)
     last = -1
     with store.staged(variant.path(a, b, shard)) as writer:
+        for name, dtype in _DTYPES.items():
+            writer.group.create_array(
+                name, shape=(0,), dtype=dtype, chunks=(spec.NNZ_CHUNK,), compressors=_COMPRESSOR
+            )
         for block in [counts] if isinstance(counts, PairCounts) else counts:
             if block.nnz and block.feature_a[0] < last:
                 raise RuntimeError(f"pair blocks of shard {shard} are not in feature order")
@@ -267,8 +279,6 @@ def save_shard_pairs(
                 writer.append(name, getattr(block, name))
             per_feature += np.bincount(block.feature_a, minlength=per_feature.size)
             last = int(block.feature_a[-1]) if block.nnz else last
-        for name, dtype in _DTYPES.items():  # creates the arrays if no block came
-            writer.append(name, np.zeros(0, dtype))
         writer.append("indptr", np.r_[0, np.cumsum(per_feature)].astype(np.int64))
         for side, stats in zip("ab", feature_stats or (), strict=False):
             for name in STATS_ARRAYS:
@@ -354,9 +364,12 @@ def load_shard_pairs(
 ) -> PairCounts | None:
     """Saved pair sums of a shard (only feature_a in [lo, hi)), or None if missing or stale."""
     group = _saved_group(store, a, b, shard, variant)
-    if group is None:
-        return None
-    what = f"pair statistics {a}-{b} of shard {shard}"
+    return None if group is None else read_pairs(store, group, features_a)
+
+
+def read_pairs(store: Store, group: zarr.Group, features_a: Range | None = None) -> PairCounts:
+    """The pair sums of a saved group (`_saved_group`), only feature_a in [lo, hi)."""
+    what = f"pair statistics {group.path}"
     attrs = group.attrs
     lo, hi = (0, attrs["d_a"]) if features_a is None else features_a
     rows = store.read_array(group, "indptr", what, slice(lo, hi + 1))
@@ -365,10 +378,20 @@ def load_shard_pairs(
     return PairCounts(attrs["n_tokens"], attrs["d_a"], attrs["d_b"], **arrays)
 
 
+def saved_groups(
+    store: Store, a: int, b: int, shards: Sequence[str], variant: Variant = PLAIN
+) -> dict[str, zarr.Group | None]:
+    """Each shard's fresh saved pair group, or None where missing or stale."""
+    return {s: _saved_group(store, a, b, s, variant) for s in shards}
+
+
 def shards_of_pair(store: Store, a: int, b: int, shards: Sequence[str] | None) -> list[str]:
     """The shards to use (default: every shard of either layer), each checked."""
     check_layers(store, a, b)
-    chosen = sorted(set(store.shards(a)) | set(store.shards(b))) if shards is None else list(shards)
+    if shards is None:
+        chosen = sorted(set(store.shards(a)) | set(store.shards(b)))
+    else:  # a shard named twice counts once
+        chosen = list(dict.fromkeys(shards))
     if not chosen:
         raise FeatstoreError(f"layers {a} and {b} have no shards")
     dims = {check_shard(store, a, b, s)[1:] for s in chosen}
@@ -404,11 +427,18 @@ def feature_blocks(
     variant: Variant = PLAIN,
 ) -> list[Range]:
     """Cut `features_a` into ranges of at most ~`max_pairs` saved pairs (all shards together)."""
+    groups = saved_groups(store, a, b, shards, variant)
+    return group_blocks(store, list(groups.values()), features_a, max_pairs)
+
+
+def group_blocks(
+    store: Store, groups: Sequence[zarr.Group], features_a: Range, max_pairs: int
+) -> list[Range]:
+    """`feature_blocks` of saved groups."""
     lo, hi = features_a
     per_feature = np.zeros(hi - lo, np.int64)
-    for shard in shards:
-        group = _saved_group(store, a, b, shard, variant)
-        what = f"pair statistics {a}-{b} of shard {shard}"
+    for group in groups:
+        what = f"pair statistics {group.path}"
         per_feature += np.diff(
             np.asarray(store.read_array(group, "indptr", what, slice(lo, hi + 1)))
         )

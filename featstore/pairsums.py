@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import operator
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,21 +56,6 @@ class PairCounts:
         )
 
     @staticmethod
-    def _from_csr(n_tokens: int, matrix: sp.csr_matrix) -> PairCounts:
-        """From a complex CSR (real: sum_xy, imaginary: n_both, exact below 2**53)."""
-        matrix.sum_duplicates()
-        d_a, d_b = matrix.shape
-        return PairCounts(
-            n_tokens,
-            d_a,
-            d_b,
-            np.repeat(np.arange(d_a, dtype=np.int32), np.diff(matrix.indptr)),
-            matrix.indices.astype(np.int32, copy=False),
-            matrix.data.imag.astype(np.int64),  # whole numbers: the cast is exact
-            matrix.data.real.copy(),
-        )
-
-    @staticmethod
     def empty(n_tokens: int, d_a: int, d_b: int) -> PairCounts:
         return PairCounts.from_coo(n_tokens, d_a, d_b, [], [], [], [])
 
@@ -106,6 +90,12 @@ class PairCounts:
         for values, rng in ((self.feature_a, features_a), (self.feature_b, features_b)):
             if rng is not None:
                 keep &= (values >= rng[0]) & (values < rng[1])
+        if features_a is None and features_b is None:
+            return self
+        return self.subset(keep)
+
+    def subset(self, keep: np.ndarray) -> PairCounts:
+        """The pairs where the boolean mask `keep` is true."""
         return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in PAIR_ARRAYS})
 
 
@@ -141,44 +131,56 @@ def balanced_ranges(work: np.ndarray, limit: int) -> list[Range]:
     return [(int(x), int(y)) for x, y in itertools.pairwise(edges)] or [(0, work.size)]
 
 
+def _sorted_product(b_t: sp.csr_matrix, a_rows: sp.csr_matrix) -> sp.csr_matrix:
+    """`a_rows.T @ b_t.T` (feature_a x feature_b) with sorted columns: scipy emits a row's
+    columns unsorted, but a transposition (a linear counting sort) sorts them, far cheaper than
+    sorting each row."""
+    return (b_t @ a_rows).T.tocsr()
+
+
 def _product_rows(
-    a_rows: sp.csr_matrix, b: sp.csr_matrix, b_on: sp.csr_matrix, first: int, d_a: int
+    a_rows: sp.csr_matrix, b_t: sp.csr_matrix, b_t_on: sp.csr_matrix, first: int, d_a: int
 ) -> PairCounts:
-    """Pair sums of features `first + row` (A.T's rows `a_rows`) with every feature of B
-    (`b_on`: B's pattern in int32)."""
+    """Pair sums of features `first + column` (A's columns `a_rows`, tokens x block) with every
+    feature of B (`b_t`: B.T; `b_t_on`: its pattern in int32)."""
     # Counts in int32 (cheaper than float64, exact per block); the two products share no state
     # and scipy releases the GIL, so they run on two cores.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        counts = pool.submit(operator.matmul, _pattern(a_rows, np.int32), b_on)
-        sums = a_rows @ b
+        counts = pool.submit(_sorted_product, b_t_on, _pattern(a_rows, np.int32))
+        sums = _sorted_product(b_t, a_rows)
         counts = counts.result()
-    # Both products have the pattern of co-active pairs (float64 products of float32 values > 0
-    # never vanish), and scipy emits them in the same order.
+    # Both have the pattern of co-active pairs (float64 products of float32 values > 0 never
+    # vanish), sorted the same way.
     same = np.array_equal(sums.indptr, counts.indptr) and np.array_equal(
         sums.indices, counts.indices
     )
     if not same:
         raise RuntimeError("scipy returned different patterns for the count and sum products")
-    data = np.empty(sums.nnz, np.complex128)  # one array to sort: sum_xy + 1j * n_both
-    data.real, data.imag = sums.data, counts.data
-    merged = sp.csr_matrix((data, sums.indices, sums.indptr), shape=sums.shape)
-    part = PairCounts._from_csr(b.shape[0], merged)
-    return dataclasses.replace(part, d_a=d_a, feature_a=part.feature_a + np.int32(first))
+    return PairCounts(
+        b_t.shape[1],
+        d_a,
+        b_t.shape[0],
+        np.repeat(np.arange(first, first + sums.shape[0], dtype=np.int32), np.diff(sums.indptr)),
+        sums.indices.astype(np.int32, copy=False),
+        counts.data.astype(np.int64),
+        sums.data,
+    )
 
 
 def iter_sparse_pair_counts(
-    A: sp.spmatrix, B: sp.spmatrix, max_work: int = MAX_BLOCK_WORK
+    A: sp.spmatrix, B: sp.spmatrix, max_work: int | None = None
 ) -> Iterator[PairCounts]:
-    """`sparse_pair_counts` in blocks of feature_a, in order: one block's pairs in memory."""
+    """`sparse_pair_counts` in blocks of feature_a of ~`max_work` multiply-adds (None:
+    `MAX_BLOCK_WORK`), in order: one block's pairs in memory."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
     a_t = _canonical_input(A).T.tocsr()  # d_a x tokens
-    b = _canonical_input(B)
-    b_on = _pattern(b, np.int32)
-    work = _pattern(a_t, np.int64) @ np.diff(b.indptr).astype(np.int64)  # per feature of A
-    for lo, hi in balanced_ranges(work, max_work):
-        part = _product_rows(a_t[lo:hi], b, b_on, lo, a_t.shape[0])
-        yield dataclasses.replace(part, n_tokens=A.shape[0])
+    b_t = _canonical_input(B).T.tocsr()
+    b_t_on = _pattern(b_t, np.int32)
+    per_token = np.bincount(b_t.indices, minlength=b_t.shape[1]).astype(np.int64)
+    work = _pattern(a_t, np.int64) @ per_token  # multiply-adds per feature of A
+    for lo, hi in balanced_ranges(work, max_work or MAX_BLOCK_WORK):
+        yield _product_rows(a_t[lo:hi].T.tocsr(), b_t, b_t_on, lo, a_t.shape[0])
 
 
 def sparse_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:

@@ -94,6 +94,14 @@ class Source:
                 f"source {self.name} has no SAE for layer(s) {unknown} (it has {list(self.layers)})"
             )
 
+    def check_seq_len(self, seq_len: int) -> None:
+        n_ctx = self.model.get("n_ctx")
+        if n_ctx is not None and seq_len > int(n_ctx):
+            raise FeatstoreError(
+                f"seq_len {seq_len} exceeds the context of {n_ctx} tokens of source "
+                f"{self.name}'s model {self.model['name']}"
+            )
+
     def load_model(self, device: str = "cpu") -> HookedTransformer:
         from transformer_lens import HookedTransformer
 

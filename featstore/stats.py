@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -37,17 +38,17 @@ from featstore.pairs import (
     Variant,
     check_shard,
     ensure_shard_pairs,
-    feature_blocks,
-    load_shard_pairs,
     merged_feature_stats,
     merged_pair_counts,
     save_shard_pairs,
+    saved_groups,
     shard_pair_counts,
     shards_of_pair,
     sparse_pair_counts,
     update_shard_pairs,
     variant_stats,
 )
+from featstore.pairscan import merged_blocks
 from featstore.sql import PAIR_STATS_SCHEMA
 from featstore.store import FeatureStats, Store, writing
 
@@ -101,26 +102,84 @@ def _pearson(n: int, sum_xy: np.ndarray, a: Spread, b: Spread, fa, fb) -> np.nda
     return np.clip(out, -1.0, 1.0, out=out)
 
 
-def finish_stats(counts: PairCounts, stats_a: FeatureStats, stats_b: FeatureStats) -> pl.DataFrame:
-    """Every data measure of each pair in `counts` (columns as `SCHEMA`)."""
-    n = counts.n_tokens
-    fa, fb, n_both = counts.feature_a, counts.feature_b, counts.n_both
-    table = measures.Table(n, stats_a.count[fa], stats_b.count[fb], n_both)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pearson = _pearson(n, counts.sum_xy, Spread.of(stats_a), Spread.of(stats_b), fa, fb)
-    columns = {
-        "feature_a": fa,
-        "feature_b": fb,
-        "n_tokens": np.full(fa.size, n, dtype=np.int64),
-        "n_both": n_both,
-        "n_either": table.n_either,
-        "sum_xy": counts.sum_xy,
-        "pearson": pearson,
-        **{m: measures.COUNT_MEASURES[m](table) for m in TABLE_COLUMNS},
-    }
+def measure_values(
+    counts: PairCounts, stats_a: FeatureStats, stats_b: FeatureStats, names: Iterable[str]
+) -> dict[str, np.ndarray]:
+    """The named columns of `SCHEMA` (pearson, n_either, `TABLE_COLUMNS`) of each pair."""
+    n, fa, fb = counts.n_tokens, counts.feature_a, counts.feature_b
+    names = list(names)
+    out = {}
+    if "pearson" in names:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["pearson"] = _pearson(
+                n, counts.sum_xy, Spread.of(stats_a), Spread.of(stats_b), fa, fb
+            )
+    table = None
+    for name in names:
+        if name == "pearson":
+            continue
+        if table is None:
+            table = measures.Table(n, stats_a.count[fa], stats_b.count[fb], counts.n_both)
+        out[name] = table.n_either if name == "n_either" else measures.COUNT_MEASURES[name](table)
+    return out
+
+
+def _frame(columns: Mapping[str, np.ndarray]) -> pl.DataFrame:
+    """Columns typed as `SCHEMA`; NaN (an undefined statistic) becomes null."""
     return pl.DataFrame(
         [pl.Series(k, v, dtype=SCHEMA[k], nan_to_null=True) for k, v in columns.items()]
     )
+
+
+def finish_stats(counts: PairCounts, stats_a: FeatureStats, stats_b: FeatureStats) -> pl.DataFrame:
+    """Every data measure of each pair in `counts` (columns as `SCHEMA`)."""
+    values = measure_values(counts, stats_a, stats_b, ("n_either", "pearson", *TABLE_COLUMNS))
+    return _frame(
+        {
+            "feature_a": counts.feature_a,
+            "feature_b": counts.feature_b,
+            "n_tokens": np.full(counts.nnz, counts.n_tokens, dtype=np.int64),
+            "n_both": counts.n_both,
+            "n_either": values.pop("n_either"),
+            "sum_xy": counts.sum_xy,
+            **values,
+        }
+    )
+
+
+Conditions = list[tuple[str, float]]  # (measure, least value) a row must reach, all of them
+
+
+def conditions(
+    min_pearson: float | None, min_jaccard: float | None, thresholds: Mapping[str, float]
+) -> Conditions:
+    """The checked thresholds of a query, as conditions."""
+    check_threshold("min_pearson", min_pearson)
+    check_threshold("min_jaccard", min_jaccard)
+    for measure, threshold in thresholds.items():
+        measures.check_measure(measure, threshold)
+        if measure not in ("pearson", *TABLE_COLUMNS):
+            raise FeatstoreError(
+                f"{measure} is not a statistic of the activations: see measures.{measure}"
+            )
+    named = [("pearson", min_pearson), ("jaccard", min_jaccard), *thresholds.items()]
+    return [(m, float(t)) for m, t in named if t is not None]
+
+
+def passing_mask(
+    values: Mapping[str, np.ndarray], n_both: np.ndarray, rules: Conditions, min_both: int = 0
+) -> np.ndarray | None:
+    """Rows with n_both >= min_both reaching every condition (None: no test, every row).
+
+    The same rows as `passes` & `measures.passing` select in a finished frame: an undefined
+    (NaN) or infinite value reaches no threshold."""
+    if not rules and min_both <= 0:
+        return None
+    keep = n_both >= min_both if min_both > 0 else np.ones(n_both.size, bool)
+    with np.errstate(invalid="ignore"):
+        for measure, threshold in rules:
+            keep &= np.isfinite(values[measure]) & (values[measure] >= threshold)
+    return keep
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -244,7 +303,9 @@ def threshold_counts(
     never = total - co.height
     out = {"pairs": total, "co_active": co.height}
     if thresholds or min_both > 0:
-        named = {"pearson": min_pearson, "jaccard": min_jaccard, **(thresholds or {})}
+        # Jaccard lies in [0, 1]: a min_jaccard below 0 passes what 0 passes.
+        jaccard = None if min_jaccard is None else max(min_jaccard, 0.0)
+        named = {"pearson": min_pearson, "jaccard": jaccard, **(thresholds or {})}
         return out | measures.measure_counts(co, stats_a, stats_b, named, min_both, ranges)
     # Never-co-active pairs passing each threshold: Jaccard 0 where defined (some feature fires).
     silent = int((stats_a.count[lo_a:hi_a] == 0).sum()) * int((stats_b.count[lo_b:hi_b] == 0).sum())
@@ -284,6 +345,7 @@ def pair_stats(
     min_both: int = 0,
     variant: Variant | None = None,
     intervals: bool = False,
+    save: bool | None = None,
 ) -> pl.DataFrame:
     """Statistics of the co-active pairs (every pair of the ranges with `all_pairs`) passing
     the thresholds, over `shards` (default all); see `pair_report`."""
@@ -303,13 +365,15 @@ def pair_stats(
         min_both=min_both,
         variant=variant,
         intervals=intervals,
+        save=save,
         count=False,
     )[0]
 
 
 @dataclass(frozen=True)
 class PairScan:
-    """Fresh saved sums of two layers over `shards`, finished block by block of feature_a."""
+    """The pair sums of two layers over `shards`, finished block by block of feature_a: fresh
+    saved shard sums (`saved`) are read, the others (`todo`) computed by `engine` on the way."""
 
     store: Store
     a: int
@@ -320,6 +384,9 @@ class PairScan:
     range_b: Range
     stats_a: FeatureStats
     stats_b: FeatureStats
+    engine: str = "sparse"
+    saved: Mapping[str, Any] = field(default_factory=dict)  # shard -> its saved zarr group
+    todo: tuple[str, ...] = ()
 
     @staticmethod
     def open(
@@ -333,32 +400,51 @@ class PairScan:
         features_b: Range | None = None,
         recompute: bool = False,
         variant: Variant | None = None,
+        save: bool = True,
     ) -> PairScan:
-        """Check the arguments and compute (by `engine`) and save the shard sums lacking."""
+        """Check the arguments; with `save`, compute (by `engine`) and save the shard sums
+        lacking (all with `recompute`) now, else leave them to be computed during the scan,
+        in memory. A variant always saves: its per-feature sums come from its saved records."""
         variant = variant or Variant()
+        if engine not in ENGINES:
+            raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
         chosen = shards_of_pair(store, a, b, shards)
         _, d_a, d_b = check_shard(store, a, b, chosen[0])
         range_a = check_range("features_a", features_a, d_a)
         range_b = check_range("features_b", features_b, d_b)
-        ensure_shard_pairs(store, a, b, chosen, engine, recompute, variant)
+        if save or not variant.plain:
+            ensure_shard_pairs(store, a, b, chosen, engine, recompute, variant)
+            recompute = False
+        groups = {} if recompute else saved_groups(store, a, b, chosen, variant)
+        todo = tuple(s for s in chosen if groups.get(s) is None)
+        saved = {s: g for s, g in groups.items() if g is not None}
         stats = variant_stats(store, a, b, chosen, variant)
-        return PairScan(store, a, b, chosen, variant, range_a, range_b, *stats)
+        return PairScan(store, a, b, chosen, variant, range_a, range_b, *stats, engine, saved, todo)
+
+    def sums(
+        self, all_pairs: bool = False, max_block_pairs: int = MAX_BLOCK_PAIRS
+    ) -> Iterator[tuple[Range, PairCounts]]:
+        """(range of feature_a, its pair sums inside the ranges) in order; memory: one block of
+        ~`max_block_pairs` saved pairs, or of the engine's, per shard. Each scan computes the
+        `todo` shards again."""
+        if all_pairs:
+            check_all_pairs(self.range_a, self.range_b)
+        blocks = merged_blocks(
+            self.store, self.a, self.b, self.saved, self.todo, self.range_a,
+            engine=self.engine, max_pairs=max_block_pairs,
+        )  # fmt: skip
+        whole_b = self.range_b == (0, self.stats_b.count.size)
+        for block, pair_sums in blocks:
+            pair_sums = pair_sums if whole_b else pair_sums.select(None, self.range_b)
+            if all_pairs:
+                pair_sums = with_all_pairs(pair_sums, block, self.range_b)
+            yield block, pair_sums
 
     def blocks(
         self, all_pairs: bool = False, max_block_pairs: int = MAX_BLOCK_PAIRS
     ) -> Iterator[tuple[Range, pl.DataFrame]]:
-        """(range of feature_a, its finished pairs) in order; memory: one block of ~
-        `max_block_pairs` saved pairs."""
-        if all_pairs:
-            check_all_pairs(self.range_a, self.range_b)
-        store, a, b, variant = self.store, self.a, self.b, self.variant
-        for block in feature_blocks(
-            store, a, b, self.shards, self.range_a, max_block_pairs, variant
-        ):
-            parts = [load_shard_pairs(store, a, b, s, block, variant) for s in self.shards]
-            pair_sums = PairCounts.total(parts).select(block, self.range_b)
-            if all_pairs:
-                pair_sums = with_all_pairs(pair_sums, block, self.range_b)
+        """(range of feature_a, its finished pairs) in order (see `sums`)."""
+        for block, pair_sums in self.sums(all_pairs, max_block_pairs):
             yield block, finish_stats(pair_sums, self.stats_a, self.stats_b)
 
 
@@ -380,6 +466,7 @@ def pair_report(
     min_both: int = 0,
     variant: Variant | None = None,
     intervals: bool = False,
+    save: bool | None = None,
     count: bool = True,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
     """The pairs passing the thresholds, and `threshold_counts` over all pairs of the ranges.
@@ -387,40 +474,49 @@ def pair_report(
     `thresholds` maps any measure of `measures.RANGES` (data ones) to its minimum; `min_both`
     is the least number of tokens a pair must be active together on; `intervals` adds 95%
     bounds to the rows returned. Shard sums are reused when saved and fresh, else computed by
-    `engine` and saved. The work goes by blocks of feature_a holding ~`max_block_pairs` saved
-    pairs, so memory is bounded by one block plus the result. The full plain table (all shards,
-    no ranges; thresholds aside) is saved as `{home}/pair_stats/{a}-{b}.parquet` on the way, for
-    the `pair_stats` SQL table. Without `count` the counts are not made (an empty dict).
+    `engine`. The work goes by blocks of feature_a (`PairScan.sums`); the thresholds are tested
+    first, on only the measures they name, and the other measures computed for the rows that
+    pass. With `save`, the shard sums computed are saved (for later calls) and, when the call
+    covers the full plain table (all shards, no ranges or all_pairs, no variant; thresholds
+    aside), that table is written to `{home}/pair_stats/{a}-{b}.parquet` for the `pair_stats`
+    SQL table. `save=None` saves when the call asks for that table whole (no thresholds
+    either), not for a query. Without `count` the counts are not made (an empty dict).
     """
-    limits = {
-        "min_pearson": check_threshold("min_pearson", min_pearson),
-        "min_jaccard": check_threshold("min_jaccard", min_jaccard),
-    }
     thresholds = dict(thresholds or {})
-    keep = passes(**limits) & measures.passing(thresholds, min_both)  # checks the thresholds
+    rules = conditions(min_pearson, min_jaccard, thresholds)
+    full = shards is None and features_a is None and features_b is None and not all_pairs
+    full = full and (variant is None or variant.plain)
+    if save is None:
+        save = full and not rules and min_both <= 0
     scan = PairScan.open(
         store, a, b, engine=engine, shards=shards, features_a=features_a,
-        features_b=features_b, recompute=recompute, variant=variant,
+        features_b=features_b, recompute=recompute, variant=variant, save=save,
     )  # fmt: skip
-    full = (
-        shards is None
-        and features_a is None
-        and features_b is None
-        and not all_pairs
-        and scan.variant.plain
-    )
+    write_table = save and full
+    tested = list(dict.fromkeys(m for m, _ in rules))
     kept, counts = [], Counter[str]()
-    with _table_writer(store if full else None, a, b) as save:
-        for block, frame in scan.blocks(all_pairs, max_block_pairs):
-            save(frame)
-            kept.append(frame.filter(keep))
+    with _table_writer(store if write_table else None, a, b) as write:
+        for block, pair_sums in scan.sums(all_pairs, max_block_pairs):
+            values = measure_values(pair_sums, scan.stats_a, scan.stats_b, tested)
+            keep = passing_mask(values, pair_sums.n_both, rules, min_both)
+            whole = finish_stats(pair_sums, scan.stats_a, scan.stats_b) if write_table else None
+            if whole is not None:
+                write(whole)
+            if keep is None and whole is not None:
+                kept.append(whole)
+            else:
+                chosen = pair_sums if keep is None else pair_sums.subset(keep)
+                kept.append(finish_stats(chosen, scan.stats_a, scan.stats_b))
             if count:
+                ids = {k: getattr(pair_sums, k) for k in ("feature_a", "feature_b", "n_both")}
+                co = whole if whole is not None else _frame(ids | values)
                 counts.update(
                     threshold_counts(
-                        frame,
+                        co,
                         scan.stats_a,
                         scan.stats_b,
-                        **limits,
+                        min_pearson=min_pearson,
+                        min_jaccard=min_jaccard,
                         features_a=block,
                         features_b=scan.range_b,
                         thresholds=thresholds,
@@ -459,9 +555,7 @@ def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> P
 
 
 @contextlib.contextmanager
-def _table_writer(
-    store: Store | None, a: int, b: int
-) -> Iterator[Callable[[pl.DataFrame], None]]:
+def _table_writer(store: Store | None, a: int, b: int) -> Iterator[Callable[[pl.DataFrame], None]]:
     """A function appending finished blocks, with their layers, to the store's merged file of
     the pair (`pair_stats_path`; no store: no file), under the file's write lock."""
     if store is None:
@@ -470,14 +564,18 @@ def _table_writer(
     path = pair_stats_path(store, a, b)
     layers = [pl.lit(a, pl.Int32).alias("layer_a"), pl.lit(b, pl.Int32).alias("layer_b")]
     # No dictionaries: pair statistics hardly repeat, and trying them doubles the write time.
-    with (
-        store.lock(f"{spec.PAIR_STATS_DIR}/{a}-{b}"),
-        _atomic(path) as tmp,
-        pq.ParquetWriter(tmp, PAIR_STATS_SCHEMA, use_dictionary=False) as writer,
-    ):
-        yield lambda frame: writer.write_table(
-            frame.select(*layers, *PAIR_STATS_SCHEMA.names[2:]).to_arrow().cast(PAIR_STATS_SCHEMA)
-        )
+    with store.lock(f"{spec.PAIR_STATS_DIR}/{a}-{b}"):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's, never read
+            stale.unlink(missing_ok=True)
+        with (
+            _atomic(path) as tmp,
+            pq.ParquetWriter(tmp, PAIR_STATS_SCHEMA, use_dictionary=False) as writer,
+        ):
+            yield lambda frame: writer.write_table(
+                frame.select(*layers, *PAIR_STATS_SCHEMA.names[2:])
+                .to_arrow()
+                .cast(PAIR_STATS_SCHEMA)
+            )
 
 
 def describe_counts(

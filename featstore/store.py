@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -18,6 +19,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 import zarr
+import zarr.core.sync
 import zarr.storage
 
 from featstore import spec
@@ -166,13 +168,17 @@ class Store:
                     store = zarr.storage.LocalStore(staging)
                     group = zarr.open_group(store, mode="w", zarr_format=3)
                 writer = GroupWriter(group, path)
-                yield writer
+                with writing(path):  # also what the caller writes to `writer.group` itself
+                    yield writer
                 with writing(path):
                     # Attributes last: their presence is part of what makes a group complete.
                     writer.group.attrs.update(writer.attrs)
                     # Parents only now: a write that fails leaves no empty group behind.
                     self._ensure_parents(path)
                     self._swap_in(staging, path)
+            except BaseException:
+                finish_pending_writes()  # else they could write into the staging folder again
+                raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
@@ -432,6 +438,17 @@ def _entry_path(entry: Path) -> str | None:
         return marker.read_text()
     _, sep, quoted = entry.name.partition(".")
     return urllib.parse.unquote(quoted) if sep else None
+
+
+def finish_pending_writes() -> None:
+    """Wait for zarr's writes still running: when one write of a batch fails, zarr raises at
+    once and leaves its siblings (e.g. the metadata of parent groups) running."""
+
+    async def others() -> None:
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    zarr.core.sync.sync(others())
 
 
 @contextlib.contextmanager

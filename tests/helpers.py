@@ -271,3 +271,22 @@ def group_states(home, volatile: tuple[str, ...] = ("seconds",)) -> dict[str, tu
             attrs = {k: v for k, v in group.attrs.items() if k not in volatile}
             states[rel.as_posix()] = (json.dumps(attrs, sort_keys=True), arrays)
     return states
+
+
+def cli(capsys, home, *args: str) -> tuple[int, str, str]:
+    """`featstore --home HOME ARGS` in this process: (exit status, stdout, stderr)."""
+    from featstore.cli import main
+
+    capsys.readouterr()
+    status = main(["--home", str(home), *args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status: int, err: str, *needles: str) -> None:
+    """Exit status 2 and one line on stderr holding every needle, no traceback."""
+    assert status == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("featstore: error: "), err
+    for needle in needles:
+        assert needle in err, err

@@ -1,4 +1,4 @@
-"""Extraction on the embedded `tiny` source equals an independent transformer_lens + sae_lens run."""
+"""Extraction on the `tiny` source equals an independent transformer_lens + sae_lens run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from featstore import FeatstoreError, open_store
-from featstore.extract import ExtractConfig, extract_shard, pack_sequences, tokenize_shard
+from featstore.extract import ExtractConfig, extract_shard, pack_sequences
 from featstore.sources import get_source
 
 CFG = ExtractConfig(source="tiny", layers=(6, 7, 8, 9), max_sequences=6, batch_size=4)
@@ -78,18 +78,9 @@ def test_pack_sequences_matches_plain_reference():
         pytest.param({"layers": (6, 10)}, r"no SAE for layer\(s\) \[10\]", id="layer-without-sae"),
         pytest.param({"seq_len": 1}, "seq_len must be at least 2", id="seq-len"),
         pytest.param({"batch_size": 0}, "batch_size must be positive", id="batch"),
+        pytest.param({"seq_len": 200}, "exceeds the context of 128", id="over-context"),
     ],
 )
 def test_bad_configuration_is_one_line(kwargs, message):
     with pytest.raises(FeatstoreError, match=message):
         ExtractConfig(**kwargs)
-
-
-def test_sequence_longer_than_context_is_refused(tmp_path):
-    store = open_store(tmp_path / "home", create=True)
-    cfg = ExtractConfig(seq_len=200, max_sequences=1)
-    shard = get_source("tiny").shard_names()[0]
-    tokenize_shard(store, cfg, shard)
-    with pytest.raises(FeatstoreError, match="exceed the model's context of 128"):
-        extract_shard(store, cfg, shard)
-    assert store.layers() == []

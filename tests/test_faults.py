@@ -1,11 +1,12 @@
 """Nothing is lost under faults: kill -9 mid-step, writers at once, a full disk, damaged files.
 
 Kills and pauses happen in real child processes: this file run as a script is the `featstore`
-command with a fault installed from $FEATSTORE_TEST_FAULT, `ACTION:POINT:K` where ACTION is
-`kill` (SIGKILL itself) or `pause` (touch `paused` in $FEATSTORE_TEST_FAULT_DIR and wait for
-`go` there) and POINT is where, counted from 1: `append` (after the K-th array block a staged
-group receives), `park` (after the K-th replaced group is moved to `_trash`, i.e. between the two
-renames of a replace) or `parquet` (after the K-th row group of a merged Parquet file).
+command with a fault installed from $FEATSTORE_TEST_FAULT, `ACTION:POINT:K[:WHERE]` where
+ACTION is `kill` (SIGKILL itself) or `pause` (touch `paused` in $FEATSTORE_TEST_FAULT_DIR and
+wait for `go` there) and POINT is where, counted from 1: `append` (after the K-th array block
+appended to a staged group whose path holds WHERE), `park` (after the K-th replaced group is
+moved to `_trash`, i.e. between the two renames of a replace) or `parquet` (after the K-th row
+group of a merged Parquet file).
 """
 
 from __future__ import annotations
@@ -27,7 +28,15 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 import zarr
-from helpers import build_store, file_snapshot, group_states, one_torch_thread, sparse_acts
+from helpers import (
+    assert_one_line_error,
+    build_store,
+    cli,
+    file_snapshot,
+    group_states,
+    one_torch_thread,
+    sparse_acts,
+)
 
 from featstore import spec
 from featstore.check import check_store
@@ -46,7 +55,7 @@ PAIR_FILE = Path(spec.PAIR_STATS_DIR) / "6-7.parquet"
 
 def install_fault(fault: str, folder: Path) -> None:
     """Make the K-th passage through POINT kill or pause this process (see the module doc)."""
-    action, point, k = fault.split(":")
+    action, point, k, where = (fault + ":").split(":")[:4]
     passages = itertools.count(1)
 
     def strike() -> None:
@@ -68,7 +77,7 @@ def install_fault(fault: str, folder: Path) -> None:
         return wrapped
 
     if point == "append":
-        GroupWriter.append = after(GroupWriter.append)
+        GroupWriter.append = after(GroupWriter.append, lambda writer, *_: where in writer.path)
     elif point == "park":
         os.rename = after(os.rename, lambda src, dst: spec.TRASH in Path(dst).parts)
     elif point == "parquet":
@@ -114,22 +123,6 @@ def release(folder: Path) -> None:
     (folder / "go").touch()
 
 
-def cli(capsys, home: Path, *args: str) -> tuple[int, str, str]:
-    """`featstore --home HOME ARGS` in this process: (status, stdout, stderr)."""
-    capsys.readouterr()
-    rc = main(["--home", str(home), *args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
-    assert rc == 2, err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    assert err.startswith("featstore: error: "), err
-    for needle in needles:
-        assert needle in err, err
-
-
 # -- a small synthetic store ----------------------------------------------------------------------
 
 
@@ -167,8 +160,7 @@ def pair_file_state(home: Path) -> bytes | None:
 @pytest.mark.parametrize(
     ("fault", "stale"),
     [
-        # Saving a shard's sums appends 9 array blocks: 12 is inside the second shard.
-        pytest.param("kill:append:12", False, id="saving-pairs-of-the-second-shard"),
+        pytest.param("kill:append:2:pairs/6-7/s1", False, id="saving-pairs-of-the-second-shard"),
         pytest.param("kill:park:1", True, id="between-the-renames-replacing-stale-pairs"),
         pytest.param("kill:parquet:1", False, id="writing-the-merged-parquet"),
     ],
@@ -196,16 +188,21 @@ def test_killed_statistics_step_leaves_before_or_after_and_rerun_completes(
     assert check_store(store) == []
     assert not any((home / spec.ROOT / spec.TRASH).glob("*"))
     assert not any((home / spec.ROOT / spec.STAGING).glob("*"))  # the dead writer's staging
+    temporary = list((home / spec.PAIR_STATS_DIR).glob(".*.tmp"))
+    assert bool(temporary) == fault.startswith("kill:parquet")
+    # A half-written Parquet file is never read: the SQL table holds the complete file's rows.
+    merged = home / PAIR_FILE
+    want = pl.read_parquet(merged).height if merged.exists() else 0
+    rc, out, _ = cli(capsys, home, "sql", "SELECT count(*) AS n FROM pair_stats", "--format", "csv")
+    assert rc == 0 and out.split() == ["n", str(want)]
 
     rc, _, err = cli(capsys, home, *STATS, "--out", str(tmp_path / "rerun.parquet"))
     assert rc == 0, err
+    assert not list((home / spec.PAIR_STATS_DIR).glob(".*.tmp"))  # the rerun removed it
     assert group_states(home) == after
     rerun, ref = (pl.read_parquet(tmp_path / f) for f in ("rerun.parquet", "ref.parquet"))
     assert rerun.equals(ref)
     assert pl.read_parquet(home / PAIR_FILE).equals(pl.read_parquet(reference / PAIR_FILE))
-    # A temporary Parquet file a kill leaves is never read: the SQL table has the reference rows.
-    rc, out, _ = cli(capsys, home, "sql", "SELECT count(*) AS n FROM pair_stats", "--format", "csv")
-    assert rc == 0 and out.split() == ["n", str(ref.height)]
 
 
 # -- kill -9 in the middle of an extraction -------------------------------------------------------
@@ -235,7 +232,7 @@ def tiny_shard() -> str:
 @pytest.mark.parametrize(
     ("fault", "replace"),
     [
-        pytest.param("kill:append:12", False, id="after-some-blocks-of-a-first-extraction"),
+        pytest.param("kill:append:3:layer_7", False, id="after-some-blocks-of-a-first-extraction"),
         # Renames to _trash: 1 the token table, 2 and 3 the two layers (vocab is kept).
         pytest.param("kill:park:3", True, id="between-the-renames-replacing-the-second-layer"),
     ],
@@ -281,13 +278,10 @@ def test_writers_of_different_shards_at_once_both_land_whole(tmp_path):
     home = tmp_path / "home"
     synthetic_store(home)
     mats = {s: sparse_acts(200, 48, 0.2, seed=i) for i, s in enumerate(("new-a", "new-b"))}
-    procs = {
-        s: child(
-            home, "ingest", save_npz(tmp_path / f"{s}.npz", m), "--layer", "6", "--shard", s,
-            fault="pause:append:5", folder=tmp_path / s,
-        )  # fmt: skip
-        for s, m in mats.items()
-    }
+    procs = {}
+    for s, m in mats.items():
+        args = ("ingest", save_npz(tmp_path / f"{s}.npz", m), "--layer", "6", "--shard", s)
+        procs[s] = child(home, *args, fault="pause:append:2:activations", folder=tmp_path / s)
     for s, proc in procs.items():  # both are now in the middle of writing their shard
         wait_paused(proc, tmp_path / s)
     for s in procs:
@@ -305,8 +299,10 @@ def test_writers_of_different_shards_at_once_both_land_whole(tmp_path):
 @pytest.mark.parametrize(
     ("first", "fault", "lock"),
     [
-        pytest.param("ingest", "pause:append:2", "activations__layer_6__s0", id="activations"),
-        pytest.param("stats", "pause:append:2", "pairs__6-7__s0", id="pair-sums"),
+        pytest.param(
+            "ingest", "pause:append:2:activations", "activations__layer_6__s0", id="activations"
+        ),
+        pytest.param("stats", "pause:append:1:pairs/6-7/s0", "pairs__6-7__s0", id="pair-sums"),
         pytest.param("stats", "pause:parquet:1", "pair_stats__6-7", id="merged-parquet"),
     ],
 )
@@ -387,7 +383,7 @@ def test_full_disk_at_any_write_of_an_ingest_leaves_the_store_unchanged(
     tmp_path, monkeypatch, capsys
 ):
     home = tmp_path / "home"
-    synthetic_store(home)
+    build_store(home, {6: {"s0": sparse_acts(300, 48)}})
     args = ("ingest", save_npz(tmp_path / "m.npz", sparse_acts(300, 48)), "--layer", "8",
             "--shard", "s2")  # fmt: skip
     total = count_writes(monkeypatch, capsys, home, *args)
@@ -399,6 +395,30 @@ def test_full_disk_at_any_write_of_an_ingest_leaves_the_store_unchanged(
             rc, _, err = cli(capsys, home, *args)
         assert_one_line_error(rc, err, "No space left on device")
         assert file_snapshot(home) == before, f"store changed by a full disk at write {n}"
+
+
+def test_full_disk_while_other_writes_still_run_leaves_no_trace(tmp_path, monkeypatch, capsys):
+    """zarr writes an array's metadata and its parent group's at once: when one fails, the
+    other is still running, and must not land in the staging folder after its removal."""
+    import zarr.storage._local as local
+
+    home = tmp_path / "home"
+    build_store(home, {6: {"s0": sparse_acts(300, 48)}})
+    before, put = file_snapshot(home), local._put
+
+    def slow_group_failing_array(path, *args, **kwargs):
+        if spec.STAGING in Path(path).parts and path.name == "zarr.json":
+            if path.parent.name == "seq":
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            time.sleep(0.3)
+        return put(path, *args, **kwargs)
+
+    monkeypatch.setattr(local, "_put", slow_group_failing_array)
+    npz = save_npz(tmp_path / "m.npz", sparse_acts(300, 48))
+    rc, _, err = cli(capsys, home, "ingest", npz, "--layer", "8", "--shard", "s2")
+    assert_one_line_error(rc, err, "No space left on device", "tokens/s2")
+    time.sleep(0.5)  # time for a straggling write to land
+    assert file_snapshot(home) == before
 
 
 def test_full_disk_while_replacing_keeps_the_old_version(tmp_path, monkeypatch, capsys):

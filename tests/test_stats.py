@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import scipy.stats
 from helpers import build_store, sparse_acts
 
-from featstore import pairs, spec, stats
+from featstore import pairs, pairsums, spec, stats
 from featstore.cli import main
 from featstore.errors import FeatstoreError
 from featstore.store import FeatureStats
@@ -202,18 +202,47 @@ def test_shard_sums_are_saved_reused_and_a_new_shard_costs_its_own(two_shards, m
 def test_small_feature_blocks_give_the_same_table_and_counts(two_shards):
     store, _ = two_shards
     kwargs = {"min_pearson": -0.1, "min_jaccard": 0.05}
+    streamed = stats.pair_report(store, 6, 7, **kwargs)  # computed in memory
+    stats.pair_stats(store, 6, 7, save=True)  # saved sums: read in blocks of max_block_pairs
     whole, whole_counts = stats.pair_report(store, 6, 7, **kwargs)
     blocked, blocked_counts = stats.pair_report(store, 6, 7, max_block_pairs=7, **kwargs)
     assert blocked.equals(whole) and blocked_counts == whole_counts
+    assert streamed[0].equals(whole) and streamed[1] == whole_counts
     assert len(pairs.feature_blocks(store, 6, 7, ["s0", "s1"], (0, 12), 7)) > 5
 
 
 def test_merged_table_is_saved_for_sql(two_shards):
     store, _ = two_shards
+    path = stats.pair_stats_path(store, 6, 7)
     frame = stats.pair_stats(store, 6, 7, min_pearson=0.3)
-    saved = pl.read_parquet(stats.pair_stats_path(store, 6, 7))
+    assert not path.exists()  # a thresholded query writes no table unasked
+    assert stats.pair_stats(store, 6, 7, min_pearson=0.3, save=True).equals(frame)
+    saved = pl.read_parquet(path)
     assert saved["layer_a"].unique().to_list() == [6] and saved["layer_b"].unique().to_list() == [7]
     assert saved.filter(pl.col("pearson") >= 0.3).drop("layer_a", "layer_b").equals(frame)
+
+
+def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkeypatch):
+    store, acts = two_shards
+    stats.pair_stats(store, 6, 7, shards=["s0"], save=True)  # s0 saved, s1 not
+    monkeypatch.setattr(pairsums, "MAX_BLOCK_WORK", 40)  # many blocks per shard
+    assert len(list(pairs.iter_sparse_pair_counts(acts[6]["s1"], acts[7]["s1"]))) > 3
+    kwargs = {"min_pearson": 0.05, "min_both": 2}
+    got, counts = stats.pair_report(store, 6, 7, **kwargs)
+    assert store.children(spec.PAIRS + "/6-7") == ["s0"]  # a query saves nothing
+    assert not stats.pair_stats_path(store, 6, 7).exists()
+    again, counts_again = stats.pair_report(store, 6, 7, max_block_pairs=9, save=True, **kwargs)
+    assert store.children(spec.PAIRS + "/6-7") == ["s0", "s1"]
+    assert got.equals(again) and counts == counts_again
+    joined = [sp.vstack([m["s0"], m["s1"]]).tocsr() for m in acts.values()]
+    ref = reference(*(dense(m) for m in joined))
+    with np.errstate(invalid="ignore"):
+        want = (ref["pearson"] >= 0.05) & (ref["n_both"] >= 2)
+    assert set(got.select("feature_a", "feature_b").iter_rows()) == set(zip(*np.nonzero(want)))
+    assert_matches(got, ref)
+    unfiltered = stats.pair_stats(store, 6, 7, recompute=True)
+    keep = stats.passes(0.05) & (pl.col("n_both") >= 2)
+    assert unfiltered.filter(keep).equals(got)
 
 
 # -- ranges, all pairs and thresholds -------------------------------------------------------------

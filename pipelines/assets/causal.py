@@ -13,6 +13,7 @@ from featstore.concepts import default_set, run_concepts
 from featstore.erasure import run_erasure
 from featstore.errors import FeatstoreError
 from featstore.extract import load_model_and_saes
+from featstore.graph import GRAPHML
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
 from pipelines.resources import FeatstoreResource
 
@@ -41,7 +42,7 @@ class ErasureConfig(dg.Config):
 
 
 def read_graph(featstore: FeatstoreResource) -> nx.DiGraph:
-    path = featstore.home_path() / GRAPH_DIR / "feature_graph.graphml"
+    path = featstore.home_path() / GRAPH_DIR / GRAPHML
     if not path.exists():
         raise FeatstoreError(f"no feature graph at {path}: materialise feature_graph")
     return nx.read_graphml(path)
