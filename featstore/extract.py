@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -131,7 +132,9 @@ def tokenize_shard(store: Store, cfg: ExtractConfig, shard: str) -> int:
     bos = tokenizer.bos_token_id
     if bos is None:
         raise FeatstoreError(f"tokenizer of source {source.name} has no BOS token")
-    docs = (tokenizer(text)["input_ids"] for text in source.load_texts(shard))
+    docs = (
+        tokenizer(text, add_special_tokens=False)["input_ids"] for text in source.load_texts(shard)
+    )
     sequences = pack_sequences(docs, cfg.seq_len, bos, cfg.max_sequences)
     if len(sequences) == 0:
         raise FeatstoreError(f"shard {shard} has less text than one sequence of {cfg.seq_len}")
@@ -182,7 +185,9 @@ def load_model_and_saes(cfg: ExtractConfig, layers: tuple[int, ...] | None = Non
 
 def dense_to_csr(acts: torch.Tensor) -> sp.csr_matrix:
     """(tokens, d_sae) dense tensor -> scipy CSR holding only its nonzeros."""
-    csr = acts.detach().to("cpu", dtype=acts.dtype).to_sparse_csr()
+    with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"
+        warnings.simplefilter("ignore", UserWarning)
+        csr = acts.detach().to("cpu").to_sparse_csr()
     return sp.csr_matrix(
         (csr.values().float().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()),
         shape=tuple(acts.shape),
@@ -222,15 +227,32 @@ def extract_shard(
     shard: str,
     layers: tuple[int, ...] | None = None,
     progress: Logger | None = None,
+    retokenize: bool = False,
 ) -> ExtractReport:
-    """Encode one tokenised shard at each layer and store it; memory bounded by one batch."""
-    import torch
+    """Encode one shard at each layer and store it; memory bounded by one batch.
 
+    The shard is tokenised first when it has no token table yet, or when `retokenize` is set.
+    """
     layers = tuple(sorted(layers or cfg.layers))
     source = cfg.get_source()
     source.check_layers(layers)
-    if shard not in store.token_shards():
-        tokenize_shard(store, cfg, shard)
+    # One extraction of a shard at a time: a second one would re-tokenise under the first.
+    with store.lock(f"extract/{shard}"):
+        if retokenize or shard not in store.token_shards():
+            tokenize_shard(store, cfg, shard)
+        return _extract_tokenised(store, cfg, shard, source, layers, progress)
+
+
+def _extract_tokenised(
+    store: Store,
+    cfg: ExtractConfig,
+    shard: str,
+    source: Source,
+    layers: tuple[int, ...],
+    progress: Logger | None,
+) -> ExtractReport:
+    import torch
+
     sequences = shard_sequences(store, shard)
     model, saes = load_model_and_saes(cfg, layers)
     if sequences.shape[1] > model.cfg.n_ctx:
@@ -293,5 +315,4 @@ def extract_all(
 ) -> Iterator[ExtractReport]:
     """Tokenise and extract every shard (or the given ones), one at a time."""
     for shard in shards or list_shards(cfg):
-        tokenize_shard(store, cfg, shard)
-        yield extract_shard(store, cfg, shard)
+        yield extract_shard(store, cfg, shard, retokenize=True)

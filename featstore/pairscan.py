@@ -28,12 +28,14 @@ def merged_blocks(
     *,
     engine: str = "sparse",
     max_pairs: int,
+    sort: bool = True,
 ) -> Iterator[tuple[Range, PairCounts]]:
     """(range of feature_a, pair sums over every shard there) covering `features_a` in order.
 
     `saved` maps shards to their fresh saved groups (plain sums); the `todo` shards are computed
     by `engine`. Without `todo`, blocks hold ~`max_pairs` saved pairs; with it, they follow the
-    engine's blocks.
+    engine's blocks. Without `sort`, a block computed from one shard alone may come unsorted by
+    feature_b within each feature_a (`PairCounts.sorted` sorts it), which saves the engine a pass.
     """
     if not todo:
         groups = list(saved.values())
@@ -41,7 +43,8 @@ def merged_blocks(
             yield block, PairCounts.total([pairs.read_pairs(store, g, block) for g in groups])
         return
     lo_a, hi_a = features_a
-    streams = [pairs.iter_shard_pair_counts(store, a, b, s, engine) for s in todo]
+    sort = sort or len(todo) > 1 or bool(saved)  # parts to add up: sorted makes that cheap
+    streams = [pairs.iter_shard_pair_counts(store, a, b, s, engine, sort=sort) for s in todo]
     empties = [PairCounts.empty(*pairs.check_shard(store, a, b, s)) for s in todo]
     for cut, parts in _aligned(streams, empties):
         block = (max(cut[0], lo_a), min(cut[1], hi_a))

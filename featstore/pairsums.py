@@ -94,6 +94,11 @@ class PairCounts:
             return self
         return self.subset(keep)
 
+    def sorted(self) -> PairCounts:
+        """The same pairs sorted by (feature_a, feature_b)."""
+        arrays = [getattr(self, f) for f in PAIR_ARRAYS]
+        return PairCounts.from_coo(self.n_tokens, self.d_a, self.d_b, *arrays)
+
     def subset(self, keep: np.ndarray) -> PairCounts:
         """The pairs where the boolean mask `keep` is true."""
         return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in PAIR_ARRAYS})
@@ -131,35 +136,37 @@ def balanced_ranges(work: np.ndarray, limit: int) -> list[Range]:
     return [(int(x), int(y)) for x, y in itertools.pairwise(edges)] or [(0, work.size)]
 
 
-def _sorted_product(b_t: sp.csr_matrix, a_rows: sp.csr_matrix) -> sp.csr_matrix:
-    """`a_rows.T @ b_t.T` (feature_a x feature_b) with sorted columns: scipy emits a row's
-    columns unsorted, but a transposition (a linear counting sort) sorts them, far cheaper than
-    sorting each row."""
-    return (b_t @ a_rows).T.tocsr()
+def _product(rows: sp.csr_matrix, right: sp.csr_matrix, sort: bool) -> sp.csr_matrix:
+    """`rows @ B` (feature_a x feature_b) for `rows` of A.T; `right` is B, or B.T with `sort`.
+
+    scipy emits a row's columns unsorted; with `sort` the product is taken transposed and
+    transposed back, a linear counting sort far cheaper than sorting each row."""
+    return (right @ rows.T.tocsr()).T.tocsr() if sort else rows @ right
 
 
 def _product_rows(
-    a_rows: sp.csr_matrix, b_t: sp.csr_matrix, b_t_on: sp.csr_matrix, first: int, d_a: int
-) -> PairCounts:
-    """Pair sums of features `first + column` (A's columns `a_rows`, tokens x block) with every
-    feature of B (`b_t`: B.T; `b_t_on`: its pattern in int32)."""
+    rows: sp.csr_matrix, right: sp.csr_matrix, right_on: sp.csr_matrix, first: int, d_a: int,
+    sort: bool,
+) -> PairCounts:  # fmt: skip
+    """Pair sums of features `first + row` (`rows` of A.T) with every feature of B (`right`:
+    B, or B.T with `sort`; `right_on`: its pattern in int32)."""
     # Counts in int32 (cheaper than float64, exact per block); the two products share no state
     # and scipy releases the GIL, so they run on two cores.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        counts = pool.submit(_sorted_product, b_t_on, _pattern(a_rows, np.int32))
-        sums = _sorted_product(b_t, a_rows)
+        counts = pool.submit(_product, _pattern(rows, np.int32), right_on, sort)
+        sums = _product(rows, right, sort)
         counts = counts.result()
     # Both have the pattern of co-active pairs (float64 products of float32 values > 0 never
-    # vanish), sorted the same way.
+    # vanish), and scipy emits the same pattern in the same order.
     same = np.array_equal(sums.indptr, counts.indptr) and np.array_equal(
         sums.indices, counts.indices
     )
     if not same:
         raise RuntimeError("scipy returned different patterns for the count and sum products")
     return PairCounts(
-        b_t.shape[1],
+        rows.shape[1],
         d_a,
-        b_t.shape[0],
+        sums.shape[1],
         np.repeat(np.arange(first, first + sums.shape[0], dtype=np.int32), np.diff(sums.indptr)),
         sums.indices.astype(np.int32, copy=False),
         counts.data.astype(np.int64),
@@ -168,19 +175,21 @@ def _product_rows(
 
 
 def iter_sparse_pair_counts(
-    A: sp.spmatrix, B: sp.spmatrix, max_work: int | None = None
+    A: sp.spmatrix, B: sp.spmatrix, max_work: int | None = None, sort: bool = True
 ) -> Iterator[PairCounts]:
     """`sparse_pair_counts` in blocks of feature_a of ~`max_work` multiply-adds (None:
-    `MAX_BLOCK_WORK`), in order: one block's pairs in memory."""
+    `MAX_BLOCK_WORK`), in order: one block's pairs in memory. Without `sort`, each feature_a's
+    pairs come together but not sorted by feature_b (`PairCounts.sorted` sorts them): cheaper
+    where few are kept."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
     a_t = _canonical_input(A).T.tocsr()  # d_a x tokens
-    b_t = _canonical_input(B).T.tocsr()
-    b_t_on = _pattern(b_t, np.int32)
-    per_token = np.bincount(b_t.indices, minlength=b_t.shape[1]).astype(np.int64)
-    work = _pattern(a_t, np.int64) @ per_token  # multiply-adds per feature of A
+    b = _canonical_input(B)
+    right = b.T.tocsr() if sort else b
+    right_on = _pattern(right, np.int32)
+    work = _pattern(a_t, np.int64) @ np.diff(b.indptr)  # multiply-adds per feature of A
     for lo, hi in balanced_ranges(work, max_work or MAX_BLOCK_WORK):
-        yield _product_rows(a_t[lo:hi].T.tocsr(), b_t, b_t_on, lo, a_t.shape[0])
+        yield _product_rows(a_t[lo:hi], right, right_on, lo, a_t.shape[0], sort)
 
 
 def sparse_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:

@@ -56,3 +56,11 @@ def tokens_path(shard: str) -> str:
 
 def pairs_path(layer_a: int, layer_b: int, shard: str) -> str:
     return f"{PAIRS}/{layer_a}-{layer_b}/{shard}"
+
+# Derived outputs under the store home (rebuilt from store.zarr; not part of the Zarr spec).
+GRAPH_DIR = "graph"  # graph.graphml, edges.parquet, summary.json
+PLOTS_DIR = "plots"  # the PNGs of featstore.plots
+CONCEPTS_DIR = "concepts"  # best features, traces, one PNG per concept
+ERASURE_DIR = "erasure"  # erasure and gradual-change tables and PNGs
+COMPARISON_DIR = "comparison"  # one Parquet per table, three PNGs
+CARDS_DIR = "cards"  # index.html and L{layer}_{feature}.html

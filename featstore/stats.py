@@ -422,16 +422,16 @@ class PairScan:
         return PairScan(store, a, b, chosen, variant, range_a, range_b, *stats, engine, saved, todo)
 
     def sums(
-        self, all_pairs: bool = False, max_block_pairs: int = MAX_BLOCK_PAIRS
+        self, all_pairs: bool = False, max_block_pairs: int = MAX_BLOCK_PAIRS, sort: bool = True
     ) -> Iterator[tuple[Range, PairCounts]]:
         """(range of feature_a, its pair sums inside the ranges) in order; memory: one block of
         ~`max_block_pairs` saved pairs, or of the engine's, per shard. Each scan computes the
-        `todo` shards again."""
+        `todo` shards again. Without `sort` a block may come unsorted (`merged_blocks`)."""
         if all_pairs:
             check_all_pairs(self.range_a, self.range_b)
         blocks = merged_blocks(
             self.store, self.a, self.b, self.saved, self.todo, self.range_a,
-            engine=self.engine, max_pairs=max_block_pairs,
+            engine=self.engine, max_pairs=max_block_pairs, sort=sort,
         )  # fmt: skip
         whole_b = self.range_b == (0, self.stats_b.count.size)
         for block, pair_sums in blocks:
@@ -496,7 +496,7 @@ def pair_report(
     tested = list(dict.fromkeys(m for m, _ in rules))
     kept, counts = [], Counter[str]()
     with _table_writer(store if write_table else None, a, b) as write:
-        for block, pair_sums in scan.sums(all_pairs, max_block_pairs):
+        for block, pair_sums in scan.sums(all_pairs, max_block_pairs, sort=False):
             values = measure_values(pair_sums, scan.stats_a, scan.stats_b, tested)
             keep = passing_mask(values, pair_sums.n_both, rules, min_both)
             whole = finish_stats(pair_sums, scan.stats_a, scan.stats_b) if write_table else None
@@ -506,7 +506,7 @@ def pair_report(
                 kept.append(whole)
             else:
                 chosen = pair_sums if keep is None else pair_sums.subset(keep)
-                kept.append(finish_stats(chosen, scan.stats_a, scan.stats_b))
+                kept.append(finish_stats(chosen.sorted(), scan.stats_a, scan.stats_b))
             if count:
                 ids = {k: getattr(pair_sums, k) for k in ("feature_a", "feature_b", "n_both")}
                 co = whole if whole is not None else _frame(ids | values)

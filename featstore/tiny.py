@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     from sae_lens import SAE
 
     torch.set_num_threads(2)
+    # the embedding gradient is summed in a thread-dependent order unless this is on
+    torch.use_deterministic_algorithms(True)
     torch.manual_seed(SEED)
     t0 = time.time()
     corpus = build_corpus()

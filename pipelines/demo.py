@@ -22,6 +22,8 @@ from featstore import spec
 from featstore.errors import FeatstoreError
 from featstore.extract import list_shards
 from featstore.store import Store
+from pipelines.assets.causal import causal_edges, concept_traces, erasure
+from pipelines.assets.comparison import feature_cards, method_comparison
 from pipelines.assets.extraction import activations, tokens
 from pipelines.assets.statistics import (
     GRAPH_DIR,
@@ -32,6 +34,7 @@ from pipelines.assets.statistics import (
     shard_pair_stats,
 )
 from pipelines.definitions import build_defs, defs
+from pipelines.execution import instance_config
 from pipelines.partitions import (
     LAYER,
     LAYERS,
@@ -49,12 +52,12 @@ RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def dagster_home() -> Path:
-    """$DAGSTER_HOME, defaulting to ./.dagster, with a dagster.yaml in it."""
+    """$DAGSTER_HOME, defaulting to ./.dagster, with a dagster.yaml in it (`instance_config`)."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster").resolve())))
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+        config.write_text(instance_config())
     return home
 
 
@@ -73,11 +76,12 @@ def materialize(
     partition_key: str | None = None,
     tags: dict[str, str] | None = None,
     location: dg.Definitions = defs,
+    ops: dict[str, dict] | None = None,
 ) -> dg.ExecuteInProcessResult:
     """One run of the location's asset job over `assets` and their checks; raises on failure."""
     job = location.resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
-        run_config=RUN_CONFIG,
+        run_config={**RUN_CONFIG, "ops": ops or {}},
         instance=instance,
         asset_selection=[key for a in assets for key in a.keys],
         partition_key=partition_key,
@@ -167,6 +171,20 @@ def run_statistics(
     materialize(instance, [feature_graph, plots], location=location)
 
 
+# The research assets sample sequences: patching every feature of every sequence costs minutes.
+RESEARCH_OPS = {
+    "causal_edges": {"config": {"max_sequences": 2}},
+    "erasure": {"config": {"max_sequences": 8}},
+    "feature_cards": {"config": {"n_features": 20}},
+}
+
+
+def run_research(instance: dg.DagsterInstance, location: dg.Definitions) -> None:
+    """Causal edges, concept traces, erasure, the method comparison and feature cards."""
+    research = [causal_edges, concept_traces, erasure, method_comparison, feature_cards]
+    materialize(instance, research, location=location, ops=RESEARCH_OPS)
+
+
 def report(store: Store, layers: Sequence[int], shards: Sequence[str], seconds: float) -> str:
     """What was produced and where."""
     lines = [f"\nDone in {seconds:.0f}s. Store: {store.home.resolve()}"]
@@ -183,7 +201,16 @@ def report(store: Store, layers: Sequence[int], shards: Sequence[str], seconds: 
             f"  feature graph: {graph['nodes']} nodes, {graph['edges']} edges ({per_pair}), "
             f"{graph['metric']} >= {graph['threshold']}"
         )
-    for folder in (spec.PAIR_STATS_DIR, GRAPH_DIR, PLOTS_DIR):
+    for folder in (
+        spec.PAIR_STATS_DIR,
+        GRAPH_DIR,
+        PLOTS_DIR,
+        spec.CAUSAL_DIR,
+        spec.CONCEPTS_DIR,
+        spec.ERASURE_DIR,
+        spec.COMPARISON_DIR,
+        spec.CARDS_DIR,
+    ):
         path = store.home / folder
         if path.is_dir():
             files = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
@@ -214,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         instance = dg.DagsterInstance.get()
         shards = run_extraction(instance, location)
         run_statistics(instance, location, shards)
+        run_research(instance, location)
         seconds = time.perf_counter() - start
         print(report(featstore.open(), featstore.layers, shards, seconds))
     except FeatstoreError as exc:

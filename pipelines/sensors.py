@@ -1,7 +1,10 @@
-"""Sensors: new text files become shards to tokenise; eager conditions carry the rest along."""
+"""Sensors: new or changed text files become shards to tokenise, vanished ones are removed;
+eager conditions carry the rest along."""
 
 # No `from __future__ import annotations`: Dagster reads the context and resource annotations
 # at definition time and needs the real classes, not strings.
+
+import json
 
 import dagster as dg
 
@@ -10,34 +13,59 @@ from featstore.errors import FeatstoreError
 from featstore.extract import list_shards
 from pipelines.assets.extraction import tokens
 from pipelines.partitions import shard_partitions
+from pipelines.removal import removal_request, remove_shards
 from pipelines.resources import FeatstoreResource
+from pipelines.versions import file_digest
+
+tokenize_shards = dg.define_asset_job(
+    "tokenize_shards", selection=[tokens], partitions_def=shard_partitions
+)
 
 
 @dg.sensor(
-    target=[tokens],
+    jobs=[tokenize_shards, remove_shards],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def new_text_shards(
     context: dg.SensorEvaluationContext, featstore: FeatstoreResource
 ) -> dg.SensorResult:
-    """Registers each new *.txt of the text folder as a shard and tokenises it.
+    """Keeps the shard partitions in step with the *.txt files of the text folder.
 
-    Activations and everything downstream follow through their eager automation conditions.
+    A new file becomes a shard and is tokenised; a changed one (its bytes' hash, kept in the
+    cursor) is tokenised again; a vanished one loses its partition and `remove_shards` deletes
+    its data. Activations and everything downstream follow through their eager automation
+    conditions (after a removal: `merge_after_removal`).
     """
     try:
         shards = list_shards(featstore.extract_config())
     except FeatstoreError as exc:  # a streaming source, or no text folder: nothing to watch
         return dg.SensorResult(skip_reason=str(exc))
     known = set(context.instance.get_dynamic_partitions(shard_partitions.name))
-    new = [s for s in shards if s not in known and spec.SHARD_NAME.match(s)]
-    for bad in sorted(set(shards) - known - set(new)):
+    valid = [s for s in shards if spec.SHARD_NAME.match(s)]
+    for bad in sorted(set(shards) - set(valid)):
         context.log.warning(f"ignoring {bad}.txt: shard names use letters, digits, '_', '.', '-'")
-    if not new:
-        return dg.SensorResult(skip_reason=f"no new text files in {featstore.text_folder()}")
+    folder = featstore.text_folder()
+    digests = {s: file_digest(folder / f"{s}.txt") for s in valid}
+    seen = json.loads(context.cursor) if context.cursor else {}
+    new = [s for s in valid if s not in known]
+    changed = [s for s in valid if s in known and seen.get(s, digests[s]) != digests[s]]
+    gone = sorted(known - set(valid))
+    requests = [
+        dg.RunRequest(job_name=tokenize_shards.name, partition_key=s, run_key=f"{s}@{digests[s]}")
+        for s in new + changed
+    ]
+    partition_requests = [shard_partitions.build_add_request(new)] if new else []
+    if gone:
+        partition_requests.append(shard_partitions.build_delete_request(gone))
+        requests.append(removal_request(gone))
+    cursor = json.dumps(digests, sort_keys=True)
+    if not requests:
+        return dg.SensorResult(
+            skip_reason=f"no new, changed or removed text files in {folder}", cursor=cursor
+        )
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=shard, run_key=shard) for shard in new],
-        dynamic_partitions_requests=[shard_partitions.build_add_request(new)],
+        run_requests=requests, dynamic_partitions_requests=partition_requests, cursor=cursor
     )
 
 

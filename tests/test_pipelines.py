@@ -42,6 +42,11 @@ def test_definitions_load_with_every_asset_and_check():
         "pair_stats",
         "feature_graph",
         "plots",
+        "causal_edges",
+        "concept_traces",
+        "erasure",
+        "method_comparison",
+        "feature_cards",
     }
     assert {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys} == {
         ("activations", "values_finite_nonnegative"),

@@ -141,6 +141,11 @@ def test_blocks_and_pure_function_agree(tmp_path):
     for name in ("feature_a", "feature_b", "n_both", "sum_xy"):
         np.testing.assert_array_equal(getattr(streamed, name), getattr(whole, name))
     assert streamed.n_tokens == 500
+    loose = list(pairs.iter_sparse_pair_counts(a, b, max_work=300, sort=False))
+    assert [p.feature_a[0] for p in loose] == [p.feature_a[0] for p in feature_blocks]
+    resorted = pairs.PairCounts.total(loose, same_tokens=True).sorted()
+    for name in ("feature_a", "feature_b", "n_both", "sum_xy"):
+        np.testing.assert_array_equal(getattr(resorted, name), getattr(whole, name))
     pairs.save_shard_pairs(store, 6, 7, "s", iter(feature_blocks))
     part = pairs.load_shard_pairs(store, 6, 7, "s", (4, 9))
     inside = whole.select((4, 9))

@@ -12,7 +12,7 @@ from featstore import tiny
 
 ROOT = Path(tiny.__file__).parent / "embedded"
 TINY = ROOT / "tiny"
-SAMPLE_SEQS = 24
+SAMPLE_SEQS = 16
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,11 @@ from featstore.erasure import run_erasure
 from featstore.errors import FeatstoreError
 from featstore.extract import load_model_and_saes
 from featstore.graph import GRAPHML
+from featstore.spec import CONCEPTS_DIR, ERASURE_DIR
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
 from pipelines.resources import FeatstoreResource
 
 CAUSAL_VERSION = "1"
-CONCEPTS_DIR = "concepts"  # {home}/concepts/: best features, traces, one PNG per concept
-ERASURE_DIR = "erasure"  # {home}/erasure/: erasure and gradual-change tables and PNGs
 
 
 class CausalEdgesConfig(dg.Config):

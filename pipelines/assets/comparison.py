@@ -12,12 +12,11 @@ from featstore.compare import DEFAULT_THRESHOLDS, CompareConfig, run_comparison
 from featstore.errors import FeatstoreError
 from featstore.graph import EDGES
 from featstore.measures import MIN_BOTH
+from featstore.spec import CARDS_DIR, COMPARISON_DIR
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
 from pipelines.resources import FeatstoreResource
 
 COMPARISON_VERSION = "1"
-COMPARISON_DIR = "comparison"  # {home}/comparison/: one Parquet per table, three PNGs
-CARDS_DIR = "cards"  # {home}/cards/: index.html and L{layer}_{feature}.html
 
 
 class MethodComparisonConfig(dg.Config):

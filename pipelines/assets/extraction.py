@@ -18,6 +18,7 @@ from pipelines.partitions import (
     shard_partitions,
 )
 from pipelines.resources import FeatstoreResource
+from pipelines.versions import activations_version, tokens_version
 
 # Bump a code version when the asset's output would change for the same input.
 EXTRACTION_VERSION = "1"
@@ -30,11 +31,12 @@ EXTRACTION_VERSION = "1"
     group_name="extraction",
     kinds={"zarr"},
 )
-def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> None:
+def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> dg.MaterializeResult:
     """Each text shard tokenised into [BOS] + (seq_len - 1) token sequences.
 
     `featstore.extract.tokenize_shard`: one row per (sequence, position), the rows every layer's
-    activations of the shard share.
+    activations of the shard share. Data version: code, source, sequence shape and the bytes
+    of the text files (`pipelines.versions`).
     """
     store, cfg = featstore.open(), featstore.extract_config()
     for shard in context.partition_keys:
@@ -48,6 +50,9 @@ def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> N
             },
             partition_key=shard,
         )
+    return dg.MaterializeResult(
+        data_version=tokens_version(featstore, context.partition_keys, EXTRACTION_VERSION)
+    )
 
 
 @dg.asset(
@@ -60,11 +65,14 @@ def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> N
     kinds={"pytorch", "zarr"},
     pool="featstore_model",
 )
-def activations(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> None:
+def activations(
+    context: dg.AssetExecutionContext, featstore: FeatstoreResource
+) -> dg.MaterializeResult:
     """Sparse SAE feature activations (tokens x d_sae, CSR) of one shard at one layer.
 
     `featstore.extract.extract_shard`: a run over several layers of a shard does one forward pass
-    and encodes every layer from it.
+    and encodes every layer from it. Data version: code, model, SAE release and ids, layers and
+    the stored token tables (`pipelines.versions`).
     """
     store, cfg = featstore.open(), featstore.extract_config()
     by_shard = group_by_shard(shard_layer_partitions, context.partition_keys, LAYER)
@@ -77,6 +85,8 @@ def activations(context: dg.AssetExecutionContext, featstore: FeatstoreResource)
                 layer_metadata(store, report, layer),
                 partition_key=multi_key(shard, **{LAYER: str(layer)}),
             )
+    version = activations_version(featstore, store, by_shard, EXTRACTION_VERSION)
+    return dg.MaterializeResult(data_version=version)
 
 
 def layer_metadata(store: Store, report: ExtractReport, layer: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import polars as pl
 from featstore import graph as fgraph
 from featstore import plots as fplots
 from featstore.pairs import update_shard_pairs
+from featstore.spec import GRAPH_DIR, PLOTS_DIR
 from featstore.stats import pair_stats as merged_pair_stats
 from featstore.stats import pair_stats_path
 from pipelines.assets.extraction import activations
@@ -27,8 +28,6 @@ from pipelines.partitions import (
 from pipelines.resources import FeatstoreResource
 
 STATISTICS_VERSION = "1"
-GRAPH_DIR = "graph"  # {home}/graph/: graph.graphml, edges.parquet, summary.json
-PLOTS_DIR = "plots"  # {home}/plots/*.png
 EAGER = dg.AutomationCondition.eager()
 
 
