@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
 
+from featstore import spec
 from featstore.causal import CausalConfig, causal_edge_frame, compare, run_causal
 from featstore.cli import main
 from featstore.extract import encode_batch
@@ -202,14 +203,14 @@ def test_cli_patch_reports_a_missing_model_in_one_line(store_run, capsys, monkey
 def test_causal_assets_materialise(store_run, monkeypatch):
     import dagster as dg
 
-    from featstore.graph import build_graph, store_pair_frames, write_graphml
+    from featstore.graph import GRAPHML, build_graph, store_pair_frames, write_graphml
     from pipelines.assets import causal as assets
     from pipelines.resources import FeatstoreResource
 
     store, model, saes, _ = store_run
     frames = store_pair_frames(store, [6, 7], metric="pearson", threshold=0.1)
     write_graphml(
-        build_graph(frames, "pearson", 0.1), store.home / "graph" / "feature_graph.graphml"
+        build_graph(frames, "pearson", 0.1), store.home / spec.GRAPH_DIR / GRAPHML
     )
     monkeypatch.setattr(assets, "load_model_and_saes", lambda cfg: (model, saes))
     resource = FeatstoreResource(home=str(store.home), layers=[6, 7])

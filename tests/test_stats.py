@@ -243,7 +243,8 @@ def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkey
     ref = reference(*(dense(m) for m in joined))
     with np.errstate(invalid="ignore"):
         want = (ref["pearson"] >= 0.05) & (ref["n_both"] >= 2)
-    assert set(got.select("feature_a", "feature_b").iter_rows()) == set(zip(*np.nonzero(want)))
+    pairs_wanted = set(zip(*np.nonzero(want), strict=True))
+    assert set(got.select("feature_a", "feature_b").iter_rows()) == pairs_wanted
     assert_matches(got, ref)
     unfiltered = stats.pair_stats(store, 6, 7, recompute=True)
     keep = stats.passes(0.05) & (pl.col("n_both") >= 2)
