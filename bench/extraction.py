@@ -36,13 +36,18 @@ GPT2 = dict(
 def gpt2_sized(device: str):
     torch.manual_seed(0)
     model = HookedTransformer(HookedTransformerConfig(**GPT2, device=device)).eval()
+    calibration = torch.randint(1, GPT2["d_vocab"], (8, 128), device=device)
+    _, cache = model.run_with_cache(calibration, stop_at_layer=max(LAYERS) + 1)
     saes = {}
     for layer in LAYERS:
-        sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=24576, device=device))
+        sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=24576, device=device)).eval()
+        x = cache[f"blocks.{layer}.hook_resid_pre"].reshape(-1, 768)
         with torch.no_grad():
-            # Random SAEs fire on half the features; a negative bias brings L0 near real ones.
-            sae.b_enc.fill_(-2.5)
-        saes[layer] = sae.eval()
+            # A random SAE fires on half its features; a per-feature bias at the pre-activation's
+            # top quantile gives each about 2 active tokens in 1,024, an L0 near 50 as in GPT-2's.
+            pre = (x - sae.b_dec) @ sae.W_enc
+            sae.b_enc.copy_(-pre.kthvalue(len(pre) - 2, dim=0).values)
+        saes[layer] = sae
     return model, saes
 
 

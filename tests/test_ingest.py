@@ -1,4 +1,4 @@
-"""`featstore ingest`: activations computed elsewhere become a normal shard, bad files change nothing."""
+"""`featstore ingest`: outside activations become a normal shard; bad files change nothing."""
 
 from __future__ import annotations
 

@@ -170,7 +170,9 @@ def test_check_finds_every_problem(store):
 
     for shard in ("good", "bad"):
         m = random_csr(100, density=0.2)
-        store.write_tokens(shard, pl.DataFrame({"seq": range(100), "pos": [0] * 100, "token": [1] * 100}))
+        store.write_tokens(
+            shard, pl.DataFrame({"seq": range(100), "pos": [0] * 100, "token": [1] * 100})
+        )
         store.write_activations(6, shard, m)
     assert check_store(store) == []
     chunk = next((store.root_path / spec.activation_path(6, "bad") / "data").rglob("c/*"))
