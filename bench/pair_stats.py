@@ -322,9 +322,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engines", nargs="*", default=None, help="default: sparse duckdb polars")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     p.add_argument("--no-save", dest="save", action="store_false", help="skip the save row")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="only these sizes")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sizes = [1_000_000] if args.million else [4096, 20_000 if args.quick else 200_000]
+    args.sizes = args.tokens or args.sizes
     args.dense_full_max = 0 if args.quick else 4096  # sizes up to this run the dense baseline whole
     args.dense_slice = (4096, 1024) if args.quick else (16384, 2048)
     args.slice_tokens = 20_000
