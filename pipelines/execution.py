@@ -1,4 +1,5 @@
-"""How runs execute on one machine: steps in parallel processes, model steps in a pool.
+"""How runs execute: on one machine, steps in parallel processes, model steps in a pool; on
+several, steps as tasks of a Dask cluster ($FEATSTORE_EXECUTOR=dask, docs/SCALING.md).
 
 Per-shard runs (one per new text file from the sensor, or a backfill split per shard) run side
 by side up to the run queue's limit; inside a run, independent steps run in up to
@@ -12,6 +13,10 @@ import os
 
 import dagster as dg
 
+from featstore.errors import FeatstoreError
+
+EXECUTORS = ("multiprocess", "dask")
+
 
 def max_concurrent() -> int:
     """$FEATSTORE_MAX_CONCURRENT, else half the CPUs (at least 1): model steps use many threads."""
@@ -20,8 +25,30 @@ def max_concurrent() -> int:
 
 
 def executor() -> dg.ExecutorDefinition:
-    """Multiprocess execution with a bounded number of concurrent steps per run."""
-    return dg.multiprocess_executor.configured({"max_concurrent": max_concurrent()})
+    """$FEATSTORE_EXECUTOR: "multiprocess" (default; bounded concurrent steps per run) or "dask"."""
+    kind = os.environ.get("FEATSTORE_EXECUTOR") or "multiprocess"
+    if kind == "multiprocess":
+        return dg.multiprocess_executor.configured({"max_concurrent": max_concurrent()})
+    if kind == "dask":
+        return dask_executor(os.environ.get("FEATSTORE_DASK_SCHEDULER") or None)
+    raise FeatstoreError(f"FEATSTORE_EXECUTOR={kind!r}: expected one of {', '.join(EXECUTORS)}")
+
+
+def dask_executor(scheduler: str | None = None) -> dg.ExecutorDefinition:
+    """Steps as Dask tasks: on the cluster whose scheduler is at `scheduler` (tcp://host:port),
+    else on a local cluster of `max_concurrent()` single-threaded workers started per run."""
+    try:
+        from dagster_dask import dask_executor as dask  # optional: pip install featstore[dask]
+    except ImportError as e:
+        raise FeatstoreError(
+            "FEATSTORE_EXECUTOR=dask needs dagster-dask: pip install 'featstore[dask]'"
+        ) from e
+    if scheduler:
+        cluster = {"existing": {"address": scheduler}}
+    else:
+        # Dagster steps are not thread-safe: one thread per worker (dagster-dask sets it too).
+        cluster = {"local": {"n_workers": max_concurrent(), "threads_per_worker": 1}}
+    return dask.configured({"cluster": cluster})
 
 
 def instance_config(model_steps: int = 1, runs: int | None = None) -> str:

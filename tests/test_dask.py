@@ -1,0 +1,155 @@
+"""The same definitions on Dask distributed ($FEATSTORE_EXECUTOR=dask through `dagster-dask`):
+runs on a local `distributed` cluster store exactly what in-process runs store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+from helpers import correlated_layers
+
+from featstore.errors import FeatstoreError
+from featstore.extract import token_table
+from featstore.graph import EDGES
+from featstore.stats import pair_stats_path
+from featstore.store import open_store
+from pipelines.assets.statistics import feature_graph, pair_stats, plots, shard_pair_stats
+from pipelines.definitions import build_defs
+from pipelines.demo import RUN_CONFIG, materialize
+from pipelines.execution import executor
+from pipelines.partitions import (
+    PAIR,
+    PAIRS,
+    multi_key,
+    parse_pair,
+    range_tags,
+    shard_partitions,
+)
+from pipelines.resources import FeatstoreResource
+
+pytest.importorskip("dagster_dask", reason="needs the dask extra: pip install '.[dask]'")
+distributed = pytest.importorskip("distributed")
+
+SHARDS = ("s0", "s1")
+# One job per partitioning (an asset job's assets share one); in order, each reads the one before.
+JOBS = {"shard_pairs": [shard_pair_stats], "pairs": [pair_stats], "graph": [feature_graph, plots]}
+
+
+def statistics_job(name: str) -> dg.JobDefinition:
+    """Job `name` of JOBS in the location the environment configures.
+
+    Module-level so that a Dask worker can rebuild it (`build_reconstructable_job`); the store
+    comes from $FEATSTORE_HOME and the executor from $FEATSTORE_EXECUTOR, as in a deployment.
+    """
+    job = dg.define_asset_job(name, selection=JOBS[name])
+    location = dg.Definitions.merge(build_defs(FeatstoreResource()), dg.Definitions(jobs=[job]))
+    return location.resolve_job_def(name)
+
+
+def write_store(home: Path) -> None:
+    """Two shards of correlated activations at layers 6-9."""
+    store = open_store(home, create=True)
+    for i, shard in enumerate(SHARDS):
+        store.write_tokens(shard, token_table(np.zeros((3, 100), np.int32)), {})
+        for layer, x in correlated_layers(n_tokens=300, d=24, seed=i).items():
+            store.write_activations(layer, shard, sp.csr_matrix(x.astype(np.float32)), {})
+
+
+def runs() -> list[tuple[str, dict[str, str]]]:
+    """(job, tags) of each run: each shard's pairs, their merge, then graph and plots."""
+    first, last = PAIRS[0], PAIRS[-1]
+    per_shard = [
+        ("shard_pairs", range_tags(multi_key(s, **{PAIR: first}), multi_key(s, **{PAIR: last})))
+        for s in SHARDS
+    ]
+    return [*per_shard, ("pairs", range_tags(first, last)), ("graph", {})]
+
+
+@pytest.fixture
+def dask_home(tmp_path, monkeypatch) -> Path:
+    """The store of the Dask runs, named in the environment before workers start (they copy it)."""
+    monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "dask"))
+    monkeypatch.setenv("FEATSTORE_EXECUTOR", "dask")
+    return tmp_path / "dask"
+
+
+@pytest.fixture
+def cluster(dask_home):
+    """One single-threaded worker process, talking TCP on loopback as a remote one would."""
+    with distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        protocol="tcp",
+        dashboard_address=None,
+    ) as local:
+        yield local
+
+
+def test_executor_follows_the_environment(monkeypatch):
+    monkeypatch.delenv("FEATSTORE_EXECUTOR", raising=False)
+    assert executor().name == "multiprocess"
+
+    monkeypatch.setenv("FEATSTORE_EXECUTOR", "dask")
+    monkeypatch.setenv("FEATSTORE_DASK_SCHEDULER", "tcp://10.0.0.1:8786")
+    config = executor().apply_config_mapping({}).value["config"]
+    assert executor().name == "dask"
+    assert config == {"cluster": {"existing": {"address": "tcp://10.0.0.1:8786"}}}
+
+    monkeypatch.delenv("FEATSTORE_DASK_SCHEDULER")
+    config = executor().apply_config_mapping({}).value["config"]
+    assert config["cluster"]["local"]["threads_per_worker"] == 1
+
+    monkeypatch.setenv("FEATSTORE_EXECUTOR", "kubernetes")
+    with pytest.raises(FeatstoreError, match="FEATSTORE_EXECUTOR='kubernetes'"):
+        executor()
+
+
+@pytest.mark.slow
+def test_statistics_on_dask_equal_an_in_process_run(tmp_path, monkeypatch, dask_home, cluster):
+    local_home = tmp_path / "local"
+    write_store(dask_home)
+    write_store(local_home)
+
+    local = dg.DagsterInstance.ephemeral()
+    local.add_dynamic_partitions(shard_partitions.name, list(SHARDS))
+    location = build_defs(FeatstoreResource(home=str(local_home)))
+    for job, tags in runs():
+        materialize(local, JOBS[job], tags=tags, location=location)
+
+    monkeypatch.setenv("FEATSTORE_DASK_SCHEDULER", cluster.scheduler_address)
+    dagster_home = tmp_path / "dagster"
+    dagster_home.mkdir()
+    with (
+        dg.instance_for_test(temp_dir=str(dagster_home)) as instance,
+        distributed.Client(cluster) as client,
+        distributed.get_task_stream(client) as tasks,
+    ):
+        assert instance.is_persistent  # dagster-dask hands workers a reference to it
+        instance.add_dynamic_partitions(shard_partitions.name, list(SHARDS))
+        for job, tags in runs():
+            result = dg.execute_job(
+                dg.build_reconstructable_job(__name__, statistics_job.__name__, (job,)),
+                instance,
+                run_config=RUN_CONFIG,
+                tags=tags,
+            )
+            assert result.success, [e.message for e in result.get_step_failure_events()]
+    # Every step ran as a task of the cluster, named "{job}.{step}" by dagster-dask.
+    want = {f"{job}.{a.node_def.name}" for job, assets in JOBS.items() for a in assets}
+    assert {task["key"] for task in tasks.data} == want
+
+    dask_store, local_store = open_store(dask_home), open_store(local_home)
+    for pair in PAIRS:
+        a, b = parse_pair(pair)
+        dask_frame = pl.read_parquet(pair_stats_path(dask_store, a, b))
+        assert dask_frame.height > 0
+        assert dask_frame.equals(pl.read_parquet(pair_stats_path(local_store, a, b)))
+    assert pl.read_parquet(dask_home / "graph" / EDGES).equals(
+        pl.read_parquet(local_home / "graph" / EDGES)
+    )
