@@ -47,15 +47,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from featstore.extract import ExtractConfig, extract_all
 
-    cfg = ExtractConfig(
-        source=args.source,
-        layers=tuple(args.layers),
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        device=args.device,
-        text_dir=args.text_dir,
-        max_sequences=args.max_sequences,
-    )
+    cfg = ExtractConfig.of(args)
     for report in extract_all(open_store(args.home, create=True), cfg, shards=args.shards):
         print(report.summary())
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -39,7 +40,13 @@ class ExtractConfig:
     text_dir: str | None = None
     max_sequences: int | None = None  # per shard; None takes the whole shard
 
+    @classmethod
+    def of(cls, settings: Any) -> ExtractConfig:
+        """From any object carrying these fields as attributes (CLI arguments, a resource)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers:
             raise FeatstoreError("no layers given")
         if self.seq_len < 2:

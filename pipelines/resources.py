@@ -36,15 +36,7 @@ class FeatstoreResource(dg.ConfigurableResource):
         return open_store(self.home_path(), create=True)
 
     def extract_config(self) -> ExtractConfig:
-        return ExtractConfig(
-            source=self.source,
-            layers=tuple(self.layers),
-            seq_len=self.seq_len,
-            batch_size=self.batch_size,
-            device=self.device,
-            text_dir=self.text_dir,
-            max_sequences=self.max_sequences,
-        )
+        return ExtractConfig.of(self)
 
     def text_folder(self) -> Path:
         """The folder of *.txt shards a `files` source reads."""
