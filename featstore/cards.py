@@ -20,13 +20,12 @@ import numpy as np
 import polars as pl
 
 from featstore.errors import FeatstoreError
-from featstore.graph import atomic_output
 from featstore.measures import DATA_FREE, MIN_BOTH, RANGES, with_intervals
 from featstore.pairs import BLOCK_TOKENS, PairCounts, merged_feature_stats, shards_of_pair
 from featstore.pairsums import sparse_pair_counts
 from featstore.sql import render
 from featstore.stats import finish_stats
-from featstore.store import Store
+from featstore.store import Store, atomic_file
 
 Key = tuple[int, int]  # (layer, feature)
 CONTEXT = (5, 2)  # tokens shown before and after an activation
@@ -352,13 +351,13 @@ def write_cards(
     paths = [out / "index.html"]
     for key, card in zip(keys, cards, strict=True):
         paths.append(out / card_filename(key))
-        with atomic_output(paths[-1]) as tmp:
+        with atomic_file(paths[-1]) as tmp:
             tmp.write_text(card_html(card, keys), encoding="utf-8")
     items = "".join(f'<li><a href="{card_filename(k)}">L{k[0]}:{k[1]}</a></li>' for k in keys)
     page = (
         "<!DOCTYPE html><html><head><meta charset=utf-8><title>Feature cards</title></head>"
         f"<body><h1>Feature cards</h1><ol>{items}</ol></body></html>"
     )
-    with atomic_output(paths[0]) as tmp:
+    with atomic_file(paths[0]) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return paths

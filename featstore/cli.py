@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from featstore.errors import FeatstoreError
-from featstore.store import default_home, open_store
+from featstore.store import atomic_file, default_home, open_store
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -278,7 +278,7 @@ def cmd_feature(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(cards.card_text(card))
     if args.html:
-        with cards.atomic_output(args.html) as tmp:
+        with atomic_file(args.html) as tmp:
             tmp.write_text(cards.card_html(card), encoding="utf-8")
         print(f"wrote {args.html}")
     return 0

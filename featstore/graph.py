@@ -8,13 +8,11 @@ reaches the threshold and, for a data measure, the pair was active together on `
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import os
-import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from featstore.measures import (
 )
 from featstore.measures import RANGES as METRICS  # measures an edge can be thresholded on
 from featstore.stats import merged_feature_stats, pair_stats, write_parquet_atomic
-from featstore.store import Store
+from featstore.store import Store, atomic_file
 
 __all__ = ["METRICS", "MIN_BOTH", "above", "build_graph", "check_metric", "export_graph"]
 KEYS = ("feature_a", "feature_b")
@@ -110,21 +108,8 @@ def build_graph(
 # -- export --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary sibling of `path` to write to, renamed over `path` only when complete."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp{target.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_graphml(graph: nx.DiGraph, path: str | os.PathLike[str]) -> Path:
-    with atomic_output(path) as tmp:
+    with atomic_file(path) as tmp:
         nx.write_graphml(graph, tmp)
     return Path(path)
 
@@ -318,6 +303,6 @@ def export_graph(
     out = Path(out)
     write_graphml(graph, out / GRAPHML)
     write_edge_list(graph, out / EDGES)
-    with atomic_output(out / SUMMARY) as tmp:
+    with atomic_file(out / SUMMARY) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     return graph, summary

@@ -27,21 +27,20 @@ from featstore.graph import (
     PairFrames,
     above,
     adjacent_pairs,
-    atomic_output,
     build_graph,
     check_metric,
     layer_sizes,
     strongest_subgraph,
 )
 from featstore.stats import pair_stats
-from featstore.store import Store
+from featstore.store import Store, atomic_file
 
 DPI = 120
 PathLike = str | os.PathLike[str]
 
 
 def save(fig: Figure, path: PathLike) -> Path:
-    with atomic_output(path) as tmp:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     return Path(path)
 

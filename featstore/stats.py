@@ -50,7 +50,7 @@ from featstore.pairs import (
 )
 from featstore.pairscan import merged_blocks
 from featstore.sql import PAIR_STATS_SCHEMA
-from featstore.store import FeatureStats, Store, writing
+from featstore.store import FeatureStats, Store, atomic_file
 
 __all__ = [
     "ENGINES",
@@ -533,23 +533,9 @@ def pair_stats_path(store: Store, a: int, b: int) -> Path:
     return store.home / spec.PAIR_STATS_DIR / f"{a}-{b}.parquet"
 
 
-@contextlib.contextmanager
-def _atomic(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary path beside `path`, moved over it (os.replace) only if the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with writing(str(path)):  # a full disk, a folder in the way: one line
-            path.parent.mkdir(parents=True, exist_ok=True)
-            yield tmp
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write `path` whole or not at all."""
-    with _atomic(path) as tmp:
+    with atomic_file(path) as tmp:
         frame.write_parquet(tmp)
     return Path(path)
 
@@ -568,7 +554,7 @@ def _table_writer(store: Store | None, a: int, b: int) -> Iterator[Callable[[pl.
         for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's, never read
             stale.unlink(missing_ok=True)
         with (
-            _atomic(path) as tmp,
+            atomic_file(path) as tmp,
             pq.ParquetWriter(tmp, PAIR_STATS_SCHEMA, use_dictionary=False) as writer,
         ):
             yield lambda frame: writer.write_table(

@@ -460,6 +460,24 @@ def writing(what: str) -> Iterator[None]:
         raise FeatstoreError(f"cannot write {what}: {exc}") from None
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary sibling of `path` to write, moved over it (os.replace) only when complete.
+
+    Its name `.{name}.{hex}.tmp` marks it as never read; an OSError (a full disk, a folder in
+    the way) becomes a one-line error.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with writing(str(path)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class GroupWriter:
     """Appends 1-D arrays to a staged group; attributes are written when it is swapped in."""
 

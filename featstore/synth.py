@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from scipy.optimize import brentq
 
 from featstore.errors import FeatstoreError
-from featstore.store import Store
+from featstore.store import Store, atomic_file
 
 VOCAB_SIZE = 50257  # GPT-2's vocabulary
 KINDS = ("copy", "merge", "split")
@@ -334,8 +334,6 @@ def generate_all(
                 for layer in cfg.layers
             )
             log(f"shard {shard}: {cfg.n_tokens} tokens in {seconds:.1f}s; L0 {l0}")
-    path = planted_path(store.home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    edges.write_parquet(path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    with atomic_file(planted_path(store.home)) as tmp:
+        edges.write_parquet(tmp)
     return edges
