@@ -87,25 +87,24 @@ def _check_csr(
         yield f"{where}: data, indices and attrs disagree on nnz"
     if token_rows.get(shard) != n_tokens:
         yield f"{where}: {n_tokens} rows but token table has {token_rows.get(shard)}"
-    bad = _bad_values(store, layer, shard, d_sae)
+    bad, counts = _scan_values(store, layer, shard, d_sae)
     yield from (f"{where}: {problem}" for problem in bad)
-    if not bad:
-        counts = sum(
-            (FeatureStats.of(b) for _, b in store.iter_blocks(layer, shard)),
-            start=FeatureStats(0, np.zeros(d_sae, np.int64), np.zeros(d_sae), np.zeros(d_sae)),
-        ).count
-        if not np.array_equal(counts, store.feature_stats(layer, shard).count):
-            yield f"{where}: feature_count does not match the data"
+    if not bad and not np.array_equal(counts, store.feature_stats(layer, shard).count):
+        yield f"{where}: feature_count does not match the data"
 
 
-def _bad_values(store: Store, layer: int, shard: str, d_sae: int) -> list[str]:
+def _scan_values(store: Store, layer: int, shard: str, d_sae: int) -> tuple[list[str], np.ndarray]:
+    """Problems of the values and feature ids, and each feature's active count, in one pass."""
     problems = []
+    counts = np.zeros(d_sae, np.int64)
     for start, block in store.iter_blocks(layer, shard):
         if block.nnz and (block.indices.min() < 0 or block.indices.max() >= d_sae):
             problems.append(f"feature ids out of range [0, {d_sae}) from token {start}")
+            continue
         if not np.all(np.isfinite(block.data)) or (block.nnz and block.data.min() < 0):
             problems.append(f"NaN, infinite or negative values from token {start}")
-    return problems
+        counts += FeatureStats.of(block).count
+    return problems, counts
 
 
 PAIR_ARRAYS = ("feature_a", "feature_b", "n_both", "sum_xy", "indptr")
