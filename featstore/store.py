@@ -270,7 +270,8 @@ class Store:
         return self.children(spec.TOKENS)
 
     def _activation_group(self, layer: int, shard: str) -> zarr.Group:
-        if layer not in self.layers():
+        # A stat of the layer's zarr.json, not a listing: this runs for every block read.
+        if not self._exists(spec.layer_group(layer)):
             raise FeatstoreError(
                 f"layer {layer} not in store {self.home} (layers: {self.layers()})"
             )
