@@ -1,7 +1,10 @@
 """Extraction throughput: tokens/second of `featstore.extract.encode_batch` against a bare forward.
 
 The baseline, measured in the same run, is the model's forward pass alone, stopped after the last
-hooked layer (the least any extraction must do). Models: the embedded `tiny` source and a
+hooked layer (the least any extraction must do). `stored` is `featstore.extract.encode_and_store`
+into a temporary store: encoding plus writing the codes through the store's `activation_writer`
+(checks, feature statistics, Zarr appends, in a thread overlapping the next batch's encoding),
+i.e. everything `extract_shard` does per batch. Models: the embedded `tiny` source and a
 GPT-2-small-sized model with random weights and four random 24,576-feature SAEs (layers 6-9).
 
     .venv/bin/python bench/extraction.py [--device cpu|cuda] [--batches 3] [--batch-size 8]
@@ -10,14 +13,17 @@ GPT-2-small-sized model with random weights and four random 24,576-feature SAEs 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
 import time
 
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from featstore.extract import encode_batch
+from featstore.extract import encode_and_store, encode_batch
 from featstore.sources import get_source
+from featstore.store import open_store
 
 LAYERS = (6, 7, 8, 9)
 GPT2 = dict(
@@ -56,11 +62,19 @@ def tiny(device: str):
     return source.load_model(device), {layer: source.load_sae(layer, device) for layer in LAYERS}
 
 
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a time covers it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def rate(fn, tokens: torch.Tensor, batches: int) -> float:
     fn(tokens)  # warm-up
+    sync(str(tokens.device))
     start = time.perf_counter()
     for _ in range(batches):
         fn(tokens)
+    sync(str(tokens.device))
     return batches * tokens.numel() / (time.perf_counter() - start)
 
 
@@ -78,11 +92,27 @@ def measure(name: str, model, saes, args) -> None:
 
     base = rate(forward, tokens, args.batches)
     full = rate(extract, tokens, args.batches)
+    with tempfile.TemporaryDirectory() as home, contextlib.ExitStack() as stack:
+        store = open_store(home, create=True)
+        writers = {
+            layer: stack.enter_context(store.activation_writer(layer, "bench", sae.cfg.d_sae))
+            for layer, sae in saes.items()
+        }
+
+        def stored(t):
+            for _ in encode_and_store(model, saes, hooks, [t] * args.batches, writers):
+                pass
+
+        stored(tokens)  # warm-up
+        sync(args.device)
+        start = time.perf_counter()
+        stored(tokens)
+        kept = args.batches * tokens.numel() / (time.perf_counter() - start)
     l0 = extract(tokens) / tokens.numel() / len(saes)
     print(
         f"{name:<12} {args.device:<5} forward {base:>9.0f} tok/s  extraction {full:>9.0f} tok/s  "
-        f"ratio {base / full:5.2f}x  (L0 {l0:.0f}, batch {args.batch_size}x128, threads "
-        f"{torch.get_num_threads()})"
+        f"stored {kept:>9.0f} tok/s  forward/stored {base / kept:5.2f}x  (L0 {l0:.0f}, batch "
+        f"{args.batch_size}x128, threads {torch.get_num_threads()})"
     )
 
 
@@ -92,6 +122,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args()
+    if args.device.startswith("cuda"):
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     measure("tiny", *tiny(args.device), args)
     measure("gpt2-sized", *gpt2_sized(args.device), args)
 

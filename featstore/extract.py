@@ -7,8 +7,8 @@ import dataclasses
 import functools
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from featstore import spec
 from featstore.errors import FeatstoreError
 from featstore.sources import Source, get_source
-from featstore.store import Store
+from featstore.store import ActivationWriter, Store
 
 if TYPE_CHECKING:
     import torch
@@ -191,12 +191,20 @@ def load_model_and_saes(cfg: ExtractConfig, layers: tuple[int, ...] | None = Non
 
 
 def dense_to_csr(acts: torch.Tensor) -> sp.csr_matrix:
-    """(tokens, d_sae) dense tensor -> scipy CSR holding only its nonzeros."""
-    with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"
-        warnings.simplefilter("ignore", UserWarning)
-        csr = acts.detach().to("cpu").to_sparse_csr()
+    """(tokens, d_sae) dense tensor -> scipy CSR holding only its nonzeros.
+
+    The nonzeros are found on the tensor's device, so only they cross to the host: copying the
+    dense codes off a GPU first made extraction 20-60x slower than the forward pass.
+    """
+    import torch
+
+    acts = acts.detach()
+    rows, cols = torch.nonzero(acts, as_tuple=True)  # row-major order, as CSR wants
+    values = acts[rows, cols].float()
+    bounds = torch.arange(acts.shape[0] + 1, device=acts.device, dtype=rows.dtype)
+    indptr = torch.searchsorted(rows, bounds)
     return sp.csr_matrix(
-        (csr.values().float().numpy(), csr.col_indices().numpy(), csr.crow_indices().numpy()),
+        (values.cpu().numpy(), cols.cpu().numpy(), indptr.cpu().numpy()),
         shape=tuple(acts.shape),
     )
 
@@ -218,6 +226,35 @@ def encode_batch(
             resid = cache[hooks[layer]].reshape(-1, model.cfg.d_model)
             out[layer] = dense_to_csr(sae.encode(resid.to(sae.dtype)))
     return out
+
+
+def encode_and_store(
+    model,
+    saes: dict,
+    hooks: dict[int, str],
+    batches: Iterable[torch.Tensor],
+    writers: dict[int, ActivationWriter],
+) -> Iterator[dict[int, sp.csr_matrix]]:
+    """Encode each batch, append its codes to the layers' writers and yield them.
+
+    Storing batch k (CPU: checks, statistics, compression) runs in a thread while the model
+    encodes batch k + 1, so a GPU is not kept waiting for the disk.
+    """
+    with ThreadPoolExecutor(1, "featstore-store") as background:
+        stored: Future[None] | None = None
+        for batch in batches:
+            codes = encode_batch(model, saes, hooks, batch)
+            if stored is not None:
+                stored.result()
+            stored = background.submit(_append_codes, writers, codes)
+            yield codes
+        if stored is not None:
+            stored.result()
+
+
+def _append_codes(writers: dict[int, ActivationWriter], codes: dict[int, sp.csr_matrix]) -> None:
+    for layer, csr in codes.items():
+        writers[layer].append(csr)
 
 
 def shard_sequences(store: Store, shard: str) -> np.ndarray:
@@ -281,12 +318,14 @@ def _extract_tokenised(
             for layer in layers
         }
         n_batches = -(-len(sequences) // cfg.batch_size)
-        for b, lo in enumerate(range(0, len(sequences), cfg.batch_size)):
-            batch = torch.tensor(sequences[lo : lo + cfg.batch_size], device=cfg.device)
-            for layer, csr in encode_batch(model, saes, hooks, batch).items():
-                writers[layer].append(csr)
+        batches = (
+            torch.tensor(sequences[lo : lo + cfg.batch_size], device=cfg.device)
+            for lo in range(0, len(sequences), cfg.batch_size)
+        )
+        for b, codes in enumerate(encode_and_store(model, saes, hooks, batches, writers)):
+            for layer, csr in codes.items():
                 report.nnz[layer] += csr.nnz
-            report.n_tokens += batch.numel()
+            report.n_tokens += csr.shape[0]
             report.seconds = time.perf_counter() - start
             if b % 10 == 9 or b == n_batches - 1:
                 left = (n_batches - b - 1) * report.seconds / (b + 1)
