@@ -38,6 +38,8 @@ GROUP_FOLDERS = ("*", f"{spec.ACTIVATIONS}/*", f"{spec.ACTIVATIONS}/*/*", f"{spe
 
 
 def _unreadable_folders(store: Store) -> Iterator[str]:
+    if not store.local:  # object storage has no folders, only keys; a group is its zarr.json
+        return
     for pattern in GROUP_FOLDERS:
         for folder in sorted(store.root_path.glob(pattern)):
             hidden = folder.name in (spec.STAGING, spec.TRASH)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from featstore.errors import FeatstoreError
-from featstore.store import atomic_file, default_home, open_store
+from featstore.store import Store, atomic_file, default_home, open_store
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -38,7 +38,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from featstore.ingest import ingest_npz
 
     report = ingest_npz(
-        args.home, args.file, layer=args.layer, shard=args.shard, tokens_file=args.tokens
+        args.home,
+        args.file,
+        layer=args.layer,
+        shard=args.shard,
+        tokens_file=args.tokens,
+        url=args.store_url,
     )
     print(report)
     return 0
@@ -48,13 +53,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from featstore.extract import ExtractConfig, extract_all
 
     cfg = ExtractConfig.of(args)
-    for report in extract_all(open_store(args.home, create=True), cfg, shards=args.shards):
+    for report in extract_all(_open(args, create=True), cfg, shards=args.shards):
         print(report.summary())
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    store = open_store(args.home)
+    store = _open(args)
     for layer in store.layers():
         for shard in store.shards(layer):
             info = store.info(layer, shard)
@@ -73,7 +78,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n_planted=args.planted,
         seed=args.seed,
     )
-    edges = generate_all(open_store(args.home, create=True), cfg, args.shards, log=print)
+    edges = generate_all(_open(args, create=True), cfg, args.shards, log=print)
     print(f"{edges.height} planted edges in {planted_path(args.home)}")
     return 0
 
@@ -81,7 +86,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from featstore.check import check_store
 
-    problems = check_store(open_store(args.home))
+    problems = check_store(_open(args))
     for problem in problems:
         print(problem)
     print(f"{len(problems)} problem(s) found" if problems else "store is sound")
@@ -107,7 +112,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     if (args.query is None) == (args.file is None):
         raise FeatstoreError("give either a QUERY or --file FILE")
     text = args.query if args.file is None else sql.query_text(args.file)
-    frame = sql.query(open_store(args.home), text, dict(args.param) or None)
+    frame = sql.query(_open(args), text, dict(args.param) or None)
     print(sql.render(frame, args.format))
     return 0
 
@@ -125,7 +130,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from featstore import measures, stats
     from featstore.pairs import Variant
 
-    store = open_store(args.home)
+    store = _open(args)
     variant = Variant(args.active_threshold, args.null)
     if args.never_coactive is not None:
         shards = stats.shards_of_pair(store, args.layer_a, args.layer_b, args.shards)
@@ -172,7 +177,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from featstore.graph import export_graph
 
     graph, summary = export_graph(
-        open_store(args.home),
+        _open(args),
         args.out,
         layers=args.layers,
         metric=args.metric,
@@ -190,7 +195,7 @@ def cmd_plots(args: argparse.Namespace) -> int:
     from featstore.plots import plot_store
 
     paths = plot_store(
-        open_store(args.home),
+        _open(args),
         args.out,
         layers=args.layers,
         threshold=args.threshold,
@@ -231,7 +236,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
         min_effect=args.min_effect,
         min_pearson=args.min_pearson,
     )
-    store = open_store(args.home)
+    store = _open(args)
     model, saes = load_model_and_saes(args.source, cfg.layers, args.device)
     paths = run_causal(store, model, saes, cfg)
     print(render(pl.read_parquet(paths["comparison"])))
@@ -253,7 +258,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     from featstore.concepts import default_set, run_concepts
     from featstore.graph import build_graph, store_pair_frames
 
-    store = open_store(args.home)
+    store = _open(args)
     layers = sorted(args.layers)
     concept_set = args.set or default_set(store_source(store, layers[0]))
     frames = store_pair_frames(store, layers, metric=args.metric, threshold=args.threshold)
@@ -270,7 +275,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
 def cmd_feature(args: argparse.Namespace) -> int:
     from featstore import cards
 
-    store = open_store(args.home)
+    store = _open(args)
     layer, feature = cards.parse_key(args.key)
     card = cards.feature_card(
         store, layer, feature, top=args.top, partners=args.partners, sort_by=args.sort_by,
@@ -284,10 +289,21 @@ def cmd_feature(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open(args: argparse.Namespace, create: bool = False) -> Store:
+    return open_store(args.home, create=create, url=args.store_url)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="featstore", description=__doc__)
     parser.add_argument(
         "--home", default=None, help="store home (default $FEATSTORE_HOME or ./featstore-data)"
+    )
+    parser.add_argument(
+        "--store-url",
+        default=None,
+        help="fsspec URL of the Zarr store, e.g. s3://bucket/store.zarr (default "
+        "$FEATSTORE_STORE_URL, else store.zarr in the home); fsspec options as JSON in "
+        "$FEATSTORE_STORAGE_OPTIONS",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 

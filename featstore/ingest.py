@@ -83,13 +83,14 @@ def ingest_npz(
     layer: int,
     shard: str,
     tokens_file: str | Path | None = None,
+    url: str | None = None,
 ) -> str:
     """Validate everything first, then write; a bad file leaves the store as it was."""
     check_shard_name(shard)
     if layer < 0:
         raise FeatstoreError(f"layer must be non-negative, got {layer}")
     matrix = load_npz(path)
-    store = open_store(home, create=True)
+    store = open_store(home, create=True, url=url)
     tokens = load_token_table(tokens_file, matrix.shape[0]) if tokens_file else None
     if tokens is not None and shard in store.token_shards():
         raise FeatstoreError(f"shard {shard} already has a token table; ingest without --tokens")

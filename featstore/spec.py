@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: groups at a URL are committed generations (docs/STORE_FORMAT.md)
 ROOT = "store.zarr"
 
 # Attribute keys.
@@ -32,6 +32,11 @@ PAIRS = "pairs"  # pairs/{a}-{b}/{shard}
 PAIR_STATS_DIR = "pair_stats"  # {home}/pair_stats/{a}-{b}.parquet: merged, for SQL
 CAUSAL_DIR = "causal"  # {home}/causal/: patching effects (featstore.causal), for SQL
 CAUSAL_EDGES_FILE = "causal_edges.parquet"  # in CAUSAL_DIR: the `causal_edges` SQL table
+STORE_URL_ENV = "FEATSTORE_STORE_URL"  # an fsspec URL for the Zarr hierarchy (objectstore.py)
+STORAGE_OPTIONS_ENV = "FEATSTORE_STORAGE_OPTIONS"  # JSON: fsspec options for that URL
+GENERATION = "featstore-generation"  # group attr at a URL store: the committed generation
+GENERATION_STALE_AFTER = 6 * 3600.0  # s: an unreferenced generation this old is dropped
+GENERATION_PREFIX = "_gen-"  # cannot be a shard name, which starts with a letter or digit
 STAGING = "_staging"  # half-written groups live here until renamed into place
 TRASH = "_trash"  # replaced groups wait here until the new one is in place
 
@@ -56,6 +61,7 @@ def tokens_path(shard: str) -> str:
 
 def pairs_path(layer_a: int, layer_b: int, shard: str) -> str:
     return f"{PAIRS}/{layer_a}-{layer_b}/{shard}"
+
 
 # Derived outputs under the store home (rebuilt from store.zarr; not part of the Zarr spec).
 GRAPH_DIR = "graph"  # graph.graphml, edges.parquet, summary.json

@@ -34,9 +34,23 @@ def default_home() -> Path:
     return Path(os.environ.get("FEATSTORE_HOME", DEFAULT_HOME))
 
 
-def open_store(home: str | os.PathLike[str] | None = None, *, create: bool = False) -> Store:
-    """Open the store under `home` (default `$FEATSTORE_HOME` or `./featstore-data`)."""
-    return Store(Path(home) if home is not None else default_home(), create=create)
+def open_store(
+    home: str | os.PathLike[str] | None = None, *, create: bool = False, url: str | None = None
+) -> Store:
+    """Open the store under `home` (default `$FEATSTORE_HOME` or `./featstore-data`).
+
+    With `url` (default `$FEATSTORE_STORE_URL`), e.g. `s3://bucket/prefix/store.zarr`, the Zarr
+    hierarchy lives there (fsspec) and `home` keeps only locks and derived files.
+    """
+    home_path = Path(home) if home is not None else default_home()
+    url = url or os.environ.get(spec.STORE_URL_ENV) or None
+    if url is not None and "://" in url and not url.startswith("file://"):
+        from featstore.objectstore import UrlStore
+
+        return UrlStore(home_path, url, create=create)
+    if url is not None:
+        return Store(home_path, create=create, root=Path(url.removeprefix("file://")))
+    return Store(home_path, create=create)
 
 
 def check_shard_name(shard: str) -> str:
@@ -80,38 +94,49 @@ class FeatureStats:
 class Store:
     """A featstore home: `store.zarr` plus lock files; safe against crashes mid-write."""
 
-    def __init__(self, home: Path, *, create: bool = False) -> None:
+    local = True  # the Zarr hierarchy is a folder (UrlStore: at an fsspec URL)
+
+    def __init__(self, home: Path, *, create: bool = False, root: Path | None = None) -> None:
         self.home = home
-        self.root_path = home / spec.ROOT
-        if not (self.root_path / "zarr.json").exists():
+        self.root_path = root or home / spec.ROOT
+        self.where = str(self.root_path)
+        self._open_root(create)
+
+    def _open_root(self, create: bool) -> None:
+        if not self._exists(""):
             if not create:
                 raise FeatstoreError(
-                    f"no featstore store at {home} (missing {self.root_path / 'zarr.json'}); "
+                    f"no featstore store at {self.where} (missing zarr.json); "
                     "run extraction or `featstore ingest` first"
                 )
-            self.root_path.mkdir(parents=True, exist_ok=True)
-            root = zarr.open_group(self._zstore(), mode="a", zarr_format=3)
-            root.attrs.update({spec.FEATSTORE_VERSION: spec.SPEC_VERSION})
+            self._create_root()
         version = self._root_attrs().get(spec.FEATSTORE_VERSION)
         if version is None or int(version) > spec.SPEC_VERSION:
             raise FeatstoreError(
-                f"store {self.root_path} has featstore spec version {version}, this featstore "
+                f"store {self.where} has featstore spec version {version}, this featstore "
                 f"reads up to {spec.SPEC_VERSION}: upgrade featstore"
             )
         self._recover()
 
     # -- low level -----------------------------------------------------------------------------
 
-    def _zstore(self, read_only: bool = False) -> zarr.storage.LocalStore:
+    def _create_root(self) -> None:
+        self.root_path.mkdir(parents=True, exist_ok=True)
+        root = zarr.open_group(self._zstore(), mode="a", zarr_format=3)
+        root.attrs.update({spec.FEATSTORE_VERSION: spec.SPEC_VERSION})
+
+    def _zstore(self, read_only: bool = False) -> zarr.abc.store.Store:
         return zarr.storage.LocalStore(self.root_path, read_only=read_only)
+
+    def location(self, path: str) -> str:
+        """Where a group lives, for messages and links."""
+        return str(self.root_path / path)
 
     def _root_attrs(self) -> dict[str, Any]:
         try:
             return dict(zarr.open_group(self._zstore(True), mode="r").attrs)
         except Exception as exc:  # a corrupt root zarr.json
-            raise FeatstoreError(
-                f"corrupt store root {self.root_path / 'zarr.json'}: {exc}"
-            ) from None
+            raise FeatstoreError(f"corrupt store root {self.where}/zarr.json: {exc}") from None
 
     def _recover(self) -> None:
         """Undo what killed writers left: put back a group parked in the trash between the two
@@ -135,6 +160,7 @@ class Store:
                         shutil.rmtree(entry, ignore_errors=True)
 
     def _exists(self, path: str) -> bool:
+        """Whether the group at `path` ("" for the root) is there, i.e. has its zarr.json."""
         return (self.root_path / path / "zarr.json").exists()
 
     @contextlib.contextmanager
@@ -237,10 +263,15 @@ class Store:
         return True
 
     def group(self, path: str, what: str) -> zarr.Group:
+        """The group at `path` to read; a committed generation where the group names one."""
         if not self._exists(path):
-            raise FeatstoreError(f"{what} not in store {self.home} (missing {path}/zarr.json)")
+            raise FeatstoreError(f"{what} not in store {self.where} (missing {path}/zarr.json)")
         try:
-            return zarr.open_group(self._zstore(True), path=path, mode="r")
+            group = zarr.open_group(self._zstore(True), path=path, mode="r")
+            generation = group.attrs.get(spec.GENERATION)
+            if generation is not None:  # a store at a URL: see featstore/objectstore.py
+                group = zarr.open_group(self._zstore(True), path=f"{path}/{generation}", mode="r")
+            return group
         except Exception as exc:
             raise FeatstoreError(f"{what}: corrupt {path}/zarr.json: {exc}") from None
 
@@ -249,9 +280,7 @@ class Store:
             return group[name][sel]
         except Exception as exc:
             where = f"{group.path}/{name}"
-            raise FeatstoreError(
-                f"{what}: cannot read {where} in {self.root_path}: {exc}"
-            ) from None
+            raise FeatstoreError(f"{what}: cannot read {where} in {self.where}: {exc}") from None
 
     def children(self, path: str) -> list[str]:
         base = self.root_path / path
@@ -275,7 +304,7 @@ class Store:
         # A stat of the layer's zarr.json, not a listing: this runs for every block read.
         if not self._exists(spec.layer_group(layer)):
             raise FeatstoreError(
-                f"layer {layer} not in store {self.home} (layers: {self.layers()})"
+                f"layer {layer} not in store {self.where} (layers: {self.layers()})"
             )
         path, what = spec.activation_path(layer, shard), f"layer {layer} shard {shard}"
         return self._encoded(path, what, (spec.CSR, spec.CSR_VERSION))

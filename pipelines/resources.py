@@ -17,6 +17,11 @@ class FeatstoreResource(dg.ConfigurableResource):
     home: str | None = Field(
         default=None, description="Store folder; unset: $FEATSTORE_HOME, else ./featstore-data"
     )
+    store_url: str | None = Field(
+        default=None,
+        description="fsspec URL of the Zarr store shared by all workers (s3://bucket/prefix); "
+        "unset: $FEATSTORE_STORE_URL, else the folder store.zarr in the home",
+    )
     source: str = Field(default="tiny", description="A source of featstore/sources.yaml")
     layers: list[int] = Field(default=[6, 7, 8, 9], description="Layers to extract")
     seq_len: int = Field(default=128, description="Tokens per sequence, BOS included")
@@ -33,7 +38,7 @@ class FeatstoreResource(dg.ConfigurableResource):
 
     def open(self) -> Store:
         """The store, created on first use."""
-        return open_store(self.home_path(), create=True)
+        return open_store(self.home_path(), create=True, url=self.store_url)
 
     def extract_config(self) -> ExtractConfig:
         return ExtractConfig.of(self)

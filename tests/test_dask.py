@@ -1,8 +1,10 @@
 """The same definitions on Dask distributed ($FEATSTORE_EXECUTOR=dask through `dagster-dask`):
-runs on a local `distributed` cluster store exactly what in-process runs store."""
+runs on a local `distributed` cluster store exactly what in-process runs store, with the workers
+sharing the store in a folder or on S3 (moto's server on loopback)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -50,9 +52,14 @@ def statistics_job(name: str) -> dg.JobDefinition:
     return location.resolve_job_def(name)
 
 
-def write_store(home: Path) -> None:
+def folder_url(home: Path) -> str:
+    """The folder store of `home`, named so that $FEATSTORE_STORE_URL does not apply."""
+    return f"file://{home / 'store.zarr'}"
+
+
+def write_store(home: Path, url: str | None = None) -> None:
     """Two shards of correlated activations at layers 6-9."""
-    store = open_store(home, create=True)
+    store = open_store(home, create=True, url=url)
     for i, shard in enumerate(SHARDS):
         store.write_tokens(shard, token_table(np.zeros((3, 100), np.int32)), {})
         for layer, x in correlated_layers(n_tokens=300, d=24, seed=i).items():
@@ -69,11 +76,14 @@ def runs() -> list[tuple[str, dict[str, str]]]:
     return [*per_shard, ("pairs", range_tags(first, last)), ("graph", {})]
 
 
-@pytest.fixture
-def dask_home(tmp_path, monkeypatch) -> Path:
-    """The store of the Dask runs, named in the environment before workers start (they copy it)."""
+@pytest.fixture(params=["folder", "s3"])
+def dask_home(request, tmp_path, monkeypatch) -> Path:
+    """The store of the Dask runs, named in the environment before workers start (they copy it):
+    a folder in the home, or a bucket of the local S3 server ($FEATSTORE_STORE_URL)."""
     monkeypatch.setenv("FEATSTORE_HOME", str(tmp_path / "dask"))
     monkeypatch.setenv("FEATSTORE_EXECUTOR", "dask")
+    if request.param == "s3":
+        monkeypatch.setenv("FEATSTORE_STORE_URL", request.getfixturevalue("s3").url())
     return tmp_path / "dask"
 
 
@@ -111,14 +121,16 @@ def test_executor_follows_the_environment(monkeypatch):
 
 
 @pytest.mark.slow
-def test_statistics_on_dask_equal_an_in_process_run(tmp_path, monkeypatch, dask_home, cluster):
+def test_statistics_on_dask_equal_an_in_process_run(
+    request, tmp_path, monkeypatch, dask_home, cluster
+):
     local_home = tmp_path / "local"
     write_store(dask_home)
-    write_store(local_home)
+    write_store(local_home, folder_url(local_home))
 
     local = dg.DagsterInstance.ephemeral()
     local.add_dynamic_partitions(shard_partitions.name, list(SHARDS))
-    location = build_defs(FeatstoreResource(home=str(local_home)))
+    location = build_defs(FeatstoreResource(home=str(local_home), store_url=folder_url(local_home)))
     for job, tags in runs():
         materialize(local, JOBS[job], tags=tags, location=location)
 
@@ -144,7 +156,12 @@ def test_statistics_on_dask_equal_an_in_process_run(tmp_path, monkeypatch, dask_
     want = {f"{job}.{a.node_def.name}" for job, assets in JOBS.items() for a in assets}
     assert {task["key"] for task in tasks.data} == want
 
-    dask_store, local_store = open_store(dask_home), open_store(local_home)
+    dask_store = open_store(dask_home)
+    local_store = open_store(local_home, url=folder_url(local_home))
+    assert dask_store.local == ("FEATSTORE_STORE_URL" not in os.environ)
+    if not dask_store.local:  # the workers exchanged the per-shard pair sums through S3
+        keys = request.getfixturevalue("s3").keys("store.zarr/pairs/6-7/")
+        assert {k.split("/")[3] for k in keys} >= set(SHARDS)
     for pair in PAIRS:
         a, b = parse_pair(pair)
         dask_frame = pl.read_parquet(pair_stats_path(dask_store, a, b))

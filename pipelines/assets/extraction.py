@@ -46,7 +46,7 @@ def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> d
                 "tokens": n_tokens,
                 "sequences": n_tokens // cfg.seq_len,
                 "dagster/row_count": n_tokens,
-                "path": dg.MetadataValue.path(str(store.root_path / spec.tokens_path(shard))),
+                "path": dg.MetadataValue.path(store.location(spec.tokens_path(shard))),
             },
             partition_key=shard,
         )
@@ -100,7 +100,5 @@ def layer_metadata(store: Store, report: ExtractReport, layer: int) -> dict[str,
         "seconds": meta["seconds"],
         "layers_in_forward_pass": len(report.nnz),
         "dagster/row_count": meta["tokens"],
-        "path": dg.MetadataValue.path(
-            str(store.root_path / spec.activation_path(layer, report.shard))
-        ),
+        "path": dg.MetadataValue.path(store.location(spec.activation_path(layer, report.shard))),
     }

@@ -1,0 +1,199 @@
+"""A store whose Zarr hierarchy lives at an fsspec URL (S3, GCS, ...), shared by many machines.
+
+Object stores have no rename, so a group is not swapped in by renaming a staged folder (as in
+`Store`). Each write goes to a fresh generation `{path}/_gen-{hex}/` and is committed by one
+PUT of the group's own `{path}/zarr.json`, whose only attribute names that generation. A reader
+sees the old generation or the new one, never a mix; two writers of the same group never write
+the same object (each has its own generation; the last commit wins). A generation's name starts
+with the time it was begun; a committing writer deletes the generations other than its own and
+the previous one that were begun more than `stale_after` seconds ago (superseded ones, and ones
+whose writer died), never one a live writer may still be writing or a reader still reading.
+Locks are the local ones of `Store`: they keep writers on one machine apart; across machines
+the pipeline's partitions do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zarr
+import zarr.core.sync
+from zarr.core.buffer import default_buffer_prototype
+from zarr.storage import FsspecStore
+
+from featstore import spec
+from featstore.errors import FeatstoreError
+from featstore.store import GroupWriter, Store, finish_pending_writes, writing
+
+
+def storage_options_from_env() -> dict[str, Any]:
+    """fsspec options from `$FEATSTORE_STORAGE_OPTIONS` (JSON), e.g. an S3 endpoint_url."""
+    raw = os.environ.get(spec.STORAGE_OPTIONS_ENV)
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise FeatstoreError(f"${spec.STORAGE_OPTIONS_ENV} is not JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise FeatstoreError(f"${spec.STORAGE_OPTIONS_ENV} must be a JSON object")
+    return options
+
+
+def _sync(coroutine: Any) -> Any:
+    return zarr.core.sync.sync(coroutine)
+
+
+class UrlStore(Store):
+    """`Store` with its Zarr hierarchy at `url`; `home` (local) keeps locks and derived files."""
+
+    local = False
+    stale_after = spec.GENERATION_STALE_AFTER  # far longer than writing one group takes
+
+    def __init__(
+        self,
+        home: Path,
+        url: str,
+        *,
+        create: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.home = home
+        self.url = url.rstrip("/")
+        self.where = self.url
+        self.storage_options = (
+            storage_options if storage_options is not None else storage_options_from_env()
+        )
+        self._zstores: dict[bool, FsspecStore] = {}
+        try:
+            self._open_root(create)
+        except FeatstoreError:
+            raise
+        except Exception as exc:  # no bucket, no credentials, no server, no fsspec backend
+            raise FeatstoreError(
+                f"cannot open store {self.url}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    # -- where things are ----------------------------------------------------------------------
+
+    def _zstore(self, read_only: bool = False) -> FsspecStore:
+        if read_only not in self._zstores:
+            self._zstores[read_only] = FsspecStore.from_url(
+                self.url, storage_options=dict(self.storage_options), read_only=read_only
+            )
+        return self._zstores[read_only]
+
+    def location(self, path: str) -> str:
+        return f"{self.url}/{path}"
+
+    def _exists(self, path: str) -> bool:
+        return bool(_sync(self._zstore(True).exists(_key(path, "zarr.json"))))
+
+    def _create_root(self) -> None:
+        self._put_group("", {spec.FEATSTORE_VERSION: spec.SPEC_VERSION})
+
+    def _recover(self) -> None:
+        """Nothing to undo: an uncommitted generation is invisible and goes at the next write."""
+
+    def children(self, path: str) -> list[str]:
+        names = _sync(_listing(self._zstore(True), path))
+        names = [n for n in names if not n.startswith((spec.GENERATION_PREFIX, "_"))]
+        found = _sync(_all_exist(self._zstore(True), [_key(path, n, "zarr.json") for n in names]))
+        return sorted(n for n, ok in zip(names, found, strict=True) if ok)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staged(self, path: str, lock_timeout: float = 0.0) -> Iterator[GroupWriter]:
+        """A fresh generation of the group at `path`, committed only when complete."""
+        generation = f"{spec.GENERATION_PREFIX}{int(time.time()):010x}-{uuid.uuid4().hex}"
+        with self.lock(path, lock_timeout):
+            try:
+                with writing(self.location(path)):
+                    group = zarr.open_group(
+                        self._zstore(), path=f"{path}/{generation}", mode="w", zarr_format=3
+                    )
+                writer = GroupWriter(group, path)
+                with writing(self.location(path)):
+                    yield writer
+                with writing(self.location(path)):
+                    writer.flush()
+                    writer.group.attrs.update(writer.attrs)
+                    self._ensure_parents(path)
+                    previous = self._committed(path)
+                    self._put_group(path, {spec.GENERATION: generation})
+            except BaseException:
+                finish_pending_writes()
+                self._delete_prefix(f"{path}/{generation}")
+                raise
+            # Best effort: what a failed clean-up leaves, the next write of the group removes.
+            with contextlib.suppress(Exception):
+                self._drop_generations(path, keep={generation, previous})
+
+    def _ensure_parents(self, path: str) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if not self._exists(sub):
+                self._put_group(sub, {})
+
+    def delete_group(self, path: str, lock_timeout: float = 0.0) -> bool:
+        """Remove a group: its zarr.json first, so it is never seen half-deleted."""
+        if not self._exists(path):
+            return False
+        with self.lock(path, lock_timeout), writing(self.location(path)):
+            _sync(self._zstore().delete(_key(path, "zarr.json")))
+            self._delete_prefix(path)
+        return True
+
+    def _committed(self, path: str) -> str | None:
+        if not self._exists(path):
+            return None
+        return zarr.open_group(self._zstore(True), path=path, mode="r").attrs.get(spec.GENERATION)
+
+    def _put_group(self, path: str, attributes: dict[str, Any]) -> None:
+        """Write a group's zarr.json in one PUT: the commit point of a generation."""
+        meta = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
+        buffer = default_buffer_prototype().buffer.from_bytes(json.dumps(meta).encode())
+        _sync(self._zstore().set(_key(path, "zarr.json"), buffer))
+
+    def _drop_generations(self, path: str, keep: set[str | None]) -> None:
+        for name in _sync(_listing(self._zstore(True), path)):
+            if name.startswith(spec.GENERATION_PREFIX) and name not in keep:
+                if _begun(name) < time.time() - self.stale_after:
+                    self._delete_prefix(f"{path}/{name}")
+
+    def _delete_prefix(self, prefix: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            _sync(self._zstore().delete_dir(prefix))
+
+
+def _begun(generation: str) -> float:
+    """When a generation was begun (its name's first field, hex seconds); 0 if unreadable."""
+    try:
+        return float(int(generation[len(spec.GENERATION_PREFIX) :].split("-")[0], 16))
+    except ValueError:
+        return 0.0
+
+
+def _key(*parts: str) -> str:
+    return "/".join(p for p in parts if p)
+
+
+async def _listing(store: FsspecStore, path: str) -> list[str]:
+    try:
+        return [name async for name in store.list_dir(path)]
+    except FileNotFoundError:
+        return []
+
+
+async def _all_exist(store: FsspecStore, keys: list[str]) -> list[bool]:
+    return list(await asyncio.gather(*(store.exists(k) for k in keys)))
