@@ -7,7 +7,7 @@ import dagster as dg
 from pipelines.assets.causal import causal_assets
 from pipelines.assets.checks import activation_checks
 from pipelines.assets.comparison import comparison_assets
-from pipelines.assets.extraction import activations, tokens
+from pipelines.assets.extraction import activations, encoder_config, tokenizer_config, tokens
 from pipelines.assets.statistics import statistics_assets
 from pipelines.execution import executor
 from pipelines.removal import merge_after_removal
@@ -18,7 +18,15 @@ from pipelines.sensors import automation, new_text_shards
 def build_defs(featstore: FeatstoreResource) -> dg.Definitions:
     """The code location around one store and extraction configuration."""
     return dg.Definitions(
-        assets=[tokens, activations, *statistics_assets, *causal_assets, *comparison_assets],
+        assets=[
+            tokenizer_config,
+            encoder_config,
+            tokens,
+            activations,
+            *statistics_assets,
+            *causal_assets,
+            *comparison_assets,
+        ],
         asset_checks=activation_checks,
         resources={"featstore": featstore},
         sensors=[new_text_shards, automation, merge_after_removal],

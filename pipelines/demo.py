@@ -72,7 +72,7 @@ def register_shards(instance: dg.DagsterInstance, shards: Sequence[str]) -> list
 
 def materialize(
     instance: dg.DagsterInstance,
-    assets: Sequence[dg.AssetsDefinition],
+    assets: Sequence[dg.AssetsDefinition | dg.SourceAsset],
     partition_key: str | None = None,
     tags: dict[str, str] | None = None,
     location: dg.Definitions = defs,
@@ -83,7 +83,8 @@ def materialize(
     result = job.execute_in_process(
         run_config={**RUN_CONFIG, "ops": ops or {}},
         instance=instance,
-        asset_selection=[key for a in assets for key in a.keys],
+        # An observable source (`dg.SourceAsset`) has one `key`; an asset definition `keys`.
+        asset_selection=[key for a in assets for key in getattr(a, "keys", None) or [a.key]],
         partition_key=partition_key,
         tags=tags,
         raise_on_error=False,

@@ -47,17 +47,22 @@ def tokens_config(featstore: FeatstoreResource) -> dict[str, Any]:
     }
 
 
-def activations_config(featstore: FeatstoreResource, layers: Iterable[int]) -> dict[str, Any]:
+def encoder_settings(featstore: FeatstoreResource, layers: Iterable[int] | None = None) -> dict:
     """What encoding depends on besides the tokens: model, SAE release and ids, hooks, layers."""
     source = featstore.extract_config().get_source()
-    layers = sorted(layers)
+    layers = sorted(featstore.layers if layers is None else layers)
     return {
-        **tokens_config(featstore),
+        "model": source.model["name"],
         "sae_release": source.sae["release"],
         "sae_ids": [source.sae_id(n) for n in layers],
         "hooks": [source.hook_name(n) for n in layers],
         "layers": layers,
     }
+
+
+def activations_config(featstore: FeatstoreResource, layers: Iterable[int]) -> dict[str, Any]:
+    """Everything the stored activations of `layers` depend on besides the text."""
+    return {**tokens_config(featstore), **encoder_settings(featstore, layers)}
 
 
 def tokens_version(

@@ -12,13 +12,15 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+from dagster._core.loader import LoadingContextForTest
 from helpers import dense_pair_frame
 
 from featstore import spec
 from featstore.cli import main as featstore_cli
 from featstore.stats import pair_stats_path
 from featstore.store import Store
-from pipelines.assets.extraction import activations, tokens
+from pipelines.assets.extraction import activations, encoder_config, tokenizer_config, tokens
 from pipelines.assets.statistics import pair_stats, shard_pair_stats
 from pipelines.definitions import build_defs, defs
 from pipelines.demo import box_tags, materialize, pair_range, shard_spans
@@ -258,7 +260,7 @@ def test_data_versions_follow_text_and_configuration(story, tmp_path):
 
 def test_definitions_carry_versions_removal_and_bounded_parallelism(tmp_path):
     graph = defs.resolve_asset_graph()
-    assert all(graph.get(key).code_version for key in graph.get_all_asset_keys())
+    assert all(graph.get(key).code_version for key in graph.materializable_asset_keys)
     assert defs.resolve_job_def(remove_shards.name) is not None
     assert defs.resolve_sensor_def("merge_after_removal") is not None
     config = yaml.safe_load(instance_config(model_steps=1, runs=3))
@@ -267,3 +269,34 @@ def test_definitions_carry_versions_removal_and_bounded_parallelism(tmp_path):
     (tmp_path / "dagster.yaml").write_text(instance_config(model_steps=1, runs=3))
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def stale_status(p: Pipeline, asset, partition) -> StaleStatus:
+    """What the UI shows for a partition (its resolver; Dagster has no public API for it)."""
+    graph, loading = p.location.resolve_asset_graph(), LoadingContextForTest(p.instance)
+    resolver = CachingStaleStatusResolver(p.instance, graph, loading)
+    return resolver.get_status(asset.key, partition)
+
+
+def test_a_configuration_change_marks_exactly_the_assets_it_touches_stale(story):
+    """Observing the configuration sources after a change of the SAE side (layers) makes the
+    activations stale and leaves the tokens fresh; a change of the sequence shape makes both."""
+    p, _ = story
+    p.run([tokenizer_config, encoder_config])
+    p.run([tokens], partition_key="a")
+    layers = (str(LAYERS[0]), str(LAYERS[-1]))
+    p.run([activations], tags=box_tags(("a", "a"), LAYER, layers))
+    cell = dg.MultiPartitionKey({"shard": "a", LAYER: "6"})
+    assert stale_status(p, tokens, "a") == StaleStatus.FRESH
+    assert stale_status(p, activations, cell) == StaleStatus.FRESH
+
+    more_layers = {**p.resource.model_dump(), "layers": [*LAYERS, 9]}
+    changed = Pipeline(p.text_dir, FeatstoreResource(**more_layers), p.instance)
+    changed.run([tokenizer_config, encoder_config])
+    assert stale_status(changed, tokens, "a") == StaleStatus.FRESH
+    assert stale_status(changed, activations, cell) == StaleStatus.STALE
+
+    shorter = Pipeline(p.text_dir, FeatstoreResource(**{**more_layers, "seq_len": 64}), p.instance)
+    shorter.run([tokenizer_config, encoder_config])
+    assert stale_status(shorter, tokens, "a") == StaleStatus.STALE
+    assert stale_status(shorter, activations, cell) == StaleStatus.STALE

@@ -18,14 +18,40 @@ from pipelines.partitions import (
     shard_partitions,
 )
 from pipelines.resources import FeatstoreResource
-from pipelines.versions import activations_version, tokens_version
+from pipelines.versions import (
+    activations_version,
+    digest,
+    encoder_settings,
+    tokens_config,
+    tokens_version,
+)
 
 # Bump a code version when the asset's output would change for the same input.
 EXTRACTION_VERSION = "1"
 
 
+OBSERVE = dg.AutomationCondition.on_cron("* * * * *")
+
+
+# The configuration as observable sources: observing them ("Observe sources" in the UI, or the
+# automation sensor every minute) gives a new data version when the resource's configuration or
+# sources.yaml changed, and Dagster marks what reads it stale. The tokenizer's part feeds
+# `tokens`, the encoder's part only `activations`, so swapping an SAE leaves the tokens fresh.
+@dg.observable_source_asset(group_name="extraction", automation_condition=OBSERVE)
+def tokenizer_config(featstore: FeatstoreResource) -> dg.DataVersion:
+    """What tokenisation depends on: source, model (its tokenizer), sequence shape."""
+    return dg.DataVersion(digest(tokens_config(featstore)))
+
+
+@dg.observable_source_asset(group_name="extraction", automation_condition=OBSERVE)
+def encoder_config(featstore: FeatstoreResource) -> dg.DataVersion:
+    """What encoding depends on besides the tokens: model, SAE release and ids, hooks, layers."""
+    return dg.DataVersion(digest(encoder_settings(featstore)))
+
+
 @dg.asset(
     partitions_def=shard_partitions,
+    deps=[tokenizer_config],
     backfill_policy=dg.BackfillPolicy.single_run(),
     code_version=EXTRACTION_VERSION,
     group_name="extraction",
@@ -57,7 +83,7 @@ def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> d
 
 @dg.asset(
     partitions_def=shard_layer_partitions,
-    deps=[tokens],  # Dagster maps (shard, layer) to the shard's tokens on its own
+    deps=[tokens, encoder_config],  # Dagster maps (shard, layer) to the shard's tokens
     backfill_policy=dg.BackfillPolicy.single_run(),
     automation_condition=dg.AutomationCondition.eager(),
     code_version=EXTRACTION_VERSION,
