@@ -37,15 +37,22 @@ OBSERVE = dg.AutomationCondition.on_cron("* * * * *")
 # automation sensor every minute) gives a new data version when the resource's configuration or
 # sources.yaml changed, and Dagster marks what reads it stale. The tokenizer's part feeds
 # `tokens`, the encoder's part only `activations`, so swapping an SAE leaves the tokens fresh.
-@dg.observable_source_asset(group_name="extraction", automation_condition=OBSERVE)
+@dg.observable_source_asset(
+    group_name="extraction",
+    automation_condition=OBSERVE,
+    description="What tokenisation depends on: source, model (its tokenizer), sequence shape.",
+)
 def tokenizer_config(featstore: FeatstoreResource) -> dg.DataVersion:
-    """What tokenisation depends on: source, model (its tokenizer), sequence shape."""
     return dg.DataVersion(digest(tokens_config(featstore)))
 
 
-@dg.observable_source_asset(group_name="extraction", automation_condition=OBSERVE)
+@dg.observable_source_asset(
+    group_name="extraction",
+    automation_condition=OBSERVE,
+    description="What encoding depends on besides the tokens: model, SAE release and ids, "
+    "hooks, layers.",
+)
 def encoder_config(featstore: FeatstoreResource) -> dg.DataVersion:
-    """What encoding depends on besides the tokens: model, SAE release and ids, hooks, layers."""
     return dg.DataVersion(digest(encoder_settings(featstore)))
 
 
