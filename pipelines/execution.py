@@ -9,6 +9,7 @@ across all runs by the pool's limit, set in the instance's dagster.yaml (`INSTAN
 
 from __future__ import annotations
 
+import json
 import os
 
 import dagster as dg
@@ -16,6 +17,11 @@ import dagster as dg
 from featstore.errors import FeatstoreError
 
 EXECUTORS = ("multiprocess", "dask")
+MODEL_POOL = "featstore_model"
+# Dask ignores Dagster pools; a model step asks Dask for one unit of this worker resource
+# instead, so a worker runs one at a time. Workers of an existing cluster that may run model
+# steps are started with `--resources featstore_model=1` (one per GPU); others never get them.
+DASK_MODEL_TAGS = {"dagster-dask/resource_requirements": json.dumps({MODEL_POOL: 1})}
 
 
 def max_concurrent() -> int:
@@ -47,7 +53,13 @@ def dask_executor(scheduler: str | None = None) -> dg.ExecutorDefinition:
         cluster = {"existing": {"address": scheduler}}
     else:
         # Dagster steps are not thread-safe: one thread per worker (dagster-dask sets it too).
-        cluster = {"local": {"n_workers": max_concurrent(), "threads_per_worker": 1}}
+        cluster = {
+            "local": {
+                "n_workers": max_concurrent(),
+                "threads_per_worker": 1,
+                "resources": {MODEL_POOL: 1},
+            }
+        }
     return dask.configured({"cluster": cluster})
 
 

@@ -120,6 +120,24 @@ def test_executor_follows_the_environment(monkeypatch):
         executor()
 
 
+def test_model_steps_ask_dask_for_one_model_slot_of_a_worker(monkeypatch):
+    """Dask ignores Dagster pools: steps that load the model ask for the worker resource
+    `featstore_model` instead, which the local cluster gives each worker once."""
+    from dagster_dask.executor import get_dask_resource_requirements
+
+    from pipelines.assets.causal import causal_edges, erasure
+    from pipelines.assets.extraction import activations
+
+    for model_step in (activations, causal_edges, erasure):
+        assert get_dask_resource_requirements(model_step.op.tags) == {"featstore_model": 1}
+    for other in (shard_pair_stats, pair_stats, feature_graph, plots):
+        assert get_dask_resource_requirements(other.op.tags) == {}
+    monkeypatch.setenv("FEATSTORE_EXECUTOR", "dask")
+    monkeypatch.delenv("FEATSTORE_DASK_SCHEDULER", raising=False)
+    local = executor().apply_config_mapping({}).value["config"]["cluster"]["local"]
+    assert local["resources"] == {"featstore_model": 1}
+
+
 @pytest.mark.slow
 def test_statistics_on_dask_equal_an_in_process_run(
     request, tmp_path, monkeypatch, dask_home, cluster
