@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from helpers import correlated_layers
 
 from featstore import FeatstoreError, open_store, spec
+from featstore.check import check_store
 from featstore.extract import token_table
 from featstore.objectstore import UrlStore
 from featstore.pairs import update_shard_pairs
@@ -39,10 +40,12 @@ def test_round_trip_replace_and_delete_as_another_machine_sees_them(s3, tmp_path
     store.write_activations(6, "s0", m0)
     store.write_activations(6, "s1", m1)
     store.write_tokens("s0", token_table(np.arange(400, dtype=np.int32).reshape(4, 100)))
+    store.write_tokens("s1", token_table(np.zeros((3, 100), np.int32)))
     store.write_vocab(["a", "bé", ""])
 
     reader = open_store(tmp_path / "reader", url=s3.url())  # another machine: own home and locks
-    assert (reader.layers(), reader.shards(6), reader.token_shards()) == ([6], ["s0", "s1"], ["s0"])
+    assert (reader.layers(), reader.shards(6)) == ([6], ["s0", "s1"])
+    assert reader.token_shards() == ["s0", "s1"]
     np.testing.assert_array_equal(reader.read(6, "s0").toarray(), m0.toarray())
     np.testing.assert_array_equal(reader.read(6, "s1", 50, 120).toarray(), m1[50:120].toarray())
     stats = reader.feature_stats(6, "s0")
@@ -50,6 +53,7 @@ def test_round_trip_replace_and_delete_as_another_machine_sees_them(s3, tmp_path
     np.testing.assert_array_equal(stats.count, (m0.toarray() > 0).sum(axis=0))
     assert reader.tokens("s0")["token"].to_list() == list(range(400))
     assert reader.vocab() == ["a", "bé", ""]
+    assert check_store(reader) == []
 
     for _ in range(3):
         store.write_activations(6, "s0", m2)
@@ -60,7 +64,7 @@ def test_round_trip_replace_and_delete_as_another_machine_sees_them(s3, tmp_path
     assert len(generations(s3, spec.activation_path(6, "s0"))) == 2  # current and previous
     np.testing.assert_array_equal(reader.read(6, "s0").toarray(), m0.toarray())
 
-    assert store.delete_shard("s1") == [spec.activation_path(6, "s1")]
+    assert store.delete_shard("s1") == [spec.activation_path(6, "s1"), spec.tokens_path("s1")]
     assert reader.shards(6) == ["s0"]
     assert s3.keys(f"store.zarr/{spec.activation_path(6, 's1')}/") == []
     assert not (tmp_path / "writer" / spec.ROOT).exists()  # the home keeps no Zarr data
