@@ -66,22 +66,11 @@ PAIR_STATS_SCHEMA = pa.schema(
     ]
 )
 CAUSAL_EDGES_SCHEMA = pa.schema(  # featstore.causal writes it
-    [
-        ("layer_a", pa.int32()),
-        ("feature_a", pa.int32()),
-        ("layer_b", pa.int32()),
-        ("feature_b", pa.int32()),
-        ("n_tokens", pa.int64()),
-        ("exact", pa.bool_()),
-    ]
+    [("layer_a", pa.int32()), ("feature_a", pa.int32()), ("layer_b", pa.int32()),
+     ("feature_b", pa.int32()), ("n_tokens", pa.int64()), ("exact", pa.bool_())]
     + [(c, pa.float64()) for c in ("mean_effect", "relative_effect")]
-    + [
-        ("n_clean_on", pa.int64()),
-        ("n_off", pa.int64()),
-        ("share_off", pa.float64()),
-        ("n_on", pa.int64()),
-        ("share_on", pa.float64()),
-    ]
+    + [("n_clean_on", pa.int64()), ("n_off", pa.int64()), ("share_off", pa.float64()),
+       ("n_on", pa.int64()), ("share_on", pa.float64())]
     + [(c, pa.float64()) for c in ("total_effect", "attribution", "relative_attribution")]
 )
 
@@ -231,7 +220,9 @@ def _causal_edges(con: duckdb.DuckDBPyConnection, store: Store) -> duckdb.DuckDB
     return con.from_arrow(pads.dataset(str(path), schema=CAUSAL_EDGES_SCHEMA))
 
 
-def connect(store: Store, failures: list[Exception] | None = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    store: Store, failures: list[Exception] | None = None
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the store's views; it can read no file but through them.
 
     Errors reading the store during a query are appended to `failures` when given.

@@ -28,32 +28,14 @@ LAYERS = (6, 7, 8, 9)
 D_SAE = 512
 SEED = 0
 HELDOUT_EVERY = 20  # every 20th file (5%) is held out from all training
-SKIP_PARTS = {
-    "site-packages",
-    "test",
-    "tests",
-    "idle_test",
-    "__pycache__",
-    "encodings",
-    "pydoc_data",
-    "lib2to3",
-    "turtledemo",
-}
+SKIP_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings",
+              "pydoc_data", "lib2to3", "turtledemo"}
 MAX_FILE_BYTES = 150_000  # drops a couple of huge generated-looking modules
 MODEL_CONFIG: dict[str, Any] = {
-    "model_name": MODEL_NAME,
-    "n_layers": 10,
-    "d_model": 96,
-    "d_head": 24,
-    "n_heads": 4,
-    "d_mlp": 384,
-    "d_vocab": VOCAB,
-    "n_ctx": CTX,
-    "act_fn": "gelu_new",
-    "normalization_type": "LN",
-    "positional_embedding_type": "standard",
-    "default_prepend_bos": True,
-    "seed": SEED,
+    "model_name": MODEL_NAME, "n_layers": 10, "d_model": 96, "d_head": 24, "n_heads": 4,
+    "d_mlp": 384, "d_vocab": VOCAB, "n_ctx": CTX, "act_fn": "gelu_new",
+    "normalization_type": "LN", "positional_embedding_type": "standard",
+    "default_prepend_bos": True, "seed": SEED,
 }
 
 
@@ -69,8 +51,7 @@ def build_corpus() -> Corpus:
     """Python's own standard library sources, sorted, with every 20th file held out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = sorted(
-        p
-        for p in root.rglob("*.py")
+        p for p in root.rglob("*.py")
         if not set(p.relative_to(root).parts) & SKIP_PARTS and p.stat().st_size <= MAX_FILE_BYTES
     )
     corpus = Corpus(train={}, heldout={})
@@ -80,9 +61,8 @@ def build_corpus() -> Corpus:
     return corpus
 
 
-def write_text_shards(
-    corpus: Corpus, folder: Path, n: int = 3, lo: int = 24_000, hi: int = 40_000
-) -> list[Path]:
+def write_text_shards(corpus: Corpus, folder: Path, n: int = 3,
+                      lo: int = 24_000, hi: int = 40_000) -> list[Path]:
     """Write n demo shards, each whole held-out files joined up to lo..hi bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     files = iter(sorted(corpus.heldout.items()))
@@ -111,9 +91,7 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = VOCAB) -> 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[SPECIAL],
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=[SPECIAL], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
@@ -128,12 +106,8 @@ def load_tokenizer(folder: str | Path, add_bos: bool = True) -> PreTrainedTokeni
 
     # add_bos_token=True also keeps transformer_lens from re-loading the tokenizer by name.
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(Path(folder) / "tokenizer.json"),
-        name_or_path=str(folder),
-        bos_token=SPECIAL,
-        eos_token=SPECIAL,
-        pad_token=SPECIAL,
-        add_bos_token=add_bos,
+        tokenizer_file=str(Path(folder) / "tokenizer.json"), name_or_path=str(folder),
+        bos_token=SPECIAL, eos_token=SPECIAL, pad_token=SPECIAL, add_bos_token=add_bos,
     )
     tok.padding_side = "right"
     return tok
@@ -172,9 +146,8 @@ def save_model(model: HookedTransformer, folder: Path) -> None:
     save_file(state, folder / "model.safetensors")
 
 
-def chunk_tokens(
-    tokenizer: PreTrainedTokenizerFast, texts: list[str], ctx: int = CTX
-) -> torch.Tensor:
+def chunk_tokens(tokenizer: PreTrainedTokenizerFast, texts: list[str],
+                 ctx: int = CTX) -> torch.Tensor:
     """Texts joined by EOS and cut into rows of BOS + ctx-1 tokens (the ragged tail is dropped)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -187,21 +160,13 @@ def chunk_tokens(
 @torch.no_grad()
 def eval_loss(model: HookedTransformer, tokens: torch.Tensor, batch: int = 64) -> float:
     """Mean next-token cross-entropy over all rows of tokens."""
-    losses = [
-        model(tokens[i : i + batch], return_type="loss").item() * len(tokens[i : i + batch])
-        for i in range(0, len(tokens), batch)
-    ]
+    losses = [model(tokens[i:i + batch], return_type="loss").item() * len(tokens[i:i + batch])
+              for i in range(0, len(tokens), batch)]
     return sum(losses) / len(tokens)
 
 
-def train_model(
-    model: HookedTransformer,
-    tokens: torch.Tensor,
-    steps: int = 1200,
-    batch: int = 16,
-    lr: float = 4e-3,
-    warmup: int = 50,
-) -> list[float]:
+def train_model(model: HookedTransformer, tokens: torch.Tensor, steps: int = 1200,
+                batch: int = 16, lr: float = 4e-3, warmup: int = 50) -> list[float]:
     """AdamW with warmup and cosine decay on random rows of tokens; returns the loss curve."""
     gen = torch.Generator().manual_seed(SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -235,18 +200,14 @@ def hook_name(layer: int) -> str:
 
 
 @torch.no_grad()
-def residuals(
-    model: HookedTransformer,
-    tokens: torch.Tensor,
-    layers: tuple[int, ...] = LAYERS,
-    batch: int = 64,
-) -> dict[int, torch.Tensor]:
+def residuals(model: HookedTransformer, tokens: torch.Tensor, layers: tuple[int, ...] = LAYERS,
+              batch: int = 64) -> dict[int, torch.Tensor]:
     """resid_pre activations of each layer, flattened to (tokens, d_model), BOS position dropped."""
     names = {hook_name(layer) for layer in layers}
     acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for i in range(0, len(tokens), batch):
         _, cache = model.run_with_cache(
-            tokens[i : i + batch], names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1
+            tokens[i:i + batch], names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1
         )
         for layer in layers:
             # position 0 (BOS) is an attention sink with a huge norm: SAEs skip it
@@ -259,31 +220,18 @@ def new_sae(d_in: int, layer: int, l1: float) -> StandardTrainingSAE:
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
 
     cfg = StandardTrainingSAEConfig(d_in=d_in, d_sae=D_SAE, l1_coefficient=l1)
-    meta = {
-        "model_name": MODEL_NAME,
-        "hook_name": hook_name(layer),
-        "hook_head_index": None,
-        "context_size": CTX,
-        "prepend_bos": True,
-        "seqpos_slice": [1, None],
-        "dataset_path": "cpython-stdlib (featstore.tiny.build_corpus)",
-        "model_from_pretrained_kwargs": {},
-    }
+    meta = {"model_name": MODEL_NAME, "hook_name": hook_name(layer), "hook_head_index": None,
+            "context_size": CTX, "prepend_bos": True, "seqpos_slice": [1, None],
+            "dataset_path": "cpython-stdlib (featstore.tiny.build_corpus)",
+            "model_from_pretrained_kwargs": {}}
     for key, value in meta.items():
         cfg.metadata[key] = value
     torch.manual_seed(SEED + layer)
     return StandardTrainingSAE(cfg)
 
 
-def train_sae(
-    model: HookedTransformer,
-    layer: int,
-    acts: torch.Tensor,
-    steps: int = 1500,
-    batch: int = 2048,
-    lr: float = 3e-3,
-    l1: float = 1.0,
-) -> StandardTrainingSAE:
+def train_sae(model: HookedTransformer, layer: int, acts: torch.Tensor, steps: int = 1500,
+              batch: int = 2048, lr: float = 3e-3, l1: float = 1.0) -> StandardTrainingSAE:
     """Fit an SAE to one layer's activations; l1 is relative to the activations' RMS scale."""
     from sae_lens.saes.sae import TrainStepInput
 
@@ -299,15 +247,9 @@ def train_sae(
     for step in range(steps):
         x = acts[torch.randint(len(acts), (batch,), generator=gen)]
         coef = sae.cfg.l1_coefficient * min(1.0, (step + 1) / warm)
-        out = sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=x,
-                coefficients={"l1": coef},
-                dead_neuron_mask=None,
-                n_training_steps=step,
-                is_logging_step=False,
-            )
-        )
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients={"l1": coef}, dead_neuron_mask=None,
+            n_training_steps=step, is_logging_step=False))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
@@ -315,10 +257,8 @@ def train_sae(
         sched.step()
         if step % 250 == 0 or step == steps - 1:
             l0 = (out.feature_acts > 0).float().sum(-1).mean().item()
-            print(
-                f"sae L{layer} step {step:4d} mse {out.losses['mse_loss'].item():.3f} L0 {l0:.1f}",
-                flush=True,
-            )
+            print(f"sae L{layer} step {step:4d} mse {out.losses['mse_loss'].item():.3f} "
+                  f"L0 {l0:.1f}", flush=True)
     return sae.eval()
 
 
@@ -340,12 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     """Retrain tokenizer, model and SAEs from scratch (seeded) and write them under --out."""
     p = argparse.ArgumentParser(prog="python -m featstore.tiny", description=main.__doc__)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "embedded" / "tiny")
-    p.add_argument(
-        "--text-out",
-        type=Path,
-        default=None,
-        help="where the demo shards go (default: <out>/../text)",
-    )
+    p.add_argument("--text-out", type=Path, default=None,
+                   help="where the demo shards go (default: <out>/../text)")
     p.add_argument("--model-steps", type=int, default=1200)
     p.add_argument("--sae-steps", type=int, default=1500)
     p.add_argument("--l1", type=float, default=1.0)
@@ -364,11 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(model_dir)
     train_tokens = chunk_tokens(tok, list(corpus.train.values()))
     heldout_tokens = chunk_tokens(tok, list(corpus.heldout.values()))
-    print(
-        f"corpus: {len(corpus.train)} train files ({train_tokens.numel()} tokens), "
-        f"{len(corpus.heldout)} held-out ({heldout_tokens.numel()} tokens)",
-        flush=True,
-    )
+    print(f"corpus: {len(corpus.train)} train files ({train_tokens.numel()} tokens), "
+          f"{len(corpus.heldout)} held-out ({heldout_tokens.numel()} tokens)", flush=True)
     model = new_model()
     curve = train_model(model, train_tokens, steps=args.model_steps)
     model.eval()
@@ -378,21 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(SEED)
     sae_rows = train_tokens[torch.randperm(len(train_tokens), generator=gen)[:1024]]
     metrics: dict[str, Any] = {
-        "model": {
-            "heldout_loss": round(eval_loss(model, heldout_tokens), 4),
-            "train_loss_last100": round(sum(curve[-100:]) / len(curve[-100:]), 4),
-            "steps": args.model_steps,
-            "heldout_sequences": len(heldout_tokens),
-            "n_params": sum(p.numel() for p in model.parameters()),
-        },
-        "sae_training": {
-            "steps": args.sae_steps,
-            "l1_relative": args.l1,
-            "train_tokens": len(sae_rows) * (CTX - 1),
-        },
+        "model": {"heldout_loss": round(eval_loss(model, heldout_tokens), 4),
+                  "train_loss_last100": round(sum(curve[-100:]) / len(curve[-100:]), 4),
+                  "steps": args.model_steps, "heldout_sequences": len(heldout_tokens),
+                  "n_params": sum(p.numel() for p in model.parameters())},
+        "sae_training": {"steps": args.sae_steps, "l1_relative": args.l1,
+                         "train_tokens": len(sae_rows) * (CTX - 1)},
         "saes": {},
         "notes": "SAE metrics on held-out sequences, BOS position excluded; explained variance "
-        "= 1 - sum|x - sae(x)|^2 / sum|x - mean(x)|^2",
+                 "= 1 - sum|x - sae(x)|^2 / sum|x - mean(x)|^2",
     }
     print(f"model trained in {t1 - t0:.0f}s: {metrics['model']}", flush=True)
     train_acts = residuals(model, sae_rows)
