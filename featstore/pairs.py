@@ -175,10 +175,12 @@ def iter_shard_pair_counts(
     engine: str = "sparse",
     block_tokens: int = 0,
     sort: bool = True,
+    defer_counts: bool = False,
 ) -> Iterator[PairCounts]:
     """Pair sums of one shard by `engine`, as blocks of feature_a in order (they concatenate;
     each feature's pairs lie in one block). Without `sort` a block's pairs may come unsorted by
-    feature_b within each feature_a (`iter_sparse_pair_counts`)."""
+    feature_b within each feature_a, and with `defer_counts` their n_both may be left to count
+    (`iter_sparse_pair_counts`)."""
     if engine not in ENGINES:
         raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
     n_tokens, d_a, d_b = check_shard(store, a, b, shard)
@@ -187,7 +189,8 @@ def iter_shard_pair_counts(
         return
     block_tokens = block_tokens or BLOCK_TOKENS[engine]
     if engine == "sparse" and n_tokens <= block_tokens:  # stream the product's feature blocks
-        yield from iter_sparse_pair_counts(store.read(a, shard), store.read(b, shard), sort=sort)
+        m_a, m_b = store.read(a, shard), store.read(b, shard)
+        yield from iter_sparse_pair_counts(m_a, m_b, sort=sort, defer_counts=defer_counts)
         return
     counts = sparse_pair_counts if engine == "sparse" else polars_pair_counts
     total = PairCounts.empty(0, d_a, d_b)

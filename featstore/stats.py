@@ -16,13 +16,16 @@ other pass), 95% intervals on request, thresholds on any measure with a minimum 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -75,6 +78,9 @@ __all__ = [
 
 ALL_PAIRS_LIMIT = 50_000_000  # most pairs `all_pairs` may list; narrow the ranges beyond
 MAX_BLOCK_PAIRS = 20_000_000  # saved shard pairs merged at once (~1 GB of work arrays)
+# Blocks finished at once (numpy and scipy release the GIL): the two cores share the work.
+PIPELINE_WORKERS = 2
+CHUNK_PAIRS = 1 << 15  # pairs tested at once (`passing_rows`): their temporaries stay in cache
 SCHEMA = {
     "feature_a": pl.Int32,
     "feature_b": pl.Int32,
@@ -88,6 +94,7 @@ SCHEMA = {
     **dict.fromkeys(measures.NEW_COLUMNS, pl.Float64),
 }
 TABLE_COLUMNS = ("agreement", "jaccard", *measures.NEW_COLUMNS)  # from the 2 x 2 table
+T = TypeVar("T")
 
 
 def _pearson(n: int, sum_xy: np.ndarray, a: Spread, b: Spread, fa, fb) -> np.ndarray:
@@ -103,17 +110,21 @@ def _pearson(n: int, sum_xy: np.ndarray, a: Spread, b: Spread, fa, fb) -> np.nda
 
 
 def measure_values(
-    counts: PairCounts, stats_a: FeatureStats, stats_b: FeatureStats, names: Iterable[str]
+    counts: PairCounts,
+    stats_a: FeatureStats,
+    stats_b: FeatureStats,
+    names: Iterable[str],
+    spreads: tuple[Spread, Spread] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The named columns of `SCHEMA` (pearson, n_either, `TABLE_COLUMNS`) of each pair."""
+    """The named columns of `SCHEMA` (pearson, n_either, `TABLE_COLUMNS`) of each pair;
+    `spreads`: the `Spread` of each layer's stats, when already known."""
     n, fa, fb = counts.n_tokens, counts.feature_a, counts.feature_b
     names = list(names)
     out = {}
     if "pearson" in names:
+        spread_a, spread_b = spreads or (Spread.of(stats_a), Spread.of(stats_b))
         with np.errstate(invalid="ignore", divide="ignore"):
-            out["pearson"] = _pearson(
-                n, counts.sum_xy, Spread.of(stats_a), Spread.of(stats_b), fa, fb
-            )
+            out["pearson"] = _pearson(n, counts.sum_xy, spread_a, spread_b, fa, fb)
     table = None
     for name in names:
         if name == "pearson":
@@ -131,18 +142,26 @@ def _frame(columns: Mapping[str, np.ndarray]) -> pl.DataFrame:
     )
 
 
-def finish_stats(counts: PairCounts, stats_a: FeatureStats, stats_b: FeatureStats) -> pl.DataFrame:
-    """Every data measure of each pair in `counts` (columns as `SCHEMA`)."""
-    values = measure_values(counts, stats_a, stats_b, ("n_either", "pearson", *TABLE_COLUMNS))
+def finish_stats(
+    counts: PairCounts,
+    stats_a: FeatureStats,
+    stats_b: FeatureStats,
+    known: Mapping[str, np.ndarray] | None = None,
+) -> pl.DataFrame:
+    """Every data measure of each pair in `counts` (columns as `SCHEMA`); `known`: measures
+    already computed for these pairs (`measure_values`), not computed again."""
+    known = known or {}
+    names = [m for m in ("n_either", "pearson", *TABLE_COLUMNS) if m not in known]
+    values = {**known, **measure_values(counts, stats_a, stats_b, names)}
     return _frame(
         {
             "feature_a": counts.feature_a,
             "feature_b": counts.feature_b,
             "n_tokens": np.full(counts.nnz, counts.n_tokens, dtype=np.int64),
             "n_both": counts.n_both,
-            "n_either": values.pop("n_either"),
+            "n_either": values["n_either"],
             "sum_xy": counts.sum_xy,
-            **values,
+            **{m: values[m] for m in ("pearson", *TABLE_COLUMNS)},
         }
     )
 
@@ -175,11 +194,42 @@ def passing_mask(
     (NaN) or infinite value reaches no threshold."""
     if not rules and min_both <= 0:
         return None
-    keep = n_both >= min_both if min_both > 0 else np.ones(n_both.size, bool)
+    keep = n_both >= min_both if min_both > 0 else None
     with np.errstate(invalid="ignore"):
         for measure, threshold in rules:
-            keep &= np.isfinite(values[measure]) & (values[measure] >= threshold)
+            reach = np.isfinite(values[measure]) & (values[measure] >= threshold)
+            keep = reach if keep is None else keep & reach
     return keep
+
+
+def passing_rows(
+    counts: PairCounts,
+    stats_a: FeatureStats,
+    stats_b: FeatureStats,
+    rules: Conditions,
+    min_both: int = 0,
+    every: bool = False,
+) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """(positions of the pairs passing, as `passing_mask`; None: every pair) and the values of
+    the measures the rules name there, or with `every` of every pair.
+
+    Chunk by chunk of `CHUNK_PAIRS`: the temporaries stay in cache, and no array of every pair
+    is made unless `every` asks for the values."""
+    if not rules and min_both <= 0:
+        return None, {}
+    tested = list(dict.fromkeys(m for m, _ in rules))
+    spreads = Spread.of(stats_a), Spread.of(stats_b)
+    found, kept = [], {m: [] for m in tested}
+    for lo in range(0, counts.nnz, CHUNK_PAIRS):
+        part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
+        values = measure_values(part, stats_a, stats_b, tested, spreads)
+        rows = np.flatnonzero(passing_mask(values, part.n_both, rules, min_both))
+        found.append(rows + lo)
+        for m, v in values.items():
+            kept[m].append(v if every else v[rows])
+    rows = np.concatenate(found) if found else np.zeros(0, np.int64)
+    empty = np.zeros(0, np.float64)
+    return rows, {m: np.concatenate(v) if v else empty for m, v in kept.items()}
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -421,17 +471,27 @@ class PairScan:
         stats = variant_stats(store, a, b, chosen, variant)
         return PairScan(store, a, b, chosen, variant, range_a, range_b, *stats, engine, saved, todo)
 
+    @property
+    def stats(self) -> tuple[FeatureStats, FeatureStats]:
+        return self.stats_a, self.stats_b
+
     def sums(
-        self, all_pairs: bool = False, max_block_pairs: int = MAX_BLOCK_PAIRS, sort: bool = True
+        self,
+        all_pairs: bool = False,
+        max_block_pairs: int = MAX_BLOCK_PAIRS,
+        sort: bool = True,
+        defer_counts: bool = False,
     ) -> Iterator[tuple[Range, PairCounts]]:
         """(range of feature_a, its pair sums inside the ranges) in order; memory: one block of
         ~`max_block_pairs` saved pairs, or of the engine's, per shard. Each scan computes the
-        `todo` shards again. Without `sort` a block may come unsorted (`merged_blocks`)."""
+        `todo` shards again. Without `sort` a block may come unsorted, with `defer_counts` with
+        n_both left to count (`merged_blocks`)."""
         if all_pairs:
             check_all_pairs(self.range_a, self.range_b)
         blocks = merged_blocks(
             self.store, self.a, self.b, self.saved, self.todo, self.range_a,
             engine=self.engine, max_pairs=max_block_pairs, sort=sort,
+            defer_counts=defer_counts and not all_pairs,
         )  # fmt: skip
         whole_b = self.range_b == (0, self.stats_b.count.size)
         for block, pair_sums in blocks:
@@ -493,40 +553,94 @@ def pair_report(
         features_b=features_b, recompute=recompute, variant=variant, save=save,
     )  # fmt: skip
     write_table = save and full
-    tested = list(dict.fromkeys(m for m, _ in rules))
     kept, counts = [], Counter[str]()
-    with _table_writer(store if write_table else None, a, b) as write:
-        for block, pair_sums in scan.sums(all_pairs, max_block_pairs, sort=False):
-            values = measure_values(pair_sums, scan.stats_a, scan.stats_b, tested)
-            keep = passing_mask(values, pair_sums.n_both, rules, min_both)
-            whole = finish_stats(pair_sums, scan.stats_a, scan.stats_b) if write_table else None
+    # A test of Pearson alone needs no n_both: counted for the pairs kept only.
+    defer = not (count or write_table or min_both > 0) and {m for m, _ in rules} == {"pearson"}
+    finish = functools.partial(
+        _query_block, scan, rules=rules, min_both=min_both, whole_table=write_table,
+        count=(min_pearson, min_jaccard, thresholds) if count else None,
+    )  # fmt: skip
+    with (
+        _table_writer(store if write_table else None, a, b) as write,
+        ThreadPoolExecutor(max_workers=PIPELINE_WORKERS) as pool,
+    ):
+        blocks = scan.sums(all_pairs, max_block_pairs, False, defer)
+        for whole, frame, block_counts in _pipelined(pool, finish, blocks, PIPELINE_WORKERS):
             if whole is not None:
                 write(whole)
-            if keep is None and whole is not None:
-                kept.append(whole)
-            else:
-                chosen = pair_sums if keep is None else pair_sums.subset(keep)
-                kept.append(finish_stats(chosen.sorted(), scan.stats_a, scan.stats_b))
-            if count:
-                ids = {k: getattr(pair_sums, k) for k in ("feature_a", "feature_b", "n_both")}
-                co = whole if whole is not None else _frame(ids | values)
-                counts.update(
-                    threshold_counts(
-                        co,
-                        scan.stats_a,
-                        scan.stats_b,
-                        min_pearson=min_pearson,
-                        min_jaccard=min_jaccard,
-                        features_a=block,
-                        features_b=scan.range_b,
-                        thresholds=thresholds,
-                        min_both=min_both,
-                    )
-                )
+            kept.append(frame)
+            counts.update(block_counts)
     table = pl.concat(kept)
     if intervals:
         table = measures.with_intervals(table, scan.stats_a, scan.stats_b)
     return table, dict(counts)
+
+
+def _query_block(
+    scan: PairScan,
+    block: Range,
+    pair_sums: PairCounts,
+    *,
+    rules: Conditions,
+    min_both: int,
+    whole_table: bool,
+    count: tuple[float | None, float | None, Mapping[str, float]] | None,
+) -> tuple[pl.DataFrame | None, pl.DataFrame, dict[str, int]]:
+    """One block of `pair_report`: (every pair finished, with `whole_table`; the pairs passing
+    the rules, finished; `threshold_counts` of the block's range, given `count`: (min_pearson,
+    min_jaccard, thresholds))."""
+    rows, values = passing_rows(pair_sums, *scan.stats, rules, min_both, every=count is not None)
+    whole = finish_stats(pair_sums, *scan.stats) if whole_table else None
+    if rows is None and whole is not None:
+        frame = whole
+    else:
+        frame = _finish_rows(pair_sums, scan.stats, (rows, values), every=count is not None)
+    if count is None:
+        return whole, frame, {}
+    min_pearson, min_jaccard, thresholds = count
+    ids = {k: getattr(pair_sums, k) for k in ("feature_a", "feature_b", "n_both")}
+    co = whole if whole is not None else _frame(ids | values)
+    counted = threshold_counts(
+        co, *scan.stats, min_pearson=min_pearson, min_jaccard=min_jaccard, features_a=block,
+        features_b=scan.range_b, thresholds=thresholds, min_both=min_both,
+    )  # fmt: skip
+    return whole, frame, counted
+
+
+def _pipelined(
+    pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[tuple], ahead: int
+) -> Iterator[T]:
+    """`fn(*item)` of each item, in order, up to `ahead` items computed at once on `pool`."""
+    pending: collections.deque[Future[T]] = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, *item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _finish_rows(
+    pair_sums: PairCounts,
+    stats: tuple[FeatureStats, FeatureStats],
+    found: tuple[np.ndarray | None, dict[str, np.ndarray]],
+    every: bool,
+) -> pl.DataFrame:
+    """`finish_stats` of the pairs at `passing_rows`' positions (`found`), sorted; the values
+    found (of every pair with `every`) are not computed again."""
+    rows, values = found
+    order = pair_sums.order(rows)
+    at = _compose(rows, order)
+    pick = at if every else order
+    values = values if pick is None else {m: v[pick] for m, v in values.items()}
+    return finish_stats(pair_sums if at is None else pair_sums.subset(at), *stats, values)
+
+
+def _compose(rows: np.ndarray | None, order: np.ndarray | None) -> np.ndarray | None:
+    """The positions `rows` (None: all) taken in `order` (None: as they are)."""
+    if rows is None or order is None:
+        return rows if order is None else order
+    return rows[order]
 
 
 def pair_stats_path(store: Store, a: int, b: int) -> Path:
