@@ -30,14 +30,16 @@ def merged_blocks(
     max_pairs: int,
     sort: bool = True,
     defer_counts: bool = False,
+    variant: pairs.Variant = pairs.PLAIN,
 ) -> Iterator[tuple[Range, PairCounts]]:
     """(range of feature_a, pair sums over every shard there) covering `features_a` in order.
 
-    `saved` maps shards to their fresh saved groups (plain sums); the `todo` shards are computed
-    by `engine`. Without `todo`, blocks hold ~`max_pairs` saved pairs; with it, they follow the
-    engine's blocks. Without `sort`, a block computed from one shard alone may come unsorted by
-    feature_b within each feature_a (`PairCounts.sorted` sorts it), which saves the engine a pass,
-    and with `defer_counts` leave its n_both to count (`PairCounts.counted`).
+    `saved` maps shards to their fresh saved groups (of `variant`'s sums); the `todo` shards
+    are computed by `engine`. Without `todo`, blocks hold ~`max_pairs` saved pairs; with it,
+    they follow the engine's blocks. Without `sort`, a block computed from one shard alone may
+    come unsorted by feature_b within each feature_a (`PairCounts.sorted` sorts it), which
+    saves the engine a pass, and with `defer_counts` leave its n_both to count
+    (`PairCounts.counted`).
     """
     if not todo:
         groups = list(saved.values())
@@ -48,7 +50,9 @@ def merged_blocks(
     alone = len(todo) == 1 and not saved  # else parts to add up: sorted, counted
     sort, defer_counts = sort or not alone, defer_counts and alone
     streams = [
-        pairs.iter_shard_pair_counts(store, a, b, s, engine, sort=sort, defer_counts=defer_counts)
+        pairs.iter_shard_pair_counts(
+            store, a, b, s, engine, sort=sort, defer_counts=defer_counts, variant=variant
+        )
         for s in todo
     ]
     empties = [PairCounts.empty(*pairs.check_shard(store, a, b, s)) for s in todo]

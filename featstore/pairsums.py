@@ -32,8 +32,8 @@ Range = tuple[int, int]
 class PairCounts:
     """Co-activation sums of feature pairs over `n_tokens` tokens, sorted by (a, b), unique.
 
-    An engine may leave `n_both` to count (None) with a `counter` of any pairs' n_both: slices
-    keep it so, any other selection (`subset`) or `counted` counts the pairs it holds."""
+    An engine may leave `n_both` to count (None) with a `counter` of any pairs' n_both, for a
+    caller that keeps few pairs: `counted` counts the pairs held then (after `subset`, say)."""
 
     n_tokens: int
     d_a: int
@@ -117,17 +117,17 @@ class PairCounts:
         return np.argsort(key, kind="stable")
 
     def subset(self, keep: np.ndarray | slice) -> PairCounts:
-        """The pairs where the boolean mask `keep` is true, or at the positions or slice `keep`
-        (a slice leaves n_both to count if it was)."""
+        """The pairs where the boolean mask `keep` is true, or at the positions or slice `keep`."""
         held = [f for f in PAIR_ARRAYS if getattr(self, f) is not None]
-        part = dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in held})
-        return part if isinstance(keep, slice) else part.counted()
+        return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in held})
 
-    def counted(self) -> PairCounts:
-        """These pairs with n_both, counted now if it was left to count."""
+    def counted(self, n_both: np.ndarray | None = None) -> PairCounts:
+        """These pairs with n_both: the one they hold, else `n_both` (known elsewhere), else
+        counted now."""
         if self.n_both is not None:
             return self
-        n_both = self.counter(self.feature_a, self.feature_b)
+        if n_both is None:
+            n_both = self.counter(self.feature_a, self.feature_b)
         return dataclasses.replace(self, n_both=n_both, counter=None)
 
 

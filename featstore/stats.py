@@ -149,8 +149,9 @@ def finish_stats(
     known: Mapping[str, np.ndarray] | None = None,
 ) -> pl.DataFrame:
     """Every data measure of each pair in `counts` (columns as `SCHEMA`); `known`: measures
-    already computed for these pairs (`measure_values`), not computed again."""
-    known = known or {}
+    already computed for these pairs (`measure_values`; n_both too), not computed again."""
+    known = dict(known or {})
+    counts = counts.counted(known.pop("n_both", None))
     names = [m for m in ("n_either", "pearson", *TABLE_COLUMNS) if m not in known]
     values = {**known, **measure_values(counts, stats_a, stats_b, names)}
     return _frame(
@@ -211,25 +212,63 @@ def passing_rows(
     every: bool = False,
 ) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
     """(positions of the pairs passing, as `passing_mask`; None: every pair) and the values of
-    the measures the rules name there, or with `every` of every pair.
+    the measures the rules name there (and n_both where the rules need it), or with `every`
+    of every pair.
 
-    Chunk by chunk of `CHUNK_PAIRS`: the temporaries stay in cache, and no array of every pair
-    is made unless `every` asks for the values."""
+    Without `every`, a positive Pearson threshold first screens the pairs (`pearson_screen`):
+    the rules are tested on the pairs it keeps, whose n_both alone is counted where it was
+    left to count. Chunk by chunk of `CHUNK_PAIRS`: the temporaries stay in cache."""
     if not rules and min_both <= 0:
         return None, {}
     tested = list(dict.fromkeys(m for m, _ in rules))
     spreads = Spread.of(stats_a), Spread.of(stats_b)
-    found, kept = [], {m: [] for m in tested}
+    maybe = None if every else pearson_screen(counts, spreads, rules)
+    if maybe is not None:
+        counts = counts.subset(maybe)
+    with_counts = min_both > 0 or bool(set(tested) - {"pearson"})
+    counts = counts.counted() if with_counts else counts
+    found, kept = [], {m: [] for m in tested + ["n_both"] * with_counts}
     for lo in range(0, counts.nnz, CHUNK_PAIRS):
         part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
         values = measure_values(part, stats_a, stats_b, tested, spreads)
         rows = np.flatnonzero(passing_mask(values, part.n_both, rules, min_both))
+        values |= {"n_both": part.n_both} if with_counts else {}
         found.append(rows + lo)
         for m, v in values.items():
             kept[m].append(v if every else v[rows])
     rows = np.concatenate(found) if found else np.zeros(0, np.int64)
+    rows = rows if maybe is None else maybe[rows]
     empty = np.zeros(0, np.float64)
     return rows, {m: np.concatenate(v) if v else empty for m, v in kept.items()}
+
+
+def pearson_screen(
+    counts: PairCounts, spreads: tuple[Spread, Spread], rules: Conditions
+) -> np.ndarray | None:
+    """Positions of the pairs that may reach the highest positive Pearson threshold of `rules`
+    (None where there is none): by n*sum_xy*inv_i*inv_j, pearson without its term -u_i*u_j
+    (<= 0), so never below it, tested with a margin far above their roundings. Two gathers
+    per pair instead of four; most pairs fail it, and Pearson is computed for the rest."""
+    threshold = max((t for m, t in rules if m == "pearson"), default=0.0)
+    if threshold <= 0:
+        return None
+    row_factor, col_factor = spreads[0].inv * float(counts.n_tokens), spreads[1].inv
+    floor = threshold * (1 - 1e-9)
+    found = []
+    for lo in range(0, counts.nnz, CHUNK_PAIRS):
+        part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
+        # take with native-int positions: with int32 ones numpy's take is several times slower
+        bound = part.sum_xy * col_factor.take(part.feature_b.astype(np.intp))
+        bound *= row_factor.take(part.feature_a.astype(np.intp))
+        with np.errstate(invalid="ignore"):  # NaN where a feature is flat: never passes
+            found.append(np.flatnonzero(bound >= floor) + lo)
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+def needs_all_counts(rules: Conditions) -> bool:
+    """Whether testing `rules` needs n_both of every pair, not only of those that pass a
+    Pearson screen (`pearson_screen`)."""
+    return max((t for m, t in rules if m == "pearson"), default=0.0) <= 0
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -454,7 +493,7 @@ class PairScan:
     ) -> PairScan:
         """Check the arguments; with `save`, compute (by `engine`) and save the shard sums
         lacking (all with `recompute`) now, else leave them to be computed during the scan,
-        in memory. A variant always saves: its per-feature sums come from its saved records."""
+        in memory (a variant's per-feature sums too)."""
         variant = variant or Variant()
         if engine not in ENGINES:
             raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
@@ -462,13 +501,13 @@ class PairScan:
         _, d_a, d_b = check_shard(store, a, b, chosen[0])
         range_a = check_range("features_a", features_a, d_a)
         range_b = check_range("features_b", features_b, d_b)
-        if save or not variant.plain:
+        if save:
             ensure_shard_pairs(store, a, b, chosen, engine, recompute, variant)
             recompute = False
         groups = {} if recompute else saved_groups(store, a, b, chosen, variant)
         todo = tuple(s for s in chosen if groups.get(s) is None)
         saved = {s: g for s, g in groups.items() if g is not None}
-        stats = variant_stats(store, a, b, chosen, variant)
+        stats = variant_stats(store, a, b, chosen, variant, computed=todo)
         return PairScan(store, a, b, chosen, variant, range_a, range_b, *stats, engine, saved, todo)
 
     @property
@@ -491,7 +530,7 @@ class PairScan:
         blocks = merged_blocks(
             self.store, self.a, self.b, self.saved, self.todo, self.range_a,
             engine=self.engine, max_pairs=max_block_pairs, sort=sort,
-            defer_counts=defer_counts and not all_pairs,
+            defer_counts=defer_counts and not all_pairs, variant=self.variant,
         )  # fmt: skip
         whole_b = self.range_b == (0, self.stats_b.count.size)
         for block, pair_sums in blocks:
@@ -554,11 +593,11 @@ def pair_report(
     )  # fmt: skip
     write_table = save and full
     kept, counts = [], Counter[str]()
-    # A test of Pearson alone needs no n_both: counted for the pairs kept only.
-    defer = not (count or write_table or min_both > 0) and {m for m, _ in rules} == {"pearson"}
+    # Behind a Pearson screen n_both is needed for few pairs: counted for those only.
+    defer = not (count or write_table or needs_all_counts(rules))
     finish = functools.partial(
         _query_block, scan, rules=rules, min_both=min_both, whole_table=write_table,
-        count=(min_pearson, min_jaccard, thresholds) if count else None,
+        intervals=intervals, count=(min_pearson, min_jaccard, thresholds) if count else None,
     )  # fmt: skip
     with (
         _table_writer(store if write_table else None, a, b) as write,
@@ -570,10 +609,7 @@ def pair_report(
                 write(whole)
             kept.append(frame)
             counts.update(block_counts)
-    table = pl.concat(kept)
-    if intervals:
-        table = measures.with_intervals(table, scan.stats_a, scan.stats_b)
-    return table, dict(counts)
+    return pl.concat(kept), dict(counts)
 
 
 def _query_block(
@@ -584,17 +620,20 @@ def _query_block(
     rules: Conditions,
     min_both: int,
     whole_table: bool,
+    intervals: bool,
     count: tuple[float | None, float | None, Mapping[str, float]] | None,
 ) -> tuple[pl.DataFrame | None, pl.DataFrame, dict[str, int]]:
     """One block of `pair_report`: (every pair finished, with `whole_table`; the pairs passing
-    the rules, finished; `threshold_counts` of the block's range, given `count`: (min_pearson,
-    min_jaccard, thresholds))."""
+    the rules, finished, with their 95% bounds given `intervals`; `threshold_counts` of the
+    block's range, given `count`: (min_pearson, min_jaccard, thresholds))."""
     rows, values = passing_rows(pair_sums, *scan.stats, rules, min_both, every=count is not None)
     whole = finish_stats(pair_sums, *scan.stats) if whole_table else None
     if rows is None and whole is not None:
         frame = whole
     else:
         frame = _finish_rows(pair_sums, scan.stats, (rows, values), every=count is not None)
+    if intervals:
+        frame = measures.with_intervals(frame, *scan.stats)
     if count is None:
         return whole, frame, {}
     min_pearson, min_jaccard, thresholds = count
