@@ -75,7 +75,8 @@ class PairCounts:
     @staticmethod
     def total(parts: Sequence[PairCounts], same_tokens: bool = False) -> PairCounts:
         """The sums over disjoint token sets (shards, token blocks), in one merge; with
-        `same_tokens`, the parts are blocks of pairs over the same tokens instead."""
+        `same_tokens`, the parts are blocks of pairs over the same tokens instead. Parts
+        merged are counted (`counted`); one part alone is kept as it is."""
         shapes = {(p.d_a, p.d_b) for p in parts}
         if len(shapes) != 1:
             raise FeatstoreError(f"pair counts of different feature counts cannot add: {shapes}")
@@ -83,6 +84,7 @@ class PairCounts:
         full = [p for p in parts if p.nnz]
         if len(full) <= 1:
             return dataclasses.replace(full[0] if full else parts[0], n_tokens=n_tokens)
+        full = [p.counted() for p in full]
         cat = [np.concatenate([getattr(p, f) for p in full]) for f in PAIR_ARRAYS]
         if same_tokens and all(_before(p, q) for p, q in itertools.pairwise(full)):
             return PairCounts(n_tokens, *shapes.pop(), *cat)  # ordered blocks: already canonical
