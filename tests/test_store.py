@@ -61,7 +61,8 @@ def test_blockwise_writer_equals_one_write(store):
 
 
 def test_writer_across_chunk_boundaries_equals_scipy(store):
-    """Appends spanning several Zarr chunks (buffered, written in whole chunks) read back exactly."""
+    """Appends spanning several Zarr chunks (buffered, written in whole chunks) read back
+    exactly."""
     m = random_csr(3000, 1000, density=0.2, seed=4)  # ~600k nonzeros: 2+ NNZ chunks
     assert m.nnz > 2 * spec.NNZ_CHUNK
     with store.activation_writer(8, "big", 1000) as w:
@@ -70,7 +71,8 @@ def test_writer_across_chunk_boundaries_equals_scipy(store):
     back = store.read(8, "big")
     np.testing.assert_array_equal(back.indptr, m.indptr)
     np.testing.assert_array_equal(back.toarray(), m.toarray())
-    np.testing.assert_array_equal(store.read(8, "big", 1400, 2900).toarray(), m[1400:2900].toarray())
+    part = store.read(8, "big", 1400, 2900)
+    np.testing.assert_array_equal(part.toarray(), m[1400:2900].toarray())
 
 
 def test_feature_stats_match_numpy(store):
