@@ -226,11 +226,20 @@ def child(spec: str) -> None:
     print(json.dumps(result))
 
 
-def measure(kind: str, timeout: float, **params) -> dict:
-    """One measurement in a fresh interpreter (progress on stderr)."""
-    result = _measure(kind, timeout, **params)
+def measure(kind: str, timeout: float, repeat: int = 1, **params) -> dict:
+    """The median of `repeat` measurements, each in a fresh interpreter (progress on stderr):
+    on shared cores single runs of a fraction of a second vary by 2x."""
+    runs = sorted((_measure(kind, timeout, **params) for _ in range(repeat)), key=seconds_of)
+    result = runs[(repeat - 1) // 2]
+    if repeat > 1:
+        low, high = runs[0]["seconds"], runs[-1]["seconds"]
+        result["note"] += f"; median of {repeat} runs ({low:.2f}-{high:.2f}s)"
     print(f"  {kind} {params}: {result['seconds']:.2f}s; {result['note']}", file=sys.stderr)
     return result
+
+
+def seconds_of(result: dict) -> float:
+    return result["seconds"]
 
 
 def _measure(kind: str, timeout: float, **params) -> dict:
@@ -273,17 +282,18 @@ def measure_size(n: int, args: argparse.Namespace, engines: list[str]) -> list[d
     results = [
         {
             "method": "dense baseline",
-            **measure("dense", args.timeout, home=str(home), rows=rows, cols=cols),
+            **measure("dense", args.timeout, args.repeat, home=str(home), rows=rows, cols=cols),
         },
-        {"method": "scipy A.T @ B", **measure("sparse", args.timeout, home=str(home))},
+        {"method": "scipy A.T @ B", **measure("sparse", args.timeout, args.repeat, home=str(home))},
     ]
     for name in engines:
         for query in args.queries if name == engines[0] else ():
-            row = measure("engine", args.timeout, home=str(home), name=name, query=query)
+            where = {"home": str(home), "name": name, "query": query}
+            row = measure("engine", args.timeout, args.repeat, **where)
             results.append({**row, "method": f"engine {name}, {QUERY_NAMES[query]}"})
         on_slice = n > args.slice_tokens and name in args.slice_engines
         where = first_tokens(home, args.slice_tokens) if on_slice else home
-        row = measure("engine", args.timeout, home=str(where), name=name)
+        row = measure("engine", args.timeout, args.repeat, home=str(where), name=name)
         row["method"] = f"engine {name}"
         if on_slice:
             row["seconds"] *= n / args.slice_tokens
@@ -294,7 +304,7 @@ def measure_size(n: int, args: argparse.Namespace, engines: list[str]) -> list[d
             row["peak_bytes"] = None  # a slice's memory says little about the full size
         results.append(row)
     if args.save and engines:
-        row = measure("save", args.timeout, home=str(home))
+        row = measure("save", args.timeout, args.repeat, home=str(home))
         results.append({**row, "method": f"save shard sums ({engines[0]})"})
     for row in results:
         row["tokens"] = n
@@ -370,6 +380,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement")
     p.add_argument("--no-save", dest="save", action="store_false", help="skip the save row")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="only these sizes")
+    p.add_argument("--repeat", type=int, default=1, help="runs per measurement (the median)")
     p.add_argument(
         "--all-measures",
         action="store_true",
