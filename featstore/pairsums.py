@@ -9,6 +9,7 @@ products, by blocks of features) and `polars` (a join on the token and a group-b
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from featstore.errors import FeatstoreError
 MAX_BLOCK_WORK = 30_000_000  # multiply-adds per product call: bounds its temporary arrays
 # Blocks per product at least: the products of a block overlap the use of the one before.
 PIPELINE_BLOCKS = 8
+LOOKAHEAD_BLOCKS = 2  # blocks computed ahead of the one used
 
 Range = tuple[int, int]
 
@@ -235,11 +237,11 @@ def iter_sparse_pair_counts(
     defer_counts: bool = False,
 ) -> Iterator[PairCounts]:
     """`sparse_pair_counts` in blocks of feature_a of ~`max_work` multiply-adds (None:
-    `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order. The next block is
-    computed while one is used: memory holds about two blocks' pairs. Without `sort`, each
-    feature_a's pairs come together but not sorted by feature_b (`PairCounts.sorted` sorts
-    them): cheaper where few are kept. With `defer_counts`, n_both is left to count
-    (`pair_counter`): no second product, for a caller that keeps few pairs."""
+    `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order. The next blocks are
+    computed while one is used: memory holds up to `LOOKAHEAD_BLOCKS` + 1 blocks' pairs.
+    Without `sort`, each feature_a's pairs come together but not sorted by feature_b
+    (`PairCounts.sorted` sorts them): cheaper where few are kept. With `defer_counts`, n_both
+    is left to count (`pair_counter`): no second product, for a caller that keeps few pairs."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
     a_t = _canonical_input(A).T.tocsr()  # d_a x tokens
@@ -251,15 +253,14 @@ def iter_sparse_pair_counts(
     limit = max_work or min(MAX_BLOCK_WORK, -(-int(work.sum()) // PIPELINE_BLOCKS))
     shape = (a_t.shape[0], b.shape[1])
     with ThreadPoolExecutor(max_workers=2) as pool:
-        ahead = None
+        ahead: collections.deque[Callable[[], PairCounts]] = collections.deque()
         for lo, hi in balanced_ranges(work, max(limit, 1)):
             rows = a_t[lo:hi]
-            started = _start_products(pool, rows, right, right_on, lo, shape, sort, counter)
-            if ahead is not None:
-                yield ahead()
-            ahead = started
-        if ahead is not None:
-            yield ahead()
+            ahead.append(_start_products(pool, rows, right, right_on, lo, shape, sort, counter))
+            if len(ahead) > LOOKAHEAD_BLOCKS:
+                yield ahead.popleft()()
+        while ahead:
+            yield ahead.popleft()()
 
 
 def sparse_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:
