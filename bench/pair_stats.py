@@ -4,6 +4,7 @@
     python bench/pair_stats.py --quick    # 4,096 and 20,000 tokens, small dense slices
     python bench/pair_stats.py --million  # the default engine on 1,000,000 tokens
     python bench/pair_stats.py --all-measures  # also every measure on, and the null model
+    python bench/pair_stats.py --tokens 4096 --engines sparse --repeat 3  # medians of 3 runs
 
 Data: `featstore.synth` stores of layers 6 and 7 with 24,576 features (L0 ~ 50), cached under
 `bench/out/`. Every measurement runs in a fresh subprocess so that its peak resident memory
@@ -190,8 +191,8 @@ def saving(home: str) -> dict:
     start = time.perf_counter()
     saved = [pairs.update_shard_pairs(store, *LAYERS, s) for s in store.shards(LAYERS[0])]
     seconds = time.perf_counter() - start
-    folder = store.root_path / "pairs"
-    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    folders = [store.root_path / spec.pairs_path(*LAYERS, s.shard) for s in saved]
+    size = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
     for s in saved:  # the next measurement recomputes: no need to keep gigabytes
         store.delete_group(spec.pairs_path(*LAYERS, s.shard))
     note = f"{sum(s.nnz for s in saved):,} pairs saved, {size / 1e9:.2f} GB on disk"
