@@ -249,7 +249,7 @@ def pearson_screen(
     (None where there is none): by n*sum_xy*inv_i*inv_j, pearson without its term -u_i*u_j
     (<= 0), so never below it, tested with a margin far above their roundings. Two gathers
     per pair instead of four; most pairs fail it, and Pearson is computed for the rest."""
-    threshold = max((t for m, t in rules if m == "pearson"), default=0.0)
+    threshold = _highest_pearson(rules)
     if threshold <= 0:
         return None
     row_factor, col_factor = spreads[0].inv * float(counts.n_tokens), spreads[1].inv
@@ -268,7 +268,12 @@ def pearson_screen(
 def needs_all_counts(rules: Conditions) -> bool:
     """Whether testing `rules` needs n_both of every pair, not only of those that pass a
     Pearson screen (`pearson_screen`)."""
-    return max((t for m, t in rules if m == "pearson"), default=0.0) <= 0
+    return _highest_pearson(rules) <= 0
+
+
+def _highest_pearson(rules: Conditions) -> float:
+    """The highest Pearson threshold of `rules` (0 without one)."""
+    return max((t for m, t in rules if m == "pearson"), default=0.0)
 
 
 # -- checks ---------------------------------------------------------------------------------------
