@@ -308,7 +308,7 @@ def sorted_coactive(feature_a: np.ndarray, feature_b: np.ndarray) -> Coactive:
     """`Coactive` over pairs sorted by feature_a."""
 
     def rows(rng: Range) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = np.searchsorted(feature_a, rng)
+        lo, hi = np.searchsorted(feature_a, np.asarray(rng, feature_a.dtype))  # ints would copy it
         return feature_a[lo:hi], feature_b[lo:hi]
 
     return rows

@@ -175,19 +175,27 @@ def iter_shard_pair_counts(
     engine: str = "sparse",
     block_tokens: int = 0,
     sort: bool = True,
+    defer_counts: bool = False,
+    variant: Variant = PLAIN,
 ) -> Iterator[PairCounts]:
     """Pair sums of one shard by `engine`, as blocks of feature_a in order (they concatenate;
     each feature's pairs lie in one block). Without `sort` a block's pairs may come unsorted by
-    feature_b within each feature_a (`iter_sparse_pair_counts`)."""
+    feature_b within each feature_a, and with `defer_counts` their n_both may be left to count
+    (`iter_sparse_pair_counts`). A variant reads the shard whole (`variant_pair_counts`)."""
     if engine not in ENGINES:
         raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
+    if not variant.plain:
+        m_a, m_b = variant_matrices(store, a, b, shard, variant)
+        yield from variant_pair_counts(m_a, m_b, engine, sort, defer_counts)
+        return
     n_tokens, d_a, d_b = check_shard(store, a, b, shard)
     if engine == "duckdb":
         yield duckdb_pair_counts(store, a, b, shard)
         return
     block_tokens = block_tokens or BLOCK_TOKENS[engine]
     if engine == "sparse" and n_tokens <= block_tokens:  # stream the product's feature blocks
-        yield from iter_sparse_pair_counts(store.read(a, shard), store.read(b, shard), sort=sort)
+        m_a, m_b = store.read(a, shard), store.read(b, shard)
+        yield from iter_sparse_pair_counts(m_a, m_b, sort=sort, defer_counts=defer_counts)
         return
     counts = sparse_pair_counts if engine == "sparse" else polars_pair_counts
     total = PairCounts.empty(0, d_a, d_b)
@@ -309,14 +317,22 @@ def update_shard_pairs(
     if variant.plain:
         counts = iter_shard_pair_counts(store, a, b, shard, engine)
         return save_shard_pairs(store, a, b, shard, counts)
-    if engine not in ("sparse", "polars"):
-        raise FeatstoreError(f"the {engine} engine computes only the plain sums: use sparse")
     m_a, m_b = variant_matrices(store, a, b, shard, variant)
-    parts = (
-        iter_sparse_pair_counts(m_a, m_b) if engine == "sparse" else [polars_pair_counts(m_a, m_b)]
-    )
+    parts = variant_pair_counts(m_a, m_b, engine)
     stats = (FeatureStats.of(m_a), FeatureStats.of(m_b))
     return save_shard_pairs(store, a, b, shard, parts, variant, stats)
+
+
+def variant_pair_counts(
+    m_a: sp.csr_matrix, m_b: sp.csr_matrix, engine: str, sort: bool = True, defer: bool = False
+) -> Iterator[PairCounts]:
+    """Pair sums of a variant's matrices (`variant_matrices`) by the sparse or polars engine,
+    as blocks of feature_a in order (see `iter_sparse_pair_counts`)."""
+    if engine not in ("sparse", "polars"):
+        raise FeatstoreError(f"the {engine} engine computes only the plain sums: use sparse")
+    if engine == "polars":
+        return iter([polars_pair_counts(m_a, m_b)])
+    return iter_sparse_pair_counts(m_a, m_b, sort=sort, defer_counts=defer)
 
 
 def _saved_group(
@@ -454,19 +470,39 @@ def merged_feature_stats(store: Store, layer: int, shards: Sequence[str]) -> Fea
 
 
 def variant_stats(
-    store: Store, a: int, b: int, shards: Sequence[str], variant: Variant = PLAIN
+    store: Store,
+    a: int,
+    b: int,
+    shards: Sequence[str],
+    variant: Variant = PLAIN,
+    computed: Sequence[str] = (),
 ) -> tuple[FeatureStats, FeatureStats]:
-    """Per-feature sums of both layers as a variant sees them, over `shards` (saved, fresh)."""
+    """Per-feature sums of both layers as a variant sees them, over `shards`: from the saved
+    (fresh) sums, or from the variant's matrices for the shards `computed` in memory."""
     if variant.plain:
         return merged_feature_stats(store, a, shards), merged_feature_stats(store, b, shards)
-    out = []
-    for side in "ab":
-        parts = []
-        for shard in shards:
-            group = _saved_group(store, a, b, shard, variant)
-            if group is None:
-                raise FeatstoreError(f"no fresh {variant} sums of {a}-{b} shard {shard}")
-            arrays = [np.asarray(group[f"stats_{side}_{n}"][:]) for n in STATS_ARRAYS]
-            parts.append(FeatureStats(int(group.attrs["n_tokens"]), *arrays))
-        out.append(functools.reduce(operator.add, parts))
-    return out[0], out[1]
+    parts = [
+        _variant_stats_of(store, a, b, shard, variant, shard in computed) for shard in shards
+    ]
+    return (
+        functools.reduce(operator.add, [p[0] for p in parts]),
+        functools.reduce(operator.add, [p[1] for p in parts]),
+    )
+
+
+def _variant_stats_of(
+    store: Store, a: int, b: int, shard: str, variant: Variant, compute: bool
+) -> tuple[FeatureStats, FeatureStats]:
+    """One shard's per-feature sums as a variant sees them, as `update_shard_pairs` saves them."""
+    if compute:
+        m_a, m_b = variant_matrices(store, a, b, shard, variant)
+        return FeatureStats.of(m_a), FeatureStats.of(m_b)
+    group = _saved_group(store, a, b, shard, variant)
+    if group is None:
+        raise FeatstoreError(f"no fresh {variant} sums of {a}-{b} shard {shard}")
+    n_tokens = int(group.attrs["n_tokens"])
+    a_stats, b_stats = (
+        FeatureStats(n_tokens, *[np.asarray(group[f"stats_{side}_{n}"][:]) for n in STATS_ARRAYS])
+        for side in "ab"
+    )
+    return a_stats, b_stats

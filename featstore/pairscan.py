@@ -29,13 +29,17 @@ def merged_blocks(
     engine: str = "sparse",
     max_pairs: int,
     sort: bool = True,
+    defer_counts: bool = False,
+    variant: pairs.Variant = pairs.PLAIN,
 ) -> Iterator[tuple[Range, PairCounts]]:
     """(range of feature_a, pair sums over every shard there) covering `features_a` in order.
 
-    `saved` maps shards to their fresh saved groups (plain sums); the `todo` shards are computed
-    by `engine`. Without `todo`, blocks hold ~`max_pairs` saved pairs; with it, they follow the
-    engine's blocks. Without `sort`, a block computed from one shard alone may come unsorted by
-    feature_b within each feature_a (`PairCounts.sorted` sorts it), which saves the engine a pass.
+    `saved` maps shards to their fresh saved groups (of `variant`'s sums); the `todo` shards
+    are computed by `engine`. Without `todo`, blocks hold ~`max_pairs` saved pairs; with it,
+    they follow the engine's blocks. Without `sort`, a block computed from one shard alone may
+    come unsorted by feature_b within each feature_a (`PairCounts.sorted` sorts it), which
+    saves the engine a pass, and with `defer_counts` leave its n_both to count
+    (`PairCounts.counted`).
     """
     if not todo:
         groups = list(saved.values())
@@ -43,8 +47,14 @@ def merged_blocks(
             yield block, PairCounts.total([pairs.read_pairs(store, g, block) for g in groups])
         return
     lo_a, hi_a = features_a
-    sort = sort or len(todo) > 1 or bool(saved)  # parts to add up: sorted makes that cheap
-    streams = [pairs.iter_shard_pair_counts(store, a, b, s, engine, sort=sort) for s in todo]
+    alone = len(todo) == 1 and not saved  # else parts to add up: sorted, counted
+    sort, defer_counts = sort or not alone, defer_counts and alone
+    streams = [
+        pairs.iter_shard_pair_counts(
+            store, a, b, s, engine, sort=sort, defer_counts=defer_counts, variant=variant
+        )
+        for s in todo
+    ]
     empties = [PairCounts.empty(*pairs.check_shard(store, a, b, s)) for s in todo]
     for cut, parts in _aligned(streams, empties):
         block = (max(cut[0], lo_a), min(cut[1], hi_a))
@@ -79,7 +89,7 @@ def _aligned(
         parts = []
         for k, empty in enumerate(empties):
             held = PairCounts.total([empty, *pending[k]], same_tokens=True)
-            n = int(np.searchsorted(held.feature_a, cut))
+            n = int(np.searchsorted(held.feature_a, np.int32(cut)))  # an int would copy it
             parts.append(held.subset(slice(0, n)))
             pending[k] = [held.subset(slice(n, None))] if n < held.nnz else []
         yield (done, cut), parts

@@ -9,9 +9,10 @@ products, by blocks of features) and `polars` (a join on the token and a group-b
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,21 +23,28 @@ import scipy.sparse as sp
 from featstore.errors import FeatstoreError
 
 MAX_BLOCK_WORK = 30_000_000  # multiply-adds per product call: bounds its temporary arrays
+# Blocks per product at least: the products of a block overlap the use of the one before.
+PIPELINE_BLOCKS = 8
+LOOKAHEAD_BLOCKS = 2  # blocks computed ahead of the one used
 
 Range = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class PairCounts:
-    """Co-activation sums of feature pairs over `n_tokens` tokens, sorted by (a, b), unique."""
+    """Co-activation sums of feature pairs over `n_tokens` tokens, sorted by (a, b), unique.
+
+    An engine may leave `n_both` to count (None) with a `counter` of any pairs' n_both, for a
+    caller that keeps few pairs: `counted` counts the pairs held then (after `subset`, say)."""
 
     n_tokens: int
     d_a: int
     d_b: int
     feature_a: np.ndarray  # (pairs,) int32
     feature_b: np.ndarray  # (pairs,) int32
-    n_both: np.ndarray  # (pairs,) int64: tokens where both features are > 0
+    n_both: np.ndarray | None  # (pairs,) int64: tokens where both features are > 0
     sum_xy: np.ndarray  # (pairs,) float64: sum over tokens of the product
+    counter: PairCounter | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @staticmethod
     def from_coo(n_tokens: int, d_a: int, d_b: int, fa, fb, n_both, sum_xy) -> PairCounts:
@@ -69,7 +77,8 @@ class PairCounts:
     @staticmethod
     def total(parts: Sequence[PairCounts], same_tokens: bool = False) -> PairCounts:
         """The sums over disjoint token sets (shards, token blocks), in one merge; with
-        `same_tokens`, the parts are blocks of pairs over the same tokens instead."""
+        `same_tokens`, the parts are blocks of pairs over the same tokens instead. Parts
+        merged are counted (`counted`); one part alone is kept as it is."""
         shapes = {(p.d_a, p.d_b) for p in parts}
         if len(shapes) != 1:
             raise FeatstoreError(f"pair counts of different feature counts cannot add: {shapes}")
@@ -77,6 +86,7 @@ class PairCounts:
         full = [p for p in parts if p.nnz]
         if len(full) <= 1:
             return dataclasses.replace(full[0] if full else parts[0], n_tokens=n_tokens)
+        full = [p.counted() for p in full]
         cat = [np.concatenate([getattr(p, f) for p in full]) for f in PAIR_ARRAYS]
         if same_tokens and all(_before(p, q) for p, q in itertools.pairwise(full)):
             return PairCounts(n_tokens, *shapes.pop(), *cat)  # ordered blocks: already canonical
@@ -96,15 +106,37 @@ class PairCounts:
 
     def sorted(self) -> PairCounts:
         """The same pairs sorted by (feature_a, feature_b)."""
-        arrays = [getattr(self, f) for f in PAIR_ARRAYS]
-        return PairCounts.from_coo(self.n_tokens, self.d_a, self.d_b, *arrays)
+        order = self.order()
+        return self if order is None else self.subset(order)
 
-    def subset(self, keep: np.ndarray) -> PairCounts:
-        """The pairs where the boolean mask `keep` is true."""
-        return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in PAIR_ARRAYS})
+    def order(self, rows: np.ndarray | None = None) -> np.ndarray | None:
+        """The permutation of `rows` (positions; default all) that sorts their pairs by
+        (feature_a, feature_b); None where they are sorted already."""
+        fa, fb = (self.feature_a, self.feature_b) if rows is None else (
+            self.feature_a[rows], self.feature_b[rows])  # fmt: skip
+        key = fa.astype(np.int64) * self.d_b + fb
+        if not key.size or np.all(key[1:] > key[:-1]):
+            return None
+        # Stable sort is timsort: near linear on the sorted runs (of feature_a) it gets.
+        return np.argsort(key, kind="stable")
+
+    def subset(self, keep: np.ndarray | slice) -> PairCounts:
+        """The pairs where the boolean mask `keep` is true, or at the positions or slice `keep`."""
+        held = [f for f in PAIR_ARRAYS if getattr(self, f) is not None]
+        return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in held})
+
+    def counted(self, n_both: np.ndarray | None = None) -> PairCounts:
+        """These pairs with n_both: the one they hold, else `n_both` (known elsewhere), else
+        counted now."""
+        if self.n_both is not None:
+            return self
+        if n_both is None:
+            n_both = self.counter(self.feature_a, self.feature_b)
+        return dataclasses.replace(self, n_both=n_both, counter=None)
 
 
 PAIR_ARRAYS = ("feature_a", "feature_b", "n_both", "sum_xy")
+PairCounter = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (feature_a, feature_b) -> n_both
 
 
 def _before(p: PairCounts, q: PairCounts) -> bool:
@@ -144,52 +176,91 @@ def _product(rows: sp.csr_matrix, right: sp.csr_matrix, sort: bool) -> sp.csr_ma
     return (right @ rows.T.tocsr()).T.tocsr() if sort else rows @ right
 
 
-def _product_rows(
-    rows: sp.csr_matrix, right: sp.csr_matrix, right_on: sp.csr_matrix, first: int, d_a: int,
-    sort: bool,
-) -> PairCounts:  # fmt: skip
-    """Pair sums of features `first + row` (`rows` of A.T) with every feature of B (`right`:
-    B, or B.T with `sort`; `right_on`: its pattern in int32)."""
-    # Counts in int32 (cheaper than float64, exact per block); the two products share no state
-    # and scipy releases the GIL, so they run on two cores.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        counts = pool.submit(_product, _pattern(rows, np.int32), right_on, sort)
-        sums = _product(rows, right, sort)
-        counts = counts.result()
-    # Both have the pattern of co-active pairs (float64 products of float32 values > 0 never
-    # vanish), and scipy emits the same pattern in the same order.
-    same = np.array_equal(sums.indptr, counts.indptr) and np.array_equal(
-        sums.indices, counts.indices
-    )
-    if not same:
-        raise RuntimeError("scipy returned different patterns for the count and sum products")
-    return PairCounts(
-        rows.shape[1],
-        d_a,
-        sums.shape[1],
-        np.repeat(np.arange(first, first + sums.shape[0], dtype=np.int32), np.diff(sums.indptr)),
-        sums.indices.astype(np.int32, copy=False),
-        counts.data.astype(np.int64),
-        sums.data,
-    )
+def _sums_part(rows: sp.csr_matrix, right: sp.csr_matrix, first: int, sort: bool) -> tuple:
+    """(feature_a, indptr, feature_b, sum_xy) of the sums product of `rows` (see `_product`)."""
+    sums = _product(rows, right, sort)
+    fa = np.repeat(np.arange(first, first + sums.shape[0], dtype=np.int32), np.diff(sums.indptr))
+    return fa, sums.indptr, sums.indices.astype(np.int32, copy=False), sums.data
+
+
+def _counts_part(rows: sp.csr_matrix, right_on: sp.csr_matrix, sort: bool) -> tuple:
+    """(indptr, feature_b, n_both) of the counts product of `rows`' pattern."""
+    # int32 counts are cheaper than float64 and exact per block.
+    counts = _product(_pattern(rows, np.int32), right_on, sort)
+    return counts.indptr, counts.indices, counts.data.astype(np.int64)
+
+
+def pair_counter(a_t: sp.csr_matrix, b: sp.csr_matrix) -> PairCounter:
+    """n_both of any pairs of features, from A.T (features x tokens) and B (tokens x features),
+    both canonical: each pair's tokens intersected (work: the pairs' active tokens, not a
+    product), for the few pairs a query keeps."""
+    on_a, on_b = _pattern(a_t, np.int8), _pattern(b, np.int8).T.tocsr()
+
+    def count(feature_a: np.ndarray, feature_b: np.ndarray) -> np.ndarray:
+        both = on_a[feature_a].multiply(on_b[feature_b]).tocsr()  # 1 where both are active
+        return np.diff(both.indptr).astype(np.int64)
+
+    return count
+
+
+def _start_products(
+    pool: ThreadPoolExecutor, rows: sp.csr_matrix, right: sp.csr_matrix,
+    right_on: sp.csr_matrix | None, first: int, shape: tuple[int, int], sort: bool,
+    counter: PairCounter | None,
+) -> Callable[[], PairCounts]:  # fmt: skip
+    """Start the pair sums of features `first + row` (`rows` of A.T) with every feature of B
+    (`right`: B, or B.T with `sort`; `right_on`: its pattern in int32, None to leave n_both to
+    `counter`) on `pool`; the function returned waits for them. `shape`: (d_a, d_b)."""
+    # The two products share no state and scipy releases the GIL: they run on two cores.
+    sums = pool.submit(_sums_part, rows, right, first, sort)
+    counts = None if right_on is None else pool.submit(_counts_part, rows, right_on, sort)
+
+    def done() -> PairCounts:
+        fa, indptr, fb, sum_xy = sums.result()
+        if counts is None:
+            return PairCounts(rows.shape[1], *shape, fa, fb, None, sum_xy, counter)
+        count_ptr, count_fb, n_both = counts.result()
+        # Both have the pattern of co-active pairs (float64 products of float32 values > 0
+        # never vanish), and scipy emits the same pattern in the same order.
+        if not (np.array_equal(indptr, count_ptr) and np.array_equal(fb, count_fb)):
+            raise RuntimeError("scipy returned different patterns for the count and sum products")
+        return PairCounts(rows.shape[1], *shape, fa, fb, n_both, sum_xy)
+
+    return done
 
 
 def iter_sparse_pair_counts(
-    A: sp.spmatrix, B: sp.spmatrix, max_work: int | None = None, sort: bool = True
+    A: sp.spmatrix,
+    B: sp.spmatrix,
+    max_work: int | None = None,
+    sort: bool = True,
+    defer_counts: bool = False,
 ) -> Iterator[PairCounts]:
     """`sparse_pair_counts` in blocks of feature_a of ~`max_work` multiply-adds (None:
-    `MAX_BLOCK_WORK`), in order: one block's pairs in memory. Without `sort`, each feature_a's
-    pairs come together but not sorted by feature_b (`PairCounts.sorted` sorts them): cheaper
-    where few are kept."""
+    `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order. The next blocks are
+    computed while one is used: memory holds up to `LOOKAHEAD_BLOCKS` + 1 blocks' pairs.
+    Without `sort`, each feature_a's pairs come together but not sorted by feature_b
+    (`PairCounts.sorted` sorts them): cheaper where few are kept. With `defer_counts`, n_both
+    is left to count (`pair_counter`): no second product, for a caller that keeps few pairs."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
     a_t = _canonical_input(A).T.tocsr()  # d_a x tokens
     b = _canonical_input(B)
     right = b.T.tocsr() if sort else b
-    right_on = _pattern(right, np.int32)
+    right_on = None if defer_counts else _pattern(right, np.int32)
+    counter = pair_counter(a_t, b) if defer_counts else None
     work = _pattern(a_t, np.int64) @ np.diff(b.indptr)  # multiply-adds per feature of A
-    for lo, hi in balanced_ranges(work, max_work or MAX_BLOCK_WORK):
-        yield _product_rows(a_t[lo:hi], right, right_on, lo, a_t.shape[0], sort)
+    limit = max_work or min(MAX_BLOCK_WORK, -(-int(work.sum()) // PIPELINE_BLOCKS))
+    shape = (a_t.shape[0], b.shape[1])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ahead: collections.deque[Callable[[], PairCounts]] = collections.deque()
+        for lo, hi in balanced_ranges(work, max(limit, 1)):
+            rows = a_t[lo:hi]
+            ahead.append(_start_products(pool, rows, right, right_on, lo, shape, sort, counter))
+            if len(ahead) > LOOKAHEAD_BLOCKS:
+                yield ahead.popleft()()
+        while ahead:
+            yield ahead.popleft()()
 
 
 def sparse_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:

@@ -16,13 +16,16 @@ other pass), 95% intervals on request, thresholds on any measure with a minimum 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -75,6 +78,9 @@ __all__ = [
 
 ALL_PAIRS_LIMIT = 50_000_000  # most pairs `all_pairs` may list; narrow the ranges beyond
 MAX_BLOCK_PAIRS = 20_000_000  # saved shard pairs merged at once (~1 GB of work arrays)
+# Blocks finished at once (numpy and scipy release the GIL): the two cores share the work.
+PIPELINE_WORKERS = 2
+CHUNK_PAIRS = 1 << 15  # pairs tested at once (`passing_rows`): their temporaries stay in cache
 SCHEMA = {
     "feature_a": pl.Int32,
     "feature_b": pl.Int32,
@@ -88,6 +94,7 @@ SCHEMA = {
     **dict.fromkeys(measures.NEW_COLUMNS, pl.Float64),
 }
 TABLE_COLUMNS = ("agreement", "jaccard", *measures.NEW_COLUMNS)  # from the 2 x 2 table
+T = TypeVar("T")
 
 
 def _pearson(n: int, sum_xy: np.ndarray, a: Spread, b: Spread, fa, fb) -> np.ndarray:
@@ -103,17 +110,21 @@ def _pearson(n: int, sum_xy: np.ndarray, a: Spread, b: Spread, fa, fb) -> np.nda
 
 
 def measure_values(
-    counts: PairCounts, stats_a: FeatureStats, stats_b: FeatureStats, names: Iterable[str]
+    counts: PairCounts,
+    stats_a: FeatureStats,
+    stats_b: FeatureStats,
+    names: Iterable[str],
+    spreads: tuple[Spread, Spread] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The named columns of `SCHEMA` (pearson, n_either, `TABLE_COLUMNS`) of each pair."""
+    """The named columns of `SCHEMA` (pearson, n_either, `TABLE_COLUMNS`) of each pair;
+    `spreads`: the `Spread` of each layer's stats, when already known."""
     n, fa, fb = counts.n_tokens, counts.feature_a, counts.feature_b
     names = list(names)
     out = {}
     if "pearson" in names:
+        spread_a, spread_b = spreads or (Spread.of(stats_a), Spread.of(stats_b))
         with np.errstate(invalid="ignore", divide="ignore"):
-            out["pearson"] = _pearson(
-                n, counts.sum_xy, Spread.of(stats_a), Spread.of(stats_b), fa, fb
-            )
+            out["pearson"] = _pearson(n, counts.sum_xy, spread_a, spread_b, fa, fb)
     table = None
     for name in names:
         if name == "pearson":
@@ -131,18 +142,27 @@ def _frame(columns: Mapping[str, np.ndarray]) -> pl.DataFrame:
     )
 
 
-def finish_stats(counts: PairCounts, stats_a: FeatureStats, stats_b: FeatureStats) -> pl.DataFrame:
-    """Every data measure of each pair in `counts` (columns as `SCHEMA`)."""
-    values = measure_values(counts, stats_a, stats_b, ("n_either", "pearson", *TABLE_COLUMNS))
+def finish_stats(
+    counts: PairCounts,
+    stats_a: FeatureStats,
+    stats_b: FeatureStats,
+    known: Mapping[str, np.ndarray] | None = None,
+) -> pl.DataFrame:
+    """Every data measure of each pair in `counts` (columns as `SCHEMA`); `known`: measures
+    already computed for these pairs (`measure_values`; n_both too), not computed again."""
+    known = dict(known or {})
+    counts = counts.counted(known.pop("n_both", None))
+    names = [m for m in ("n_either", "pearson", *TABLE_COLUMNS) if m not in known]
+    values = {**known, **measure_values(counts, stats_a, stats_b, names)}
     return _frame(
         {
             "feature_a": counts.feature_a,
             "feature_b": counts.feature_b,
             "n_tokens": np.full(counts.nnz, counts.n_tokens, dtype=np.int64),
             "n_both": counts.n_both,
-            "n_either": values.pop("n_either"),
+            "n_either": values["n_either"],
             "sum_xy": counts.sum_xy,
-            **values,
+            **{m: values[m] for m in ("pearson", *TABLE_COLUMNS)},
         }
     )
 
@@ -175,11 +195,85 @@ def passing_mask(
     (NaN) or infinite value reaches no threshold."""
     if not rules and min_both <= 0:
         return None
-    keep = n_both >= min_both if min_both > 0 else np.ones(n_both.size, bool)
+    keep = n_both >= min_both if min_both > 0 else None
     with np.errstate(invalid="ignore"):
         for measure, threshold in rules:
-            keep &= np.isfinite(values[measure]) & (values[measure] >= threshold)
+            reach = np.isfinite(values[measure]) & (values[measure] >= threshold)
+            keep = reach if keep is None else keep & reach
     return keep
+
+
+def passing_rows(
+    counts: PairCounts,
+    stats_a: FeatureStats,
+    stats_b: FeatureStats,
+    rules: Conditions,
+    min_both: int = 0,
+    every: bool = False,
+) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """(positions of the pairs passing, as `passing_mask`; None: every pair) and the values of
+    the measures the rules name there (and n_both where the rules need it), or with `every`
+    of every pair.
+
+    Without `every`, a positive Pearson threshold first screens the pairs (`pearson_screen`):
+    the rules are tested on the pairs it keeps, whose n_both alone is counted where it was
+    left to count. Chunk by chunk of `CHUNK_PAIRS`: the temporaries stay in cache."""
+    if not rules and min_both <= 0:
+        return None, {}
+    tested = list(dict.fromkeys(m for m, _ in rules))
+    spreads = Spread.of(stats_a), Spread.of(stats_b)
+    maybe = None if every else pearson_screen(counts, spreads, rules)
+    if maybe is not None:
+        counts = counts.subset(maybe)
+    with_counts = min_both > 0 or bool(set(tested) - {"pearson"})
+    counts = counts.counted() if with_counts else counts
+    found, kept = [], {m: [] for m in tested + ["n_both"] * with_counts}
+    for lo in range(0, counts.nnz, CHUNK_PAIRS):
+        part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
+        values = measure_values(part, stats_a, stats_b, tested, spreads)
+        rows = np.flatnonzero(passing_mask(values, part.n_both, rules, min_both))
+        values |= {"n_both": part.n_both} if with_counts else {}
+        found.append(rows + lo)
+        for m, v in values.items():
+            kept[m].append(v if every else v[rows])
+    rows = np.concatenate(found) if found else np.zeros(0, np.int64)
+    rows = rows if maybe is None else maybe[rows]
+    empty = np.zeros(0, np.float64)
+    return rows, {m: np.concatenate(v) if v else empty for m, v in kept.items()}
+
+
+def pearson_screen(
+    counts: PairCounts, spreads: tuple[Spread, Spread], rules: Conditions
+) -> np.ndarray | None:
+    """Positions of the pairs that may reach the highest positive Pearson threshold of `rules`
+    (None where there is none): by n*sum_xy*inv_i*inv_j, pearson without its term -u_i*u_j
+    (<= 0), so never below it, tested with a margin far above their roundings. Two gathers
+    per pair instead of four; most pairs fail it, and Pearson is computed for the rest."""
+    threshold = _highest_pearson(rules)
+    if threshold <= 0:
+        return None
+    row_factor, col_factor = spreads[0].inv * float(counts.n_tokens), spreads[1].inv
+    floor = threshold * (1 - 1e-9)
+    found = []
+    for lo in range(0, counts.nnz, CHUNK_PAIRS):
+        part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
+        # take with native-int positions: with int32 ones numpy's take is several times slower
+        bound = part.sum_xy * col_factor.take(part.feature_b.astype(np.intp))
+        bound *= row_factor.take(part.feature_a.astype(np.intp))
+        with np.errstate(invalid="ignore"):  # NaN where a feature is flat: never passes
+            found.append(np.flatnonzero(bound >= floor) + lo)
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+def needs_all_counts(rules: Conditions) -> bool:
+    """Whether testing `rules` needs n_both of every pair, not only of those that pass a
+    Pearson screen (`pearson_screen`)."""
+    return _highest_pearson(rules) <= 0
+
+
+def _highest_pearson(rules: Conditions) -> float:
+    """The highest Pearson threshold of `rules` (0 without one)."""
+    return max((t for m, t in rules if m == "pearson"), default=0.0)
 
 
 # -- checks ---------------------------------------------------------------------------------------
@@ -404,7 +498,7 @@ class PairScan:
     ) -> PairScan:
         """Check the arguments; with `save`, compute (by `engine`) and save the shard sums
         lacking (all with `recompute`) now, else leave them to be computed during the scan,
-        in memory. A variant always saves: its per-feature sums come from its saved records."""
+        in memory (a variant's per-feature sums too)."""
         variant = variant or Variant()
         if engine not in ENGINES:
             raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
@@ -412,26 +506,36 @@ class PairScan:
         _, d_a, d_b = check_shard(store, a, b, chosen[0])
         range_a = check_range("features_a", features_a, d_a)
         range_b = check_range("features_b", features_b, d_b)
-        if save or not variant.plain:
+        if save:
             ensure_shard_pairs(store, a, b, chosen, engine, recompute, variant)
             recompute = False
         groups = {} if recompute else saved_groups(store, a, b, chosen, variant)
         todo = tuple(s for s in chosen if groups.get(s) is None)
         saved = {s: g for s, g in groups.items() if g is not None}
-        stats = variant_stats(store, a, b, chosen, variant)
+        stats = variant_stats(store, a, b, chosen, variant, computed=todo)
         return PairScan(store, a, b, chosen, variant, range_a, range_b, *stats, engine, saved, todo)
 
+    @property
+    def stats(self) -> tuple[FeatureStats, FeatureStats]:
+        return self.stats_a, self.stats_b
+
     def sums(
-        self, all_pairs: bool = False, max_block_pairs: int = MAX_BLOCK_PAIRS, sort: bool = True
+        self,
+        all_pairs: bool = False,
+        max_block_pairs: int = MAX_BLOCK_PAIRS,
+        sort: bool = True,
+        defer_counts: bool = False,
     ) -> Iterator[tuple[Range, PairCounts]]:
         """(range of feature_a, its pair sums inside the ranges) in order; memory: one block of
         ~`max_block_pairs` saved pairs, or of the engine's, per shard. Each scan computes the
-        `todo` shards again. Without `sort` a block may come unsorted (`merged_blocks`)."""
+        `todo` shards again. Without `sort` a block may come unsorted, with `defer_counts` with
+        n_both left to count (`merged_blocks`)."""
         if all_pairs:
             check_all_pairs(self.range_a, self.range_b)
         blocks = merged_blocks(
             self.store, self.a, self.b, self.saved, self.todo, self.range_a,
             engine=self.engine, max_pairs=max_block_pairs, sort=sort,
+            defer_counts=defer_counts and not all_pairs, variant=self.variant,
         )  # fmt: skip
         whole_b = self.range_b == (0, self.stats_b.count.size)
         for block, pair_sums in blocks:
@@ -493,40 +597,94 @@ def pair_report(
         features_b=features_b, recompute=recompute, variant=variant, save=save,
     )  # fmt: skip
     write_table = save and full
-    tested = list(dict.fromkeys(m for m, _ in rules))
     kept, counts = [], Counter[str]()
-    with _table_writer(store if write_table else None, a, b) as write:
-        for block, pair_sums in scan.sums(all_pairs, max_block_pairs, sort=False):
-            values = measure_values(pair_sums, scan.stats_a, scan.stats_b, tested)
-            keep = passing_mask(values, pair_sums.n_both, rules, min_both)
-            whole = finish_stats(pair_sums, scan.stats_a, scan.stats_b) if write_table else None
+    # Behind a Pearson screen n_both is needed for few pairs: counted for those only.
+    defer = not (count or write_table or needs_all_counts(rules))
+    finish = functools.partial(
+        _query_block, scan, rules=rules, min_both=min_both, whole_table=write_table,
+        intervals=intervals, count=(min_pearson, min_jaccard, thresholds) if count else None,
+    )  # fmt: skip
+    with (
+        _table_writer(store if write_table else None, a, b) as write,
+        ThreadPoolExecutor(max_workers=PIPELINE_WORKERS) as pool,
+    ):
+        blocks = scan.sums(all_pairs, max_block_pairs, False, defer)
+        for whole, frame, block_counts in _pipelined(pool, finish, blocks, PIPELINE_WORKERS):
             if whole is not None:
                 write(whole)
-            if keep is None and whole is not None:
-                kept.append(whole)
-            else:
-                chosen = pair_sums if keep is None else pair_sums.subset(keep)
-                kept.append(finish_stats(chosen.sorted(), scan.stats_a, scan.stats_b))
-            if count:
-                ids = {k: getattr(pair_sums, k) for k in ("feature_a", "feature_b", "n_both")}
-                co = whole if whole is not None else _frame(ids | values)
-                counts.update(
-                    threshold_counts(
-                        co,
-                        scan.stats_a,
-                        scan.stats_b,
-                        min_pearson=min_pearson,
-                        min_jaccard=min_jaccard,
-                        features_a=block,
-                        features_b=scan.range_b,
-                        thresholds=thresholds,
-                        min_both=min_both,
-                    )
-                )
-    table = pl.concat(kept)
+            kept.append(frame)
+            counts.update(block_counts)
+    return pl.concat(kept), dict(counts)
+
+
+def _query_block(
+    scan: PairScan,
+    block: Range,
+    pair_sums: PairCounts,
+    *,
+    rules: Conditions,
+    min_both: int,
+    whole_table: bool,
+    intervals: bool,
+    count: tuple[float | None, float | None, Mapping[str, float]] | None,
+) -> tuple[pl.DataFrame | None, pl.DataFrame, dict[str, int]]:
+    """One block of `pair_report`: (every pair finished, with `whole_table`; the pairs passing
+    the rules, finished, with their 95% bounds given `intervals`; `threshold_counts` of the
+    block's range, given `count`: (min_pearson, min_jaccard, thresholds))."""
+    rows, values = passing_rows(pair_sums, *scan.stats, rules, min_both, every=count is not None)
+    whole = finish_stats(pair_sums, *scan.stats) if whole_table else None
+    if rows is None and whole is not None:
+        frame = whole
+    else:
+        frame = _finish_rows(pair_sums, scan.stats, (rows, values), every=count is not None)
     if intervals:
-        table = measures.with_intervals(table, scan.stats_a, scan.stats_b)
-    return table, dict(counts)
+        frame = measures.with_intervals(frame, *scan.stats)
+    if count is None:
+        return whole, frame, {}
+    min_pearson, min_jaccard, thresholds = count
+    ids = {k: getattr(pair_sums, k) for k in ("feature_a", "feature_b", "n_both")}
+    co = whole if whole is not None else _frame(ids | values)
+    counted = threshold_counts(
+        co, *scan.stats, min_pearson=min_pearson, min_jaccard=min_jaccard, features_a=block,
+        features_b=scan.range_b, thresholds=thresholds, min_both=min_both,
+    )  # fmt: skip
+    return whole, frame, counted
+
+
+def _pipelined(
+    pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[tuple], ahead: int
+) -> Iterator[T]:
+    """`fn(*item)` of each item, in order, up to `ahead` items computed at once on `pool`."""
+    pending: collections.deque[Future[T]] = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, *item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _finish_rows(
+    pair_sums: PairCounts,
+    stats: tuple[FeatureStats, FeatureStats],
+    found: tuple[np.ndarray | None, dict[str, np.ndarray]],
+    every: bool,
+) -> pl.DataFrame:
+    """`finish_stats` of the pairs at `passing_rows`' positions (`found`), sorted; the values
+    found (of every pair with `every`) are not computed again."""
+    rows, values = found
+    order = pair_sums.order(rows)
+    at = _compose(rows, order)
+    pick = at if every else order
+    values = values if pick is None else {m: v[pick] for m, v in values.items()}
+    return finish_stats(pair_sums if at is None else pair_sums.subset(at), *stats, values)
+
+
+def _compose(rows: np.ndarray | None, order: np.ndarray | None) -> np.ndarray | None:
+    """The positions `rows` (None: all) taken in `order` (None: as they are)."""
+    if rows is None or order is None:
+        return rows if order is None else order
+    return rows[order]
 
 
 def pair_stats_path(store: Store, a: int, b: int) -> Path:

@@ -165,7 +165,11 @@ def test_active_threshold_equals_statistics_of_thresholded_activations(tmp_path,
     )
     for col in ("pearson", "sufficiency", "mutual_information"):
         np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=1e-9)
-    assert "6-7.t0.8" in store.children(spec.PAIRS)  # its own record, the plain one untouched
+    assert store.children(spec.PAIRS) == []  # a query computes the variant in memory
+    saved = stats.pair_stats(store, 6, 7, variant=Variant(active_threshold=0.8), save=True)
+    assert store.children(spec.PAIRS) == ["6-7.t0.8"]  # its own record, the plain one untouched
+    assert saved.equals(got)
+    assert stats.pair_stats(store, 6, 7, variant=Variant(active_threshold=0.8)).equals(got)
     plain = stats.pair_stats(store, 6, 7)
     assert plain.height > got.height
 
@@ -194,6 +198,13 @@ def test_null_model_is_the_same_engine_on_deranged_sequences(tmp_path, edge_stor
         want.select("feature_a", "feature_b", "n_both")
     )
     np.testing.assert_allclose(got["pearson"].to_numpy(), want["pearson"].to_numpy(), rtol=1e-9)
+    # Computed in memory (a query) or saved and read back: the same table, bit for bit.
+    screened = stats.pair_stats(store, 6, 7, min_pearson=0.05, variant=Variant(null=True))
+    assert not store.children(spec.PAIRS)
+    saved = stats.pair_stats(store, 6, 7, variant=Variant(null=True), save=True)
+    assert store.children(spec.PAIRS) == ["6-7.null"] and saved.equals(got)
+    reused = stats.pair_stats(store, 6, 7, min_pearson=0.05, variant=Variant(null=True))
+    assert reused.equals(screened) and screened.equals(got.filter(pl.col("pearson") >= 0.05))
 
 
 def test_variant_with_duckdb_engine_is_refused(edge_store):

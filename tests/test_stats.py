@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import scipy.stats
 from helpers import build_store, sparse_acts
 
-from featstore import pairs, pairsums, spec, stats
+from featstore import measures, pairs, pairsums, spec, stats
 from featstore.cli import main
 from featstore.errors import FeatstoreError
 from featstore.store import FeatureStats
@@ -380,3 +380,106 @@ def test_balanced_ranges_cover_in_order_within_the_limit(seed):
     assert ranges[0][0] == 0 and ranges[-1][1] == work.size
     assert all(lo < hi == lo2 for (lo, hi), (lo2, _) in itertools.pairwise(ranges))
     assert all(work[lo:hi].sum() <= 25 + work[lo:hi].max() for lo, hi in ranges)
+
+
+# -- the query path: n_both left to count, the Pearson screen, chunks and threads -----------------
+
+
+def test_deferred_counts_equal_the_counts_product():
+    a, b = sparse_acts(400, 35, 0.1, 41), sparse_acts(400, 28, 0.12, 42)
+    want = stats.sparse_pair_counts(a, b)
+    blocks = list(pairs.iter_sparse_pair_counts(a, b, max_work=500, sort=False, defer_counts=True))
+    assert len(blocks) > 3 and all(p.n_both is None for p in blocks)
+    assert pairs.PairCounts.total(blocks[:1], same_tokens=True).n_both is None  # alone: kept
+    got = pairs.PairCounts.total(blocks, same_tokens=True).sorted()  # merged: counted
+    for name in ("feature_a", "feature_b", "n_both", "sum_xy"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    picked = blocks[1].subset(np.array([4, 0, 7]))  # any positions, any order
+    assert picked.n_both is None
+    x, y = dense(a) > 0, dense(b) > 0
+    both = x[:, picked.feature_a] & y[:, picked.feature_b]
+    np.testing.assert_array_equal(picked.counted().n_both, both.sum(0))
+    known = np.array([9, 9, 9])
+    np.testing.assert_array_equal(picked.counted(known).n_both, known)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-6, 0.05, 0.3, 0.9, 1.0])
+def test_pearson_screen_keeps_every_pair_reaching_the_threshold(threshold):
+    x, y = edge_matrices(90)
+    a = sp.hstack([x, sparse_acts(90, 20, 0.15, 43)]).tocsr()
+    b = sp.hstack([y, sparse_acts(90, 16, 0.15, 44)]).tocsr()
+    counts = stats.sparse_pair_counts(a, b)
+    sa, sb = FeatureStats.of(a), FeatureStats.of(b)
+    rules = [("pearson", threshold)]
+    exact = stats.measure_values(counts, sa, sb, ["pearson"])["pearson"]
+    want = np.flatnonzero(stats.passing_mask({"pearson": exact}, counts.n_both, rules))
+    screen = stats.pearson_screen(counts, (stats.Spread.of(sa), stats.Spread.of(sb)), rules)
+    if threshold <= 0:
+        assert screen is None
+    else:
+        assert set(want) <= set(screen)
+    rows, values = stats.passing_rows(counts, sa, sb, rules)
+    np.testing.assert_array_equal(rows, want)
+    np.testing.assert_array_equal(values["pearson"], exact[want])
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_passing_rows_by_small_chunks_equal_one_pass(monkeypatch, every):
+    a, b = sparse_acts(300, 30, 0.1, 45), sparse_acts(300, 25, 0.1, 46)
+    counts = stats.sparse_pair_counts(a, b)
+    sa, sb = FeatureStats.of(a), FeatureStats.of(b)
+    rules = stats.conditions(0.05, None, {"sufficiency": 0.1, "mutual_information": 0.001})
+    names = ["pearson", "sufficiency", "mutual_information"]
+    values = stats.measure_values(counts, sa, sb, names)
+    keep = np.flatnonzero(stats.passing_mask(values, counts.n_both, rules, min_both=2))
+    monkeypatch.setattr(stats, "CHUNK_PAIRS", 7)
+    rows, got = stats.passing_rows(counts, sa, sb, rules, min_both=2, every=every)
+    np.testing.assert_array_equal(rows, keep)
+    for name in names:
+        np.testing.assert_array_equal(got[name], values[name] if every else values[name][keep])
+    np.testing.assert_array_equal(got["n_both"], counts.n_both if every else counts.n_both[keep])
+
+
+def test_pipelined_keeps_the_order_of_the_items():
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow_first(i: int, delay: float) -> int:
+        time.sleep(delay)
+        return i
+
+    items = [(i, 0.02 if i % 3 == 0 else 0.0) for i in range(10)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        assert list(stats._pipelined(pool, slow_first, items, 2)) == list(range(10))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"min_pearson": 0.1},
+        {"min_pearson": 0.1, "thresholds": {"sufficiency": 0.2, "pmi": 0.0}, "min_both": 2},
+        {"min_pearson": 0.05, "intervals": True, "features_a": (3, 30), "features_b": (2, 20)},
+        {"min_pearson": -0.05},
+    ],
+)
+def test_screened_queries_in_small_blocks_match_numpy(tmp_path, monkeypatch, kwargs):
+    a, b = sparse_acts(250, 40, 0.08, 47), sparse_acts(250, 30, 0.08, 48)
+    store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
+    whole = stats.pair_stats(store, 6, 7, save=False)  # every co-active pair, every measure
+    monkeypatch.setattr(pairsums, "MAX_BLOCK_WORK", 60)  # many blocks, pipelined
+    monkeypatch.setattr(stats, "CHUNK_PAIRS", 16)
+    got = stats.pair_stats(store, 6, 7, **kwargs)
+    assert not store.children(spec.PAIRS)  # a query saves nothing
+    ra, rb = kwargs.get("features_a", (0, 40)), kwargs.get("features_b", (0, 30))
+    ref = reference(dense(a)[:, slice(*ra)], dense(b)[:, slice(*rb)])
+    assert_matches(got, ref, offset=(ra[0], rb[0]))
+    keep = pl.col("pearson") >= kwargs["min_pearson"]
+    for measure, threshold in kwargs.get("thresholds", {}).items():
+        keep &= pl.col(measure) >= threshold
+    keep &= pl.col("n_both") >= kwargs.get("min_both", 0)
+    keep &= pl.col("feature_a").is_between(*ra, closed="left")
+    keep &= pl.col("feature_b").is_between(*rb, closed="left")
+    assert got.drop(measures.INTERVAL_COLUMNS, strict=False).equals(whole.filter(keep))
+    if kwargs.get("intervals"):
+        feature_stats = store.feature_stats(6, "s"), store.feature_stats(7, "s")
+        assert got.equals(measures.with_intervals(whole.filter(keep), *feature_stats))
