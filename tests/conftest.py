@@ -36,7 +36,7 @@ class S3:
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server in a thread of this process, on a free loopback port."""
-    server_module = pytest.importorskip("moto.server", reason="needs the dev extra (moto[server])")
+    server_module = pytest.importorskip("moto.server", reason="needs the dev extra: moto, flask")
     pytest.importorskip("s3fs", reason="needs the s3 extra: pip install '.[s3]'")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
