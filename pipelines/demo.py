@@ -24,7 +24,7 @@ from featstore.extract import list_shards
 from featstore.store import Store
 from pipelines.assets.causal import causal_edges, concept_traces, erasure
 from pipelines.assets.comparison import feature_cards, method_comparison
-from pipelines.assets.extraction import activations, tokens
+from pipelines.assets.extraction import activations, encoder_config, tokenizer_config, tokens
 from pipelines.assets.statistics import (
     GRAPH_DIR,
     PLOTS_DIR,
@@ -151,6 +151,9 @@ def run_extraction(instance: dg.DagsterInstance, location: dg.Definitions) -> li
     new = register_shards(instance, shards)
     print(f"text shards: {', '.join(shards)} ({len(new)} newly registered)")
     layers = layer_range(featstore.layers)
+    # The configuration's data versions first, so the UI shows what they are and, after a
+    # change of configuration, what it makes stale.
+    materialize(instance, [tokenizer_config, encoder_config], location=location)
     for span in shard_spans(instance, shards):
         materialize(instance, [tokens], tags=range_tags(*span), location=location)
         materialize(instance, [activations], tags=box_tags(span, LAYER, layers), location=location)
