@@ -20,11 +20,11 @@ import numpy as np
 import polars as pl
 
 from featstore.errors import FeatstoreError
+from featstore.finish import finish_stats
 from featstore.measures import DATA_FREE, MIN_BOTH, RANGES, with_intervals
 from featstore.pairs import BLOCK_TOKENS, PairCounts, merged_feature_stats, shards_of_pair
 from featstore.pairsums import sparse_pair_counts
 from featstore.sql import render
-from featstore.stats import finish_stats
 from featstore.store import Store, atomic_file
 
 Key = tuple[int, int]  # (layer, feature)

@@ -33,6 +33,15 @@ import pyarrow.parquet as pq
 
 from featstore import measures, spec
 from featstore.errors import FeatstoreError
+from featstore.finish import (
+    Conditions,
+    check_threshold,
+    conditions,
+    finish_stats,
+    needs_all_counts,
+    passing_rows,
+    typed_frame,
+)
 from featstore.measures import FLAT_VARIANCE, Spread
 from featstore.pairs import (
     ENGINES,
@@ -80,209 +89,10 @@ ALL_PAIRS_LIMIT = 50_000_000  # most pairs `all_pairs` may list; narrow the rang
 MAX_BLOCK_PAIRS = 20_000_000  # saved shard pairs merged at once (~1 GB of work arrays)
 # Blocks finished at once (numpy and scipy release the GIL): the two cores share the work.
 PIPELINE_WORKERS = 2
-CHUNK_PAIRS = 1 << 15  # pairs tested at once (`passing_rows`): their temporaries stay in cache
-SCHEMA = {
-    "feature_a": pl.Int32,
-    "feature_b": pl.Int32,
-    "n_tokens": pl.Int64,
-    "n_both": pl.Int64,
-    "n_either": pl.Int64,
-    "sum_xy": pl.Float64,
-    "pearson": pl.Float64,
-    "agreement": pl.Float64,
-    "jaccard": pl.Float64,
-    **dict.fromkeys(measures.NEW_COLUMNS, pl.Float64),
-}
-TABLE_COLUMNS = ("agreement", "jaccard", *measures.NEW_COLUMNS)  # from the 2 x 2 table
 T = TypeVar("T")
 
 
-def _pearson(n: int, sum_xy: np.ndarray, a: Spread, b: Spread, fa, fb) -> np.ndarray:
-    # In place, one gather per term. A never-co-active pair (sum_xy 0) gets exactly
-    # -(u_i*u_j): the form threshold_counts sorts by.
-    out = sum_xy * float(n)
-    out *= a.inv[fa]
-    out *= b.inv[fb]
-    uu = a.u[fa]
-    uu *= b.u[fb]
-    out -= uu
-    return np.clip(out, -1.0, 1.0, out=out)
-
-
-def measure_values(
-    counts: PairCounts,
-    stats_a: FeatureStats,
-    stats_b: FeatureStats,
-    names: Iterable[str],
-    spreads: tuple[Spread, Spread] | None = None,
-) -> dict[str, np.ndarray]:
-    """The named columns of `SCHEMA` (pearson, n_either, `TABLE_COLUMNS`) of each pair;
-    `spreads`: the `Spread` of each layer's stats, when already known."""
-    n, fa, fb = counts.n_tokens, counts.feature_a, counts.feature_b
-    names = list(names)
-    out = {}
-    if "pearson" in names:
-        spread_a, spread_b = spreads or (Spread.of(stats_a), Spread.of(stats_b))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out["pearson"] = _pearson(n, counts.sum_xy, spread_a, spread_b, fa, fb)
-    table = None
-    for name in names:
-        if name == "pearson":
-            continue
-        if table is None:
-            table = measures.Table(n, stats_a.count[fa], stats_b.count[fb], counts.n_both)
-        out[name] = table.n_either if name == "n_either" else measures.COUNT_MEASURES[name](table)
-    return out
-
-
-def _frame(columns: Mapping[str, np.ndarray]) -> pl.DataFrame:
-    """Columns typed as `SCHEMA`; NaN (an undefined statistic) becomes null."""
-    return pl.DataFrame(
-        [pl.Series(k, v, dtype=SCHEMA[k], nan_to_null=True) for k, v in columns.items()]
-    )
-
-
-def finish_stats(
-    counts: PairCounts,
-    stats_a: FeatureStats,
-    stats_b: FeatureStats,
-    known: Mapping[str, np.ndarray] | None = None,
-) -> pl.DataFrame:
-    """Every data measure of each pair in `counts` (columns as `SCHEMA`); `known`: measures
-    already computed for these pairs (`measure_values`; n_both too), not computed again."""
-    known = dict(known or {})
-    counts = counts.counted(known.pop("n_both", None))
-    names = [m for m in ("n_either", "pearson", *TABLE_COLUMNS) if m not in known]
-    values = {**known, **measure_values(counts, stats_a, stats_b, names)}
-    return _frame(
-        {
-            "feature_a": counts.feature_a,
-            "feature_b": counts.feature_b,
-            "n_tokens": np.full(counts.nnz, counts.n_tokens, dtype=np.int64),
-            "n_both": counts.n_both,
-            "n_either": values["n_either"],
-            "sum_xy": counts.sum_xy,
-            **{m: values[m] for m in ("pearson", *TABLE_COLUMNS)},
-        }
-    )
-
-
-Conditions = list[tuple[str, float]]  # (measure, least value) a row must reach, all of them
-
-
-def conditions(
-    min_pearson: float | None, min_jaccard: float | None, thresholds: Mapping[str, float]
-) -> Conditions:
-    """The checked thresholds of a query, as conditions."""
-    check_threshold("min_pearson", min_pearson)
-    check_threshold("min_jaccard", min_jaccard)
-    for measure, threshold in thresholds.items():
-        measures.check_measure(measure, threshold)
-        if measure not in ("pearson", *TABLE_COLUMNS):
-            raise FeatstoreError(
-                f"{measure} is not a statistic of the activations: see measures.{measure}"
-            )
-    named = [("pearson", min_pearson), ("jaccard", min_jaccard), *thresholds.items()]
-    return [(m, float(t)) for m, t in named if t is not None]
-
-
-def passing_mask(
-    values: Mapping[str, np.ndarray], n_both: np.ndarray, rules: Conditions, min_both: int = 0
-) -> np.ndarray | None:
-    """Rows with n_both >= min_both reaching every condition (None: no test, every row).
-
-    The same rows as `passes` & `measures.passing` select in a finished frame: an undefined
-    (NaN) or infinite value reaches no threshold."""
-    if not rules and min_both <= 0:
-        return None
-    keep = n_both >= min_both if min_both > 0 else None
-    with np.errstate(invalid="ignore"):
-        for measure, threshold in rules:
-            reach = np.isfinite(values[measure]) & (values[measure] >= threshold)
-            keep = reach if keep is None else keep & reach
-    return keep
-
-
-def passing_rows(
-    counts: PairCounts,
-    stats_a: FeatureStats,
-    stats_b: FeatureStats,
-    rules: Conditions,
-    min_both: int = 0,
-    every: bool = False,
-) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-    """(positions of the pairs passing, as `passing_mask`; None: every pair) and the values of
-    the measures the rules name there (and n_both where the rules need it), or with `every`
-    of every pair.
-
-    Without `every`, a positive Pearson threshold first screens the pairs (`pearson_screen`):
-    the rules are tested on the pairs it keeps, whose n_both alone is counted where it was
-    left to count. Chunk by chunk of `CHUNK_PAIRS`: the temporaries stay in cache."""
-    if not rules and min_both <= 0:
-        return None, {}
-    tested = list(dict.fromkeys(m for m, _ in rules))
-    spreads = Spread.of(stats_a), Spread.of(stats_b)
-    maybe = None if every else pearson_screen(counts, spreads, rules)
-    if maybe is not None:
-        counts = counts.subset(maybe)
-    with_counts = min_both > 0 or bool(set(tested) - {"pearson"})
-    counts = counts.counted() if with_counts else counts
-    found, kept = [], {m: [] for m in tested + ["n_both"] * with_counts}
-    for lo in range(0, counts.nnz, CHUNK_PAIRS):
-        part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
-        values = measure_values(part, stats_a, stats_b, tested, spreads)
-        rows = np.flatnonzero(passing_mask(values, part.n_both, rules, min_both))
-        values |= {"n_both": part.n_both} if with_counts else {}
-        found.append(rows + lo)
-        for m, v in values.items():
-            kept[m].append(v if every else v[rows])
-    rows = np.concatenate(found) if found else np.zeros(0, np.int64)
-    rows = rows if maybe is None else maybe[rows]
-    empty = np.zeros(0, np.float64)
-    return rows, {m: np.concatenate(v) if v else empty for m, v in kept.items()}
-
-
-def pearson_screen(
-    counts: PairCounts, spreads: tuple[Spread, Spread], rules: Conditions
-) -> np.ndarray | None:
-    """Positions of the pairs that may reach the highest positive Pearson threshold of `rules`
-    (None where there is none): by n*sum_xy*inv_i*inv_j, pearson without its term -u_i*u_j
-    (<= 0), so never below it, tested with a margin far above their roundings. Two gathers
-    per pair instead of four; most pairs fail it, and Pearson is computed for the rest."""
-    threshold = _highest_pearson(rules)
-    if threshold <= 0:
-        return None
-    row_factor, col_factor = spreads[0].inv * float(counts.n_tokens), spreads[1].inv
-    floor = threshold * (1 - 1e-9)
-    found = []
-    for lo in range(0, counts.nnz, CHUNK_PAIRS):
-        part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
-        # take with native-int positions: with int32 ones numpy's take is several times slower
-        bound = part.sum_xy * col_factor.take(part.feature_b.astype(np.intp))
-        bound *= row_factor.take(part.feature_a.astype(np.intp))
-        with np.errstate(invalid="ignore"):  # NaN where a feature is flat: never passes
-            found.append(np.flatnonzero(bound >= floor) + lo)
-    return np.concatenate(found) if found else np.zeros(0, np.int64)
-
-
-def needs_all_counts(rules: Conditions) -> bool:
-    """Whether testing `rules` needs n_both of every pair, not only of those that pass a
-    Pearson screen (`pearson_screen`)."""
-    return _highest_pearson(rules) <= 0
-
-
-def _highest_pearson(rules: Conditions) -> float:
-    """The highest Pearson threshold of `rules` (0 without one)."""
-    return max((t for m, t in rules if m == "pearson"), default=0.0)
-
-
 # -- checks ---------------------------------------------------------------------------------------
-
-
-def check_threshold(name: str, value: float | None) -> float | None:
-    if value is not None and not (isinstance(value, int | float) and -1 <= value <= 1):
-        raise FeatstoreError(f"{name} must be a number in [-1, 1], got {value!r}")
-    return value
 
 
 def check_range(name: str, rng: Range | None, d: int) -> Range:
@@ -643,7 +453,7 @@ def _query_block(
         return whole, frame, {}
     min_pearson, min_jaccard, thresholds = count
     ids = {k: getattr(pair_sums, k) for k in ("feature_a", "feature_b", "n_both")}
-    co = whole if whole is not None else _frame(ids | values)
+    co = whole if whole is not None else typed_frame(ids | values)
     counted = threshold_counts(
         co, *scan.stats, min_pearson=min_pearson, min_jaccard=min_jaccard, features_a=block,
         features_b=scan.range_b, thresholds=thresholds, min_both=min_both,

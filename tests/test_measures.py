@@ -10,7 +10,7 @@ import scipy.stats
 from helpers import build_store, sparse_acts
 from helpers import table_measures as table_reference
 
-from featstore import measures, pairs, spec, stats
+from featstore import finish, measures, pairs, spec, stats
 from featstore.cli import main
 from featstore.errors import FeatstoreError
 from featstore.graph import build_graph
@@ -87,7 +87,7 @@ def test_interval_columns_match_scipy(edge_store):
         assert (row["sufficiency_lo"], row["sufficiency_hi"]) == pytest.approx((ci.low, ci.high))
         ci = scipy.stats.binomtest(row["n_both"], row["n_either"]).proportion_ci(method="wilson")
         assert (row["jaccard_lo"], row["jaccard_hi"]) == pytest.approx((ci.low, ci.high))
-    assert stats.pair_stats(store, 6, 7).columns == list(stats.SCHEMA)  # no bounds unasked
+    assert stats.pair_stats(store, 6, 7).columns == list(finish.SCHEMA)  # no bounds unasked
 
 
 # -- thresholds, support and never-co-active pairs ------------------------------------------------

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import scipy.stats
 from helpers import build_store, sparse_acts
 
-from featstore import measures, pairs, pairsums, spec, stats
+from featstore import finish, measures, pairs, pairsums, spec, stats
 from featstore.cli import main
 from featstore.errors import FeatstoreError
 from featstore.store import FeatureStats
@@ -307,9 +307,9 @@ def test_threshold_counts_for_big_d_need_no_dense_array():
     count = rng.integers(1, 50, d)
     total = count * rng.uniform(0.5, 2.0, d)
     stats_a = FeatureStats(1000, count, total, total * 2.5)
-    empty = stats.finish_stats(pairs.PairCounts.empty(1000, d, d), stats_a, stats_a)
+    empty = finish.finish_stats(pairs.PairCounts.empty(1000, d, d), stats_a, stats_a)
     got = stats.threshold_counts(empty, stats_a, stats_a, min_pearson=-0.01)
-    u = stats.Spread.of(stats_a).u
+    u = finish.Spread.of(stats_a).u
     sample = rng.integers(0, d, (2, 200_000))
     share = np.mean(-(u[sample[0]] * u[sample[1]]) >= -0.01)
     assert got["pearson"] == pytest.approx(share * d * d, rel=0.05)
@@ -411,14 +411,14 @@ def test_pearson_screen_keeps_every_pair_reaching_the_threshold(threshold):
     counts = stats.sparse_pair_counts(a, b)
     sa, sb = FeatureStats.of(a), FeatureStats.of(b)
     rules = [("pearson", threshold)]
-    exact = stats.measure_values(counts, sa, sb, ["pearson"])["pearson"]
-    want = np.flatnonzero(stats.passing_mask({"pearson": exact}, counts.n_both, rules))
-    screen = stats.pearson_screen(counts, (stats.Spread.of(sa), stats.Spread.of(sb)), rules)
+    exact = finish.measure_values(counts, sa, sb, ["pearson"])["pearson"]
+    want = np.flatnonzero(finish.passing_mask({"pearson": exact}, counts.n_both, rules))
+    screen = finish.pearson_screen(counts, (finish.Spread.of(sa), finish.Spread.of(sb)), rules)
     if threshold <= 0:
         assert screen is None
     else:
         assert set(want) <= set(screen)
-    rows, values = stats.passing_rows(counts, sa, sb, rules)
+    rows, values = finish.passing_rows(counts, sa, sb, rules)
     np.testing.assert_array_equal(rows, want)
     np.testing.assert_array_equal(values["pearson"], exact[want])
 
@@ -428,12 +428,12 @@ def test_passing_rows_by_small_chunks_equal_one_pass(monkeypatch, every):
     a, b = sparse_acts(300, 30, 0.1, 45), sparse_acts(300, 25, 0.1, 46)
     counts = stats.sparse_pair_counts(a, b)
     sa, sb = FeatureStats.of(a), FeatureStats.of(b)
-    rules = stats.conditions(0.05, None, {"sufficiency": 0.1, "mutual_information": 0.001})
+    rules = finish.conditions(0.05, None, {"sufficiency": 0.1, "mutual_information": 0.001})
     names = ["pearson", "sufficiency", "mutual_information"]
-    values = stats.measure_values(counts, sa, sb, names)
-    keep = np.flatnonzero(stats.passing_mask(values, counts.n_both, rules, min_both=2))
-    monkeypatch.setattr(stats, "CHUNK_PAIRS", 7)
-    rows, got = stats.passing_rows(counts, sa, sb, rules, min_both=2, every=every)
+    values = finish.measure_values(counts, sa, sb, names)
+    keep = np.flatnonzero(finish.passing_mask(values, counts.n_both, rules, min_both=2))
+    monkeypatch.setattr(finish, "CHUNK_PAIRS", 7)
+    rows, got = finish.passing_rows(counts, sa, sb, rules, min_both=2, every=every)
     np.testing.assert_array_equal(rows, keep)
     for name in names:
         np.testing.assert_array_equal(got[name], values[name] if every else values[name][keep])
@@ -467,7 +467,7 @@ def test_screened_queries_in_small_blocks_match_numpy(tmp_path, monkeypatch, kwa
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
     whole = stats.pair_stats(store, 6, 7, save=False)  # every co-active pair, every measure
     monkeypatch.setattr(pairsums, "MAX_BLOCK_WORK", 60)  # many blocks, pipelined
-    monkeypatch.setattr(stats, "CHUNK_PAIRS", 16)
+    monkeypatch.setattr(finish, "CHUNK_PAIRS", 16)
     got = stats.pair_stats(store, 6, 7, **kwargs)
     assert not store.children(spec.PAIRS)  # a query saves nothing
     ra, rb = kwargs.get("features_a", (0, 40)), kwargs.get("features_b", (0, 30))
