@@ -20,7 +20,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from zarr.storage import FsspecStore
 
 from featstore import spec
 from featstore.errors import FeatstoreError
-from featstore.store import GroupWriter, Store, finish_pending_writes, writing
+from featstore.store import Store, writing
 
 
 def storage_options_from_env() -> dict[str, Any]:
@@ -111,32 +110,22 @@ class UrlStore(Store):
 
     # -- writing -------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def staged(self, path: str, lock_timeout: float = 0.0) -> Iterator[GroupWriter]:
-        """A fresh generation of the group at `path`, committed only when complete."""
-        generation = f"{spec.GENERATION_PREFIX}{int(time.time()):010x}-{uuid.uuid4().hex}"
-        with self.lock(path, lock_timeout):
-            try:
-                with writing(self.location(path)):
-                    group = zarr.open_group(
-                        self._zstore(), path=f"{path}/{generation}", mode="w", zarr_format=3
-                    )
-                writer = GroupWriter(group, path)
-                with writing(self.location(path)):
-                    yield writer
-                with writing(self.location(path)):
-                    writer.flush()
-                    writer.group.attrs.update(writer.attrs)
-                    self._ensure_parents(path)
-                    previous = self._committed(path)
-                    self._put_group(path, {spec.GENERATION: generation})
-            except BaseException:
-                finish_pending_writes()
-                self._delete_prefix(f"{path}/{generation}")
-                raise
-            # Best effort: what a failed clean-up leaves, the next write of the group removes.
-            with contextlib.suppress(Exception):
-                self._drop_generations(path, keep={generation, previous})
+    def _new_staging(self, path: str) -> str:
+        """A fresh generation's name: the time it was begun (hex seconds), then random hex."""
+        return f"{spec.GENERATION_PREFIX}{int(time.time()):010x}-{uuid.uuid4().hex}"
+
+    def _open_staging(self, path: str, generation: str) -> zarr.Group:
+        return zarr.open_group(self._zstore(), path=f"{path}/{generation}", mode="w", zarr_format=3)
+
+    def _commit(self, path: str, generation: str) -> None:
+        previous = self._committed(path)
+        self._put_group(path, {spec.GENERATION: generation})
+        # Best effort: what a failed clean-up leaves, the next write of the group removes.
+        with contextlib.suppress(Exception):
+            self._drop_generations(path, keep={generation, previous})
+
+    def _discard(self, path: str, generation: str) -> None:
+        self._delete_prefix(f"{path}/{generation}")
 
     def _ensure_parents(self, path: str) -> None:
         parts = path.split("/")[:-1]

@@ -187,13 +187,13 @@ class Store:
 
     @contextlib.contextmanager
     def staged(self, path: str, lock_timeout: float = 0.0) -> Iterator[GroupWriter]:
-        """A group written in a staging folder and renamed over `path` only when complete."""
-        staging = self.root_path / spec.STAGING / _entry_name(path)
+        """A group written aside (`_open_staging`) and put in place at `path` (`_commit`) only
+        when complete; a failed write leaves nothing (`_discard`)."""
+        staging = self._new_staging(path)
         with self.lock(path, lock_timeout):
             try:
                 with writing(path):
-                    store = zarr.storage.LocalStore(staging)
-                    group = zarr.open_group(store, mode="w", zarr_format=3)
+                    group = self._open_staging(path, staging)
                 writer = GroupWriter(group, path)
                 with writing(path):  # also what the caller writes to `writer.group` itself
                     yield writer
@@ -203,12 +203,24 @@ class Store:
                     writer.group.attrs.update(writer.attrs)
                     # Parents only now: a write that fails leaves no empty group behind.
                     self._ensure_parents(path)
-                    self._swap_in(staging, path)
+                    self._commit(path, staging)
             except BaseException:
-                finish_pending_writes()  # else they could write into the staging folder again
+                finish_pending_writes()  # else they could write into the staging place again
+                self._discard(path, staging)
                 raise
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+
+    def _new_staging(self, path: str) -> Any:
+        """Where a new version of the group at `path` is written: a `_staging` folder."""
+        return self.root_path / spec.STAGING / _entry_name(path)
+
+    def _open_staging(self, path: str, staging: Path) -> zarr.Group:
+        return zarr.open_group(zarr.storage.LocalStore(staging), mode="w", zarr_format=3)
+
+    def _commit(self, path: str, staging: Path) -> None:
+        self._swap_in(staging, path)
+
+    def _discard(self, path: str, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
 
     def write_group(
         self,
