@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
@@ -28,6 +30,7 @@ PIPELINE_BLOCKS = 8
 LOOKAHEAD_BLOCKS = 2  # blocks computed ahead of the one used
 
 Range = tuple[int, int]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -253,14 +256,25 @@ def iter_sparse_pair_counts(
     limit = max_work or min(MAX_BLOCK_WORK, -(-int(work.sum()) // PIPELINE_BLOCKS))
     shape = (a_t.shape[0], b.shape[1])
     with ThreadPoolExecutor(max_workers=2) as pool:
-        ahead: collections.deque[Callable[[], PairCounts]] = collections.deque()
-        for lo, hi in balanced_ranges(work, max(limit, 1)):
-            rows = a_t[lo:hi]
-            ahead.append(_start_products(pool, rows, right, right_on, lo, shape, sort, counter))
-            if len(ahead) > LOOKAHEAD_BLOCKS:
-                yield ahead.popleft()()
-        while ahead:
-            yield ahead.popleft()()
+        starts = (
+            functools.partial(
+                _start_products, pool, a_t[lo:hi], right, right_on, lo, shape, sort, counter
+            )
+            for lo, hi in balanced_ranges(work, max(limit, 1))
+        )
+        yield from run_ahead(starts, LOOKAHEAD_BLOCKS + 1)
+
+
+def run_ahead(starts: Iterable[Callable[[], Callable[[], T]]], ahead: int) -> Iterator[T]:
+    """Each `start()` begins some work (on threads) and returns the function that waits for its
+    result; the results come in order, with up to `ahead` pieces of work begun at once."""
+    pending: collections.deque[Callable[[], T]] = collections.deque()
+    for start in starts:
+        pending.append(start())
+        if len(pending) >= ahead:
+            yield pending.popleft()()
+    while pending:
+        yield pending.popleft()()
 
 
 def sparse_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:

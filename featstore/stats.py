@@ -16,13 +16,12 @@ other pass), 95% intervals on request, thresholds on any measure with a minimum 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,6 +60,7 @@ from featstore.pairs import (
     variant_stats,
 )
 from featstore.pairscan import merged_blocks
+from featstore.pairsums import run_ahead
 from featstore.sql import PAIR_STATS_SCHEMA
 from featstore.store import FeatureStats, Store, atomic_file
 
@@ -465,13 +465,11 @@ def _pipelined(
     pool: ThreadPoolExecutor, fn: Callable[..., T], items: Iterable[tuple], ahead: int
 ) -> Iterator[T]:
     """`fn(*item)` of each item, in order, up to `ahead` items computed at once on `pool`."""
-    pending: collections.deque[Future[T]] = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, *item))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+
+    def start(item: tuple) -> Callable[[], T]:
+        return pool.submit(fn, *item).result
+
+    return run_ahead((functools.partial(start, item) for item in items), ahead)
 
 
 def _finish_rows(
