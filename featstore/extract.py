@@ -325,7 +325,7 @@ def _extract_tokenised(
         for b, codes in enumerate(encode_and_store(model, saes, hooks, batches, writers)):
             for layer, csr in codes.items():
                 report.nnz[layer] += csr.nnz
-            report.n_tokens += csr.shape[0]
+            report.n_tokens += next(iter(codes.values())).shape[0]  # rows: the batch's tokens
             report.seconds = time.perf_counter() - start
             if b % 10 == 9 or b == n_batches - 1:
                 left = (n_batches - b - 1) * report.seconds / (b + 1)

@@ -260,8 +260,6 @@ class SavedPairs:
 _DTYPES = {"feature_a": np.int32, "feature_b": np.int32, "n_both": np.int64, "sum_xy": np.float64}
 
 
-# LZ4 with byte shuffling: as small as zarr's default zstd on these arrays, written in about
-# half the time (bench/RESULTS.md).
 def save_shard_pairs(
     store: Store,
     a: int,
@@ -481,9 +479,7 @@ def variant_stats(
     (fresh) sums, or from the variant's matrices for the shards `computed` in memory."""
     if variant.plain:
         return merged_feature_stats(store, a, shards), merged_feature_stats(store, b, shards)
-    parts = [
-        _variant_stats_of(store, a, b, shard, variant, shard in computed) for shard in shards
-    ]
+    parts = [_variant_stats_of(store, a, b, shard, variant, shard in computed) for shard in shards]
     return (
         functools.reduce(operator.add, [p[0] for p in parts]),
         functools.reduce(operator.add, [p[1] for p in parts]),

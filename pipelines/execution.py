@@ -22,6 +22,8 @@ MODEL_POOL = "featstore_model"
 # instead, so a worker runs one at a time. Workers of an existing cluster that may run model
 # steps are started with `--resources featstore_model=1` (one per GPU); others never get them.
 DASK_MODEL_TAGS = {"dagster-dask/resource_requirements": json.dumps({MODEL_POOL: 1})}
+# What an asset that loads the model declares: one at a time per GPU, under either executor.
+MODEL_STEP = {"pool": MODEL_POOL, "op_tags": DASK_MODEL_TAGS}
 
 
 def max_concurrent() -> int:

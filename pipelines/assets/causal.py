@@ -16,7 +16,7 @@ from featstore.extract import load_model_and_saes
 from featstore.graph import GRAPHML
 from featstore.spec import CONCEPTS_DIR, ERASURE_DIR
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
-from pipelines.execution import DASK_MODEL_TAGS, MODEL_POOL
+from pipelines.execution import MODEL_STEP
 from pipelines.resources import FeatstoreResource
 
 CAUSAL_VERSION = "1"
@@ -61,8 +61,7 @@ def files_metadata(paths: dict[str, Path]) -> dict:
     code_version=CAUSAL_VERSION,
     group_name="causal",
     kinds={"pytorch", "parquet"},
-    pool=MODEL_POOL,  # loads the model: one at a time per GPU, as extraction
-    op_tags=DASK_MODEL_TAGS,
+    **MODEL_STEP,  # loads the model, as extraction
 )
 def causal_edges(config: CausalEdgesConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
     """Effect of ablating each layer-L feature on every later feature (exact patching, and its
@@ -137,8 +136,7 @@ def concept_traces(
     code_version=CAUSAL_VERSION,
     group_name="causal",
     kinds={"pytorch", "matplotlib"},
-    pool=MODEL_POOL,  # loads the model: one at a time per GPU, as extraction
-    op_tags=DASK_MODEL_TAGS,
+    **MODEL_STEP,  # loads the model, as extraction
 )
 def erasure(config: ErasureConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
     """Which attention heads and MLP of block L lower the features of L with no successor at

@@ -10,7 +10,7 @@ import dagster as dg
 from featstore import spec
 from featstore.extract import ExtractReport, extract_shard, tokenize_shard
 from featstore.store import Store
-from pipelines.execution import DASK_MODEL_TAGS, MODEL_POOL
+from pipelines.execution import MODEL_STEP
 from pipelines.partitions import (
     LAYER,
     group_by_shard,
@@ -97,8 +97,7 @@ def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> d
     code_version=EXTRACTION_VERSION,
     group_name="extraction",
     kinds={"pytorch", "zarr"},
-    pool=MODEL_POOL,
-    op_tags=DASK_MODEL_TAGS,
+    **MODEL_STEP,
 )
 def activations(
     context: dg.AssetExecutionContext, featstore: FeatstoreResource
