@@ -68,14 +68,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def rate(fn, tokens: torch.Tensor, batches: int) -> float:
-    fn(tokens)  # warm-up
+def rate(run, tokens: torch.Tensor, batches: int) -> float:
+    """Tokens/second of `run(tokens, n)`, which processes n batches, after one warm-up batch."""
+    run(tokens, 1)
     sync(str(tokens.device))
     start = time.perf_counter()
-    for _ in range(batches):
-        fn(tokens)
+    run(tokens, batches)
     sync(str(tokens.device))
     return batches * tokens.numel() / (time.perf_counter() - start)
+
+
+def each(fn):
+    """A `rate` run that calls `fn` on every batch."""
+    return lambda tokens, n: [fn(tokens) for _ in range(n)]
 
 
 def measure(name: str, model, saes, args) -> None:
@@ -90,8 +95,8 @@ def measure(name: str, model, saes, args) -> None:
         codes = encode_batch(model, saes, hooks, t)
         return sum(c.nnz for c in codes.values())
 
-    base = rate(forward, tokens, args.batches)
-    full = rate(extract, tokens, args.batches)
+    base = rate(each(forward), tokens, args.batches)
+    full = rate(each(extract), tokens, args.batches)
     with tempfile.TemporaryDirectory() as home, contextlib.ExitStack() as stack:
         store = open_store(home, create=True)
         writers = {
@@ -99,15 +104,11 @@ def measure(name: str, model, saes, args) -> None:
             for layer, sae in saes.items()
         }
 
-        def stored(t):
-            for _ in encode_and_store(model, saes, hooks, [t] * args.batches, writers):
+        def stored(t, n):  # one stream of n batches: storing overlaps the next encoding
+            for _ in encode_and_store(model, saes, hooks, [t] * n, writers):
                 pass
 
-        stored(tokens)  # warm-up
-        sync(args.device)
-        start = time.perf_counter()
-        stored(tokens)
-        kept = args.batches * tokens.numel() / (time.perf_counter() - start)
+        kept = rate(stored, tokens, args.batches)
     l0 = extract(tokens) / tokens.numel() / len(saes)
     print(
         f"{name:<12} {args.device:<5} forward {base:>9.0f} tok/s  extraction {full:>9.0f} tok/s  "
