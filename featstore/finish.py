@@ -2,8 +2,8 @@
 
 `finish_stats` turns pair sums (`PairCounts`) and per-feature sums into every data measure of
 each pair (columns as `SCHEMA`). A query's thresholds (`conditions`) are tested first on only
-the measures they name (`passing_rows`), behind a Pearson screen (`pearson_screen`) that lets
-n_both be counted for the few pairs that may pass; `finish_stats` then runs on those rows.
+the measures they name (`passing_rows`), behind a Pearson screen (`pearson_screen`) that the
+sparse engine also applies as it computes the sums; `finish_stats` then runs on those rows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import polars as pl
 from featstore import measures
 from featstore.errors import FeatstoreError
 from featstore.measures import Spread
-from featstore.pairs import PairCounts
+from featstore.pairs import PairCounts, Screen
 from featstore.store import FeatureStats
 
 CHUNK_PAIRS = 1 << 15  # pairs tested at once (`passing_rows`): their temporaries stay in cache
@@ -87,9 +87,8 @@ def finish_stats(
     known: Mapping[str, np.ndarray] | None = None,
 ) -> pl.DataFrame:
     """Every data measure of each pair in `counts` (columns as `SCHEMA`); `known`: measures
-    already computed for these pairs (`measure_values`; n_both too), not computed again."""
-    known = dict(known or {})
-    counts = counts.counted(known.pop("n_both", None))
+    already computed for these pairs (`measure_values`), not computed again."""
+    known = {m: v for m, v in (known or {}).items() if m != "n_both"}
     names = [m for m in ("n_either", "pearson", *TABLE_COLUMNS) if m not in known]
     values = {**known, **measure_values(counts, stats_a, stats_b, names)}
     return typed_frame(
@@ -154,17 +153,17 @@ def passing_rows(
     of every pair.
 
     Without `every`, a positive Pearson threshold first screens the pairs (`pearson_screen`):
-    the rules are tested on the pairs it keeps, whose n_both alone is counted where it was
-    left to count. Chunk by chunk of `CHUNK_PAIRS`: the temporaries stay in cache."""
+    the rules are tested on the pairs it keeps. Chunk by chunk of `CHUNK_PAIRS`: the
+    temporaries stay in cache."""
     if not rules and min_both <= 0:
         return None, {}
     tested = list(dict.fromkeys(m for m, _ in rules))
     spreads = Spread.of(stats_a), Spread.of(stats_b)
-    maybe = None if every else pearson_screen(counts, spreads, rules)
+    screen = None if every else pearson_screen((stats_a, stats_b), rules, spreads)
+    maybe = None if screen is None else screen.positions(counts, CHUNK_PAIRS)
     if maybe is not None:
         counts = counts.subset(maybe)
     with_counts = min_both > 0 or bool(set(tested) - {"pearson"})
-    counts = counts.counted() if with_counts else counts
     found, kept = [], {m: [] for m in tested + ["n_both"] * with_counts}
     for lo in range(0, counts.nnz, CHUNK_PAIRS):
         part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
@@ -181,32 +180,20 @@ def passing_rows(
 
 
 def pearson_screen(
-    counts: PairCounts, spreads: tuple[Spread, Spread], rules: Conditions
-) -> np.ndarray | None:
-    """Positions of the pairs that may reach the highest positive Pearson threshold of `rules`
-    (None where there is none): by n*sum_xy*inv_i*inv_j, pearson without its term -u_i*u_j
-    (<= 0), so never below it, tested with a margin far above their roundings. Two gathers
-    per pair instead of four; most pairs fail it, and Pearson is computed for the rest."""
+    stats: tuple[FeatureStats, FeatureStats],
+    rules: Conditions,
+    spreads: tuple[Spread, Spread] | None = None,
+) -> Screen | None:
+    """The screen of the pairs that may reach the highest positive Pearson threshold of
+    `rules` (None where there is none): n*sum_xy*inv_i*inv_j is pearson without its term
+    -u_i*u_j (<= 0), so never below it; tested with a margin far above their roundings. Two
+    factors per pair instead of four; most pairs fail it, and Pearson is computed for the rest.
+    `spreads`: the `Spread` of each layer's stats, when already known."""
     threshold = _highest_pearson(rules)
     if threshold <= 0:
         return None
-    row_factor, col_factor = spreads[0].inv * float(counts.n_tokens), spreads[1].inv
-    floor = threshold * (1 - 1e-9)
-    found = []
-    for lo in range(0, counts.nnz, CHUNK_PAIRS):
-        part = counts.subset(slice(lo, lo + CHUNK_PAIRS))
-        # take with native-int positions: with int32 ones numpy's take is several times slower
-        bound = part.sum_xy * col_factor.take(part.feature_b.astype(np.intp))
-        bound *= row_factor.take(part.feature_a.astype(np.intp))
-        with np.errstate(invalid="ignore"):  # NaN where a feature is flat: never passes
-            found.append(np.flatnonzero(bound >= floor) + lo)
-    return np.concatenate(found) if found else np.zeros(0, np.int64)
-
-
-def needs_all_counts(rules: Conditions) -> bool:
-    """Whether testing `rules` needs n_both of every pair, not only of those that pass a
-    Pearson screen (`pearson_screen`)."""
-    return _highest_pearson(rules) <= 0
+    spread_a, spread_b = spreads or (Spread.of(stats[0]), Spread.of(stats[1]))
+    return Screen(spread_a.inv * float(stats[0].n_tokens), spread_b.inv, threshold * (1 - 1e-9))
 
 
 def _highest_pearson(rules: Conditions) -> float:

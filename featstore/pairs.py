@@ -4,8 +4,9 @@ Each shard's pair sums (`featstore.pairsums.PairCounts`: n_both and sum_xy of ev
 feature pair) are saved at `pairs/{a}-{b}/{shard}` (encoding "pair_stats_coo": COO arrays
 feature_a, feature_b, n_both, sum_xy sorted by (feature_a, feature_b), plus `indptr` by
 feature_a), so a new shard costs only its own work; sums over shards are merged by adding.
-Three engines give the same sums: `sparse` (scipy products, default), `polars` (join +
-group-by) and `duckdb` (`sql/pair_counts.sql` over `featstore sql`'s views).
+Three engines give the same sums: `sparse` (scipy products, or one compiled pass where a query
+screens the pairs; default), `polars` (join + group-by) and `duckdb` (`sql/pair_counts.sql`
+over `featstore sql`'s views).
 `featstore.pairscan` adds them up block by block of feature_a, computing those not saved in
 memory; `featstore.stats` turns them into Pearson, agreement, Jaccard and `featstore.measures`'
 others. Sums are saved by `update_shard_pairs` (the `shard_pair_stats` asset) and by calls that
@@ -35,6 +36,7 @@ from featstore.pairsums import (
     PAIR_ARRAYS,
     PairCounts,
     Range,
+    Screen,
     balanced_ranges,
     iter_sparse_pair_counts,
     polars_pair_counts,
@@ -175,18 +177,19 @@ def iter_shard_pair_counts(
     engine: str = "sparse",
     block_tokens: int = 0,
     sort: bool = True,
-    defer_counts: bool = False,
+    screen: Screen | None = None,
     variant: Variant = PLAIN,
 ) -> Iterator[PairCounts]:
     """Pair sums of one shard by `engine`, as blocks of feature_a in order (they concatenate;
     each feature's pairs lie in one block). Without `sort` a block's pairs may come unsorted by
-    feature_b within each feature_a, and with `defer_counts` their n_both may be left to count
-    (`iter_sparse_pair_counts`). A variant reads the shard whole (`variant_pair_counts`)."""
+    feature_b within each feature_a; with a `screen`, the sparse engine may keep only the pairs
+    passing it (`iter_sparse_pair_counts`). A variant reads the shard whole
+    (`variant_pair_counts`)."""
     if engine not in ENGINES:
         raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
     if not variant.plain:
         m_a, m_b = variant_matrices(store, a, b, shard, variant)
-        yield from variant_pair_counts(m_a, m_b, engine, sort, defer_counts)
+        yield from variant_pair_counts(m_a, m_b, engine, sort, screen)
         return
     n_tokens, d_a, d_b = check_shard(store, a, b, shard)
     if engine == "duckdb":
@@ -195,7 +198,7 @@ def iter_shard_pair_counts(
     block_tokens = block_tokens or BLOCK_TOKENS[engine]
     if engine == "sparse" and n_tokens <= block_tokens:  # stream the product's feature blocks
         m_a, m_b = store.read(a, shard), store.read(b, shard)
-        yield from iter_sparse_pair_counts(m_a, m_b, sort=sort, defer_counts=defer_counts)
+        yield from iter_sparse_pair_counts(m_a, m_b, sort=sort, screen=screen)
         return
     counts = sparse_pair_counts if engine == "sparse" else polars_pair_counts
     total = PairCounts.empty(0, d_a, d_b)
@@ -322,7 +325,11 @@ def update_shard_pairs(
 
 
 def variant_pair_counts(
-    m_a: sp.csr_matrix, m_b: sp.csr_matrix, engine: str, sort: bool = True, defer: bool = False
+    m_a: sp.csr_matrix,
+    m_b: sp.csr_matrix,
+    engine: str,
+    sort: bool = True,
+    screen: Screen | None = None,
 ) -> Iterator[PairCounts]:
     """Pair sums of a variant's matrices (`variant_matrices`) by the sparse or polars engine,
     as blocks of feature_a in order (see `iter_sparse_pair_counts`)."""
@@ -330,7 +337,7 @@ def variant_pair_counts(
         raise FeatstoreError(f"the {engine} engine computes only the plain sums: use sparse")
     if engine == "polars":
         return iter([polars_pair_counts(m_a, m_b)])
-    return iter_sparse_pair_counts(m_a, m_b, sort=sort, defer_counts=defer)
+    return iter_sparse_pair_counts(m_a, m_b, sort=sort, screen=screen)
 
 
 def _saved_group(

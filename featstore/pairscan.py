@@ -14,7 +14,7 @@ import numpy as np
 import zarr
 
 from featstore import pairs
-from featstore.pairsums import PairCounts, Range
+from featstore.pairsums import PairCounts, Range, Screen
 from featstore.store import Store
 
 
@@ -29,7 +29,7 @@ def merged_blocks(
     engine: str = "sparse",
     max_pairs: int,
     sort: bool = True,
-    defer_counts: bool = False,
+    screen: Screen | None = None,
     variant: pairs.Variant = pairs.PLAIN,
 ) -> Iterator[tuple[Range, PairCounts]]:
     """(range of feature_a, pair sums over every shard there) covering `features_a` in order.
@@ -38,8 +38,7 @@ def merged_blocks(
     are computed by `engine`. Without `todo`, blocks hold ~`max_pairs` saved pairs; with it,
     they follow the engine's blocks. Without `sort`, a block computed from one shard alone may
     come unsorted by feature_b within each feature_a (`PairCounts.sorted` sorts it), which
-    saves the engine a pass, and with `defer_counts` leave its n_both to count
-    (`PairCounts.counted`).
+    saves the engine a pass, and hold only the pairs passing a `screen`.
     """
     if not todo:
         groups = list(saved.values())
@@ -47,11 +46,12 @@ def merged_blocks(
             yield block, PairCounts.total([pairs.read_pairs(store, g, block) for g in groups])
         return
     lo_a, hi_a = features_a
-    alone = len(todo) == 1 and not saved  # else parts to add up: sorted, counted
-    sort, defer_counts = sort or not alone, defer_counts and alone
+    # Parts to add up come sorted and whole: a sum of shards' sums passes no screen by parts.
+    alone = len(todo) == 1 and not saved
+    sort, screen = sort or not alone, screen if alone else None
     streams = [
         pairs.iter_shard_pair_counts(
-            store, a, b, s, engine, sort=sort, defer_counts=defer_counts, variant=variant
+            store, a, b, s, engine, sort=sort, screen=screen, variant=variant
         )
         for s in todo
     ]

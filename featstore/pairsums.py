@@ -4,7 +4,9 @@ For feature i of A and j of B: `n_both` (tokens where both are > 0) and `sum_xy`
 tokens of the product); only co-active pairs have either nonzero, so `PairCounts` holds them as
 COO sorted by (feature_a, feature_b). Two engines compute them from matrices: `sparse` (scipy
 products, by blocks of features) and `polars` (a join on the token and a group-by);
-`featstore.pairs` adds the `duckdb` engine and keeps the sums per shard in the store.
+`featstore.pairs` adds the `duckdb` engine and keeps the sums per shard in the store. A query
+that keeps few pairs passes a `Screen`: the sparse engine then computes the sums, counts and
+screen of each pair in one compiled pass (`screened_block`) and keeps only the pairs that pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numba
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
@@ -35,19 +38,15 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class PairCounts:
-    """Co-activation sums of feature pairs over `n_tokens` tokens, sorted by (a, b), unique.
-
-    An engine may leave `n_both` to count (None) with a `counter` of any pairs' n_both, for a
-    caller that keeps few pairs: `counted` counts the pairs held then (after `subset`, say)."""
+    """Co-activation sums of feature pairs over `n_tokens` tokens, sorted by (a, b), unique."""
 
     n_tokens: int
     d_a: int
     d_b: int
     feature_a: np.ndarray  # (pairs,) int32
     feature_b: np.ndarray  # (pairs,) int32
-    n_both: np.ndarray | None  # (pairs,) int64: tokens where both features are > 0
+    n_both: np.ndarray  # (pairs,) int64: tokens where both features are > 0
     sum_xy: np.ndarray  # (pairs,) float64: sum over tokens of the product
-    counter: PairCounter | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @staticmethod
     def from_coo(n_tokens: int, d_a: int, d_b: int, fa, fb, n_both, sum_xy) -> PairCounts:
@@ -89,7 +88,6 @@ class PairCounts:
         full = [p for p in parts if p.nnz]
         if len(full) <= 1:
             return dataclasses.replace(full[0] if full else parts[0], n_tokens=n_tokens)
-        full = [p.counted() for p in full]
         cat = [np.concatenate([getattr(p, f) for p in full]) for f in PAIR_ARRAYS]
         if same_tokens and all(_before(p, q) for p, q in itertools.pairwise(full)):
             return PairCounts(n_tokens, *shapes.pop(), *cat)  # ordered blocks: already canonical
@@ -125,21 +123,32 @@ class PairCounts:
 
     def subset(self, keep: np.ndarray | slice) -> PairCounts:
         """The pairs where the boolean mask `keep` is true, or at the positions or slice `keep`."""
-        held = [f for f in PAIR_ARRAYS if getattr(self, f) is not None]
-        return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in held})
-
-    def counted(self, n_both: np.ndarray | None = None) -> PairCounts:
-        """These pairs with n_both: the one they hold, else `n_both` (known elsewhere), else
-        counted now."""
-        if self.n_both is not None:
-            return self
-        if n_both is None:
-            n_both = self.counter(self.feature_a, self.feature_b)
-        return dataclasses.replace(self, n_both=n_both, counter=None)
+        return dataclasses.replace(self, **{f: getattr(self, f)[keep] for f in PAIR_ARRAYS})
 
 
 PAIR_ARRAYS = ("feature_a", "feature_b", "n_both", "sum_xy")
-PairCounter = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (feature_a, feature_b) -> n_both
+
+
+@dataclass(frozen=True)
+class Screen:
+    """The pairs a query may keep: sum_xy * row[feature_a] * col[feature_b] >= floor (never
+    where a factor is NaN). Pair sums computed with a screen hold only those pairs."""
+
+    row: np.ndarray  # (d_a,) float64
+    col: np.ndarray  # (d_b,) float64
+    floor: float
+
+    def positions(self, counts: PairCounts, chunk: int) -> np.ndarray:
+        """Positions of the pairs of `counts` that pass, `chunk` pairs at a time."""
+        found = []
+        for lo in range(0, counts.nnz, chunk):
+            part = counts.subset(slice(lo, lo + chunk))
+            # take with native-int positions: with int32 ones numpy's take is several times slower
+            bound = part.sum_xy * self.col.take(part.feature_b.astype(np.intp))
+            bound *= self.row.take(part.feature_a.astype(np.intp))
+            with np.errstate(invalid="ignore"):  # NaN never passes
+                found.append(np.flatnonzero(bound >= self.floor) + lo)
+        return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def _before(p: PairCounts, q: PairCounts) -> bool:
@@ -193,35 +202,19 @@ def _counts_part(rows: sp.csr_matrix, right_on: sp.csr_matrix, sort: bool) -> tu
     return counts.indptr, counts.indices, counts.data.astype(np.int64)
 
 
-def pair_counter(a_t: sp.csr_matrix, b: sp.csr_matrix) -> PairCounter:
-    """n_both of any pairs of features, from A.T (features x tokens) and B (tokens x features),
-    both canonical: each pair's tokens intersected (work: the pairs' active tokens, not a
-    product), for the few pairs a query keeps."""
-    on_a, on_b = _pattern(a_t, np.int8), _pattern(b, np.int8).T.tocsr()
-
-    def count(feature_a: np.ndarray, feature_b: np.ndarray) -> np.ndarray:
-        both = on_a[feature_a].multiply(on_b[feature_b]).tocsr()  # 1 where both are active
-        return np.diff(both.indptr).astype(np.int64)
-
-    return count
-
-
 def _start_products(
     pool: ThreadPoolExecutor, rows: sp.csr_matrix, right: sp.csr_matrix,
-    right_on: sp.csr_matrix | None, first: int, shape: tuple[int, int], sort: bool,
-    counter: PairCounter | None,
+    right_on: sp.csr_matrix, first: int, shape: tuple[int, int], sort: bool,
 ) -> Callable[[], PairCounts]:  # fmt: skip
     """Start the pair sums of features `first + row` (`rows` of A.T) with every feature of B
-    (`right`: B, or B.T with `sort`; `right_on`: its pattern in int32, None to leave n_both to
-    `counter`) on `pool`; the function returned waits for them. `shape`: (d_a, d_b)."""
+    (`right`: B, or B.T with `sort`; `right_on`: its pattern in int32) on `pool`; the function
+    returned waits for them. `shape`: (d_a, d_b)."""
     # The two products share no state and scipy releases the GIL: they run on two cores.
     sums = pool.submit(_sums_part, rows, right, first, sort)
-    counts = None if right_on is None else pool.submit(_counts_part, rows, right_on, sort)
+    counts = pool.submit(_counts_part, rows, right_on, sort)
 
     def done() -> PairCounts:
         fa, indptr, fb, sum_xy = sums.result()
-        if counts is None:
-            return PairCounts(rows.shape[1], *shape, fa, fb, None, sum_xy, counter)
         count_ptr, count_fb, n_both = counts.result()
         # Both have the pattern of co-active pairs (float64 products of float32 values > 0
         # never vanish), and scipy emits the same pattern in the same order.
@@ -232,36 +225,127 @@ def _start_products(
     return done
 
 
+@numba.njit
+def _grown(values, size, used):
+    """`values` in a new array of `size`, its first `used` entries copied."""
+    out = np.empty(size, values.dtype)
+    out[:used] = values[:used]
+    return out
+
+
+# Eagerly compiled (and cached next to this file): the first query pays no compilation.
+@numba.njit(
+    "Tuple((int32[::1], int32[::1], int64[::1], float64[::1], int64))(int64[::1], int32[::1],"
+    " float64[::1], int64[::1], int32[::1], float64[::1], int64, int64, float64[::1],"
+    " float64[::1], float64)",
+    nogil=True,
+    cache=True,
+)
+def screened_block(a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, row, col, floor):
+    """(feature_a, feature_b, n_both, sum_xy, pairs) of the pairs of features lo..hi-1 of A
+    (CSR of A.T: features x tokens) and every feature of B (CSR: tokens x features) that pass
+    the `Screen` (row, col, floor), sorted; the arrays' first `pairs` entries hold them.
+
+    One pass per feature of A, as scipy's product does it (the same sums in the same order):
+    a dense accumulator over B's features gathers the sums and counts of its co-active pairs,
+    the screen runs on them there, and only the pairs passing are written out."""
+    d_b = col.size
+    acc = np.zeros(d_b, np.float64)
+    cnt = np.zeros(d_b, np.int64)
+    touched = np.empty(d_b + 1, np.int32)  # + 1: the branch-free append writes one past
+    out_a = np.empty(1 << 12, np.int32)
+    out_b, out_n, out_s = np.empty_like(out_a), np.empty(1 << 12, np.int64), np.empty(1 << 12)
+    m = 0
+    for i in range(lo, hi):
+        k = 0
+        for p in range(a_ptr[i], a_ptr[i + 1]):
+            t, x = a_tok[p], a_val[p]
+            for q in range(b_ptr[t], b_ptr[t + 1]):
+                j = b_feat[q]
+                touched[k] = j  # kept where j is new; branch-free, as j is new too often to predict
+                k += cnt[j] == 0
+                cnt[j] += 1
+                acc[j] += x * b_val[q]
+        kept = 0
+        for r in range(k):  # the screen: the passing features move to the front of `touched`
+            j = touched[r]
+            if acc[j] * col[j] * row[i] >= floor:
+                touched[r], touched[kept] = touched[kept], j
+                kept += 1
+            else:
+                acc[j] = 0.0
+                cnt[j] = 0
+        if m + kept > out_a.size:
+            size = max(2 * out_a.size, m + kept)
+            out_a, out_b = _grown(out_a, size, m), _grown(out_b, size, m)
+            out_n, out_s = _grown(out_n, size, m), _grown(out_s, size, m)
+        touched[:kept].sort()
+        for r in range(kept):
+            j = touched[r]
+            out_a[m], out_b[m], out_n[m], out_s[m] = i, j, cnt[j], acc[j]
+            m += 1
+            acc[j] = 0.0
+            cnt[j] = 0
+    return out_a, out_b, out_n, out_s, m
+
+
+def _kernel_arrays(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, data) of a canonical CSR matrix in `screened_block`'s types."""
+    return matrix.indptr.astype(np.int64), matrix.indices.astype(np.int32, copy=False), matrix.data
+
+
+def _start_screened(
+    pool: ThreadPoolExecutor, a_t: sp.csr_matrix, b: sp.csr_matrix, arrays: tuple,
+    features: Range, screen: Screen,
+) -> Callable[[], PairCounts]:  # fmt: skip
+    """Start `screened_block` of `features` of A (`a_t`: A.T; `arrays`: `_kernel_arrays` of
+    it and of B) on `pool`; the function returned waits for its pairs."""
+    job = pool.submit(screened_block, *arrays, *features, screen.row, screen.col, screen.floor)
+
+    def done() -> PairCounts:
+        *found, m = job.result()
+        fa, fb, n_both, sum_xy = (x[:m] for x in found)
+        return PairCounts(a_t.shape[1], a_t.shape[0], b.shape[1], fa, fb, n_both, sum_xy)
+
+    return done
+
+
 def iter_sparse_pair_counts(
     A: sp.spmatrix,
     B: sp.spmatrix,
     max_work: int | None = None,
     sort: bool = True,
-    defer_counts: bool = False,
+    screen: Screen | None = None,
 ) -> Iterator[PairCounts]:
     """`sparse_pair_counts` in blocks of feature_a of ~`max_work` multiply-adds (None:
     `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order. The next blocks are
     computed while one is used: memory holds up to `LOOKAHEAD_BLOCKS` + 1 blocks' pairs.
     Without `sort`, each feature_a's pairs come together but not sorted by feature_b
-    (`PairCounts.sorted` sorts them): cheaper where few are kept. With `defer_counts`, n_both
-    is left to count (`pair_counter`): no second product, for a caller that keeps few pairs."""
+    (`PairCounts.sorted` sorts them): cheaper where few are kept. With a `screen`, only the
+    pairs passing it come (sorted), from one compiled pass (`screened_block`) instead of
+    two products."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
     a_t = _canonical_input(A).T.tocsr()  # d_a x tokens
     b = _canonical_input(B)
-    right = b.T.tocsr() if sort else b
-    right_on = None if defer_counts else _pattern(right, np.int32)
-    counter = pair_counter(a_t, b) if defer_counts else None
     work = _pattern(a_t, np.int64) @ np.diff(b.indptr)  # multiply-adds per feature of A
     limit = max_work or min(MAX_BLOCK_WORK, -(-int(work.sum()) // PIPELINE_BLOCKS))
-    shape = (a_t.shape[0], b.shape[1])
+    blocks = balanced_ranges(work, max(limit, 1))
     with ThreadPoolExecutor(max_workers=2) as pool:
-        starts = (
-            functools.partial(
-                _start_products, pool, a_t[lo:hi], right, right_on, lo, shape, sort, counter
+        if screen is not None:
+            arrays = _kernel_arrays(a_t) + _kernel_arrays(b)
+            starts = (
+                functools.partial(_start_screened, pool, a_t, b, arrays, r, screen) for r in blocks
             )
-            for lo, hi in balanced_ranges(work, max(limit, 1))
-        )
+        else:
+            right = b.T.tocsr() if sort else b
+            right_on, shape = _pattern(right, np.int32), (a_t.shape[0], b.shape[1])
+            starts = (
+                functools.partial(
+                    _start_products, pool, a_t[lo:hi], right, right_on, lo, shape, sort
+                )
+                for lo, hi in blocks
+            )
         yield from run_ahead(starts, LOOKAHEAD_BLOCKS + 1)
 
 

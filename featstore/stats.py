@@ -37,8 +37,8 @@ from featstore.finish import (
     check_threshold,
     conditions,
     finish_stats,
-    needs_all_counts,
     passing_rows,
+    pearson_screen,
     typed_frame,
 )
 from featstore.measures import FLAT_VARIANCE, Spread
@@ -46,6 +46,7 @@ from featstore.pairs import (
     ENGINES,
     PairCounts,
     Range,
+    Screen,
     Variant,
     check_shard,
     ensure_shard_pairs,
@@ -334,18 +335,18 @@ class PairScan:
         all_pairs: bool = False,
         max_block_pairs: int = MAX_BLOCK_PAIRS,
         sort: bool = True,
-        defer_counts: bool = False,
+        screen: Screen | None = None,
     ) -> Iterator[tuple[Range, PairCounts]]:
         """(range of feature_a, its pair sums inside the ranges) in order; memory: one block of
         ~`max_block_pairs` saved pairs, or of the engine's, per shard. Each scan computes the
-        `todo` shards again. Without `sort` a block may come unsorted, with `defer_counts` with
-        n_both left to count (`merged_blocks`)."""
+        `todo` shards again. Without `sort` a block may come unsorted, and with a `screen` hold
+        only the pairs passing it (`merged_blocks`)."""
         if all_pairs:
             check_all_pairs(self.range_a, self.range_b)
         blocks = merged_blocks(
             self.store, self.a, self.b, self.saved, self.todo, self.range_a,
             engine=self.engine, max_pairs=max_block_pairs, sort=sort,
-            defer_counts=defer_counts and not all_pairs, variant=self.variant,
+            screen=None if all_pairs else screen, variant=self.variant,
         )  # fmt: skip
         whole_b = self.range_b == (0, self.stats_b.count.size)
         for block, pair_sums in blocks:
@@ -408,8 +409,8 @@ def pair_report(
     )  # fmt: skip
     write_table = save and full
     kept, counts = [], Counter[str]()
-    # Behind a Pearson screen n_both is needed for few pairs: counted for those only.
-    defer = not (count or write_table or needs_all_counts(rules))
+    # Counts over all pairs and the whole table need every pair; a query only those that may pass.
+    screen = None if count or write_table else pearson_screen(scan.stats, rules)
     finish = functools.partial(
         _query_block, scan, rules=rules, min_both=min_both, whole_table=write_table,
         intervals=intervals, count=(min_pearson, min_jaccard, thresholds) if count else None,
@@ -418,7 +419,7 @@ def pair_report(
         _table_writer(store if write_table else None, a, b) as write,
         ThreadPoolExecutor(max_workers=PIPELINE_WORKERS) as pool,
     ):
-        blocks = scan.sums(all_pairs, max_block_pairs, False, defer)
+        blocks = scan.sums(all_pairs, max_block_pairs, False, screen)
         for whole, frame, block_counts in _pipelined(pool, finish, blocks, PIPELINE_WORKERS):
             if whole is not None:
                 write(whole)

@@ -382,25 +382,55 @@ def test_balanced_ranges_cover_in_order_within_the_limit(seed):
     assert all(work[lo:hi].sum() <= 25 + work[lo:hi].max() for lo, hi in ranges)
 
 
-# -- the query path: n_both left to count, the Pearson screen, chunks and threads -----------------
+# -- the query path: the Pearson screen in the engine, chunks and threads -------------------------
 
 
-def test_deferred_counts_equal_the_counts_product():
-    a, b = sparse_acts(400, 35, 0.1, 41), sparse_acts(400, 28, 0.12, 42)
-    want = stats.sparse_pair_counts(a, b)
-    blocks = list(pairs.iter_sparse_pair_counts(a, b, max_work=500, sort=False, defer_counts=True))
-    assert len(blocks) > 3 and all(p.n_both is None for p in blocks)
-    assert pairs.PairCounts.total(blocks[:1], same_tokens=True).n_both is None  # alone: kept
-    got = pairs.PairCounts.total(blocks, same_tokens=True).sorted()  # merged: counted
-    for name in ("feature_a", "feature_b", "n_both", "sum_xy"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
-    picked = blocks[1].subset(np.array([4, 0, 7]))  # any positions, any order
-    assert picked.n_both is None
-    x, y = dense(a) > 0, dense(b) > 0
-    both = x[:, picked.feature_a] & y[:, picked.feature_b]
-    np.testing.assert_array_equal(picked.counted().n_both, both.sum(0))
-    known = np.array([9, 9, 9])
-    np.testing.assert_array_equal(picked.counted(known).n_both, known)
+def screen_of(a: sp.csr_matrix, b: sp.csr_matrix, threshold: float) -> pairsums.Screen:
+    stats_ab = FeatureStats.of(a), FeatureStats.of(b)
+    return finish.pearson_screen(stats_ab, [("pearson", threshold)])
+
+
+@pytest.mark.parametrize("threshold", [None, 0.05, 0.3, 1.0])
+@pytest.mark.parametrize("max_work", [None, 40])
+def test_screened_engine_keeps_exactly_the_pairs_passing_the_screen(threshold, max_work):
+    x, y = edge_matrices(90)
+    a = sp.hstack([x, sparse_acts(90, 30, 0.15, 43)]).tocsr()
+    b = sp.hstack([y, sparse_acts(90, 25, 0.15, 44)]).tocsr()
+    xd, yd = dense(a), dense(b)
+    if threshold is None:  # a screen every co-active pair passes
+        screen = pairsums.Screen(np.ones(a.shape[1]), np.ones(b.shape[1]), -np.inf)
+    else:
+        screen = screen_of(a, b, threshold)
+    blocks = list(pairs.iter_sparse_pair_counts(a, b, max_work=max_work, screen=screen))
+    got = pairs.PairCounts.total(blocks, same_tokens=True)
+    assert max_work is None or len(blocks) > 3
+    both = (xd > 0).astype(np.int64).T @ (yd > 0)
+    fa, fb = np.nonzero(both)  # row-major: sorted by (feature_a, feature_b)
+    sum_xy = (xd.T @ yd)[fa, fb]
+    bound = sum_xy * screen.col[fb] * screen.row[fa]
+    with np.errstate(invalid="ignore"):
+        keep = bound >= screen.floor
+    assert 0 < keep.sum() and (threshold is None or keep.sum() < keep.size)
+    np.testing.assert_array_equal(got.feature_a, fa[keep])
+    np.testing.assert_array_equal(got.feature_b, fb[keep])
+    np.testing.assert_array_equal(got.n_both, both[fa, fb][keep])
+    np.testing.assert_allclose(got.sum_xy, sum_xy[keep], rtol=1e-12)
+    # The sums are scipy's to the last bit: the same products added in the same order.
+    product = (a.T.astype(np.float64) @ b.astype(np.float64)).tocsr()
+    np.testing.assert_array_equal(got.sum_xy, np.asarray(product[got.feature_a, got.feature_b])[0])
+
+
+def test_screened_engine_on_a_single_token_and_on_no_coactive_pair():
+    x, y = sp.csr_matrix(np.array([[0.0, 2.0, 1.0]])), sp.csr_matrix(np.array([[3.0, 0.0]]))
+    screen = pairsums.Screen(np.ones(3), np.ones(2), -np.inf)
+    got = pairs.PairCounts.total(list(pairs.iter_sparse_pair_counts(x, y, screen=screen)))
+    assert (got.feature_a.tolist(), got.feature_b.tolist()) == ([1, 2], [0, 0])
+    assert got.n_both.tolist() == [1, 1] and got.sum_xy.tolist() == [6.0, 3.0]
+    apart = sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    alone = sp.csr_matrix(np.array([[0.0], [1.0]]))
+    none = list(pairs.iter_sparse_pair_counts(apart, alone, screen=pairsums.Screen(
+        np.ones(2), np.ones(1), -np.inf)))  # fmt: skip
+    assert sum(p.nnz for p in none) == 0
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1e-6, 0.05, 0.3, 0.9, 1.0])
@@ -413,11 +443,11 @@ def test_pearson_screen_keeps_every_pair_reaching_the_threshold(threshold):
     rules = [("pearson", threshold)]
     exact = finish.measure_values(counts, sa, sb, ["pearson"])["pearson"]
     want = np.flatnonzero(finish.passing_mask({"pearson": exact}, counts.n_both, rules))
-    screen = finish.pearson_screen(counts, (finish.Spread.of(sa), finish.Spread.of(sb)), rules)
+    screen = finish.pearson_screen((sa, sb), rules)
     if threshold <= 0:
         assert screen is None
     else:
-        assert set(want) <= set(screen)
+        assert set(want) <= set(screen.positions(counts, 16))
     rows, values = finish.passing_rows(counts, sa, sb, rules)
     np.testing.assert_array_equal(rows, want)
     np.testing.assert_array_equal(values["pearson"], exact[want])
