@@ -19,7 +19,7 @@ Data: `featstore.synth` stores of layers 6 and 7 with 24,576 features (L0 ~ 50),
 
 `--all-measures` adds the default engine on issue 7's queries: every measure on (a threshold
 on each data measure, `min_both`, the 95% intervals) and the null model (layer b's sequences
-deranged; it saves its shard sums, as every variant does).
+deranged; computed in memory like a plain query).
 
 `save shard sums` times `featstore.pairs.update_shard_pairs` (the default engine computing the
 shard pair sums and saving them to the store, as the `shard_pair_stats` asset does): the
