@@ -34,8 +34,9 @@ from featstore.measures import (
     store_decoders,
 )
 from featstore.pairs import Variant, merged_feature_stats
+from featstore.pairscan import PairScan
 from featstore.plots import no_data, pair_label, save
-from featstore.stats import PairScan, write_parquet_atomic
+from featstore.stats import write_parquet_atomic
 from featstore.store import Store
 
 KEYS = ["feature_a", "feature_b"]

@@ -22,16 +22,14 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
 from featstore import measures, spec
-from featstore.errors import FeatstoreError
 from featstore.finish import (
     Conditions,
     check_threshold,
@@ -46,21 +44,16 @@ from featstore.pairs import (
     ENGINES,
     PairCounts,
     Range,
-    Screen,
     Variant,
-    check_shard,
-    ensure_shard_pairs,
     merged_feature_stats,
     merged_pair_counts,
     save_shard_pairs,
-    saved_groups,
     shard_pair_counts,
     shards_of_pair,
     sparse_pair_counts,
     update_shard_pairs,
-    variant_stats,
 )
-from featstore.pairscan import merged_blocks
+from featstore.pairscan import MAX_BLOCK_PAIRS, PairScan, check_range
 from featstore.pairsums import run_ahead
 from featstore.sql import PAIR_STATS_SCHEMA
 from featstore.store import FeatureStats, Store, atomic_file
@@ -86,51 +79,12 @@ __all__ = [
     "write_parquet_atomic",
 ]
 
-ALL_PAIRS_LIMIT = 50_000_000  # most pairs `all_pairs` may list; narrow the ranges beyond
-MAX_BLOCK_PAIRS = 20_000_000  # saved shard pairs merged at once (~1 GB of work arrays)
 # Blocks finished at once (numpy and scipy release the GIL): the two cores share the work.
 PIPELINE_WORKERS = 2
 T = TypeVar("T")
 
 
-# -- checks ---------------------------------------------------------------------------------------
-
-
-def check_range(name: str, rng: Range | None, d: int) -> Range:
-    """A feature range [lo, hi) inside [0, d); None means all features."""
-    if rng is None:
-        return 0, d
-    lo, hi = (int(x) for x in rng)
-    if not 0 <= lo < hi <= d:
-        raise FeatstoreError(f"{name} {lo}:{hi} is empty or outside the layer's features 0:{d}")
-    return lo, hi
-
-
 # -- never-co-active pairs ------------------------------------------------------------------------
-
-
-def check_all_pairs(features_a: Range, features_b: Range) -> None:
-    size = (features_a[1] - features_a[0]) * (features_b[1] - features_b[0])
-    if size > ALL_PAIRS_LIMIT:
-        raise FeatstoreError(
-            f"all_pairs would list {size} pairs (limit {ALL_PAIRS_LIMIT}): "
-            "narrow features_a/features_b"
-        )
-
-
-def with_all_pairs(counts: PairCounts, features_a: Range, features_b: Range) -> PairCounts:
-    """Every pair of the two ranges, co-active or not (n_both = sum_xy = 0), row-major."""
-    check_all_pairs(features_a, features_b)
-    (lo_a, hi_a), (lo_b, hi_b) = features_a, features_b
-    width_a, width_b = hi_a - lo_a, hi_b - lo_b
-    inside = counts.select(features_a, features_b)
-    where = (inside.feature_a - lo_a).astype(np.int64) * width_b + (inside.feature_b - lo_b)
-    n_both = np.zeros(width_a * width_b, np.int64)
-    sum_xy = np.zeros(width_a * width_b, np.float64)
-    n_both[where], sum_xy[where] = inside.n_both, inside.sum_xy
-    fa = np.repeat(np.arange(lo_a, hi_a, dtype=np.int32), width_b)
-    fb = np.tile(np.arange(lo_b, hi_b, dtype=np.int32), width_a)
-    return PairCounts(counts.n_tokens, counts.d_a, counts.d_b, fa, fb, n_both, sum_xy)
 
 
 def _count_products_at_most(u: np.ndarray, w: np.ndarray, s: float) -> int:
@@ -273,94 +227,6 @@ def pair_stats(
         save=save,
         count=False,
     )[0]
-
-
-@dataclass(frozen=True)
-class PairScan:
-    """The pair sums of two layers over `shards`, finished block by block of feature_a: fresh
-    saved shard sums (`saved`) are read, the others (`todo`) computed by `engine` on the way."""
-
-    store: Store
-    a: int
-    b: int
-    shards: list[str]
-    variant: Variant
-    range_a: Range
-    range_b: Range
-    stats_a: FeatureStats
-    stats_b: FeatureStats
-    engine: str = "sparse"
-    saved: Mapping[str, Any] = field(default_factory=dict)  # shard -> its saved zarr group
-    todo: tuple[str, ...] = ()
-
-    @staticmethod
-    def open(
-        store: Store,
-        a: int,
-        b: int,
-        *,
-        engine: str = "sparse",
-        shards: Sequence[str] | None = None,
-        features_a: Range | None = None,
-        features_b: Range | None = None,
-        recompute: bool = False,
-        variant: Variant | None = None,
-        save: bool = True,
-    ) -> PairScan:
-        """Check the arguments; with `save`, compute (by `engine`) and save the shard sums
-        lacking (all with `recompute`) now, else leave them to be computed during the scan,
-        in memory (a variant's per-feature sums too)."""
-        variant = variant or Variant()
-        if engine not in ENGINES:
-            raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
-        chosen = shards_of_pair(store, a, b, shards)
-        _, d_a, d_b = check_shard(store, a, b, chosen[0])
-        range_a = check_range("features_a", features_a, d_a)
-        range_b = check_range("features_b", features_b, d_b)
-        if save:
-            ensure_shard_pairs(store, a, b, chosen, engine, recompute, variant)
-            recompute = False
-        groups = {} if recompute else saved_groups(store, a, b, chosen, variant)
-        todo = tuple(s for s in chosen if groups.get(s) is None)
-        saved = {s: g for s, g in groups.items() if g is not None}
-        stats = variant_stats(store, a, b, chosen, variant, computed=todo)
-        return PairScan(store, a, b, chosen, variant, range_a, range_b, *stats, engine, saved, todo)
-
-    @property
-    def stats(self) -> tuple[FeatureStats, FeatureStats]:
-        return self.stats_a, self.stats_b
-
-    def sums(
-        self,
-        all_pairs: bool = False,
-        max_block_pairs: int = MAX_BLOCK_PAIRS,
-        sort: bool = True,
-        screen: Screen | None = None,
-    ) -> Iterator[tuple[Range, PairCounts]]:
-        """(range of feature_a, its pair sums inside the ranges) in order; memory: one block of
-        ~`max_block_pairs` saved pairs, or of the engine's, per shard. Each scan computes the
-        `todo` shards again. Without `sort` a block may come unsorted, and with a `screen` hold
-        only the pairs passing it (`merged_blocks`)."""
-        if all_pairs:
-            check_all_pairs(self.range_a, self.range_b)
-        blocks = merged_blocks(
-            self.store, self.a, self.b, self.saved, self.todo, self.range_a,
-            engine=self.engine, max_pairs=max_block_pairs, sort=sort,
-            screen=None if all_pairs else screen, variant=self.variant,
-        )  # fmt: skip
-        whole_b = self.range_b == (0, self.stats_b.count.size)
-        for block, pair_sums in blocks:
-            pair_sums = pair_sums if whole_b else pair_sums.select(None, self.range_b)
-            if all_pairs:
-                pair_sums = with_all_pairs(pair_sums, block, self.range_b)
-            yield block, pair_sums
-
-    def blocks(
-        self, all_pairs: bool = False, max_block_pairs: int = MAX_BLOCK_PAIRS
-    ) -> Iterator[tuple[Range, pl.DataFrame]]:
-        """(range of feature_a, its finished pairs) in order (see `sums`)."""
-        for block, pair_sums in self.sums(all_pairs, max_block_pairs):
-            yield block, finish_stats(pair_sums, self.stats_a, self.stats_b)
 
 
 def pair_report(
