@@ -138,6 +138,17 @@ class Screen:
     col: np.ndarray  # (d_b,) float64
     floor: float
 
+    def checked(self, d_a: int, d_b: int) -> Screen:
+        """This screen with contiguous float64 factors, checked against the layers' widths
+        (the compiled pass reads them unchecked)."""
+        row, col = (np.ascontiguousarray(x, np.float64) for x in (self.row, self.col))
+        if row.shape != (d_a,) or col.shape != (d_b,):
+            raise FeatstoreError(
+                f"screen factors of shapes {row.shape} and {col.shape} do not fit layers of "
+                f"{d_a} and {d_b} features"
+            )
+        return Screen(row, col, float(self.floor))
+
     def positions(self, counts: PairCounts, chunk: int) -> np.ndarray:
         """Positions of the pairs of `counts` that pass, `chunk` pairs at a time."""
         found = []
@@ -333,6 +344,7 @@ def iter_sparse_pair_counts(
     blocks = balanced_ranges(work, max(limit, 1))
     with ThreadPoolExecutor(max_workers=2) as pool:
         if screen is not None:
+            screen = screen.checked(a_t.shape[0], b.shape[1])
             arrays = _kernel_arrays(a_t) + _kernel_arrays(b)
             starts = (
                 functools.partial(_start_screened, pool, a_t, b, arrays, r, screen) for r in blocks

@@ -433,6 +433,13 @@ def test_screened_engine_on_a_single_token_and_on_no_coactive_pair():
     assert sum(p.nnz for p in none) == 0
 
 
+def test_a_screen_that_does_not_fit_the_layers_is_refused_in_one_line():
+    a, b = sparse_acts(30, 6, 0.3, 45), sparse_acts(30, 5, 0.3, 46)
+    wrong = pairsums.Screen(np.ones(6), np.ones(4), 0.1)
+    with pytest.raises(FeatstoreError, match="do not fit layers of 6 and 5 features"):
+        list(pairs.iter_sparse_pair_counts(a, b, screen=wrong))
+
+
 @pytest.mark.parametrize("threshold", [0.0, 1e-6, 0.05, 0.3, 0.9, 1.0])
 def test_pearson_screen_keeps_every_pair_reaching_the_threshold(threshold):
     x, y = edge_matrices(90)
