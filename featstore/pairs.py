@@ -4,9 +4,9 @@ Each shard's pair sums (`featstore.pairsums.PairCounts`: n_both and sum_xy of ev
 feature pair) are saved at `pairs/{a}-{b}/{shard}` (encoding "pair_stats_coo": COO arrays
 feature_a, feature_b, n_both, sum_xy sorted by (feature_a, feature_b), plus `indptr` by
 feature_a), so a new shard costs only its own work; sums over shards are merged by adding.
-Three engines give the same sums: `sparse` (scipy products, or one compiled pass where a query
-screens the pairs; default), `polars` (join + group-by) and `duckdb` (`sql/pair_counts.sql`
-over `featstore sql`'s views).
+Three engines give the same sums: `sparse` (one compiled pass, `pairsums.coactive_block`;
+default), `polars` (join + group-by) and `duckdb` (`sql/pair_counts.sql` over `featstore sql`'s
+views).
 `featstore.pairscan` adds them up block by block of feature_a, computing those not saved in
 memory; `featstore.stats` turns them into Pearson, agreement, Jaccard and `featstore.measures`'
 others. Sums are saved by `update_shard_pairs` (the `shard_pair_stats` asset) and by calls that

@@ -2,11 +2,12 @@
 
 For feature i of A and j of B: `n_both` (tokens where both are > 0) and `sum_xy` (sum over
 tokens of the product); only co-active pairs have either nonzero, so `PairCounts` holds them as
-COO sorted by (feature_a, feature_b). Two engines compute them from matrices: `sparse` (scipy
-products, by blocks of features) and `polars` (a join on the token and a group-by);
+COO sorted by (feature_a, feature_b). Two engines compute them from matrices: `sparse` (one
+compiled pass per block of features, `coactive_block`, on two threads: sums and counts together,
+as a sparse product A.T @ B would add them) and `polars` (a join on the token and a group-by);
 `featstore.pairs` adds the `duckdb` engine and keeps the sums per shard in the store. A query
-that keeps few pairs passes a `Screen`: the sparse engine then computes the sums, counts and
-screen of each pair in one compiled pass (`screened_block`) and keeps only the pairs that pass.
+that keeps few pairs passes a `Screen`: the sparse engine tests it in the same pass and keeps
+only the pairs that pass.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import scipy.sparse as sp
 
 from featstore.errors import FeatstoreError
 
-MAX_BLOCK_WORK = 30_000_000  # multiply-adds per product call: bounds its temporary arrays
+MAX_BLOCK_WORK = 30_000_000  # multiply-adds per kernel call: bounds its output arrays
+SCREENED_CAPACITY = 1 << 12  # first room for a screened block's pairs (it grows as needed)
 # Blocks per product at least: the products of a block overlap the use of the one before.
 PIPELINE_BLOCKS = 8
 LOOKAHEAD_BLOCKS = 2  # blocks computed ahead of the one used
@@ -191,51 +193,6 @@ def balanced_ranges(work: np.ndarray, limit: int) -> list[Range]:
     return [(int(x), int(y)) for x, y in itertools.pairwise(edges)] or [(0, work.size)]
 
 
-def _product(rows: sp.csr_matrix, right: sp.csr_matrix, sort: bool) -> sp.csr_matrix:
-    """`rows @ B` (feature_a x feature_b) for `rows` of A.T; `right` is B, or B.T with `sort`.
-
-    scipy emits a row's columns unsorted; with `sort` the product is taken transposed and
-    transposed back, a linear counting sort far cheaper than sorting each row."""
-    return (right @ rows.T.tocsr()).T.tocsr() if sort else rows @ right
-
-
-def _sums_part(rows: sp.csr_matrix, right: sp.csr_matrix, first: int, sort: bool) -> tuple:
-    """(feature_a, indptr, feature_b, sum_xy) of the sums product of `rows` (see `_product`)."""
-    sums = _product(rows, right, sort)
-    fa = np.repeat(np.arange(first, first + sums.shape[0], dtype=np.int32), np.diff(sums.indptr))
-    return fa, sums.indptr, sums.indices.astype(np.int32, copy=False), sums.data
-
-
-def _counts_part(rows: sp.csr_matrix, right_on: sp.csr_matrix, sort: bool) -> tuple:
-    """(indptr, feature_b, n_both) of the counts product of `rows`' pattern."""
-    # int32 counts are cheaper than float64 and exact per block.
-    counts = _product(_pattern(rows, np.int32), right_on, sort)
-    return counts.indptr, counts.indices, counts.data.astype(np.int64)
-
-
-def _start_products(
-    pool: ThreadPoolExecutor, rows: sp.csr_matrix, right: sp.csr_matrix,
-    right_on: sp.csr_matrix, first: int, shape: tuple[int, int], sort: bool,
-) -> Callable[[], PairCounts]:  # fmt: skip
-    """Start the pair sums of features `first + row` (`rows` of A.T) with every feature of B
-    (`right`: B, or B.T with `sort`; `right_on`: its pattern in int32) on `pool`; the function
-    returned waits for them. `shape`: (d_a, d_b)."""
-    # The two products share no state and scipy releases the GIL: they run on two cores.
-    sums = pool.submit(_sums_part, rows, right, first, sort)
-    counts = pool.submit(_counts_part, rows, right_on, sort)
-
-    def done() -> PairCounts:
-        fa, indptr, fb, sum_xy = sums.result()
-        count_ptr, count_fb, n_both = counts.result()
-        # Both have the pattern of co-active pairs (float64 products of float32 values > 0
-        # never vanish), and scipy emits the same pattern in the same order.
-        if not (np.array_equal(indptr, count_ptr) and np.array_equal(fb, count_fb)):
-            raise RuntimeError("scipy returned different patterns for the count and sum products")
-        return PairCounts(rows.shape[1], *shape, fa, fb, n_both, sum_xy)
-
-    return done
-
-
 @numba.njit
 def _grown(values, size, used):
     """`values` in a new array of `size`, its first `used` entries copied."""
@@ -244,28 +201,58 @@ def _grown(values, size, used):
     return out
 
 
-# Eagerly compiled (and cached next to this file): the first query pays no compilation.
+@numba.njit
+def _sort_features(keys, spare, k, passes):
+    """`keys[:k]` sorted (features < 256**passes) in `keys` or `spare`: the array returned.
+    A radix sort where a row holds many features (a linear pass per byte), else numpy's."""
+    if k <= 128:
+        keys[:k].sort()
+        return keys
+    counts = np.empty(257, np.int64)
+    for shift in range(0, 8 * passes, 8):
+        counts[:] = 0
+        for r in range(k):
+            counts[((keys[r] >> shift) & 255) + 1] += 1
+        for h in range(256):
+            counts[h + 1] += counts[h]
+        for r in range(k):
+            byte = (keys[r] >> shift) & 255
+            spare[counts[byte]] = keys[r]
+            counts[byte] += 1
+        keys, spare = spare, keys
+    return keys
+
+
+# Eagerly compiled (and cached next to this file): no call pays compilation.
 @numba.njit(
     "Tuple((int32[::1], int32[::1], int64[::1], float64[::1], int64))(int64[::1], int32[::1],"
     " float64[::1], int64[::1], int32[::1], float64[::1], int64, int64, float64[::1],"
-    " float64[::1], float64)",
+    " float64[::1], float64, int64, boolean)",
     nogil=True,
     cache=True,
 )
-def screened_block(a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, row, col, floor):
-    """(feature_a, feature_b, n_both, sum_xy, pairs) of the pairs of features lo..hi-1 of A
-    (CSR of A.T: features x tokens) and every feature of B (CSR: tokens x features) that pass
-    the `Screen` (row, col, floor), sorted; the arrays' first `pairs` entries hold them.
+def coactive_block(
+    a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, row, col, floor, capacity, sort
+):
+    """(feature_a, feature_b, n_both, sum_xy, pairs) of the co-active pairs of features
+    lo..hi-1 of A (CSR of A.T: features x tokens) and every feature of B (CSR: tokens x
+    features) that pass the `Screen` (row, col, floor; floor -inf: every pair), each feature_a's
+    pairs together and, with `sort`, sorted by feature_b; the arrays' first `pairs` entries hold
+    them (`capacity`: their first size).
 
     One pass per feature of A, as scipy's product does it (the same sums in the same order):
     a dense accumulator over B's features gathers the sums and counts of its co-active pairs,
     the screen runs on them there, and only the pairs passing are written out."""
     d_b = col.size
+    passes = 1
+    while d_b > 256**passes:
+        passes += 1
     acc = np.zeros(d_b, np.float64)
     cnt = np.zeros(d_b, np.int64)
     touched = np.empty(d_b + 1, np.int32)  # + 1: the branch-free append writes one past
-    out_a = np.empty(1 << 12, np.int32)
-    out_b, out_n, out_s = np.empty_like(out_a), np.empty(1 << 12, np.int64), np.empty(1 << 12)
+    spare = np.empty(d_b + 1, np.int32)
+    out_a = np.empty(max(capacity, 1), np.int32)
+    out_b, out_n, out_s = np.empty_like(out_a), np.empty(out_a.size, np.int64), np.empty(out_a.size)
     m = 0
     for i in range(lo, hi):
         k = 0
@@ -290,9 +277,9 @@ def screened_block(a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, row, col, 
             size = max(2 * out_a.size, m + kept)
             out_a, out_b = _grown(out_a, size, m), _grown(out_b, size, m)
             out_n, out_s = _grown(out_n, size, m), _grown(out_s, size, m)
-        touched[:kept].sort()
+        keys = _sort_features(touched, spare, kept, passes) if sort else touched
         for r in range(kept):
-            j = touched[r]
+            j = keys[r]
             out_a[m], out_b[m], out_n[m], out_s[m] = i, j, cnt[j], acc[j]
             m += 1
             acc[j] = 0.0
@@ -301,22 +288,24 @@ def screened_block(a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, row, col, 
 
 
 def _kernel_arrays(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indptr, indices, data) of a canonical CSR matrix in `screened_block`'s types."""
+    """(indptr, indices, data) of a canonical CSR matrix in `coactive_block`'s types."""
     return matrix.indptr.astype(np.int64), matrix.indices.astype(np.int32, copy=False), matrix.data
 
 
-def _start_screened(
-    pool: ThreadPoolExecutor, a_t: sp.csr_matrix, b: sp.csr_matrix, arrays: tuple,
-    features: Range, screen: Screen,
+def _start_block(
+    pool: ThreadPoolExecutor, shape: tuple[int, int, int], arrays: tuple, features: Range,
+    screen: Screen, capacity: int, sort: bool,
 ) -> Callable[[], PairCounts]:  # fmt: skip
-    """Start `screened_block` of `features` of A (`a_t`: A.T; `arrays`: `_kernel_arrays` of
-    it and of B) on `pool`; the function returned waits for its pairs."""
-    job = pool.submit(screened_block, *arrays, *features, screen.row, screen.col, screen.floor)
+    """Start `coactive_block` of `features` of A on `pool` (`arrays`: `_kernel_arrays` of A.T
+    and of B; `shape`: tokens, d_a, d_b); the function returned waits for its pairs."""
+    job = pool.submit(
+        coactive_block, *arrays, *features, screen.row, screen.col, screen.floor, capacity, sort
+    )
 
     def done() -> PairCounts:
         *found, m = job.result()
         fa, fb, n_both, sum_xy = (x[:m] for x in found)
-        return PairCounts(a_t.shape[1], a_t.shape[0], b.shape[1], fa, fb, n_both, sum_xy)
+        return PairCounts(*shape, fa, fb, n_both, sum_xy)
 
     return done
 
@@ -329,35 +318,31 @@ def iter_sparse_pair_counts(
     screen: Screen | None = None,
 ) -> Iterator[PairCounts]:
     """`sparse_pair_counts` in blocks of feature_a of ~`max_work` multiply-adds (None:
-    `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order. The next blocks are
-    computed while one is used: memory holds up to `LOOKAHEAD_BLOCKS` + 1 blocks' pairs.
-    Without `sort`, each feature_a's pairs come together but not sorted by feature_b
-    (`PairCounts.sorted` sorts them): cheaper where few are kept. With a `screen`, only the
-    pairs passing it come (sorted), from one compiled pass (`screened_block`) instead of
-    two products."""
+    `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order, by `coactive_block`
+    on two threads. The next blocks are computed while one is used: memory holds up to
+    `LOOKAHEAD_BLOCKS` + 1 blocks' pairs. Without `sort`, each feature_a's pairs come together
+    but not sorted by feature_b (`PairCounts.sorted` sorts them). With a `screen`, only the
+    pairs passing it come."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
     a_t = _canonical_input(A).T.tocsr()  # d_a x tokens
     b = _canonical_input(B)
+    shape = (a_t.shape[1], a_t.shape[0], b.shape[1])
     work = _pattern(a_t, np.int64) @ np.diff(b.indptr)  # multiply-adds per feature of A
     limit = max_work or min(MAX_BLOCK_WORK, -(-int(work.sum()) // PIPELINE_BLOCKS))
     blocks = balanced_ranges(work, max(limit, 1))
+    if screen is None:  # every co-active pair: at most one per multiply-add, room made at once
+        screen = Screen(np.ones(shape[1]), np.ones(shape[2]), -np.inf)
+        capacities = [int(work[lo:hi].sum()) for lo, hi in blocks]
+    else:  # few pass: the output grows as needed
+        screen, sort = screen.checked(*shape[1:]), True
+        capacities = [SCREENED_CAPACITY] * len(blocks)
+    arrays = _kernel_arrays(a_t) + _kernel_arrays(b)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        if screen is not None:
-            screen = screen.checked(a_t.shape[0], b.shape[1])
-            arrays = _kernel_arrays(a_t) + _kernel_arrays(b)
-            starts = (
-                functools.partial(_start_screened, pool, a_t, b, arrays, r, screen) for r in blocks
-            )
-        else:
-            right = b.T.tocsr() if sort else b
-            right_on, shape = _pattern(right, np.int32), (a_t.shape[0], b.shape[1])
-            starts = (
-                functools.partial(
-                    _start_products, pool, a_t[lo:hi], right, right_on, lo, shape, sort
-                )
-                for lo, hi in blocks
-            )
+        starts = (
+            functools.partial(_start_block, pool, shape, arrays, r, screen, room, sort)
+            for r, room in zip(blocks, capacities, strict=True)
+        )
         yield from run_ahead(starts, LOOKAHEAD_BLOCKS + 1)
 
 

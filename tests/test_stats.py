@@ -433,6 +433,28 @@ def test_screened_engine_on_a_single_token_and_on_no_coactive_pair():
     assert sum(p.nnz for p in none) == 0
 
 
+@pytest.mark.parametrize("d_b", [200, 5000, 70_000])  # features sorted in 1, 2, 3 radix passes
+@pytest.mark.parametrize("sort", [True, False])
+def test_engine_rows_of_many_features_equal_scipy_sorted_or_grouped(d_b, sort):
+    rng = np.random.default_rng(d_b)
+    a = sparse_acts(60, 4, 0.5, 51)
+    b = sp.random(60, d_b, density=min(0.5, 600 / d_b), format="csr", random_state=rng)
+    b.data = b.data.astype(np.float32) + np.float32(0.01)
+    blocks = list(pairs.iter_sparse_pair_counts(a, b, max_work=800, sort=sort))
+    assert len(blocks) > 1 and all(np.all(np.diff(p.feature_a) >= 0) for p in blocks)
+    got = pairs.PairCounts.total(blocks, same_tokens=True)
+    want = (a.T.astype(np.float64) @ b.astype(np.float64)).tocsr()
+    want.sort_indices()
+    assert np.diff(want.indptr).max() > 128  # rows long enough for the radix sort
+    fa = np.repeat(np.arange(a.shape[1]), np.diff(want.indptr))
+    got = got if sort else got.sorted()  # unsorted: each feature_a's pairs together (above)
+    np.testing.assert_array_equal(got.feature_a, fa)
+    np.testing.assert_array_equal(got.feature_b, want.indices)
+    np.testing.assert_array_equal(got.sum_xy, want.data)
+    on = (a.T > 0).astype(np.int64) @ (b > 0).astype(np.int64)
+    np.testing.assert_array_equal(got.n_both, np.asarray(on[got.feature_a, got.feature_b])[0])
+
+
 def test_a_screen_that_does_not_fit_the_layers_is_refused_in_one_line():
     a, b = sparse_acts(30, 6, 0.3, 45), sparse_acts(30, 5, 0.3, 46)
     wrong = pairsums.Screen(np.ones(6), np.ones(4), 0.1)
