@@ -1,4 +1,4 @@
-"""Data-free matching at GPT-2 size: `featstore.measures.decoder_cosine` on two 24,576 x 768
+"""Data-free matching at GPT-2 size: `featstore.decoders.decoder_cosine` on two 24,576 x 768
 decoders against the dense way (the whole 24,576 x 24,576 cosine matrix, then the top k of every
 row and column), measured in the same run, each in a fresh process for its peak memory.
 
@@ -35,7 +35,7 @@ def dense_top_k(w_a: np.ndarray, w_b: np.ndarray, k: int) -> set[tuple[int, int]
 
 
 def featstore_top_k(w_a: np.ndarray, w_b: np.ndarray, k: int) -> set[tuple[int, int]]:
-    from featstore.measures import decoder_cosine
+    from featstore.decoders import decoder_cosine
 
     frame = decoder_cosine(w_a, w_b, k)
     return set(zip(frame["feature_a"].to_list(), frame["feature_b"].to_list(), strict=True))

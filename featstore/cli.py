@@ -127,7 +127,7 @@ def measure_value(text: str) -> tuple[str, float]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from featstore import measures, stats
+    from featstore import decoders, measures, stats
     from featstore.pairs import Variant
 
     store = _open(args)
@@ -159,7 +159,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         save=args.save,
     )
     if args.decoder_cosine:
-        cosines = measures.store_decoder_cosine(
+        cosines = decoders.store_decoder_cosine(
             store, args.layer_a, args.layer_b, args.decoder_cosine
         )
         frame = frame.join(cosines, on=["feature_a", "feature_b"], how="left")
@@ -247,7 +247,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 def store_source(store, layer: int) -> str:
     """The source a layer's activations were extracted with (tiny when unrecorded)."""
-    from featstore.measures import store_source
+    from featstore.decoders import store_source
 
     return store_source(store, layer)
 

@@ -23,16 +23,10 @@ import scipy.stats
 from matplotlib.figure import Figure
 
 from featstore import spec
+from featstore.decoders import decoder_cosine, store_decoders
 from featstore.errors import FeatstoreError
 from featstore.graph import build_graph
-from featstore.measures import (
-    DATA_FREE,
-    MIN_BOTH,
-    check_measure,
-    decoder_cosine,
-    passing,
-    store_decoders,
-)
+from featstore.measures import DATA_FREE, MIN_BOTH, check_measure, passing
 from featstore.pairs import Variant, merged_feature_stats
 from featstore.pairscan import PairScan
 from featstore.plots import no_data, pair_label, save

@@ -20,16 +20,9 @@ import networkx as nx
 import numpy as np
 import polars as pl
 
+from featstore.decoders import decoder_cosine, store_decoders
 from featstore.errors import FeatstoreError
-from featstore.measures import (
-    DATA_FREE,
-    MIN_BOTH,
-    above,
-    check_measure,
-    decoder_cosine,
-    passing,
-    store_decoders,
-)
+from featstore.measures import DATA_FREE, MIN_BOTH, above, check_measure, passing
 from featstore.measures import RANGES as METRICS  # measures an edge can be thresholded on
 from featstore.stats import merged_feature_stats, pair_stats, write_parquet_atomic
 from featstore.store import Store, atomic_file
@@ -254,7 +247,7 @@ def store_pair_frames(
     top_k: int = 10,
 ) -> dict[tuple[int, int], pl.DataFrame]:
     """Pair statistics of each adjacent layer pair passing the edge test, filtered by the stats
-    API; for `decoder_cosine`, the `top_k` cosines of each feature (`measures.decoder_cosine`)."""
+    API; for `decoder_cosine`, the `top_k` cosines of each feature (`decoders.decoder_cosine`)."""
     check_metric(metric, threshold)
     if metric in DATA_FREE:
         pairs = adjacent_pairs(layers)

@@ -10,7 +10,7 @@ import scipy.stats
 from helpers import build_store, sparse_acts
 from helpers import table_measures as table_reference
 
-from featstore import finish, measures, pairs, spec, stats
+from featstore import decoders, finish, measures, pairs, spec, stats
 from featstore.cli import main
 from featstore.errors import FeatstoreError
 from featstore.graph import build_graph
@@ -222,7 +222,7 @@ def test_decoder_cosine_keeps_the_top_k_of_each_row_and_column():
     rng = np.random.default_rng(3)
     w_a, w_b = rng.normal(size=(37, 16)), rng.normal(size=(29, 16))
     w_a[5] = 0.0  # a dead feature: cosine 0
-    frame = measures.decoder_cosine(w_a, w_b, k=3, block_rows=8)
+    frame = decoders.decoder_cosine(w_a, w_b, k=3, block_rows=8)
     unit = lambda w: w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-30)  # noqa: E731
     cos = unit(w_a) @ unit(w_b).T
     rank_row = np.argsort(np.argsort(-cos, axis=1), axis=1)
@@ -301,7 +301,7 @@ def test_decoder_cosine_in_stats_and_graph_commands(edge_store, tmp_path, monkey
     store, _, _ = edge_store
     rng = np.random.default_rng(9)
     w = {6: rng.normal(size=(9, 5)), 7: rng.normal(size=(7, 5))}
-    monkeypatch.setattr(measures, "load_decoder", lambda source, layer: w[layer])
+    monkeypatch.setattr(decoders, "load_decoder", lambda source, layer: w[layer])
     unit = {k: m / np.linalg.norm(m, axis=1, keepdims=True) for k, m in w.items()}
     cos = unit[6] @ unit[7].T
     out = tmp_path / "out.parquet"
@@ -313,7 +313,7 @@ def test_decoder_cosine_in_stats_and_graph_commands(edge_store, tmp_path, monkey
     argv = ["--home", str(store.home), "graph", "--layers", "6", "7", "--metric", "decoder_cosine"]
     assert main([*argv, "--threshold", "0.5", "--out", str(tmp_path / "g")]) == 0
     edges = pl.read_parquet(tmp_path / "g" / "edges.parquet")
-    top = measures.decoder_cosine(w[6], w[7], 10)  # the graph keeps each feature's top 10
+    top = decoders.decoder_cosine(w[6], w[7], 10)  # the graph keeps each feature's top 10
     want = top.filter(pl.col("decoder_cosine") >= 0.5)
     assert sorted(edges.select("feature_a", "feature_b").rows()) == sorted(
         want.select("feature_a", "feature_b").rows()
