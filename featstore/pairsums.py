@@ -30,7 +30,7 @@ from featstore.errors import FeatstoreError
 
 MAX_BLOCK_WORK = 30_000_000  # multiply-adds per kernel call: bounds its output arrays
 SCREENED_CAPACITY = 1 << 12  # first room for a screened block's pairs (it grows as needed)
-# Blocks per product at least: the products of a block overlap the use of the one before.
+# Blocks per kernel run at least: computing a block overlaps the use of the one before.
 PIPELINE_BLOCKS = 8
 LOOKAHEAD_BLOCKS = 2  # blocks computed ahead of the one used
 
@@ -81,8 +81,7 @@ class PairCounts:
     @staticmethod
     def total(parts: Sequence[PairCounts], same_tokens: bool = False) -> PairCounts:
         """The sums over disjoint token sets (shards, token blocks), in one merge; with
-        `same_tokens`, the parts are blocks of pairs over the same tokens instead. Parts
-        merged are counted (`counted`); one part alone is kept as it is."""
+        `same_tokens`, the parts are blocks of pairs over the same tokens instead."""
         shapes = {(p.d_a, p.d_b) for p in parts}
         if len(shapes) != 1:
             raise FeatstoreError(f"pair counts of different feature counts cannot add: {shapes}")
