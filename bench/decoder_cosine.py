@@ -35,7 +35,7 @@ def dense_top_k(w_a: np.ndarray, w_b: np.ndarray, k: int) -> set[tuple[int, int]
 
 
 def featstore_top_k(w_a: np.ndarray, w_b: np.ndarray, k: int) -> set[tuple[int, int]]:
-    from featstore.decoders import decoder_cosine
+    from featstore.analysis.decoders import decoder_cosine
 
     frame = decoder_cosine(w_a, w_b, k)
     return set(zip(frame["feature_a"].to_list(), frame["feature_b"].to_list(), strict=True))

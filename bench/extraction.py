@@ -21,9 +21,9 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from featstore.extract import encode_and_store, encode_batch
-from featstore.sources import get_source
-from featstore.store import open_store
+from featstore.sources.extract import encode_and_store, encode_batch
+from featstore.sources.registry import get_source
+from featstore.store.home import open_store
 
 LAYERS = (6, 7, 8, 9)
 GPT2 = dict(

@@ -48,9 +48,10 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from featstore import spec
-from featstore.store import Store, open_store
-from featstore.synth import SynthConfig, generate_all, planted_path
+from featstore.sources.synth import SynthConfig, generate_all, planted_path
+from featstore.store import spec
+from featstore.store.home import open_store
+from featstore.store.local import Store
 
 LAYERS = (6, 7)
 D_SAE = 24576
@@ -153,7 +154,7 @@ def query_kwargs(query: str) -> dict:
     """`pair_stats` arguments of a query: `pearson` (issue 3's), `all` (a threshold on every
     data measure, min_both and the 95% intervals: issue 7's), `null` (pearson on the null model:
     layer b's sequences deranged)."""
-    from featstore.pairs import Variant
+    from featstore.stats.shardsums import Variant
 
     extra = {
         "pearson": {},
@@ -166,13 +167,13 @@ def query_kwargs(query: str) -> dict:
 def engine(home: str, name: str | None, query: str = "pearson") -> dict:
     """`featstore.stats.pair_stats` with one engine (None: its default) on a query (see
     `query_kwargs`), plus planted recall."""
-    from featstore import stats
+    from featstore.stats import query
 
     store = open_store(home)
     kwargs = query_kwargs(query) | ({} if name is None else {"engine": name})
     start = time.perf_counter()
     # recompute: never reuse the pair sums an earlier measurement saved in the store
-    found = stats.pair_stats(store, *LAYERS, recompute=True, **kwargs)
+    found = query.pair_stats(store, *LAYERS, recompute=True, **kwargs)
     seconds = time.perf_counter() - start
     planted = pl.read_parquet(planted_path(home)).filter(
         (pl.col("kind") == "copy") & (pl.col("strength") >= 0.3)
@@ -185,11 +186,11 @@ def engine(home: str, name: str | None, query: str = "pearson") -> dict:
 def saving(home: str) -> dict:
     """`featstore.pairs.update_shard_pairs` of every shard (the `shard_pair_stats` asset's work):
     the default engine's shard pair sums computed and saved for later calls."""
-    from featstore import pairs
+    from featstore.stats import shardsums
 
     store = open_store(home)
     start = time.perf_counter()
-    saved = [pairs.update_shard_pairs(store, *LAYERS, s) for s in store.shards(LAYERS[0])]
+    saved = [shardsums.update_shard_pairs(store, *LAYERS, s) for s in store.shards(LAYERS[0])]
     seconds = time.perf_counter() - start
     folders = [store.root_path / spec.pairs_path(*LAYERS, s.shard) for s in saved]
     size = sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
@@ -270,10 +271,10 @@ def default_engine() -> str | None:
     import inspect
 
     try:
-        from featstore import stats
+        from featstore.stats import query
     except ImportError:
         return None
-    return inspect.signature(stats.pair_stats).parameters["engine"].default
+    return inspect.signature(query.pair_stats).parameters["engine"].default
 
 
 def measure_size(n: int, args: argparse.Namespace, engines: list[str]) -> list[dict]:

@@ -1,8 +1,27 @@
-"""featstore: sparse SAE activations across layers, their statistics and the feature graph."""
+"""featstore: sparse SAE activations across layers, their statistics and the feature graph.
+
+The package is a house with wings; imports flow one way, from the wings down:
+
+- ground floor (this folder): `errors`, `files` (atomic writes), `figures` (saving PNGs),
+  `tables` (rendering a frame), `sequences` (whole sequences read back), `names` (feature ids).
+  They import nothing of featstore but each other.
+- `store/`: the on-disk format and everything that reads or writes it (spec, backends, check,
+  ingest, SQL). Imports the ground floor.
+- `sources/`: where activations come from (the registry of sources, extraction, the embedded
+  model, synthetic data). Imports the ground floor and `store`.
+- `stats/`: exact cross-layer pair statistics (kernel, per-shard sums, scans, measures, the
+  query). Imports the ground floor and `store`.
+- `analysis/`: what is built on them (graph, plots, patching and causal edges, comparison,
+  concepts, erasure, cards). Imports everything below it.
+- `cli.py`: the command line, on top. Dagster lives outside, in `pipelines/`.
+
+Public API: `open_store`, `Store`, `FeatstoreError`; the CLI; the Dagster definitions.
+"""
 
 from __future__ import annotations
 
 from featstore.errors import FeatstoreError
-from featstore.store import Store, open_store
+from featstore.store.home import open_store
+from featstore.store.local import Store
 
 __all__ = ["FeatstoreError", "Store", "open_store"]

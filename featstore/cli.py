@@ -8,7 +8,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from featstore.errors import FeatstoreError
-from featstore.store import Store, atomic_file, default_home, open_store
+from featstore.files import atomic_file
+from featstore.store.home import default_home, open_store
+from featstore.store.local import Store
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -35,7 +37,7 @@ def feature_range(text: str) -> tuple[int, int]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from featstore.ingest import ingest_npz
+    from featstore.store.ingest import ingest_npz
 
     report = ingest_npz(
         args.home,
@@ -50,7 +52,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from featstore.extract import ExtractConfig, extract_all
+    from featstore.sources.extract import ExtractConfig, extract_all
 
     cfg = ExtractConfig.of(args)
     for report in extract_all(_open(args, create=True), cfg, shards=args.shards):
@@ -68,7 +70,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from featstore.synth import SynthConfig, generate_all, planted_path
+    from featstore.sources.synth import SynthConfig, generate_all, planted_path
 
     cfg = SynthConfig(
         d_sae=args.d_sae,
@@ -84,7 +86,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from featstore.check import check_store
+    from featstore.store.check import check_store
 
     problems = check_store(_open(args))
     for problem in problems:
@@ -107,13 +109,14 @@ def sql_param(text: str) -> tuple[str, int | float | str]:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
-    from featstore import sql
+    from featstore.store import sql
+    from featstore.tables import render
 
     if (args.query is None) == (args.file is None):
         raise FeatstoreError("give either a QUERY or --file FILE")
     text = args.query if args.file is None else sql.query_text(args.file)
     frame = sql.query(_open(args), text, dict(args.param) or None)
-    print(sql.render(frame, args.format))
+    print(render(frame, args.format))
     return 0
 
 
@@ -127,21 +130,23 @@ def measure_value(text: str) -> tuple[str, float]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from featstore import decoders, measures, stats
-    from featstore.pairs import Variant
+    from featstore.analysis import decoders
+    from featstore.files import write_parquet_atomic
+    from featstore.stats import measures, query
+    from featstore.stats.shardsums import Variant
 
     store = _open(args)
     variant = Variant(args.active_threshold, args.null)
     if args.never_coactive is not None:
-        shards = stats.shards_of_pair(store, args.layer_a, args.layer_b, args.shards)
+        shards = query.shards_of_pair(store, args.layer_a, args.layer_b, args.shards)
         listed, total = measures.never_coactive_pairs(
             store, args.layer_a, args.layer_b, *args.never_coactive, shards=shards, variant=variant
         )
-        stats.write_parquet_atomic(listed, args.out)
+        write_parquet_atomic(listed, args.out)
         print(f"{total} never-co-active pairs reach {'='.join(map(str, args.never_coactive))}")
         print(f"wrote {listed.height} pairs to {args.out}")
         return 0
-    frame, counts = stats.pair_report(
+    frame, counts = query.pair_report(
         store,
         args.layer_a,
         args.layer_b,
@@ -163,9 +168,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
             store, args.layer_a, args.layer_b, args.decoder_cosine
         )
         frame = frame.join(cosines, on=["feature_a", "feature_b"], how="left")
-    stats.write_parquet_atomic(frame, args.out)
+    write_parquet_atomic(frame, args.out)
     print(
-        stats.describe_counts(
+        query.describe_counts(
             counts, args.min_pearson, args.min_jaccard, dict(args.min), args.min_both
         )
     )
@@ -174,7 +179,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from featstore.graph import export_graph
+    from featstore.analysis.graph import export_graph
 
     graph, summary = export_graph(
         _open(args),
@@ -192,7 +197,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_plots(args: argparse.Namespace) -> int:
-    from featstore.plots import plot_store
+    from featstore.analysis.plots import plot_store
 
     paths = plot_store(
         _open(args),
@@ -211,8 +216,8 @@ def cmd_plots(args: argparse.Namespace) -> int:
 
 def load_model_and_saes(source: str, layers: Sequence[int], device: str):
     """The source's model and SAEs; missing files become one line."""
-    from featstore.extract import ExtractConfig
-    from featstore.extract import load_model_and_saes as load
+    from featstore.sources.extract import ExtractConfig
+    from featstore.sources.extract import load_model_and_saes as load
 
     try:
         return load(ExtractConfig(source=source, layers=tuple(layers), device=device))
@@ -223,8 +228,8 @@ def load_model_and_saes(source: str, layers: Sequence[int], device: str):
 def cmd_patch(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from featstore.causal import CausalConfig, run_causal
-    from featstore.sql import render
+    from featstore.analysis.causal import CausalConfig, run_causal
+    from featstore.tables import render
 
     cfg = CausalConfig(
         layers=tuple(args.layers),
@@ -247,7 +252,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
 def store_source(store, layer: int) -> str:
     """The source a layer's activations were extracted with (tiny when unrecorded)."""
-    from featstore.decoders import store_source
+    from featstore.analysis.decoders import store_source
 
     return store_source(store, layer)
 
@@ -255,8 +260,8 @@ def store_source(store, layer: int) -> str:
 def cmd_concepts(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from featstore.concepts import default_set, run_concepts
-    from featstore.graph import build_graph, store_pair_frames
+    from featstore.analysis.concepts import default_set, run_concepts
+    from featstore.analysis.graph import build_graph, store_pair_frames
 
     store = _open(args)
     layers = sorted(args.layers)
@@ -273,7 +278,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
 
 
 def cmd_feature(args: argparse.Namespace) -> int:
-    from featstore import cards
+    from featstore.analysis import cards
 
     store = _open(args)
     layer, feature = cards.parse_key(args.key)
@@ -401,7 +406,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="Parquet file of the pairs passing")
     p.set_defaults(func=cmd_stats)
 
-    from featstore.measures import MIN_BOTH, RANGES
+    from featstore.stats.measures import MIN_BOTH, RANGES
 
     p = sub.add_parser("graph", help="cross-layer feature graph: GraphML, Parquet edges, summary")
     p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])

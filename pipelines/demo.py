@@ -17,11 +17,11 @@ from pathlib import Path
 import dagster as dg
 from dagster_shared.error import SerializableErrorInfo
 
-from featstore import graph as fgraph
-from featstore import spec
+from featstore.analysis import graph as fgraph
 from featstore.errors import FeatstoreError
-from featstore.extract import list_shards
-from featstore.store import Store
+from featstore.sources.extract import list_shards
+from featstore.store import spec
+from featstore.store.local import Store
 from pipelines.assets.causal import causal_edges, concept_traces, erasure
 from pipelines.assets.comparison import feature_cards, method_comparison
 from pipelines.assets.extraction import activations, encoder_config, tokenizer_config, tokens

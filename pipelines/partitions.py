@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from featstore.sources import registry
+from featstore.sources.registry import registry
 
 # Every layer some source of sources.yaml has SAEs for: the space layer partitions live in. Which
 # of them a run extracts is configuration (FeatstoreResource.layers).

@@ -7,8 +7,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from featstore.extract import ExtractConfig
-from featstore.store import Store, default_home, open_store
+from featstore.sources.extract import ExtractConfig
+from featstore.store.home import default_home, open_store
+from featstore.store.local import Store
 
 
 class FeatstoreResource(dg.ConfigurableResource):
@@ -22,7 +23,7 @@ class FeatstoreResource(dg.ConfigurableResource):
         description="fsspec URL of the Zarr store shared by all workers (s3://bucket/prefix); "
         "unset: $FEATSTORE_STORE_URL, else the folder store.zarr in the home",
     )
-    source: str = Field(default="tiny", description="A source of featstore/sources.yaml")
+    source: str = Field(default="tiny", description="A source of featstore/sources/sources.yaml")
     layers: list[int] = Field(default=[6, 7, 8, 9], description="Layers to extract")
     seq_len: int = Field(default=128, description="Tokens per sequence, BOS included")
     batch_size: int = Field(default=32, description="Sequences per forward pass")

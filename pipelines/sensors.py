@@ -8,9 +8,9 @@ import json
 
 import dagster as dg
 
-from featstore import spec
 from featstore.errors import FeatstoreError
-from featstore.extract import list_shards
+from featstore.sources.extract import list_shards
+from featstore.store import spec
 from pipelines.assets.extraction import tokens
 from pipelines.partitions import shard_partitions
 from pipelines.removal import removal_request, remove_shards

@@ -17,7 +17,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from featstore.store import Store
+from featstore.store.local import Store
 from pipelines.resources import FeatstoreResource
 
 

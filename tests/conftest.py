@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from featstore import spec
+from featstore.store import spec
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def token_frame(n_tokens: int, seq_len: int = 8, vocab_size: int = 40, seed: int
 
 def build_store(home, acts: dict, vocab: list[str] | None = None, seed: int = 0):
     """A store at `home` holding `acts[layer][shard]` (CSR) and a token table per shard."""
-    from featstore.store import open_store
+    from featstore.store.home import open_store
 
     store = open_store(home, create=True)
     shards: dict[str, int] = {}
@@ -204,8 +204,8 @@ def model_store(home, model, saes: dict, tokens: np.ndarray, shard: str = "s0"):
     """A store holding the SAE codes of `tokens` at each layer, the token table and the vocab."""
     import torch
 
-    from featstore.extract import encode_batch, token_table
-    from featstore.store import open_store
+    from featstore.sources.extract import encode_batch, token_table
+    from featstore.store.home import open_store
 
     store = open_store(home, create=True)
     hooks = {layer: f"blocks.{layer}.hook_resid_pre" for layer in saes}
@@ -255,7 +255,7 @@ def group_states(home, volatile: tuple[str, ...] = ("seconds",)) -> dict[str, tu
 
     import zarr
 
-    from featstore import spec
+    from featstore.store import spec
 
     root = Path(home) / spec.ROOT
     states = {}

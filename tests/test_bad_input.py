@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from featstore.errors import FeatstoreError
-from featstore.extract import ExtractConfig
-from featstore.store import open_store
+from featstore.sources.extract import ExtractConfig
+from featstore.store.home import open_store
 
 SETTINGS = settings(
     max_examples=25,

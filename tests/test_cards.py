@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 from helpers import build_store, correlated_layers, table_measures, token_frame
 
-from featstore import cards
+from featstore.analysis import cards
 from featstore.cli import main
 from featstore.errors import FeatstoreError
 

@@ -10,9 +10,9 @@ import scipy.sparse as sp
 import scipy.stats
 from helpers import build_store, correlated_layers, table_measures
 
-from featstore import spec
-from featstore.compare import CompareConfig, compare_methods, run_comparison
+from featstore.analysis.compare import CompareConfig, compare_methods, run_comparison
 from featstore.errors import FeatstoreError
+from featstore.store import spec
 
 LAYERS = (6, 7, 8, 9)
 SEQ = 8  # build_store's sequence length
@@ -198,7 +198,7 @@ def test_bad_configs_are_one_line_errors(kwargs, message):
 def test_dagster_assets_write_the_comparison_and_the_cards(setup):
     import dagster as dg
 
-    from featstore.graph import export_graph
+    from featstore.analysis.graph import export_graph
     from pipelines.assets.comparison import comparison_assets
     from pipelines.resources import FeatstoreResource
 

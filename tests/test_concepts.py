@@ -19,8 +19,7 @@ from helpers import (
 from matplotlib.image import imread
 from scipy.stats import mannwhitneyu
 
-from featstore.cli import main
-from featstore.concepts import (
+from featstore.analysis.concepts import (
     best_features,
     concept_scores,
     default_set,
@@ -30,11 +29,12 @@ from featstore.concepts import (
     token_labels,
     trace_concept,
 )
+from featstore.cli import main
 from featstore.errors import FeatstoreError
-from featstore.extract import ExtractConfig, extract_shard
-from featstore.graph import node_id
-from featstore.sources import get_source
-from featstore.store import open_store
+from featstore.names import node_id
+from featstore.sources.extract import ExtractConfig, extract_shard
+from featstore.sources.registry import get_source
+from featstore.store.home import open_store
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,11 +14,11 @@ import pytest
 import scipy.sparse as sp
 from helpers import correlated_layers
 
+from featstore.analysis.graph import EDGES
 from featstore.errors import FeatstoreError
-from featstore.extract import token_table
-from featstore.graph import EDGES
-from featstore.stats import pair_stats_path
-from featstore.store import open_store
+from featstore.sources.extract import token_table
+from featstore.stats.query import pair_stats_path
+from featstore.store.home import open_store
 from pipelines.assets.statistics import feature_graph, pair_stats, plots, shard_pair_stats
 from pipelines.definitions import build_defs
 from pipelines.demo import RUN_CONFIG, materialize

@@ -11,7 +11,7 @@ import torch
 from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
 from matplotlib.image import imread
 
-from featstore.erasure import (
+from featstore.analysis.erasure import (
     block_components,
     component_names,
     component_sums,
@@ -20,7 +20,7 @@ from featstore.erasure import (
     run_erasure,
     unlinked,
 )
-from featstore.graph import node_id
+from featstore.names import node_id
 
 LAYERS = (6, 7, 8, 9)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from featstore import FeatstoreError, open_store
-from featstore.extract import ExtractConfig, extract_shard, pack_sequences
-from featstore.sources import get_source
+from featstore.sources.extract import ExtractConfig, extract_shard, pack_sequences
+from featstore.sources.registry import get_source
 
 CFG = ExtractConfig(source="tiny", layers=(6, 7, 8, 9), max_sequences=6, batch_size=4)
 

@@ -38,12 +38,13 @@ from helpers import (
     sparse_acts,
 )
 
-from featstore import spec
-from featstore.check import check_store
 from featstore.cli import main
-from featstore.pairs import update_shard_pairs
-from featstore.sources import EMBEDDED
-from featstore.store import GroupWriter, open_store
+from featstore.sources.registry import EMBEDDED
+from featstore.stats.shardsums import update_shard_pairs
+from featstore.store import spec
+from featstore.store.check import check_store
+from featstore.store.home import open_store
+from featstore.store.local import GroupWriter
 
 FAULT = "FEATSTORE_TEST_FAULT"
 FAULT_DIR = "FEATSTORE_TEST_FAULT_DIR"
@@ -222,7 +223,7 @@ def extract_in_process(capsys, home: Path, shard: str) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_shard() -> str:
-    from featstore.extract import ExtractConfig, list_shards
+    from featstore.sources.extract import ExtractConfig, list_shards
 
     return list_shards(ExtractConfig())[0]
 

@@ -13,9 +13,7 @@ import scipy.sparse as sp
 from helpers import build_store, correlated_layers, dense_pair_frames
 from polars.testing import assert_frame_equal
 
-from featstore.cli import main
-from featstore.errors import FeatstoreError
-from featstore.graph import (
+from featstore.analysis.graph import (
     build_graph,
     edge_list,
     graph_summary,
@@ -23,6 +21,8 @@ from featstore.graph import (
     write_edge_list,
     write_graphml,
 )
+from featstore.cli import main
+from featstore.errors import FeatstoreError
 
 LAYERS = (6, 7, 8, 9)
 STATS = ["n_tokens", "n_both", "n_either", "sum_xy", "pearson", "agreement", "jaccard"]

@@ -16,10 +16,10 @@ from dagster._core.definitions.data_version import CachingStaleStatusResolver, S
 from dagster._core.loader import LoadingContextForTest
 from helpers import dense_pair_frame
 
-from featstore import spec
 from featstore.cli import main as featstore_cli
-from featstore.stats import pair_stats_path
-from featstore.store import Store
+from featstore.stats.query import pair_stats_path
+from featstore.store import spec
+from featstore.store.local import Store
 from pipelines.assets.extraction import activations, encoder_config, tokenizer_config, tokens
 from pipelines.assets.statistics import pair_stats, shard_pair_stats
 from pipelines.definitions import build_defs, defs

@@ -9,12 +9,13 @@ import pytest
 import scipy.sparse as sp
 from helpers import correlated_layers
 
-from featstore import FeatstoreError, open_store, spec
-from featstore.check import check_store
-from featstore.extract import token_table
-from featstore.objectstore import UrlStore
-from featstore.pairs import update_shard_pairs
-from featstore.stats import pair_stats
+from featstore import FeatstoreError, open_store
+from featstore.sources.extract import token_table
+from featstore.stats.query import pair_stats
+from featstore.stats.shardsums import update_shard_pairs
+from featstore.store import spec
+from featstore.store.check import check_store
+from featstore.store.url import UrlStore
 
 
 def random_csr(n: int = 400, d: int = 48, seed: int = 0) -> sp.csr_matrix:

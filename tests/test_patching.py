@@ -10,12 +10,12 @@ import pytest
 import torch
 from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
 
-from featstore import spec
-from featstore.causal import CausalConfig, causal_edge_frame, compare, run_causal
+from featstore.analysis.causal import CausalConfig, causal_edge_frame, compare, run_causal
+from featstore.analysis.patching import PatchConfig, attribution_sums, effect_sums
 from featstore.cli import main
-from featstore.extract import encode_batch
-from featstore.patching import PatchConfig, attribution_sums, effect_sums
-from featstore.stats import pair_stats
+from featstore.sources.extract import encode_batch
+from featstore.stats.query import pair_stats
+from featstore.store import spec
 
 DEAD = 5  # a feature of layer 6 that never fires
 
@@ -194,7 +194,7 @@ def test_run_writes_a_table_sql_can_read(store_run, capsys):
 
 
 def test_cli_patch_reports_a_missing_model_in_one_line(store_run, capsys, monkeypatch):
-    monkeypatch.setattr("featstore.sources.EMBEDDED", store_run[0].home / "nowhere")
+    monkeypatch.setattr("featstore.sources.registry.EMBEDDED", store_run[0].home / "nowhere")
     rc = main(["--home", str(store_run[0].home), "patch", "--layers", "6", "7"])
     assert rc == 2
     assert capsys.readouterr().err.count("\n") == 1
@@ -203,7 +203,7 @@ def test_cli_patch_reports_a_missing_model_in_one_line(store_run, capsys, monkey
 def test_causal_assets_materialise(store_run, monkeypatch):
     import dagster as dg
 
-    from featstore.graph import GRAPHML, build_graph, store_pair_frames, write_graphml
+    from featstore.analysis.graph import GRAPHML, build_graph, store_pair_frames, write_graphml
     from pipelines.assets import causal as assets
     from pipelines.resources import FeatstoreResource
 

@@ -14,12 +14,13 @@ import scipy.sparse as sp
 import zarr
 from helpers import correlated_layers, dense_pair_frame
 
-from featstore import spec
-from featstore.extract import list_shards, token_table
-from featstore.graph import EDGES, GRAPHML
-from featstore.sources import get_source
-from featstore.stats import pair_stats_path
-from featstore.store import Store, open_store
+from featstore.analysis.graph import EDGES, GRAPHML
+from featstore.sources.extract import list_shards, token_table
+from featstore.sources.registry import get_source
+from featstore.stats.query import pair_stats_path
+from featstore.store import spec
+from featstore.store.home import open_store
+from featstore.store.local import Store
 from pipelines.assets.checks import activation_checks
 from pipelines.assets.extraction import activations, tokens
 from pipelines.assets.statistics import feature_graph, pair_stats, plots, shard_pair_stats

@@ -11,9 +11,8 @@ import scipy.sparse as sp
 from helpers import build_store, correlated_layers, dense_pair_frames
 from matplotlib.image import imread
 
-from featstore.cli import main
-from featstore.graph import above, build_graph
-from featstore.plots import (
+from featstore.analysis.graph import above, build_graph
+from featstore.analysis.plots import (
     block_heatmap,
     cooccurrence_histograms,
     counts_above,
@@ -22,6 +21,7 @@ from featstore.plots import (
     pair_matrix,
     threshold_bars,
 )
+from featstore.cli import main
 
 LAYERS = (6, 7, 8, 9)
 CONTEXT = "source test, layers 6-9, threshold 0.2"

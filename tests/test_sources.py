@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from featstore import FeatstoreError
-from featstore.sources import get_source, stream_shard_index
+from featstore.sources.registry import get_source, stream_shard_index
 
 
 class Recorder:

@@ -12,10 +12,10 @@ import pytest
 import scipy.sparse as sp
 from helpers import build_store, sparse_acts
 
-from featstore import sql
 from featstore.cli import main
 from featstore.errors import FeatstoreError
-from featstore.store import Store
+from featstore.store import sql
+from featstore.store.local import Store
 
 VOCAB = [f"tok{i}" for i in range(40)]
 
@@ -136,7 +136,7 @@ def test_connection_can_touch_no_file(store, tmp_path):
 
 
 def test_pair_stats_table_reads_saved_results(store):
-    from featstore.stats import pair_stats
+    from featstore.stats.query import pair_stats
 
     assert sql.query(store, "SELECT count(*) AS n FROM pair_stats")["n"][0] == 0
     frame = pair_stats(store, 6, 7)

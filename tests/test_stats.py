@@ -12,10 +12,17 @@ import scipy.sparse as sp
 import scipy.stats
 from helpers import build_store, sparse_acts
 
-from featstore import finish, measures, pairs, pairsums, spec, stats
 from featstore.cli import main
 from featstore.errors import FeatstoreError
-from featstore.store import FeatureStats
+from featstore.stats import (
+    finish,
+    kernel,
+    measures,
+    query,
+    shardsums,
+)
+from featstore.store import spec
+from featstore.store.local import FeatureStats
 
 
 def reference(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,7 +81,7 @@ def two_shards(tmp_path: Path):
 # -- engines --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", stats.ENGINES)
+@pytest.mark.parametrize("engine", query.ENGINES)
 @pytest.mark.parametrize(
     "n, d_a, d_b, density, seed",
     [
@@ -86,7 +93,7 @@ def two_shards(tmp_path: Path):
 def test_engines_match_numpy(tmp_path, engine, n, d_a, d_b, density, seed):
     a, b = sparse_acts(n, d_a, density, seed), sparse_acts(n, d_b, density, seed + 100)
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
-    counts = stats.shard_pair_counts(store, 6, 7, "s", engine=engine)
+    counts = query.shard_pair_counts(store, 6, 7, "s", engine=engine)
     x, y = dense(a), dense(b)
     both = (x > 0).astype(np.int64).T @ (y > 0)
     fa, fb = np.nonzero(both)  # row-major: sorted by (a, b)
@@ -100,7 +107,7 @@ def test_engines_match_numpy(tmp_path, engine, n, d_a, d_b, density, seed):
 def test_edge_cases_match_corrcoef_and_scipy(tmp_path):
     a, b = edge_matrices()
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
-    frames = [stats.pair_stats(store, 6, 7, engine=e, recompute=True) for e in stats.ENGINES]
+    frames = [query.pair_stats(store, 6, 7, engine=e, recompute=True) for e in query.ENGINES]
     for frame in frames[1:]:
         assert frame.select("feature_a", "feature_b", "n_both", "n_either").equals(
             frames[0].select("feature_a", "feature_b", "n_both", "n_either")
@@ -123,7 +130,7 @@ def test_constant_feature_has_no_pearson_despite_rounding(tmp_path):
     x = sparse_acts(1000, 3, 0.2, seed=5).toarray()
     x[:, 0] = 0.7  # n*sumsq - sum^2 rounds to about 1e-8 here, not 0
     store = build_store(tmp_path, {6: {"s": sp.csr_matrix(x)}, 7: {"s": sparse_acts(1000, 4, 0.3)}})
-    frame = stats.pair_stats(store, 6, 7)
+    frame = query.pair_stats(store, 6, 7)
     assert frame.filter(pl.col("feature_a") == 0)["pearson"].null_count() == 4
     assert frame.filter(pl.col("feature_a") == 1)["pearson"].null_count() == 0
 
@@ -131,39 +138,39 @@ def test_constant_feature_has_no_pearson_despite_rounding(tmp_path):
 def test_blocks_and_pure_function_agree(tmp_path):
     a, b = sparse_acts(500, 30, 0.1, 3), sparse_acts(500, 20, 0.1, 4)
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
-    whole = stats.sparse_pair_counts(a, b)
-    blocked = pairs.shard_pair_counts(store, 6, 7, "s", block_tokens=64)
+    whole = query.sparse_pair_counts(a, b)
+    blocked = shardsums.shard_pair_counts(store, 6, 7, "s", block_tokens=64)
     np.testing.assert_array_equal(blocked.n_both, whole.n_both)
     np.testing.assert_allclose(blocked.sum_xy, whole.sum_xy, rtol=1e-12)
-    feature_blocks = list(pairs.iter_sparse_pair_counts(a, b, max_work=300))
+    feature_blocks = list(shardsums.iter_sparse_pair_counts(a, b, max_work=300))
     assert len(feature_blocks) > 3
-    streamed = pairs.PairCounts.total(feature_blocks, same_tokens=True)
+    streamed = shardsums.PairCounts.total(feature_blocks, same_tokens=True)
     for name in ("feature_a", "feature_b", "n_both", "sum_xy"):
         np.testing.assert_array_equal(getattr(streamed, name), getattr(whole, name))
     assert streamed.n_tokens == 500
-    loose = list(pairs.iter_sparse_pair_counts(a, b, max_work=300, sort=False))
+    loose = list(shardsums.iter_sparse_pair_counts(a, b, max_work=300, sort=False))
     assert [p.feature_a[0] for p in loose] == [p.feature_a[0] for p in feature_blocks]
-    resorted = pairs.PairCounts.total(loose, same_tokens=True).sorted()
+    resorted = shardsums.PairCounts.total(loose, same_tokens=True).sorted()
     for name in ("feature_a", "feature_b", "n_both", "sum_xy"):
         np.testing.assert_array_equal(getattr(resorted, name), getattr(whole, name))
-    pairs.save_shard_pairs(store, 6, 7, "s", iter(feature_blocks))
-    part = pairs.load_shard_pairs(store, 6, 7, "s", (4, 9))
+    shardsums.save_shard_pairs(store, 6, 7, "s", iter(feature_blocks))
+    part = shardsums.load_shard_pairs(store, 6, 7, "s", (4, 9))
     inside = whole.select((4, 9))
     np.testing.assert_array_equal(part.feature_b, inside.feature_b)
     np.testing.assert_array_equal(part.n_both, inside.n_both)
     with_zero = a.copy()
     with_zero.data[0] = 0.0  # an explicit zero is not an activation
     x = dense(with_zero)
-    zeroed = stats.sparse_pair_counts(with_zero.tocoo(), b)
+    zeroed = query.sparse_pair_counts(with_zero.tocoo(), b)
     both = (x > 0).astype(np.int64).T @ (dense(b) > 0)
     np.testing.assert_array_equal(zeroed.n_both, both[both > 0])
 
 
 def test_two_shards_merged_equal_one_shard_of_both(tmp_path, two_shards):
     store, acts = two_shards
-    merged = stats.pair_stats(store, 6, 7)
+    merged = query.pair_stats(store, 6, 7)
     joined = {layer: {"all": sp.vstack([m["s0"], m["s1"]]).tocsr()} for layer, m in acts.items()}
-    one = stats.pair_stats(build_store(tmp_path / "one", joined), 6, 7)
+    one = query.pair_stats(build_store(tmp_path / "one", joined), 6, 7)
     assert merged.select("feature_a", "feature_b", "n_both").equals(
         one.select("feature_a", "feature_b", "n_both")
     )
@@ -177,51 +184,51 @@ def test_two_shards_merged_equal_one_shard_of_both(tmp_path, two_shards):
 
 def test_shard_sums_are_saved_reused_and_a_new_shard_costs_its_own(two_shards, monkeypatch):
     store, acts = two_shards
-    first = stats.pair_stats(store, 6, 7)
+    first = query.pair_stats(store, 6, 7)
     attrs = dict(store.group(spec.pairs_path(6, 7, "s0"), "pairs").attrs)
     assert attrs[spec.ENCODING_TYPE] == "pair_stats_coo" and attrs["layers"] == [6, 7]
     assert attrs["n_tokens"] == 70 and (attrs["d_a"], attrs["d_b"]) == (12, 15)
     computed = []
-    original = pairs.iter_shard_pair_counts
+    original = shardsums.iter_shard_pair_counts
     monkeypatch.setattr(
-        pairs,
+        shardsums,
         "iter_shard_pair_counts",
         lambda st, a, b, s, e: computed.append(s) or original(st, a, b, s, e),
     )
-    assert stats.pair_stats(store, 6, 7).equals(first)
+    assert query.pair_stats(store, 6, 7).equals(first)
     assert computed == []
     store.write_activations(6, "s2", sparse_acts(30, 12, 0.25, seed=5))
     store.write_activations(7, "s2", sparse_acts(30, 15, 0.25, seed=6))
-    stats.pair_stats(store, 6, 7)
+    query.pair_stats(store, 6, 7)
     assert computed == ["s2"]
     store.write_activations(7, "s1", sparse_acts(45, 15, 0.3, seed=9))  # stale sums
-    stats.pair_stats(store, 6, 7)
+    query.pair_stats(store, 6, 7)
     assert computed == ["s2", "s1"]
     same_pattern = store.read(6, "s0")
     same_pattern.data *= 2  # new values, same nonzeros
     store.write_activations(6, "s0", same_pattern)
-    stats.pair_stats(store, 6, 7)
+    query.pair_stats(store, 6, 7)
     assert computed == ["s2", "s1", "s0"]
 
 
 def test_small_feature_blocks_give_the_same_table_and_counts(two_shards):
     store, _ = two_shards
     kwargs = {"min_pearson": -0.1, "min_jaccard": 0.05}
-    streamed = stats.pair_report(store, 6, 7, **kwargs)  # computed in memory
-    stats.pair_stats(store, 6, 7, save=True)  # saved sums: read in blocks of max_block_pairs
-    whole, whole_counts = stats.pair_report(store, 6, 7, **kwargs)
-    blocked, blocked_counts = stats.pair_report(store, 6, 7, max_block_pairs=7, **kwargs)
+    streamed = query.pair_report(store, 6, 7, **kwargs)  # computed in memory
+    query.pair_stats(store, 6, 7, save=True)  # saved sums: read in blocks of max_block_pairs
+    whole, whole_counts = query.pair_report(store, 6, 7, **kwargs)
+    blocked, blocked_counts = query.pair_report(store, 6, 7, max_block_pairs=7, **kwargs)
     assert blocked.equals(whole) and blocked_counts == whole_counts
     assert streamed[0].equals(whole) and streamed[1] == whole_counts
-    assert len(pairs.feature_blocks(store, 6, 7, ["s0", "s1"], (0, 12), 7)) > 5
+    assert len(shardsums.feature_blocks(store, 6, 7, ["s0", "s1"], (0, 12), 7)) > 5
 
 
 def test_merged_table_is_saved_for_sql(two_shards):
     store, _ = two_shards
-    path = stats.pair_stats_path(store, 6, 7)
-    frame = stats.pair_stats(store, 6, 7, min_pearson=0.3)
+    path = query.pair_stats_path(store, 6, 7)
+    frame = query.pair_stats(store, 6, 7, min_pearson=0.3)
     assert not path.exists()  # a thresholded query writes no table unasked
-    assert stats.pair_stats(store, 6, 7, min_pearson=0.3, save=True).equals(frame)
+    assert query.pair_stats(store, 6, 7, min_pearson=0.3, save=True).equals(frame)
     saved = pl.read_parquet(path)
     assert saved["layer_a"].unique().to_list() == [6] and saved["layer_b"].unique().to_list() == [7]
     assert saved.filter(pl.col("pearson") >= 0.3).drop("layer_a", "layer_b").equals(frame)
@@ -229,14 +236,14 @@ def test_merged_table_is_saved_for_sql(two_shards):
 
 def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkeypatch):
     store, acts = two_shards
-    stats.pair_stats(store, 6, 7, shards=["s0"], save=True)  # s0 saved, s1 not
-    monkeypatch.setattr(pairsums, "MAX_BLOCK_WORK", 40)  # many blocks per shard
-    assert len(list(pairs.iter_sparse_pair_counts(acts[6]["s1"], acts[7]["s1"]))) > 3
+    query.pair_stats(store, 6, 7, shards=["s0"], save=True)  # s0 saved, s1 not
+    monkeypatch.setattr(kernel, "MAX_BLOCK_WORK", 40)  # many blocks per shard
+    assert len(list(shardsums.iter_sparse_pair_counts(acts[6]["s1"], acts[7]["s1"]))) > 3
     kwargs = {"min_pearson": 0.05, "min_both": 2}
-    got, counts = stats.pair_report(store, 6, 7, **kwargs)
+    got, counts = query.pair_report(store, 6, 7, **kwargs)
     assert store.children(spec.PAIRS + "/6-7") == ["s0"]  # a query saves nothing
-    assert not stats.pair_stats_path(store, 6, 7).exists()
-    again, counts_again = stats.pair_report(store, 6, 7, max_block_pairs=9, save=True, **kwargs)
+    assert not query.pair_stats_path(store, 6, 7).exists()
+    again, counts_again = query.pair_report(store, 6, 7, max_block_pairs=9, save=True, **kwargs)
     assert store.children(spec.PAIRS + "/6-7") == ["s0", "s1"]
     assert got.equals(again) and counts == counts_again
     joined = [sp.vstack([m["s0"], m["s1"]]).tocsr() for m in acts.values()]
@@ -246,8 +253,8 @@ def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkey
     pairs_wanted = set(zip(*np.nonzero(want), strict=True))
     assert set(got.select("feature_a", "feature_b").iter_rows()) == pairs_wanted
     assert_matches(got, ref)
-    unfiltered = stats.pair_stats(store, 6, 7, recompute=True)
-    keep = stats.passes(0.05) & (pl.col("n_both") >= 2)
+    unfiltered = query.pair_stats(store, 6, 7, recompute=True)
+    keep = query.passes(0.05) & (pl.col("n_both") >= 2)
     assert unfiltered.filter(keep).equals(got)
 
 
@@ -257,12 +264,12 @@ def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkey
 def test_all_pairs_reproduce_the_dense_table_for_a_10x10_range(tmp_path):
     a, b = sparse_acts(80, 30, 0.08, 21), sparse_acts(80, 25, 0.08, 22)
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
-    frame = stats.pair_stats(store, 6, 7, features_a=(5, 15), features_b=(10, 20), all_pairs=True)
+    frame = query.pair_stats(store, 6, 7, features_a=(5, 15), features_b=(10, 20), all_pairs=True)
     assert frame.height == 100
     assert (frame["n_both"] == 0).sum() > 0  # some pairs are never co-active
     ref = reference(dense(a)[:, 5:15], dense(b)[:, 10:20])
     assert_matches(frame, ref, offset=(5, 10))
-    co_active = stats.pair_stats(store, 6, 7, features_a=(5, 15), features_b=(10, 20))
+    co_active = query.pair_stats(store, 6, 7, features_a=(5, 15), features_b=(10, 20))
     assert co_active.equals(frame.filter(pl.col("n_both") > 0))
 
 
@@ -277,8 +284,8 @@ def test_threshold_counts_match_brute_force(tmp_path, min_pearson, min_jaccard, 
     a, b = sp.hstack([x, more_a]).tocsr(), sp.hstack([y, more_b]).tocsr()
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
     ra, rb = ranges
-    frame = stats.pair_stats(store, 6, 7, features_a=ra, features_b=rb)
-    got = stats.threshold_counts(
+    frame = query.pair_stats(store, 6, 7, features_a=ra, features_b=rb)
+    got = query.threshold_counts(
         frame,
         store.feature_stats(6, "s"),
         store.feature_stats(7, "s"),
@@ -307,8 +314,8 @@ def test_threshold_counts_for_big_d_need_no_dense_array():
     count = rng.integers(1, 50, d)
     total = count * rng.uniform(0.5, 2.0, d)
     stats_a = FeatureStats(1000, count, total, total * 2.5)
-    empty = finish.finish_stats(pairs.PairCounts.empty(1000, d, d), stats_a, stats_a)
-    got = stats.threshold_counts(empty, stats_a, stats_a, min_pearson=-0.01)
+    empty = finish.finish_stats(shardsums.PairCounts.empty(1000, d, d), stats_a, stats_a)
+    got = query.threshold_counts(empty, stats_a, stats_a, min_pearson=-0.01)
     u = finish.Spread.of(stats_a).u
     sample = rng.integers(0, d, (2, 200_000))
     share = np.mean(-(u[sample[0]] * u[sample[1]]) >= -0.01)
@@ -329,14 +336,14 @@ def test_threshold_counts_for_big_d_need_no_dense_array():
 def test_bad_arguments_are_one_line_errors(two_shards, kwargs, message):
     store, _ = two_shards
     with pytest.raises(FeatstoreError, match=message):
-        stats.pair_stats(store, 6, 7, recompute=True, **kwargs)
+        query.pair_stats(store, 6, 7, recompute=True, **kwargs)
 
 
 def test_layers_with_different_token_counts_are_refused(tmp_path):
     store = build_store(tmp_path, {6: {"s": sparse_acts(10, 4)}, 7: {"s": sparse_acts(10, 4)}})
     store.write_activations(7, "s", sparse_acts(11, 4))
     with pytest.raises(FeatstoreError, match="layer 6 has 10 tokens, layer 7 has 11"):
-        stats.pair_stats(store, 6, 7)
+        query.pair_stats(store, 6, 7)
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -348,7 +355,7 @@ def test_cli_writes_the_passing_pairs(two_shards, tmp_path, capsys):
     argv = ["--home", str(store.home), "stats", "--layer-a", "6", "--layer-b", "7"]
     argv += ["--min-pearson", "0.2", "--min-jaccard", "0.1", "--out", str(out)]
     assert main(argv) == 0
-    want = stats.pair_stats(store, 6, 7, min_pearson=0.2, min_jaccard=0.1)
+    want = query.pair_stats(store, 6, 7, min_pearson=0.2, min_jaccard=0.1)
     assert pl.read_parquet(out).equals(want)
     printed = capsys.readouterr().out
     assert f"wrote {want.height} pairs" in printed and "pearson >= 0.2" in printed
@@ -376,7 +383,7 @@ def test_cli_bad_input_exits_2_with_one_line(two_shards, tmp_path, capsys, extra
 def test_balanced_ranges_cover_in_order_within_the_limit(seed):
     rng = np.random.default_rng(seed)
     work = rng.integers(0, 20, rng.integers(1, 60))
-    ranges = pairs.balanced_ranges(work, 25)
+    ranges = shardsums.balanced_ranges(work, 25)
     assert ranges[0][0] == 0 and ranges[-1][1] == work.size
     assert all(lo < hi == lo2 for (lo, hi), (lo2, _) in itertools.pairwise(ranges))
     assert all(work[lo:hi].sum() <= 25 + work[lo:hi].max() for lo, hi in ranges)
@@ -385,7 +392,7 @@ def test_balanced_ranges_cover_in_order_within_the_limit(seed):
 # -- the query path: the Pearson screen in the engine, chunks and threads -------------------------
 
 
-def screen_of(a: sp.csr_matrix, b: sp.csr_matrix, threshold: float) -> pairsums.Screen:
+def screen_of(a: sp.csr_matrix, b: sp.csr_matrix, threshold: float) -> kernel.Screen:
     stats_ab = FeatureStats.of(a), FeatureStats.of(b)
     return finish.pearson_screen(stats_ab, [("pearson", threshold)])
 
@@ -398,11 +405,11 @@ def test_screened_engine_keeps_exactly_the_pairs_passing_the_screen(threshold, m
     b = sp.hstack([y, sparse_acts(90, 25, 0.15, 44)]).tocsr()
     xd, yd = dense(a), dense(b)
     if threshold is None:  # a screen every co-active pair passes
-        screen = pairsums.Screen(np.ones(a.shape[1]), np.ones(b.shape[1]), -np.inf)
+        screen = kernel.Screen(np.ones(a.shape[1]), np.ones(b.shape[1]), -np.inf)
     else:
         screen = screen_of(a, b, threshold)
-    blocks = list(pairs.iter_sparse_pair_counts(a, b, max_work=max_work, screen=screen))
-    got = pairs.PairCounts.total(blocks, same_tokens=True)
+    blocks = list(shardsums.iter_sparse_pair_counts(a, b, max_work=max_work, screen=screen))
+    got = shardsums.PairCounts.total(blocks, same_tokens=True)
     assert max_work is None or len(blocks) > 3
     both = (xd > 0).astype(np.int64).T @ (yd > 0)
     fa, fb = np.nonzero(both)  # row-major: sorted by (feature_a, feature_b)
@@ -422,13 +429,13 @@ def test_screened_engine_keeps_exactly_the_pairs_passing_the_screen(threshold, m
 
 def test_screened_engine_on_a_single_token_and_on_no_coactive_pair():
     x, y = sp.csr_matrix(np.array([[0.0, 2.0, 1.0]])), sp.csr_matrix(np.array([[3.0, 0.0]]))
-    screen = pairsums.Screen(np.ones(3), np.ones(2), -np.inf)
-    got = pairs.PairCounts.total(list(pairs.iter_sparse_pair_counts(x, y, screen=screen)))
+    screen = kernel.Screen(np.ones(3), np.ones(2), -np.inf)
+    got = shardsums.PairCounts.total(list(shardsums.iter_sparse_pair_counts(x, y, screen=screen)))
     assert (got.feature_a.tolist(), got.feature_b.tolist()) == ([1, 2], [0, 0])
     assert got.n_both.tolist() == [1, 1] and got.sum_xy.tolist() == [6.0, 3.0]
     apart = sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 0.0]]))
     alone = sp.csr_matrix(np.array([[0.0], [1.0]]))
-    none = list(pairs.iter_sparse_pair_counts(apart, alone, screen=pairsums.Screen(
+    none = list(shardsums.iter_sparse_pair_counts(apart, alone, screen=kernel.Screen(
         np.ones(2), np.ones(1), -np.inf)))  # fmt: skip
     assert sum(p.nnz for p in none) == 0
 
@@ -440,9 +447,9 @@ def test_engine_rows_of_many_features_equal_scipy_sorted_or_grouped(d_b, sort):
     a = sparse_acts(60, 4, 0.5, 51)
     b = sp.random(60, d_b, density=min(0.5, 600 / d_b), format="csr", random_state=rng)
     b.data = b.data.astype(np.float32) + np.float32(0.01)
-    blocks = list(pairs.iter_sparse_pair_counts(a, b, max_work=800, sort=sort))
+    blocks = list(shardsums.iter_sparse_pair_counts(a, b, max_work=800, sort=sort))
     assert len(blocks) > 1 and all(np.all(np.diff(p.feature_a) >= 0) for p in blocks)
-    got = pairs.PairCounts.total(blocks, same_tokens=True)
+    got = shardsums.PairCounts.total(blocks, same_tokens=True)
     want = (a.T.astype(np.float64) @ b.astype(np.float64)).tocsr()
     want.sort_indices()
     assert np.diff(want.indptr).max() > 128  # rows long enough for the radix sort
@@ -457,9 +464,9 @@ def test_engine_rows_of_many_features_equal_scipy_sorted_or_grouped(d_b, sort):
 
 def test_a_screen_that_does_not_fit_the_layers_is_refused_in_one_line():
     a, b = sparse_acts(30, 6, 0.3, 45), sparse_acts(30, 5, 0.3, 46)
-    wrong = pairsums.Screen(np.ones(6), np.ones(4), 0.1)
+    wrong = kernel.Screen(np.ones(6), np.ones(4), 0.1)
     with pytest.raises(FeatstoreError, match="do not fit layers of 6 and 5 features"):
-        list(pairs.iter_sparse_pair_counts(a, b, screen=wrong))
+        list(shardsums.iter_sparse_pair_counts(a, b, screen=wrong))
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1e-6, 0.05, 0.3, 0.9, 1.0])
@@ -467,7 +474,7 @@ def test_pearson_screen_keeps_every_pair_reaching_the_threshold(threshold):
     x, y = edge_matrices(90)
     a = sp.hstack([x, sparse_acts(90, 20, 0.15, 43)]).tocsr()
     b = sp.hstack([y, sparse_acts(90, 16, 0.15, 44)]).tocsr()
-    counts = stats.sparse_pair_counts(a, b)
+    counts = query.sparse_pair_counts(a, b)
     sa, sb = FeatureStats.of(a), FeatureStats.of(b)
     rules = [("pearson", threshold)]
     exact = finish.measure_values(counts, sa, sb, ["pearson"])["pearson"]
@@ -485,7 +492,7 @@ def test_pearson_screen_keeps_every_pair_reaching_the_threshold(threshold):
 @pytest.mark.parametrize("every", [False, True])
 def test_passing_rows_by_small_chunks_equal_one_pass(monkeypatch, every):
     a, b = sparse_acts(300, 30, 0.1, 45), sparse_acts(300, 25, 0.1, 46)
-    counts = stats.sparse_pair_counts(a, b)
+    counts = query.sparse_pair_counts(a, b)
     sa, sb = FeatureStats.of(a), FeatureStats.of(b)
     rules = finish.conditions(0.05, None, {"sufficiency": 0.1, "mutual_information": 0.001})
     names = ["pearson", "sufficiency", "mutual_information"]
@@ -509,7 +516,7 @@ def test_pipelined_keeps_the_order_of_the_items():
 
     items = [(i, 0.02 if i % 3 == 0 else 0.0) for i in range(10)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        assert list(stats._pipelined(pool, slow_first, items, 2)) == list(range(10))
+        assert list(query._pipelined(pool, slow_first, items, 2)) == list(range(10))
 
 
 @pytest.mark.parametrize(
@@ -524,10 +531,10 @@ def test_pipelined_keeps_the_order_of_the_items():
 def test_screened_queries_in_small_blocks_match_numpy(tmp_path, monkeypatch, kwargs):
     a, b = sparse_acts(250, 40, 0.08, 47), sparse_acts(250, 30, 0.08, 48)
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
-    whole = stats.pair_stats(store, 6, 7, save=False)  # every co-active pair, every measure
-    monkeypatch.setattr(pairsums, "MAX_BLOCK_WORK", 60)  # many blocks, pipelined
+    whole = query.pair_stats(store, 6, 7, save=False)  # every co-active pair, every measure
+    monkeypatch.setattr(kernel, "MAX_BLOCK_WORK", 60)  # many blocks, pipelined
     monkeypatch.setattr(finish, "CHUNK_PAIRS", 16)
-    got = stats.pair_stats(store, 6, 7, **kwargs)
+    got = query.pair_stats(store, 6, 7, **kwargs)
     assert not store.children(spec.PAIRS)  # a query saves nothing
     ra, rb = kwargs.get("features_a", (0, 40)), kwargs.get("features_b", (0, 30))
     ref = reference(dense(a)[:, slice(*ra)], dense(b)[:, slice(*rb)])

@@ -11,9 +11,10 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from featstore import FeatstoreError, open_store, spec
+from featstore import FeatstoreError, open_store
 from featstore.errors import StoreBusyError
-from featstore.store import FeatureStats
+from featstore.store import spec
+from featstore.store.local import FeatureStats
 
 
 def random_csr(n: int = 300, d: int = 64, density: float = 0.05, seed: int = 0) -> sp.csr_matrix:
@@ -180,7 +181,7 @@ def test_bad_shard_name_is_refused(store):
 
 
 def test_check_finds_every_problem(store):
-    from featstore.check import check_store
+    from featstore.store.check import check_store
 
     for shard in ("good", "bad"):
         m = random_csr(100, density=0.2)

@@ -12,8 +12,9 @@ import scipy.stats
 
 from featstore.cli import main
 from featstore.errors import FeatstoreError
-from featstore.store import Store, open_store
-from featstore.synth import SynthConfig, generate, planted_edges, planted_path
+from featstore.sources.synth import SynthConfig, generate, planted_edges, planted_path
+from featstore.store.home import open_store
+from featstore.store.local import Store
 
 CFG = SynthConfig(
     d_sae=2048, layers=(6, 7, 8), n_tokens=20_000, n_planted=96, seed=3, block_tokens=4096
@@ -115,7 +116,7 @@ def test_planted_copies_correlate_and_random_pairs_do_not(synth):
 
 
 def test_pair_stats_finds_planted_copies(synth):
-    stats = pytest.importorskip("featstore.stats")
+    stats = pytest.importorskip("featstore.stats.query")
     store, edges = synth
     found = stats.pair_stats(store, 6, 7, min_pearson=0.2)
     copies = edges.filter(

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from featstore import tiny
+from featstore.sources import tiny, train_tiny
 
-ROOT = Path(tiny.__file__).parent / "embedded"
+ROOT = Path(tiny.__file__).parent.parent / "embedded"
 TINY = ROOT / "tiny"
 SAMPLE_SEQS = 16
 
@@ -29,12 +29,12 @@ def metrics() -> dict:
 @pytest.fixture(scope="module")
 def sample(model) -> torch.Tensor:
     text = (ROOT / "text" / "shard-000.txt").read_text()
-    return tiny.chunk_tokens(model.tokenizer, [text])[:SAMPLE_SEQS]
+    return train_tiny.chunk_tokens(model.tokenizer, [text])[:SAMPLE_SEQS]
 
 
 @pytest.fixture(scope="module")
 def acts(model, sample) -> dict[int, torch.Tensor]:
-    return tiny.residuals(model, sample)
+    return train_tiny.residuals(model, sample)
 
 
 def test_model_shape_and_tokenizer(model):
@@ -56,7 +56,7 @@ def test_load_tokenizer_matches_model(model):
 
 
 def test_model_predicts_heldout_text(model, sample, metrics):
-    loss = tiny.eval_loss(model, sample)
+    loss = train_tiny.eval_loss(model, sample)
     assert loss < 0.7 * torch.log(torch.tensor(float(model.cfg.d_vocab))).item()
     assert abs(loss - metrics["model"]["heldout_loss"]) < 0.5
 
@@ -70,7 +70,7 @@ def test_sae_loads_and_matches_metrics(layer, model, acts, metrics):
     assert sae.cfg.metadata.hook_name == name
     assert sae.cfg.metadata.model_name == tiny.MODEL_NAME
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (model.cfg.d_model, tiny.D_SAE)
-    got = tiny.sae_metrics(sae, acts[layer])
+    got = train_tiny.sae_metrics(sae, acts[layer])
     assert 5 <= got["l0"] <= 100
     assert got["explained_variance"] >= 0.7
     shipped = metrics["saes"][name]
@@ -91,7 +91,7 @@ def test_sae_reads_the_hooked_run(model, sample):
 
 
 def test_source_tiny_uses_shipped_files():
-    from featstore.sources import get_source
+    from featstore.sources.registry import get_source
 
     src = get_source("tiny")
     assert src.shard_names() == ["shard-000", "shard-001", "shard-002"]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from helpers import build_store, sparse_acts
 
-from featstore.sources import EMBEDDED
+from featstore.sources.registry import EMBEDDED
 
 pytestmark = pytest.mark.slow
 
@@ -277,8 +277,8 @@ def test_plots_show_as_images_on_the_materialisation(ui):
     not TINY_MODEL.exists(), reason=f"the embedded tiny model is not trained yet ({TINY_MODEL})"
 )
 def test_an_extraction_run_logs_its_progress_and_reports_its_counts(ui):
-    from featstore.extract import ExtractConfig, list_shards
-    from featstore.store import open_store
+    from featstore.sources.extract import ExtractConfig, list_shards
+    from featstore.store.home import open_store
 
     shard = list_shards(ExtractConfig())[0]
     ui.query(ADD_PARTITION, selector=ui.selector(), key=shard)

@@ -8,13 +8,13 @@ import dagster as dg
 import networkx as nx
 import polars as pl
 
-from featstore.causal import CausalConfig, causal_dir, run_causal
-from featstore.concepts import default_set, run_concepts
-from featstore.erasure import run_erasure
+from featstore.analysis.causal import CausalConfig, causal_dir, run_causal
+from featstore.analysis.concepts import default_set, run_concepts
+from featstore.analysis.erasure import run_erasure
+from featstore.analysis.graph import GRAPHML
 from featstore.errors import FeatstoreError
-from featstore.extract import load_model_and_saes
-from featstore.graph import GRAPHML
-from featstore.spec import CONCEPTS_DIR, ERASURE_DIR
+from featstore.sources.extract import load_model_and_saes
+from featstore.store.spec import CONCEPTS_DIR, ERASURE_DIR
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
 from pipelines.execution import MODEL_STEP
 from pipelines.resources import FeatstoreResource

@@ -6,9 +6,9 @@
 import dagster as dg
 import numpy as np
 
-from featstore import spec
-from featstore.sources import get_source
-from featstore.store import Store
+from featstore.sources.registry import get_source
+from featstore.store import spec
+from featstore.store.local import Store
 from pipelines.assets.extraction import activations
 from pipelines.partitions import LAYER, group_by_shard, shard_layer_partitions
 from pipelines.resources import FeatstoreResource

@@ -7,12 +7,12 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from featstore.cards import busiest_features, write_cards
-from featstore.compare import DEFAULT_THRESHOLDS, CompareConfig, run_comparison
+from featstore.analysis.cards import busiest_features, write_cards
+from featstore.analysis.compare import DEFAULT_THRESHOLDS, CompareConfig, run_comparison
+from featstore.analysis.graph import EDGES
 from featstore.errors import FeatstoreError
-from featstore.graph import EDGES
-from featstore.measures import MIN_BOTH
-from featstore.spec import CARDS_DIR, COMPARISON_DIR
+from featstore.stats.measures import MIN_BOTH
+from featstore.store.spec import CARDS_DIR, COMPARISON_DIR
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
 from pipelines.resources import FeatstoreResource
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import dagster as dg
 
-from featstore import spec
-from featstore.extract import ExtractReport, extract_shard, tokenize_shard
-from featstore.store import Store
+from featstore.sources.extract import ExtractReport, extract_shard, tokenize_shard
+from featstore.store import spec
+from featstore.store.local import Store
 from pipelines.execution import MODEL_STEP
 from pipelines.partitions import (
     LAYER,

@@ -9,12 +9,12 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from featstore import graph as fgraph
-from featstore import plots as fplots
-from featstore.pairs import update_shard_pairs
-from featstore.spec import GRAPH_DIR, PLOTS_DIR
-from featstore.stats import pair_stats as merged_pair_stats
-from featstore.stats import pair_stats_path
+from featstore.analysis import graph as fgraph
+from featstore.analysis import plots as fplots
+from featstore.stats.query import pair_stats as merged_pair_stats
+from featstore.stats.query import pair_stats_path
+from featstore.stats.shardsums import update_shard_pairs
+from featstore.store.spec import GRAPH_DIR, PLOTS_DIR
 from pipelines.assets.extraction import activations
 from pipelines.partitions import (
     PAIR,

@@ -20,12 +20,14 @@ import networkx as nx
 import numpy as np
 import polars as pl
 
-from featstore.decoders import decoder_cosine, store_decoders
+from featstore.analysis.decoders import decoder_cosine, store_decoders
 from featstore.errors import FeatstoreError
-from featstore.measures import DATA_FREE, MIN_BOTH, above, check_measure, passing
-from featstore.measures import RANGES as METRICS  # measures an edge can be thresholded on
-from featstore.stats import merged_feature_stats, pair_stats, write_parquet_atomic
-from featstore.store import Store, atomic_file
+from featstore.files import atomic_file, write_parquet_atomic
+from featstore.names import node_id
+from featstore.stats.measures import DATA_FREE, MIN_BOTH, above, check_measure, passing
+from featstore.stats.measures import RANGES as METRICS  # measures an edge can be thresholded on
+from featstore.stats.query import merged_feature_stats, pair_stats
+from featstore.store.local import Store
 
 __all__ = ["METRICS", "MIN_BOTH", "above", "build_graph", "check_metric", "export_graph"]
 KEYS = ("feature_a", "feature_b")
@@ -47,10 +49,6 @@ EDGE_KEYS: dict[str, pl.DataType] = {
 }
 
 PairFrames = Mapping[tuple[int, int], pl.DataFrame]
-
-
-def node_id(layer: int, feature: int) -> str:
-    return f"L{layer}:{feature}"
 
 
 check_metric = check_measure

@@ -28,9 +28,10 @@ import zarr.core.sync
 from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import FsspecStore
 
-from featstore import spec
 from featstore.errors import FeatstoreError
-from featstore.store import Store, writing
+from featstore.files import writing
+from featstore.store import spec
+from featstore.store.local import Store
 
 
 def storage_options_from_env() -> dict[str, Any]:

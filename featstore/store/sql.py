@@ -24,11 +24,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from featstore import spec
 from featstore.errors import FeatstoreError
-from featstore.store import Store
+from featstore.store import spec
+from featstore.store.local import Store
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 BLOCK_TOKENS = 1 << 14  # tokens per Arrow batch: ~50 nonzeros each at GPT-2 scale
 
 # Statements a query may be; everything else (CREATE, INSERT, COPY, ATTACH, SET, ...) is refused.
@@ -293,13 +293,3 @@ def query_text(file: str) -> str:
     if path.is_file():
         return path.read_text()
     return named_query(path.name.removesuffix(".sql"))
-
-
-def render(frame: pl.DataFrame, fmt: str = "table") -> str:
-    """A result as an aligned table (all rows), CSV with a header, or a JSON array of rows."""
-    if fmt == "csv":
-        return frame.write_csv().rstrip("\n")
-    if fmt == "json":
-        return frame.write_json()
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=200, tbl_width_chars=10_000):
-        return str(frame)

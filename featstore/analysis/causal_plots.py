@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from featstore.plots import PathLike, no_data, pair_label, save
+from featstore.figures import PathLike, no_data, pair_label, save
 
 BARS = {
     "correlation_edges_tested": "correlation edges (source tested)",

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from featstore import spec
 from featstore.errors import FeatstoreError
-from featstore.store import FeatureStats, Store
+from featstore.store import spec
+from featstore.store.local import FeatureStats, Store
 
 
 def check_store(store: Store) -> list[str]:

@@ -23,7 +23,8 @@ import scipy.sparse as sp
 from scipy.optimize import brentq
 
 from featstore.errors import FeatstoreError
-from featstore.store import Store, atomic_file
+from featstore.files import atomic_file
+from featstore.store.local import Store
 
 VOCAB_SIZE = 50257  # GPT-2's vocabulary
 KINDS = ("copy", "merge", "split")

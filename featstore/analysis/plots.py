@@ -8,7 +8,6 @@ Figures are built on `matplotlib.figure.Figure` (Agg canvas), never through pypl
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,8 +20,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from featstore.errors import FeatstoreError
-from featstore.graph import (
+from featstore.analysis.graph import (
     METRICS,
     PairFrames,
     above,
@@ -32,28 +30,10 @@ from featstore.graph import (
     layer_sizes,
     strongest_subgraph,
 )
-from featstore.stats import pair_stats
-from featstore.store import Store, atomic_file
-
-DPI = 120
-PathLike = str | os.PathLike[str]
-
-
-def save(fig: Figure, path: PathLike) -> Path:
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    return Path(path)
-
-
-def pair_label(pair: tuple[int, int]) -> str:
-    return f"L{pair[0]} → L{pair[1]}"
-
-
-def no_data(fig: Figure, what: str) -> None:
-    ax = fig.add_subplot()
-    ax.text(0.5, 0.5, what, ha="center", va="center", fontsize=12, transform=ax.transAxes)
-    ax.set_axis_off()
-
+from featstore.errors import FeatstoreError
+from featstore.figures import PathLike, no_data, pair_label, save
+from featstore.stats.query import pair_stats
+from featstore.store.local import Store
 
 # -- block heatmap -------------------------------------------------------------------------------
 

@@ -19,10 +19,11 @@ import numpy as np
 import polars as pl
 import zarr
 
-from featstore import pairs
 from featstore.errors import FeatstoreError
-from featstore.finish import finish_stats
-from featstore.pairs import (
+from featstore.stats import shardsums
+from featstore.stats.finish import finish_stats
+from featstore.stats.kernel import PairCounts, Range, Screen
+from featstore.stats.shardsums import (
     ENGINES,
     Variant,
     check_shard,
@@ -31,8 +32,7 @@ from featstore.pairs import (
     shards_of_pair,
     variant_stats,
 )
-from featstore.pairsums import PairCounts, Range, Screen
-from featstore.store import FeatureStats, Store
+from featstore.store.local import FeatureStats, Store
 
 ALL_PAIRS_LIMIT = 50_000_000  # most pairs `all_pairs` may list; narrow the ranges beyond
 MAX_BLOCK_PAIRS = 20_000_000  # saved shard pairs merged at once (~1 GB of work arrays)
@@ -172,7 +172,7 @@ def merged_blocks(
     max_pairs: int,
     sort: bool = True,
     screen: Screen | None = None,
-    variant: pairs.Variant = pairs.PLAIN,
+    variant: shardsums.Variant = shardsums.PLAIN,
 ) -> Iterator[tuple[Range, PairCounts]]:
     """(range of feature_a, pair sums over every shard there) covering `features_a` in order.
 
@@ -184,27 +184,27 @@ def merged_blocks(
     """
     if not todo:
         groups = list(saved.values())
-        for block in pairs.group_blocks(store, groups, features_a, max_pairs):
-            yield block, PairCounts.total([pairs.read_pairs(store, g, block) for g in groups])
+        for block in shardsums.group_blocks(store, groups, features_a, max_pairs):
+            yield block, PairCounts.total([shardsums.read_pairs(store, g, block) for g in groups])
         return
     lo_a, hi_a = features_a
     # Parts to add up come sorted and whole: a sum of shards' sums passes no screen by parts.
     alone = len(todo) == 1 and not saved
     sort, screen = sort or not alone, screen if alone else None
     streams = [
-        pairs.iter_shard_pair_counts(
+        shardsums.iter_shard_pair_counts(
             store, a, b, s, engine, sort=sort, screen=screen, variant=variant
         )
         for s in todo
     ]
-    empties = [PairCounts.empty(*pairs.check_shard(store, a, b, s)) for s in todo]
+    empties = [PairCounts.empty(*shardsums.check_shard(store, a, b, s)) for s in todo]
     for cut, parts in _aligned(streams, empties):
         block = (max(cut[0], lo_a), min(cut[1], hi_a))
         if block[0] >= block[1]:
             continue
         if block != cut:  # the scan covers part of the engine's block
             parts = [p.select(block) for p in parts]
-        parts += [pairs.read_pairs(store, g, block) for g in saved.values()]
+        parts += [shardsums.read_pairs(store, g, block) for g in saved.values()]
         yield block, PairCounts.total(parts)
 
 

@@ -21,10 +21,10 @@ import scipy.sparse as sp
 import yaml
 
 from featstore.errors import FeatstoreError
-from featstore.graph import node_id
-from featstore.store import Store
+from featstore.names import node_id
+from featstore.store.local import Store
 
-CONCEPTS_DIR = Path(__file__).resolve().parent.parent / "concepts"
+CONCEPTS_DIR = Path(__file__).resolve().parents[2] / "concepts"
 RULES = ("token", "span")
 
 
@@ -195,7 +195,7 @@ def score_store(
     vocab = store.vocab()
     if vocab is None:
         raise FeatstoreError(f"store {store.home} has no vocabulary: concepts need decoded text")
-    from featstore.causal import stacked_codes, store_sequences
+    from featstore.sequences import stacked_codes, store_sequences
 
     shards = shards or store.shards(layers[0])
     seqs = store_sequences(store, shards, max_sequences)
@@ -296,7 +296,7 @@ def plot_trace(concept: Concept, scores: pl.DataFrame, trace: pl.DataFrame, path
     each layer's best (star)."""
     from matplotlib.figure import Figure
 
-    from featstore.plots import save
+    from featstore.figures import save
 
     fig = Figure(figsize=(6.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -350,7 +350,7 @@ def run_concepts(
 ) -> dict[str, Path]:
     """Score, trace and plot one concept set; writes best_features.parquet,
     concept_traces.parquet and one PNG per concept under `out`."""
-    from featstore.stats import write_parquet_atomic
+    from featstore.files import write_parquet_atomic
 
     concepts = load_concepts(concept_set)
     scores = score_store(store, concepts, sorted(layers), shards, max_sequences)

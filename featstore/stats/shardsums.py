@@ -30,9 +30,8 @@ import polars as pl
 import scipy.sparse as sp
 import zarr
 
-from featstore import spec
 from featstore.errors import FeatstoreError
-from featstore.pairsums import (
+from featstore.stats.kernel import (
     PAIR_ARRAYS,
     PairCounts,
     Range,
@@ -42,7 +41,8 @@ from featstore.pairsums import (
     polars_pair_counts,
     sparse_pair_counts,
 )
-from featstore.store import FeatureStats, Store
+from featstore.store import spec
+from featstore.store.local import FeatureStats, Store
 
 ENGINES = ("sparse", "duckdb", "polars")
 # Tokens per block: the sparse engine holds a block of both layers (~0.6 GB per 1M tokens at
@@ -52,7 +52,7 @@ BLOCK_TOKENS = {"sparse": 1 << 20, "polars": 1 << 16}
 
 def duckdb_pair_counts(store: Store, a: int, b: int, shard: str) -> PairCounts:
     """The same sums by `sql/pair_counts.sql` over the `activations` view of `featstore sql`."""
-    from featstore import sql
+    from featstore.store import sql
 
     n_tokens, d_a, d_b = check_shard(store, a, b, shard)
     if shard not in store.token_shards():

@@ -23,10 +23,11 @@ import polars as pl
 import scipy.sparse as sp
 
 from featstore.errors import FeatstoreError
-from featstore.graph import node_id
-from featstore.pairs import merged_feature_stats
-from featstore.stats import pair_stats, write_parquet_atomic
-from featstore.store import Store
+from featstore.files import write_parquet_atomic
+from featstore.names import node_id
+from featstore.stats.query import pair_stats
+from featstore.stats.shardsums import merged_feature_stats
+from featstore.store.local import Store
 
 
 def component_names(model) -> list[str]:
@@ -206,7 +207,7 @@ def plot_erasure(components: pl.DataFrame, path: Path) -> Path:
     """Per block: features each component is the main eraser of (down) and main writer of (up)."""
     from matplotlib.figure import Figure
 
-    from featstore.plots import no_data, save
+    from featstore.figures import no_data, save
 
     blocks = components["block"].unique().sort().to_list()
     fig = Figure(figsize=(3.8 * max(len(blocks), 1) + 0.5, 4.2), layout="constrained")
@@ -232,7 +233,7 @@ def plot_gradual(frame: pl.DataFrame, path: Path) -> Path:
     """Histograms of the best Pearson and the best decoder cosine, one line per distance."""
     from matplotlib.figure import Figure
 
-    from featstore.plots import save
+    from featstore.figures import save
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     fig.suptitle("gradual change: each feature's best match 1, 2, 3 layers on")
@@ -253,7 +254,7 @@ def erasure_features(
     max_sequences: int | None = 32,
 ) -> pl.DataFrame:  # fmt: skip
     """`feature_table` rows of block L's unlinked features of L ("erased") and of L+1 ("new")."""
-    from featstore.causal import stacked_codes, store_sequences
+    from featstore.sequences import stacked_codes, store_sequences
 
     seqs = store_sequences(store, shards, max_sequences)
     tokens, names, parts = np.concatenate(seqs), component_names(model), []

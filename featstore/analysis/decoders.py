@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from featstore.errors import FeatstoreError
-from featstore.store import Store
+from featstore.store.local import Store
 
 
 def _unit_rows(w: np.ndarray) -> np.ndarray:
@@ -84,7 +84,7 @@ def store_source(store: Store, layer: int) -> str:
 
 def load_decoder(source: str, layer: int) -> np.ndarray:
     """W_dec (d_sae x d_model, float32) of a source's SAE; a missing SAE is one line."""
-    from featstore.sources import get_source
+    from featstore.sources.registry import get_source
 
     try:
         sae = get_source(source).load_sae(layer)

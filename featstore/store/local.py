@@ -23,34 +23,9 @@ import zarr.core.sync
 import zarr.storage
 from zarr.codecs import BloscCodec
 
-from featstore import spec
 from featstore.errors import FeatstoreError, StoreBusyError
-
-DEFAULT_HOME = "featstore-data"
-
-
-def default_home() -> Path:
-    """`$FEATSTORE_HOME`, else `./featstore-data`."""
-    return Path(os.environ.get("FEATSTORE_HOME", DEFAULT_HOME))
-
-
-def open_store(
-    home: str | os.PathLike[str] | None = None, *, create: bool = False, url: str | None = None
-) -> Store:
-    """Open the store under `home` (default `$FEATSTORE_HOME` or `./featstore-data`).
-
-    With `url` (default `$FEATSTORE_STORE_URL`), e.g. `s3://bucket/prefix/store.zarr`, the Zarr
-    hierarchy lives there (fsspec) and `home` keeps only locks and derived files.
-    """
-    home_path = Path(home) if home is not None else default_home()
-    url = url or os.environ.get(spec.STORE_URL_ENV) or None
-    if url is not None and "://" in url and not url.startswith("file://"):
-        from featstore.objectstore import UrlStore
-
-        return UrlStore(home_path, url, create=create)
-    if url is not None:
-        return Store(home_path, create=create, root=Path(url.removeprefix("file://")))
-    return Store(home_path, create=create)
+from featstore.files import writing
+from featstore.store import spec
 
 
 def check_shard_name(shard: str) -> str:
@@ -281,7 +256,7 @@ class Store:
         try:
             group = zarr.open_group(self._zstore(True), path=path, mode="r")
             generation = group.attrs.get(spec.GENERATION)
-            if generation is not None:  # a store at a URL: see featstore/objectstore.py
+            if generation is not None:  # a store at a URL: see featstore/store/url.py
                 group = zarr.open_group(self._zstore(True), path=f"{path}/{generation}", mode="r")
             return group
         except Exception as exc:
@@ -435,6 +410,13 @@ class Store:
             {c: np.asarray(self.read_array(group, c, what)) for c in ("seq", "pos", "token")}
         )
 
+    def sequences(self, shard: str) -> np.ndarray:
+        """A shard's token ids as (sequences, seq_len), from its token table."""
+        table = self.tokens(shard)
+        group = self.group(spec.tokens_path(shard), f"token table of shard {shard}")
+        seq_len = int(group.attrs.get("seq_len", 0)) or int(table["pos"].max()) + 1
+        return table["token"].to_numpy().reshape(-1, seq_len)
+
     def write_vocab(self, strings: list[str], attrs: Mapping[str, Any] | None = None) -> None:
         """Store the decoded text of every token id as UTF-8 bytes plus offsets."""
         encoded = [s.encode("utf-8") for s in strings]
@@ -493,33 +475,6 @@ def finish_pending_writes() -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     zarr.core.sync.sync(others())
-
-
-@contextlib.contextmanager
-def writing(what: str) -> Iterator[None]:
-    """Turn an OSError while writing `what` (a full disk, ...) into a one-line error."""
-    try:
-        yield
-    except OSError as exc:
-        raise FeatstoreError(f"cannot write {what}: {exc}") from None
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary sibling of `path` to write, moved over it (os.replace) only when complete.
-
-    Its name `.{name}.{hex}.tmp` marks it as never read; an OSError (a full disk, a folder in
-    the way) becomes a one-line error.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with writing(str(path)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            yield tmp
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # Every array featstore writes: 3x faster to write and read than zarr's default zstd, and smaller.

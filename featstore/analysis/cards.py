@@ -20,12 +20,18 @@ import numpy as np
 import polars as pl
 
 from featstore.errors import FeatstoreError
-from featstore.finish import finish_stats
-from featstore.measures import DATA_FREE, MIN_BOTH, RANGES, with_intervals
-from featstore.pairs import BLOCK_TOKENS, PairCounts, merged_feature_stats, shards_of_pair
-from featstore.pairsums import sparse_pair_counts
-from featstore.sql import render
-from featstore.store import Store, atomic_file
+from featstore.files import atomic_file
+from featstore.stats.finish import finish_stats
+from featstore.stats.kernel import sparse_pair_counts
+from featstore.stats.measures import DATA_FREE, MIN_BOTH, RANGES, with_intervals
+from featstore.stats.shardsums import (
+    BLOCK_TOKENS,
+    PairCounts,
+    merged_feature_stats,
+    shards_of_pair,
+)
+from featstore.store.local import Store
+from featstore.tables import render
 
 Key = tuple[int, int]  # (layer, feature)
 CONTEXT = (5, 2)  # tokens shown before and after an activation

@@ -16,10 +16,10 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from featstore import spec
 from featstore.errors import FeatstoreError
-from featstore.sources import Source, get_source
-from featstore.store import ActivationWriter, Store
+from featstore.sources.registry import Source, get_source
+from featstore.store import spec
+from featstore.store.local import ActivationWriter, Store
 
 if TYPE_CHECKING:
     import torch
@@ -257,14 +257,6 @@ def _append_codes(writers: dict[int, ActivationWriter], codes: dict[int, sp.csr_
         writers[layer].append(csr)
 
 
-def shard_sequences(store: Store, shard: str) -> np.ndarray:
-    """A shard's token ids as (sequences, seq_len), from its token table."""
-    table = store.tokens(shard)
-    group = store.group(spec.tokens_path(shard), f"token table of shard {shard}")
-    seq_len = int(group.attrs.get("seq_len", 0)) or int(table["pos"].max()) + 1
-    return table["token"].to_numpy().reshape(-1, seq_len)
-
-
 def extract_shard(
     store: Store,
     cfg: ExtractConfig,
@@ -297,7 +289,7 @@ def _extract_tokenised(
 ) -> ExtractReport:
     import torch
 
-    sequences = shard_sequences(store, shard)
+    sequences = store.sequences(shard)
     model, saes = load_model_and_saes(cfg, layers)
     if sequences.shape[1] > model.cfg.n_ctx:
         raise FeatstoreError(

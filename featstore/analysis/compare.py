@@ -22,16 +22,16 @@ import polars as pl
 import scipy.stats
 from matplotlib.figure import Figure
 
-from featstore import spec
-from featstore.decoders import decoder_cosine, store_decoders
+from featstore.analysis.decoders import decoder_cosine, store_decoders
+from featstore.analysis.graph import build_graph
 from featstore.errors import FeatstoreError
-from featstore.graph import build_graph
-from featstore.measures import DATA_FREE, MIN_BOTH, check_measure, passing
-from featstore.pairs import Variant, merged_feature_stats
-from featstore.pairscan import PairScan
-from featstore.plots import no_data, pair_label, save
-from featstore.stats import write_parquet_atomic
-from featstore.store import Store
+from featstore.figures import no_data, pair_label, save
+from featstore.files import write_parquet_atomic
+from featstore.stats.measures import DATA_FREE, MIN_BOTH, check_measure, passing
+from featstore.stats.scan import PairScan
+from featstore.stats.shardsums import Variant, merged_feature_stats
+from featstore.store import spec
+from featstore.store.local import Store
 
 KEYS = ["feature_a", "feature_b"]
 CAUSAL = "causal"  # the method name of the patching effect |relative_effect|

@@ -20,8 +20,14 @@ import polars as pl
 from scipy.special import ndtri
 
 from featstore.errors import FeatstoreError
-from featstore.pairs import Range, Variant, ensure_shard_pairs, load_shard_pairs, variant_stats
-from featstore.store import FeatureStats, Store
+from featstore.stats.shardsums import (
+    Range,
+    Variant,
+    ensure_shard_pairs,
+    load_shard_pairs,
+    variant_stats,
+)
+from featstore.store.local import FeatureStats, Store
 
 FLAT_VARIANCE = 1e-9  # n*Q - S^2 below this share of n*Q is rounding: the feature never varies
 Z95 = float(ndtri(0.975))  # the normal quantile of a two-sided 95% interval

@@ -9,9 +9,10 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from featstore import spec
 from featstore.errors import FeatstoreError
-from featstore.store import Store, check_shard_name, open_store, validate_activations
+from featstore.store import spec
+from featstore.store.home import open_store
+from featstore.store.local import Store, check_shard_name, validate_activations
 
 
 def load_npz(path: str | Path) -> sp.csr_matrix:

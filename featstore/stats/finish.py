@@ -13,11 +13,11 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import polars as pl
 
-from featstore import measures
 from featstore.errors import FeatstoreError
-from featstore.measures import Spread
-from featstore.pairs import PairCounts, Screen
-from featstore.store import FeatureStats
+from featstore.stats import measures
+from featstore.stats.measures import Spread
+from featstore.stats.shardsums import PairCounts, Screen
+from featstore.store.local import FeatureStats
 
 CHUNK_PAIRS = 1 << 15  # pairs tested at once (`passing_rows`): their temporaries stay in cache
 SCHEMA = {

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +28,9 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from featstore import measures, spec
-from featstore.finish import (
+from featstore.files import atomic_file
+from featstore.stats import measures
+from featstore.stats.finish import (
     Conditions,
     check_threshold,
     conditions,
@@ -39,8 +39,10 @@ from featstore.finish import (
     pearson_screen,
     typed_frame,
 )
-from featstore.measures import FLAT_VARIANCE, Spread
-from featstore.pairs import (
+from featstore.stats.kernel import run_ahead
+from featstore.stats.measures import FLAT_VARIANCE, Spread
+from featstore.stats.scan import MAX_BLOCK_PAIRS, PairScan, check_range
+from featstore.stats.shardsums import (
     ENGINES,
     PairCounts,
     Range,
@@ -53,10 +55,9 @@ from featstore.pairs import (
     sparse_pair_counts,
     update_shard_pairs,
 )
-from featstore.pairscan import MAX_BLOCK_PAIRS, PairScan, check_range
-from featstore.pairsums import run_ahead
-from featstore.sql import PAIR_STATS_SCHEMA
-from featstore.store import FeatureStats, Store, atomic_file
+from featstore.store import spec
+from featstore.store.local import FeatureStats, Store
+from featstore.store.sql import PAIR_STATS_SCHEMA
 
 __all__ = [
     "ENGINES",
@@ -76,7 +77,6 @@ __all__ = [
     "sparse_pair_counts",
     "threshold_counts",
     "update_shard_pairs",
-    "write_parquet_atomic",
 ]
 
 # Blocks finished at once (numpy and scipy release the GIL): the two cores share the work.
@@ -364,13 +364,6 @@ def _compose(rows: np.ndarray | None, order: np.ndarray | None) -> np.ndarray | 
 
 def pair_stats_path(store: Store, a: int, b: int) -> Path:
     return store.home / spec.PAIR_STATS_DIR / f"{a}-{b}.parquet"
-
-
-def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write `path` whole or not at all."""
-    with atomic_file(path) as tmp:
-        frame.write_parquet(tmp)
-    return Path(path)
 
 
 @contextlib.contextmanager

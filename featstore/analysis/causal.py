@@ -17,29 +17,28 @@ only attribution is known and `mean_effect` is null). A pair is a causal edge wh
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 
-from featstore import spec
-from featstore.errors import FeatstoreError
-from featstore.extract import shard_sequences
-from featstore.graph import above
-from featstore.pairs import merged_feature_stats
-from featstore.patching import (
+from featstore.analysis.patching import (
     AttributionSums,
     EffectSums,
     PatchConfig,
     attribution_sums,
     effect_sums,
 )
-from featstore.sql import CAUSAL_EDGES_SCHEMA
-from featstore.stats import pair_stats_path, write_parquet_atomic
-from featstore.store import Store
+from featstore.errors import FeatstoreError
+from featstore.files import write_parquet_atomic
+from featstore.sequences import stacked_codes, store_sequences
+from featstore.stats.measures import above
+from featstore.stats.query import pair_stats_path
+from featstore.stats.shardsums import merged_feature_stats
+from featstore.store import spec
+from featstore.store.local import Store
+from featstore.store.sql import CAUSAL_EDGES_SCHEMA
 
 COMPARISON_FILE = "comparison.parquet"
 SCHEMA = pl.from_arrow(CAUSAL_EDGES_SCHEMA.empty_table()).schema
@@ -75,21 +74,6 @@ def causal_dir(store: Store) -> Path:
 
 
 # -- computing ------------------------------------------------------------------------------------
-
-
-def store_sequences(
-    store: Store, shards: Sequence[str], max_sequences: int | None = None
-) -> list[np.ndarray]:
-    """Per shard, the token ids of its first `max_sequences` sequences (n_seq, seq_len)."""
-    return [shard_sequences(store, shard)[:max_sequences] for shard in shards]
-
-
-def stacked_codes(
-    store: Store, layer: int, shards: Sequence[str], sequences: list[np.ndarray]
-) -> sp.csr_matrix:
-    """A layer's codes of those sequences' tokens, shards stacked in order."""
-    parts = [store.read(layer, sh, 0, s.size) for sh, s in zip(shards, sequences, strict=True)]
-    return sp.vstack(parts, format="csr")
 
 
 def layer_effects(
@@ -276,7 +260,7 @@ def compare(
 
 def run_causal(store: Store, model, saes: dict, cfg: CausalConfig) -> dict[str, Path]:
     """Compute, save (`causal/`: edges, comparison, two PNGs) and return the paths."""
-    from featstore.causal_plots import plot_attribution, plot_comparison
+    from featstore.analysis.causal_plots import plot_attribution, plot_comparison
 
     frame = causal_edge_frame(store, model, saes, cfg)
     pairs = itertools.combinations(sorted(set(cfg.layers)), 2)

@@ -22,8 +22,8 @@ EMBEDDED = Path(str(resources.files("featstore") / "embedded"))
 
 @functools.cache
 def registry() -> dict[str, dict[str, Any]]:
-    """The sources of featstore/sources.yaml, by name."""
-    text = (resources.files("featstore") / "sources.yaml").read_text()
+    """The sources of featstore/sources/sources.yaml, by name."""
+    text = (resources.files("featstore.sources") / "sources.yaml").read_text()
     return yaml.safe_load(text)
 
 
@@ -106,7 +106,7 @@ class Source:
         from transformer_lens import HookedTransformer
 
         if self.model["kind"] == "embedded":
-            from featstore.tiny import load_model
+            from featstore.sources.tiny import load_model
 
             return load_model(self.embedded_model_folder(), device=device)
         return _download(
@@ -121,14 +121,14 @@ class Source:
         if not (folder / "config.json").exists():
             raise FeatstoreError(
                 f"embedded model of source {self.name} missing at {folder}; "
-                "retrain it with `python -m featstore.tiny`"
+                "retrain it with `python -m featstore.sources.train_tiny`"
             )
         return folder
 
     def load_tokenizer(self):
         """The model's tokenizer alone (a transformers tokenizer), without the weights."""
         if self.model["kind"] == "embedded":
-            from featstore.tiny import load_tokenizer
+            from featstore.sources.tiny import load_tokenizer
 
             return load_tokenizer(self.embedded_model_folder())
         from transformers import AutoTokenizer

@@ -1,0 +1,48 @@
+"""Files written whole or not at all: the ground floor's atomic writes (imports nothing of featstore
+but errors)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+
+from featstore.errors import FeatstoreError
+
+
+@contextlib.contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Turn an OSError while writing `what` (a full disk, ...) into a one-line error."""
+    try:
+        yield
+    except OSError as exc:
+        raise FeatstoreError(f"cannot write {what}: {exc}") from None
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary sibling of `path` to write, moved over it (os.replace) only when complete.
+
+    Its name `.{name}.{hex}.tmp` marks it as never read; an OSError (a full disk, a folder in
+    the way) becomes a one-line error.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with writing(str(path)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write `path` whole or not at all."""
+    with atomic_file(path) as tmp:
+        frame.write_parquet(tmp)
+    return Path(path)

@@ -1,0 +1,9 @@
+"""The sources wing: where activations come from.
+
+- `registry`: the sources of `sources.yaml` (model, SAEs, text), read once into typed `Source`s.
+- `extract`: tokenising text shards and storing their SAE codes.
+- `tiny`: loaders of the embedded model and SAEs; `train_tiny`: the script that trains them.
+- `synth`: synthetic activations at GPT-2 scale with planted cross-layer edges.
+
+May import: the ground floor and the store wing.
+"""

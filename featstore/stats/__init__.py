@@ -1,0 +1,12 @@
+"""The pair-statistics wing: exact cross-layer statistics of feature pairs.
+
+From the bottom up:
+- `kernel`: the compiled pass over two layers' activations (pair sums, counts, Pearson screen).
+- `shardsums`: per-shard pair sums saved in the store and merged (incremental recomputation).
+- `scan`: scanning a layer pair's shards block by block.
+- `finish`: turning sums into statistics and applying a query's threshold rules.
+- `measures`: every measure's definition, ranges and intervals.
+- `query`: `pair_stats`/`pair_report`, the public entry points.
+
+May import: the ground floor and the store wing.
+"""
