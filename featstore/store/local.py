@@ -29,9 +29,10 @@ from featstore.store import spec
 
 
 def check_shard_name(shard: str) -> str:
-    if not isinstance(shard, str) or not spec.SHARD_NAME.match(shard):
+    if not spec.name_ok(shard):
         raise FeatstoreError(
-            f"bad shard name {shard!r}: use letters, digits, '_', '.', '-' (at most 128)"
+            f"bad shard name {shard!r}: use letters, digits, '_', '.', '-' (at most 128, "
+            f"first a letter or digit, not {', '.join(sorted(spec.RESERVED_NAMES))})"
         )
     return shard
 
@@ -116,11 +117,16 @@ class Store:
     def _recover(self) -> None:
         """Undo what killed writers left: put back a group parked in the trash between the two
         renames of a replace, and drop half-written staging folders. An entry whose group lock
-        is held belongs to a live writer and is left alone."""
+        is held belongs to a live writer and is left alone. Every path read from the store's
+        own bookkeeping is validated (`inside_path`): nothing outside the store is touched."""
         for folder in (spec.TRASH, spec.STAGING):
             base = self.root_path / folder
-            for entry in sorted(base.iterdir()) if base.is_dir() else []:
-                path = _entry_path(entry)
+            if base.is_symlink() or not base.is_dir():
+                continue  # a symlinked _trash could lead anywhere: never walked
+            for entry in sorted(base.iterdir()):
+                if entry.is_symlink() or not entry.is_dir():
+                    continue  # not written by featstore; `featstore check` reports it
+                path = self.inside_path(_entry_path(entry))
                 if path is None:  # no owner to ask: a trash entry is dropped, staging kept
                     if folder == spec.TRASH:
                         shutil.rmtree(entry, ignore_errors=True)
@@ -128,11 +134,20 @@ class Store:
                 with contextlib.suppress(StoreBusyError), self.lock(path):
                     target = self.root_path / path
                     parked = folder == spec.TRASH and (entry / "zarr.json").exists()
-                    if parked and not target.exists():
+                    if parked and not target.exists() and not target.is_symlink():
                         (entry / ".target").unlink(missing_ok=True)
                         os.rename(entry, target)
                     else:
                         shutil.rmtree(entry, ignore_errors=True)
+
+    def inside_path(self, path: str | None) -> str | None:
+        """`path` if it names a group inside the store (`spec.group_path_ok`, no symlinked
+        folder on the way out of the root), else None."""
+        if path is None or not spec.group_path_ok(path):
+            return None
+        root = self.root_path.resolve()
+        parent = (self.root_path / path).parent.resolve()
+        return path if parent == root or parent.is_relative_to(root) else None
 
     def _exists(self, path: str) -> bool:
         """Whether the group at `path` ("" for the root) is there, i.e. has its zarr.json."""
@@ -186,7 +201,14 @@ class Store:
 
     def _new_staging(self, path: str) -> Any:
         """Where a new version of the group at `path` is written: a `_staging` folder."""
-        return self.root_path / spec.STAGING / _entry_name(path)
+        return self._bookkeeping(spec.STAGING) / _entry_name(path)
+
+    def _bookkeeping(self, folder: str) -> Path:
+        """The `_staging` or `_trash` folder, refused if it is a link (it could lead outside)."""
+        base = self.root_path / folder
+        if base.is_symlink() or (base.exists() and not base.is_dir()):
+            raise FeatstoreError(f"{base} is not a folder of this store: remove it")
+        return base
 
     def _open_staging(self, path: str, staging: Path) -> zarr.Group:
         return zarr.open_group(zarr.storage.LocalStore(staging), mode="w", zarr_format=3)
@@ -227,7 +249,7 @@ class Store:
             return
         # The trash entry's name records its target, so no moment leaves the old group
         # without its way back (`_recover`).
-        parked = self.root_path / spec.TRASH / _entry_name(path)
+        parked = self._bookkeeping(spec.TRASH) / _entry_name(path)
         parked.parent.mkdir(parents=True, exist_ok=True)
         os.rename(target, parked)
         try:
@@ -243,7 +265,7 @@ class Store:
         if not target.exists():
             return False
         with self.lock(path, lock_timeout):
-            gone = self.root_path / spec.STAGING / _entry_name(path)
+            gone = self._bookkeeping(spec.STAGING) / _entry_name(path)
             gone.parent.mkdir(parents=True, exist_ok=True)
             os.rename(target, gone)
             shutil.rmtree(gone, ignore_errors=True)
@@ -273,13 +295,15 @@ class Store:
         base = self.root_path / path
         if not base.is_dir():
             return []
-        return sorted(p.name for p in base.iterdir() if (p / "zarr.json").exists())
+        return sorted(
+            p.name for p in base.iterdir() if spec.name_ok(p.name) and (p / "zarr.json").exists()
+        )
 
     # -- activations ---------------------------------------------------------------------------
 
     def layers(self) -> list[int]:
-        names = self.children(spec.ACTIVATIONS)
-        return sorted(int(n.split("_", 1)[1]) for n in names if n.startswith("layer_"))
+        found = (spec.LAYER_FOLDER.fullmatch(n) for n in self.children(spec.ACTIVATIONS))
+        return sorted(int(m[1]) for m in found if m and int(m[1]) <= spec.MAX_LAYER)
 
     def shards(self, layer: int) -> list[str]:
         return self.children(spec.layer_group(layer))
@@ -460,8 +484,11 @@ def _entry_name(path: str) -> str:
 def _entry_path(entry: Path) -> str | None:
     """The group a `_staging`/`_trash` folder belongs to (None if it does not say)."""
     marker = entry / ".target"  # how trash entries of earlier writers named their group
-    if marker.is_file():
-        return marker.read_text()
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            return marker.read_text(encoding="utf-8")[:4096]
+        except (OSError, UnicodeDecodeError):
+            return None
     _, sep, quoted = entry.name.partition(".")
     return urllib.parse.unquote(quoted) if sep else None
 

@@ -45,6 +45,31 @@ NNZ_CHUNK = 1 << 18
 TOKEN_CHUNK = 1 << 16
 
 SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Names a shard cannot take: zarr's metadata file (any case: case-insensitive file systems).
+RESERVED_NAMES = frozenset({"zarr.json"})
+# Every folder name of a group path (layer_6, 6-7.t0.5.null, a shard) has the shard name's form.
+GROUP_PATH_DEPTH = 3
+
+
+def name_ok(name: object) -> bool:
+    """Whether `name` may name a shard or a folder of a group path (`SHARD_NAME`, not reserved;
+    the whole string: `re.match`'s `$` would let a trailing newline through)."""
+    return (
+        isinstance(name, str)
+        and SHARD_NAME.fullmatch(name) is not None
+        and name.lower() not in RESERVED_NAMES
+    )
+
+
+def group_path_ok(path: str) -> bool:
+    """Whether `path` (e.g. read from a `_trash` entry) names a group inside the root: 1 to 3
+    names of the shard name's form joined by '/', so never absolute, never '..'."""
+    parts = path.split("/") if isinstance(path, str) else []
+    return 0 < len(parts) <= GROUP_PATH_DEPTH and all(name_ok(p) for p in parts)
+
+
+LAYER_FOLDER = re.compile(r"layer_(0|[1-9][0-9]{0,9})")  # activations/layer_{L}
+MAX_LAYER = 2**31 - 1  # layers are int32 in SQL
 
 
 def layer_group(layer: int) -> str:

@@ -105,7 +105,7 @@ class UrlStore(Store):
 
     def children(self, path: str) -> list[str]:
         names = _sync(_listing(self._zstore(True), path))
-        names = [n for n in names if not n.startswith((spec.GENERATION_PREFIX, "_"))]
+        names = [n for n in names if spec.name_ok(n)]  # never _gen-*, _staging, odd names
         found = _sync(_all_exist(self._zstore(True), [_key(path, n, "zarr.json") for n in names]))
         return sorted(n for n, ok in zip(names, found, strict=True) if ok)
 
