@@ -95,3 +95,5 @@ CONCEPTS_DIR = "concepts"  # best features, traces, one PNG per concept
 ERASURE_DIR = "erasure"  # erasure and gradual-change tables and PNGs
 COMPARISON_DIR = "comparison"  # one Parquet per table, three PNGs
 CARDS_DIR = "cards"  # index.html and L{layer}_{feature}.html
+LOGITS_DIR = "logits"  # logit effects of every feature (featstore.analysis.logits)
+LOGIT_EFFECTS_FILE = "logit_effects.parquet"  # in LOGITS_DIR: the `logit_effects` SQL table

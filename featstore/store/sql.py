@@ -4,7 +4,9 @@ Tables (views): `activations(layer, shard, seq, pos, token, feature, value)`, on
 nonzero; `tokens(shard, seq, pos, token, text)`; `pair_stats(layer_a, layer_b, feature_a, ...)`
 over the merged pair statistics files in `{home}/pair_stats/` (empty when there are none);
 `causal_edges(layer_a, feature_a, layer_b, feature_b, ...)` over the patching effects in
-`{home}/causal/causal_edges.parquet` (`featstore.causal`; empty when absent).
+`{home}/causal/causal_edges.parquet` (`featstore.causal`; empty when absent);
+`logit_effects(layer, feature, kind, rank, token, text, effect)` over
+`{home}/logits/logit_effects.parquet` (`featstore.analysis.logits`; empty when absent).
 
 Each (layer, shard) is a lazy Arrow source that builds a fresh reader from `Store.iter_blocks`
 whenever DuckDB asks, so a query may scan it several times (a self-join). `activations` is a
@@ -72,6 +74,10 @@ CAUSAL_EDGES_SCHEMA = pa.schema(  # featstore.causal writes it
     + [("n_clean_on", pa.int64()), ("n_off", pa.int64()), ("share_off", pa.float64()),
        ("n_on", pa.int64()), ("share_on", pa.float64())]
     + [(c, pa.float64()) for c in ("total_effect", "attribution", "relative_attribution")]
+)
+LOGIT_EFFECTS_SCHEMA = pa.schema(  # featstore.analysis.logits writes it
+    [("layer", pa.int32()), ("feature", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()),
+     ("token", pa.int32()), ("text", pa.string()), ("effect", pa.float64())]
 )
 
 
@@ -213,11 +219,13 @@ def _pair_stats(con: duckdb.DuckDBPyConnection, store: Store) -> duckdb.DuckDBPy
     return con.from_arrow(pads.dataset([str(f) for f in files], schema=PAIR_STATS_SCHEMA))
 
 
-def _causal_edges(con: duckdb.DuckDBPyConnection, store: Store) -> duckdb.DuckDBPyRelation:
-    path = store.home / spec.CAUSAL_DIR / spec.CAUSAL_EDGES_FILE
+def _derived(
+    con: duckdb.DuckDBPyConnection, path: Path, schema: pa.Schema
+) -> duckdb.DuckDBPyRelation:
+    """A derived Parquet table under the store home; empty when it was not written."""
     if not path.exists():
-        return _empty(con, CAUSAL_EDGES_SCHEMA)
-    return con.from_arrow(pads.dataset(str(path), schema=CAUSAL_EDGES_SCHEMA))
+        return _empty(con, schema)
+    return con.from_arrow(pads.dataset(str(path), schema=schema))
 
 
 def connect(
@@ -238,7 +246,10 @@ def connect(
     _activations(con, store, failures).to_view("activations")
     _tokens(con, store, failures).to_view("tokens")
     _pair_stats(con, store).to_view("pair_stats")
-    _causal_edges(con, store).to_view("causal_edges")
+    causal = store.home / spec.CAUSAL_DIR / spec.CAUSAL_EDGES_FILE
+    _derived(con, causal, CAUSAL_EDGES_SCHEMA).to_view("causal_edges")
+    logits = store.home / spec.LOGITS_DIR / spec.LOGIT_EFFECTS_FILE
+    _derived(con, logits, LOGIT_EFFECTS_SCHEMA).to_view("logit_effects")
     con.execute("SET lock_configuration = true")
     return con
 
