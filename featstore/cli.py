@@ -6,11 +6,15 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
 from featstore.store.home import default_home, open_store
 from featstore.store.local import Store
+
+if TYPE_CHECKING:
+    from featstore.stats.shardsums import Variant
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -129,6 +133,13 @@ def measure_value(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected MEASURE=VALUE, got {text!r}") from None
 
 
+def variant_metadata(variant: Variant) -> dict[str, str]:
+    """The statistics' variant (thresholds, BOS, null) as a Parquet file's metadata."""
+    import json
+
+    return {"featstore.variant": json.dumps(variant.describe())}
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from featstore.analysis import decoders
     from featstore.files import write_parquet_atomic
@@ -136,13 +147,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from featstore.stats.shardsums import Variant
 
     store = _open(args)
-    variant = Variant(args.active_threshold, args.null)
+    variant = Variant(args.active_threshold, args.null, args.relative_threshold, not args.no_bos)
     if args.never_coactive is not None:
         shards = query.shards_of_pair(store, args.layer_a, args.layer_b, args.shards)
         listed, total = measures.never_coactive_pairs(
             store, args.layer_a, args.layer_b, *args.never_coactive, shards=shards, variant=variant
         )
-        write_parquet_atomic(listed, args.out)
+        write_parquet_atomic(listed, args.out, variant_metadata(variant))
         print(f"{total} never-co-active pairs reach {'='.join(map(str, args.never_coactive))}")
         print(f"wrote {listed.height} pairs to {args.out}")
         return 0
@@ -168,7 +179,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             store, args.layer_a, args.layer_b, args.decoder_cosine
         )
         frame = frame.join(cosines, on=["feature_a", "feature_b"], how="left")
-    write_parquet_atomic(frame, args.out)
+    write_parquet_atomic(frame, args.out, variant_metadata(variant))
     print(
         query.describe_counts(
             counts, args.min_pearson, args.min_jaccard, dict(args.min), args.min_both
@@ -381,6 +392,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--min-both", type=int, default=0, help="keep pairs co-active on >= N tokens")
     p.add_argument("--intervals", action="store_true", help="add 95%% interval columns")
     p.add_argument("--active-threshold", type=float, default=0.0, help="active means > this")
+    p.add_argument(
+        "--relative-threshold",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="active means > R x the feature's maximum over the shards (spar-2024: 0.2)",
+    )
+    p.add_argument("--no-bos", action="store_true", help="leave out each sequence's first position")
     p.add_argument("--null", action="store_true", help="null model: b's sequences deranged")
     p.add_argument(
         "--decoder-cosine",

@@ -41,8 +41,10 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_parquet_atomic(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write `path` whole or not at all."""
+def write_parquet_atomic(
+    frame: pl.DataFrame, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write `path` whole or not at all (with `metadata`: the file's key-value metadata)."""
     with atomic_file(path) as tmp:
-        frame.write_parquet(tmp)
+        frame.write_parquet(tmp, metadata=metadata)
     return Path(path)

@@ -99,7 +99,7 @@ def test_an_edge_without_pearson_leaves_the_attribute_out(frames, tmp_path: Path
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        pytest.param({"metric": "cosine"}, "use one of pearson, agreement, jaccard", id="metric"),
+        pytest.param({"metric": "cosinus"}, "use one of pearson, agreement, jaccard", id="metric"),
         pytest.param({"metric": "jaccard", "threshold": -0.1}, "[0.0, 1.0]", id="range"),
         pytest.param({"threshold": float("nan")}, "[-1.0, 1.0]", id="nan"),
     ],
@@ -242,7 +242,7 @@ def test_graph_command_matches_numpy_correlations(tmp_path: Path):
         pytest.param(["--layers", "6"], "at least two layers", id="one-layer"),
         pytest.param(["--layers", "6", "12"], "layer 12", id="missing-layer"),
         pytest.param(["--threshold", "2"], "[-1.0, 1.0]", id="threshold"),
-        pytest.param(["--metric", "cosine"], "invalid choice", id="metric"),
+        pytest.param(["--metric", "cosinus"], "invalid choice", id="metric"),
     ],
 )
 def test_graph_command_reports_bad_input_in_one_line(tmp_path: Path, capsys, args, message):

@@ -31,8 +31,10 @@ SCHEMA = {
     "agreement": pl.Float64,
     "jaccard": pl.Float64,
     **dict.fromkeys(measures.NEW_COLUMNS, pl.Float64),
+    "cosine": pl.Float64,
 }
 TABLE_COLUMNS = ("agreement", "jaccard", *measures.NEW_COLUMNS)  # from the 2 x 2 table
+MEASURE_COLUMNS = (*measures.SUM_COLUMNS, *TABLE_COLUMNS)  # every data measure of a pair
 
 
 def _pearson(n: int, sum_xy: np.ndarray, a: Spread, b: Spread, fa, fb) -> np.ndarray:
@@ -54,7 +56,7 @@ def measure_values(
     names: Iterable[str],
     spreads: tuple[Spread, Spread] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The named columns of `SCHEMA` (pearson, n_either, `TABLE_COLUMNS`) of each pair;
+    """The named columns of `SCHEMA` (pearson, cosine, n_either, `TABLE_COLUMNS`) of each pair;
     `spreads`: the `Spread` of each layer's stats, when already known."""
     n, fa, fb = counts.n_tokens, counts.feature_a, counts.feature_b
     names = list(names)
@@ -63,9 +65,12 @@ def measure_values(
         spread_a, spread_b = spreads or (Spread.of(stats_a), Spread.of(stats_b))
         with np.errstate(invalid="ignore", divide="ignore"):
             out["pearson"] = _pearson(n, counts.sum_xy, spread_a, spread_b, fa, fb)
+    if "cosine" in names:
+        sumsq_a, sumsq_b = stats_a.sumsq[fa], stats_b.sumsq[fb]
+        out["cosine"] = measures.cosine(counts.sum_xy, sumsq_a, sumsq_b)
     table = None
     for name in names:
-        if name == "pearson":
+        if name in measures.SUM_COLUMNS:
             continue
         if table is None:
             table = measures.Table(n, stats_a.count[fa], stats_b.count[fb], counts.n_both)
@@ -89,7 +94,7 @@ def finish_stats(
     """Every data measure of each pair in `counts` (columns as `SCHEMA`); `known`: measures
     already computed for these pairs (`measure_values`), not computed again."""
     known = {m: v for m, v in (known or {}).items() if m != "n_both"}
-    names = [m for m in ("n_either", "pearson", *TABLE_COLUMNS) if m not in known]
+    names = [m for m in ("n_either", *MEASURE_COLUMNS) if m not in known]
     values = {**known, **measure_values(counts, stats_a, stats_b, names)}
     return typed_frame(
         {
@@ -99,7 +104,7 @@ def finish_stats(
             "n_both": counts.n_both,
             "n_either": values["n_either"],
             "sum_xy": counts.sum_xy,
-            **{m: values[m] for m in ("pearson", *TABLE_COLUMNS)},
+            **{m: values[m] for m in ("pearson", *TABLE_COLUMNS, "cosine")},
         }
     )
 
@@ -115,7 +120,7 @@ def conditions(
     check_threshold("min_jaccard", min_jaccard)
     for measure, threshold in thresholds.items():
         measures.check_measure(measure, threshold)
-        if measure not in ("pearson", *TABLE_COLUMNS):
+        if measure not in MEASURE_COLUMNS:
             raise FeatstoreError(
                 f"{measure} is not a statistic of the activations: see measures.{measure}"
             )
@@ -163,7 +168,7 @@ def passing_rows(
     maybe = None if screen is None else screen.positions(counts, CHUNK_PAIRS)
     if maybe is not None:
         counts = counts.subset(maybe)
-    with_counts = min_both > 0 or bool(set(tested) - {"pearson"})
+    with_counts = min_both > 0 or bool(set(tested) - set(measures.SUM_COLUMNS))
     found, kept = [], {m: [] for m in tested + ["n_both"] * with_counts}
     for lo in range(0, counts.nnz, CHUNK_PAIRS):
         part = counts.subset(slice(lo, lo + CHUNK_PAIRS))

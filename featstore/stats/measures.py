@@ -41,6 +41,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "necessity": (0.0, 1.0),
     "mutual_information": (0.0, math.log(2.0)),
     "pmi": (-math.inf, math.inf),
+    "cosine": (0.0, 1.0),
     "decoder_cosine": (-1.0, 1.0),
 }
 DATA_FREE = ("decoder_cosine",)  # measures that need no activations (no n_both either)
@@ -135,6 +136,7 @@ COUNT_MEASURES: dict[str, Callable[[Table], np.ndarray]] = {
     "pmi": pmi,
 }
 NEW_COLUMNS = ("sufficiency", "necessity", "mutual_information", "pmi")  # beside pearson, ...
+SUM_COLUMNS = ("pearson", "cosine")  # from the sums of the activations, not the 2 x 2 table
 
 
 # -- Pearson from the per-feature sums ------------------------------------------------------------
@@ -154,6 +156,15 @@ class Spread:
         flat = var_n <= FLAT_VARIANCE * n * stats.sumsq
         inv = 1.0 / np.sqrt(np.where(flat, np.nan, var_n))
         return Spread(inv, stats.total * inv)
+
+
+def cosine(sum_xy: np.ndarray, sumsq_a: np.ndarray, sumsq_b: np.ndarray) -> np.ndarray:
+    """Uncentred activation cosine sum_xy / sqrt(sumsq_a * sumsq_b) (NaN where a feature never
+    fires): Pearson without subtracting the means, in [0, 1] for non-negative activations."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.sqrt(np.asarray(sumsq_a, np.float64) * np.asarray(sumsq_b, np.float64))
+        out = np.asarray(sum_xy, np.float64) / np.where(norm > 0, norm, np.nan)
+    return np.clip(out, 0.0, 1.0)
 
 
 # -- 95% intervals ---------------------------------------------------------------------------------
@@ -271,6 +282,9 @@ def never_coactive_values(
     if measure == "pearson":  # sum_xy = 0: pearson = -(u_i * u_j), as stats computes it
         ua, ub = Spread.of(stats_a).u, Spread.of(stats_b).u
         return np.clip(-np.outer(ua[slice(*rows)], ub[slice(*cols)]), -1.0, 1.0)
+    if measure == "cosine":  # sum_xy = 0: cosine 0 where both features fire
+        qa, qb = stats_a.sumsq[slice(*rows), None], stats_b.sumsq[None, slice(*cols)]
+        return cosine(np.zeros((1, 1)), qa, qb)
     if measure not in COUNT_MEASURES:
         raise FeatstoreError(f"{measure} is not a data measure of the 2 x 2 table")
     table = Table(
@@ -359,7 +373,7 @@ def never_coactive_pairs(
     are; the saved per-shard sums say which pairs were ever co-active.
     """
     check_measure(measure, threshold)
-    variant = variant or Variant()
+    variant = (variant or Variant()).resolved(shards)
     ensure_shard_pairs(store, a, b, shards, variant=variant)
     stats_a, stats_b = variant_stats(store, a, b, shards, variant)
 

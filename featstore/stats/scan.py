@@ -111,6 +111,7 @@ class PairScan:
         if engine not in ENGINES:
             raise FeatstoreError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")
         chosen = shards_of_pair(store, a, b, shards)
+        variant = variant.resolved(chosen)
         _, d_a, d_b = check_shard(store, a, b, chosen[0])
         range_a = check_range("features_a", features_a, d_a)
         range_b = check_range("features_b", features_b, d_b)
@@ -197,7 +198,7 @@ def merged_blocks(
         )
         for s in todo
     ]
-    empties = [PairCounts.empty(*shardsums.check_shard(store, a, b, s)) for s in todo]
+    empties = [PairCounts.empty(*shardsums.variant_shape(store, a, b, s, variant)) for s in todo]
     for cut, parts in _aligned(streams, empties):
         block = (max(cut[0], lo_a), min(cut[1], hi_a))
         if block[0] >= block[1]:

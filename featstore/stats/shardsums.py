@@ -13,15 +13,20 @@ others. Sums are saved by `update_shard_pairs` (the `shard_pair_stats` asset) an
 ask to save, not by queries.
 
 A `Variant` keys other sums of the same shards, kept beside the plain ones at
-`pairs/{a}-{b}.t{T}[.null]/{shard}`: an `active_threshold` T (activations <= T count as zero, for
-every statistic) and the null model (`null`: layer b's sequences deranged, `null_rows`), each
-with its own per-feature sums (arrays `stats_{a,b}_{count,total,sumsq}`).
+`pairs/{a}-{b}[.t{T}][.r{R}-{key}][.nobos][.null]/{shard}`: an `active_threshold` T (activations
+<= T count as zero, for every statistic), a `relative_threshold` R (activations <= R x the
+feature's maximum over the shards `over` count as zero; `key` names those shards), `bos=False`
+(each sequence's first position left out) and the null model (`null`: layer b's sequences
+deranged, `null_rows`), each with its own per-feature sums (arrays
+`stats_{a,b}_{count,total,sumsq}`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -70,22 +75,50 @@ def duckdb_pair_counts(store: Store, a: int, b: int, shard: str) -> PairCounts:
 @dataclass(frozen=True)
 class Variant:
     """Which sums of a shard: activations above `active_threshold` only (the rest count as
-    zero), and with `null` layer b's tokens misaligned by a fixed derangement of sequences."""
+    zero), and above `relative_threshold` x each feature's maximum over the shards `over`
+    (spar-2024's relative activity threshold, e.g. 0.2); with `bos` False each sequence's first
+    position left out; with `null` layer b's tokens misaligned by a fixed derangement of
+    sequences."""
 
     active_threshold: float = 0.0
     null: bool = False
+    relative_threshold: float = 0.0
+    bos: bool = True
+    over: tuple[str, ...] = ()  # shards whose maxima set the relative thresholds (`resolved`)
 
     def __post_init__(self) -> None:
-        t = self.active_threshold
+        t, r = self.active_threshold, self.relative_threshold
         if not (isinstance(t, int | float) and np.isfinite(t) and t >= 0):
             raise FeatstoreError(f"active_threshold must be a finite number >= 0, got {t!r}")
+        if not (isinstance(r, int | float) and 0 <= r < 1):
+            raise FeatstoreError(f"relative_threshold must be a number in [0, 1), got {r!r}")
+        object.__setattr__(self, "over", tuple(sorted(set(self.over))) if r else ())
 
     @property
     def plain(self) -> bool:
         return self == Variant()
 
+    def resolved(self, shards: Sequence[str]) -> Variant:
+        """The variant whose relative thresholds come from the maxima over `shards`."""
+        if not self.relative_threshold or self.over:
+            return self
+        return dataclasses.replace(self, over=tuple(shards))
+
+    def describe(self) -> dict[str, float | bool | str]:
+        """What the statistics were computed on, for an output's metadata."""
+        return {
+            "active_threshold": float(self.active_threshold),
+            "relative_threshold": float(self.relative_threshold),
+            "bos": "included" if self.bos else "excluded",
+            "null": self.null,
+        }
+
     def folder(self, a: int, b: int) -> str:
         name = f"{a}-{b}" + (f".t{float(self.active_threshold)!r}" if self.active_threshold else "")
+        if self.relative_threshold:
+            key = zlib.crc32("\n".join(self.over).encode())
+            name += f".r{float(self.relative_threshold)!r}-{key:08x}"
+        name += "" if self.bos else ".nobos"
         return f"{spec.PAIRS}/{name}{'.null' if self.null else ''}"
 
     def path(self, a: int, b: int, shard: str) -> str:
@@ -122,25 +155,74 @@ def null_rows(tokens: pl.DataFrame) -> np.ndarray:
     return rows
 
 
-def above_threshold(matrix: sp.csr_matrix, threshold: float) -> sp.csr_matrix:
-    """The activations above `threshold`; the rest become (unstored) zeros."""
+def above_threshold(matrix: sp.csr_matrix, threshold: float | np.ndarray) -> sp.csr_matrix:
+    """The activations above `threshold` (a number, or one per feature); the rest become
+    (unstored) zeros."""
     out = sp.csr_matrix(matrix, copy=True)
-    out.data[out.data <= threshold] = 0
+    cut = threshold[out.indices] if isinstance(threshold, np.ndarray) else threshold
+    out.data[out.data <= cut] = 0
     out.eliminate_zeros()
     return out
+
+
+def _token_rows(store: Store, shard: str, why: str) -> pl.DataFrame:
+    if shard not in store.token_shards():
+        raise FeatstoreError(f"{why}: shard {shard} has no token table")
+    return store.tokens(shard)
+
+
+def past_bos(store: Store, shard: str) -> np.ndarray:
+    """Rows of a shard past each sequence's first position (position 0)."""
+    tokens = _token_rows(store, shard, "leaving out BOS needs positions")
+    return np.flatnonzero(tokens["pos"].to_numpy() != 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _shard_maxima(store: Store, layer: int, shard: str, bos: bool, stamp: tuple) -> np.ndarray:
+    """Each feature's largest activation in a shard (`stamp`: what it was computed from)."""
+    matrix = store.read(layer, shard)
+    matrix = matrix if bos else matrix[past_bos(store, shard)]
+    out = np.asarray(matrix.max(axis=0).todense(), np.float64).ravel()
+    out.setflags(write=False)
+    return out
+
+
+def feature_maxima(store: Store, layer: int, shards: Sequence[str], bos: bool = True) -> np.ndarray:
+    """Each feature's largest activation over `shards` (without BOS positions unless `bos`)."""
+    if not shards:
+        raise FeatstoreError("relative thresholds need the shards their maxima come from")
+    parts = []
+    for shard in shards:
+        info = store.info(layer, shard)
+        stamp = (int(info["nnz"]), _activation_total(store, layer, shard))
+        parts.append(_shard_maxima(store, layer, shard, bos, stamp))
+    return functools.reduce(np.maximum, parts)
+
+
+def cutoffs(store: Store, layer: int, variant: Variant) -> float | np.ndarray:
+    """Activations at or below this (a number, or one per feature) count as zero."""
+    if not variant.relative_threshold:
+        return float(variant.active_threshold)
+    if not variant.over:
+        raise FeatstoreError("a relative threshold needs its shards: use Variant.resolved")
+    maxima = feature_maxima(store, layer, variant.over, variant.bos)
+    return np.maximum(variant.relative_threshold * maxima, variant.active_threshold)
 
 
 def variant_matrices(
     store: Store, a: int, b: int, shard: str, variant: Variant
 ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """Both layers of a whole shard as the variant sees them."""
-    if variant.null and shard not in store.token_shards():
-        raise FeatstoreError(f"the null model deranges sequences: shard {shard} has no token table")
     m_a, m_b = store.read(a, shard), store.read(b, shard)
     if variant.null:
-        m_b = m_b[null_rows(store.tokens(shard))]
-    t = variant.active_threshold
-    return above_threshold(m_a, t), above_threshold(m_b, t)
+        m_b = m_b[null_rows(_token_rows(store, shard, "the null model deranges sequences"))]
+    if not variant.bos:
+        rows = past_bos(store, shard)
+        m_a, m_b = m_a[rows], m_b[rows]
+    return (
+        above_threshold(m_a, cutoffs(store, a, variant)),
+        above_threshold(m_b, cutoffs(store, b, variant)),
+    )
 
 
 # -- per shard: check, compute, save, load --------------------------------------------------------
@@ -167,6 +249,14 @@ def check_shard(store: Store, a: int, b: int, shard: str) -> tuple[int, int, int
     if n_a != n_b:
         raise FeatstoreError(f"shard {shard}: layer {a} has {n_a} tokens, layer {b} has {n_b}")
     return int(n_a), int(info_a["d_sae"]), int(info_b["d_sae"])
+
+
+def variant_shape(
+    store: Store, a: int, b: int, shard: str, variant: Variant
+) -> tuple[int, int, int]:
+    """(n_tokens, d_a, d_b) of a shard as the variant sees it (`check_shard`)."""
+    n_tokens, d_a, d_b = check_shard(store, a, b, shard)
+    return (n_tokens if variant.bos else int(past_bos(store, shard).size)), d_a, d_b
 
 
 def iter_shard_pair_counts(
@@ -237,9 +327,16 @@ def _fingerprint(
         if variant.plain
         else {"active_threshold": variant.active_threshold, "null": variant.null}
     )
+    n_tokens = int(info_a[spec.SHAPE][0])
+    if not variant.bos:
+        extra["bos"], n_tokens = False, int(past_bos(store, shard).size)
+    if variant.relative_threshold:
+        maxima = [feature_maxima(store, x, variant.over, variant.bos) for x in (a, b)]
+        extra["relative_threshold"] = variant.relative_threshold
+        extra["maxima"] = zlib.crc32(b"".join(m.tobytes() for m in maxima))
     return {
         **extra,
-        "n_tokens": int(info_a[spec.SHAPE][0]),
+        "n_tokens": n_tokens,
         "d_a": int(info_a["d_sae"]),
         "d_b": int(info_b["d_sae"]),
         "nnz_a": int(info_a["nnz"]),

@@ -65,6 +65,7 @@ PAIR_STATS_SCHEMA = pa.schema(
         ("necessity", pa.float64()),
         ("mutual_information", pa.float64()),
         ("pmi", pa.float64()),
+        ("cosine", pa.float64()),  # uncentred activation cosine
     ]
 )
 CAUSAL_EDGES_SCHEMA = pa.schema(  # featstore.causal writes it

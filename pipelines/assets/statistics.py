@@ -100,6 +100,7 @@ def pair_stats(context: dg.AssetExecutionContext, featstore: FeatstoreResource) 
             {
                 "tokens": int(frame["n_tokens"][0]) if frame.height else 0,
                 "co_active_pairs": frame.height,
+                "bos": "included",  # the stored sums keep each sequence's first position
                 "dagster/row_count": frame.height,
                 "top_pairs_by_pearson": dg.MetadataValue.md(markdown(top)),
                 "path": dg.MetadataValue.path(str(pair_stats_path(store, a, b))),
