@@ -8,6 +8,15 @@ i.e. everything `extract_shard` does per batch. Models: the embedded `tiny` sour
 GPT-2-small-sized model with random weights and four random 24,576-feature SAEs (layers 6-9).
 
     .venv/bin/python bench/extraction.py [--device cpu|cuda] [--batches 3] [--batch-size 8]
+    .venv/bin/python bench/extraction.py --host [--batches 16] [--batch-size 32]
+
+`--host` measures the host path alone, in nonzeros per second per core (process CPU time) and
+per second of wall time: synthetic dense codes of four 24,576-feature layers (L0 ~140, values
+as a ReLU SAE's), from the codes to committed Zarr chunks of a temporary store. Two entry
+points: `from csr` starts where a GPU hands over (the nonzeros found on the device,
+`dense_to_csr` already run: checks, per-feature statistics, compression, commit), `from dense`
+starts from dense codes in host memory (CPU extraction: `dense_to_csr` included). Run it once
+with `PYTHONPATH` at a worktree of the baseline commit and once at this one, back to back.
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from featstore.sources.extract import encode_and_store, encode_batch
+from featstore.sources.extract import dense_to_csr, encode_and_store, encode_batch
 from featstore.sources.registry import get_source
 from featstore.store.home import open_store
 
 LAYERS = (6, 7, 8, 9)
+GPT2_D_SAE = 24576
 GPT2 = dict(
     n_layers=12,
     d_model=768,
@@ -46,7 +56,7 @@ def gpt2_sized(device: str):
     _, cache = model.run_with_cache(calibration, stop_at_layer=max(LAYERS) + 1)
     saes = {}
     for layer in LAYERS:
-        sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=24576, device=device)).eval()
+        sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=GPT2_D_SAE, device=device)).eval()
         x = cache[f"blocks.{layer}.hook_resid_pre"].reshape(-1, 768)
         with torch.no_grad():
             # A random SAE fires on half its features; a per-feature bias at the pre-activation's
@@ -117,12 +127,61 @@ def measure(name: str, model, saes, args) -> None:
     )
 
 
+HOST_L0 = 140  # nonzeros per token and layer, as the GPT-2-sized SAEs above give
+
+
+def synthetic_codes(batch_tokens: int, d_sae: int = GPT2_D_SAE, seed: int = 0) -> torch.Tensor:
+    """Dense (tokens, d_sae) float32 codes with ~HOST_L0 positive values per row (ReLU-like)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.zeros(batch_tokens, d_sae)
+    cols = torch.randint(0, d_sae, (batch_tokens, HOST_L0), generator=gen)
+    codes.scatter_(1, cols, torch.rand(batch_tokens, HOST_L0, generator=gen) * 4 + 1e-3)
+    return codes
+
+
+def host_rate(batches: list, to_csr: bool) -> tuple[float, float, int]:
+    """(nonzeros per CPU second, per wall second, nonzeros) of storing `batches` (dense codes,
+    or their CSR with `to_csr` False) into four layers of a fresh store, commit included."""
+    nnz = 0
+    with tempfile.TemporaryDirectory() as home:
+        store = open_store(home, create=True)
+        cpu, wall = time.process_time(), time.perf_counter()
+        for layer in LAYERS:
+            with store.activation_writer(layer, "bench", GPT2_D_SAE) as writer:
+                for codes in batches:
+                    csr = dense_to_csr(codes) if to_csr else codes
+                    nnz += csr.nnz
+                    writer.append(csr)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return nnz / cpu, nnz / wall, nnz
+
+
+def measure_host(args) -> None:
+    tokens = args.batch_size * 128
+    # Two distinct batches, cycled: dense codes take 0.4 GB per 4,096 tokens.
+    dense = [synthetic_codes(tokens, seed=i) for i in range(2)] * (args.batches // 2)
+    csrs = [dense_to_csr(codes) for codes in dense[:2]] * (args.batches // 2)
+    host_rate(csrs[:1], False)  # warm-up: imports, compilation
+    for name, batches, to_csr in (("from csr", csrs, False), ("from dense", dense, True)):
+        per_cpu, per_wall, nnz = host_rate(batches, to_csr)
+        print(
+            f"host {name:<10} {per_cpu / 1e6:7.1f} M nonzeros/CPU-s  {per_wall / 1e6:7.1f} M "
+            f"nonzeros/s  ({nnz:,} nonzeros, 4 layers x {args.batches} batches x {tokens} "
+            f"tokens, L0 {nnz / (4 * args.batches * tokens):.0f}, torch threads "
+            f"{torch.get_num_threads()})"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--host", action="store_true", help="the host path alone (see above)")
     args = p.parse_args()
+    if args.host:
+        measure_host(args)
+        return
     if args.device.startswith("cuda"):
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     measure("tiny", *tiny(args.device), args)

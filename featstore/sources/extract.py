@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from featstore.errors import FeatstoreError
 from featstore.sources.registry import Source, get_source
-from featstore.store import spec
+from featstore.store import blockpass, spec
 from featstore.store.local import ActivationWriter, Store
 
 if TYPE_CHECKING:
@@ -194,11 +194,14 @@ def dense_to_csr(acts: torch.Tensor) -> sp.csr_matrix:
     """(tokens, d_sae) dense tensor -> scipy CSR holding only its nonzeros.
 
     The nonzeros are found on the tensor's device, so only they cross to the host: copying the
-    dense codes off a GPU first made extraction 20-60x slower than the forward pass.
+    dense codes off a GPU first made extraction 20-60x slower than the forward pass. Codes in
+    host memory go through `blockpass.dense_csr`.
     """
     import torch
 
     acts = acts.detach()
+    if acts.device.type == "cpu":  # one compiled pass: torch's nonzero is ~10x slower here
+        return blockpass.dense_csr(acts.float().numpy())
     rows, cols = torch.nonzero(acts, as_tuple=True)  # row-major order, as CSR wants
     values = acts[rows, cols].float()
     bounds = torch.arange(acts.shape[0] + 1, device=acts.device, dtype=rows.dtype)

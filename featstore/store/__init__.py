@@ -3,6 +3,8 @@
 - `spec`: names, attribute keys and the format version (docs/STORE_FORMAT.md).
 - `local`: the `Store` on a local folder; `url`: the same on object storage (fsspec);
   `home`: `open_store`, which picks one.
+- `blockpass`: compiled passes over a block of codes on its way in (dense to CSR; checks and
+  per-feature sums in one pass); `chunks`: whole Zarr chunks written straight to the store.
 - `check`: verifying a whole store; `ingest`: importing activations computed elsewhere;
   `sql`: read-only DuckDB over the store.
 

@@ -1,0 +1,111 @@
+"""Compiled passes over a block of activations on its way into the store: dense codes in host
+memory to CSR (`dense_csr`), and the checks of `validate_activations` with the block's
+per-feature sums together (`check_block`).
+
+Extraction stores hundreds of nonzeros per token and layer; checking them (finite, positive,
+feature ids in range, sorted without repeats) and summing them per feature with numpy took
+several passes and temporaries per nonzero. `check_block` does both in one pass over the CSR
+arrays as they come (scipy's canonical form: what `dense_to_csr` hands over). A block it cannot
+vouch for (unsorted, repeated or explicit-zero entries, or an invalid value) goes the slow way,
+through `validate_activations`, which canonicalises it or names the problem in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+
+OK, NOT_CANONICAL = 0, 1
+
+
+@numba.njit(nogil=True, cache=True)
+def check_block(indptr, indices, data, d, count, total, sumsq):
+    """OK if the CSR arrays (rows by `indptr`) are canonical with every value finite and > 0 and
+    every feature id in [0, d), with each value's count, sum and sum of squares (float64, in
+    order, as `np.bincount` adds them) added to `count`, `total`, `sumsq`; else NOT_CANONICAL
+    (the sums then hold part of the block)."""
+    nnz = indices.size
+    if indptr[0] != 0 or indptr[indptr.size - 1] != nnz or data.size != nnz:
+        return NOT_CANONICAL
+    for r in range(indptr.size - 1):
+        lo, hi = indptr[r], indptr[r + 1]
+        if lo > hi or hi > nnz:
+            return NOT_CANONICAL
+        last = -1
+        for p in range(lo, hi):
+            j = indices[p]
+            x = np.float64(data[p])
+            # `not x > 0` also catches NaN; x - x is NaN for an infinity.
+            if j <= last or j >= d or not x > 0 or x - x != 0:
+                return NOT_CANONICAL
+            last = j
+            count[j] += 1
+            total[j] += x
+            sumsq[j] += x * x
+    return OK
+
+
+@dataclass(frozen=True)
+class CheckedBlock:
+    """A block's CSR arrays in the store's types and its per-feature sums."""
+
+    n_rows: int
+    indptr: np.ndarray  # (rows + 1,) int64, from 0
+    indices: np.ndarray  # (nnz,) int32
+    data: np.ndarray  # (nnz,) float32
+    count: np.ndarray  # (d,) int64
+    total: np.ndarray  # (d,) float64
+    sumsq: np.ndarray  # (d,) float64
+
+
+def fast_block(block: object, d: int) -> CheckedBlock | None:
+    """The checked block and its sums by one `check_block` pass, or None where the block is not
+    a canonical, valid CSR matrix of float32 values `d` wide (the caller then validates it)."""
+    if not (sp.issparse(block) and block.format == "csr" and block.ndim == 2):
+        return None
+    if block.shape[1] != d or block.dtype != np.float32 or d >= 2**31:
+        return None
+    indices = block.indices.astype(np.int32, copy=False)
+    indptr = block.indptr.astype(np.int64, copy=False)
+    sums = np.zeros(d, np.int64), np.zeros(d), np.zeros(d)
+    if check_block(indptr, indices, block.data, d, *sums) != OK:
+        return None
+    return CheckedBlock(block.shape[0], indptr, indices, block.data, *sums)
+
+
+@numba.njit(nogil=True, cache=True)
+def _dense_csr(dense, indptr):
+    """(indices, data) of the nonzeros of a C-ordered 2-D float32 array, row by row, and its
+    row pointers in `indptr`; each row is counted, then copied, while it is in cache."""
+    rows, cols = dense.shape
+    indices = np.empty(max(rows * 16, 1024), np.int32)
+    data = np.empty(indices.size, np.float32)
+    m = 0
+    for r in range(rows):
+        k = 0
+        for c in range(cols):
+            k += dense[r, c] != 0
+        if m + k > indices.size:
+            size = max(2 * indices.size, m + k)
+            grown_i, grown_d = np.empty(size, np.int32), np.empty(size, np.float32)
+            grown_i[:m], grown_d[:m] = indices[:m], data[:m]
+            indices, data = grown_i, grown_d
+        for c in range(cols):
+            x = dense[r, c]
+            if x != 0:
+                indices[m], data[m] = c, x
+                m += 1
+        indptr[r + 1] = m
+    return indices[:m], data[:m]
+
+
+def dense_csr(dense: np.ndarray) -> sp.csr_matrix:
+    """A dense (tokens, features) float32 array's nonzeros as CSR, in one compiled pass (NaN
+    counts as a nonzero: `check_block` refuses it later)."""
+    dense = np.ascontiguousarray(dense, np.float32)
+    indptr = np.zeros(dense.shape[0] + 1, np.int64)
+    indices, data = _dense_csr(dense, indptr)
+    return sp.csr_matrix((data, indices, indptr), shape=dense.shape)
