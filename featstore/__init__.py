@@ -13,6 +13,8 @@ The package is a house with wings; imports flow one way, from the wings down:
   query). Imports the ground floor and `store`.
 - `analysis/`: what is built on them (graph, plots, patching and causal edges, comparison,
   concepts, erasure, cards). Imports everything below it.
+- `explorer/`: `featstore serve`, the feature explorer (a local web app and its static export);
+  reads everything below it, writes nothing to the store.
 - `cli.py`: the command line, on top. Dagster lives outside, in `pipelines/`.
 
 Public API: `open_store`, `Store`, `FeatstoreError`; the CLI; the Dagster definitions.

@@ -305,6 +305,32 @@ def cmd_feature(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from featstore.analysis.cards import parse_key
+    from featstore.explorer import app
+
+    app.check_port(args.port)
+    keys = [parse_key(k) for k in args.features or []]
+    store = _open(args)
+    if args.export:
+        paths = app.export(store, args.export, keys, n=args.n)
+        print(f"wrote {len(paths)} pages to {args.export} (open index.html)")
+        return 0
+    print(f"featstore explorer on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
+    app.serve(store, args.host, args.port)
+    return 0
+
+
+def cmd_logits(args: argparse.Namespace) -> int:
+    from featstore.analysis import logits
+
+    store = _open(args)
+    frame = logits.store_logit_effects(store, args.layers or store.layers(), k=args.k)
+    path = logits.write_logit_effects(store, frame)
+    print(f"wrote {frame.height} rows to {path}")
+    return 0
+
+
 def _open(args: argparse.Namespace, create: bool = False) -> Store:
     return open_store(args.home, create=create, url=args.store_url)
 
@@ -479,6 +505,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--min-both", type=int, default=MIN_BOTH, help="partners co-active >= N")
     p.add_argument("--html", default=None, help="also write the card as a self-contained page")
     p.set_defaults(func=cmd_feature)
+
+    p = sub.add_parser("serve", help="the feature explorer: a local web app, or --export a site")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (1-65535)")
+    p.add_argument("--export", default=None, metavar="DIR", help="write a static site instead")
+    p.add_argument("--features", nargs="+", default=None, metavar="LAYER:ID",
+                   help="features to export (default: the --n busiest of the graph)")  # fmt: skip
+    p.add_argument("--n", type=int, default=50, help="features exported by default")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("logits", help="logit effects of every feature (top promoted/suppressed)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="default: every layer")
+    p.add_argument("--k", type=int, default=10, help="tokens kept each way per feature")
+    p.set_defaults(func=cmd_logits)
 
     # Further commands register here (one add_parser block each).
     return parser

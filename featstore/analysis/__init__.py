@@ -3,7 +3,7 @@
 `graph` (the feature graph), `plots` and `causal_plots` (figures), `decoders` (data-free decoder
 cosine), `patching` and `causal` (causal edges by activation patching), `compare` (measures and
 methods compared), `concepts` (concept tracing), `erasure` (gradual change and erasure), `cards`
-(feature cards).
+(feature cards), `logits` (logit effects: what each decoder direction promotes and suppresses).
 
 May import: the ground floor and the store, sources and stats wings; a module here imports
 another of this wing only for that module's own idea (the graph, patching), never for a helper.

@@ -1,0 +1,289 @@
+"""The feature explorer: what its pages show equals the store (numpy on the dense activations, the
+token tables, the pair statistics), corpus text is escaped, bad input is a one-line 4xx, and a
+real browser (headless Chromium) renders a feature page, follows a successor link and a search."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from html.parser import HTMLParser
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+from helpers import assert_one_line_error, build_store, cli, correlated_layers, table_measures
+
+from featstore.explorer import app, reads, summary
+from featstore.explorer.graphview import neighbourhood
+from featstore.explorer.text import esc
+from featstore.stats.measures import MIN_BOTH
+from featstore.stats.query import pair_stats
+from featstore.store import spec
+
+VOCAB = [f"w{i}" for i in range(40)]
+VOCAB[7] = "<script>alert('x')</script>"
+VOCAB[8] = "\u202eevil\u202c"  # right-to-left override
+VOCAB[9] = "a\x07b\nc"
+SEQ = 8  # build_store's sequence length
+SIZES = {"s0": 64, "s1": 56}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    acts = correlated_layers((6, 7, 8), n_tokens=120, d=10, seed=5)
+    acts = {k: x.astype(np.float32) for k, x in acts.items()}
+    halves = {
+        k: {"s0": sp.csr_matrix(x[:64]), "s1": sp.csr_matrix(x[64:])} for k, x in acts.items()
+    }
+    store = build_store(tmp_path_factory.mktemp("explorer"), halves, vocab=VOCAB)
+    for a, b in ((6, 7), (7, 8)):
+        pair_stats(store, a, b, save=True)
+    concepts = store.home / spec.CONCEPTS_DIR
+    concepts.mkdir()
+    pl.DataFrame({"concept": ["<b>bold</b>", "digits"], "layer": [7, 8], "feature": [2, 4],
+                  "auroc": [0.91, 0.8]}).write_parquet(concepts / reads.CONCEPTS_FILE)  # fmt: skip
+    tokens = np.concatenate([store.tokens(s)["token"].to_numpy() for s in ("s0", "s1")])
+    return store, {k: v.astype(np.float64) for k, v in acts.items()}, tokens
+
+
+def top_rows(x: np.ndarray, n: int) -> np.ndarray:
+    order = np.argsort(-x, kind="stable")[:n]
+    return order[x[order] > 0]
+
+
+def test_layer_summary_equals_numpy(setup):
+    store, acts, tokens = setup
+    s = summary.summarise_layer(store, 7, top=5)
+    for f in range(10):
+        x = acts[7][:, f]
+        hits = s.top(f)
+        rows = hits.row + np.where(hits.shard == 1, SIZES["s0"], 0)
+        np.testing.assert_array_equal(rows, top_rows(x, 5))
+        np.testing.assert_allclose(hits.value, x[rows], rtol=1e-6)
+        np.testing.assert_array_equal(s.top_tokens(f), tokens[rows])
+        bins = np.searchsorted(summary.HIST_EDGES, x[x > 0].astype(np.float32), side="right")
+        np.testing.assert_array_equal(
+            s.histogram[f], np.bincount(bins, minlength=s.histogram.shape[1])
+        )
+
+
+def test_feature_view_equals_store(setup):
+    store, acts, tokens = setup
+    ex = reads.Explorer(store, top=4)
+    view = ex.feature(7, 2, "jaccard", n=50)
+    x = acts[7][:, 2]
+    assert (view.count, view.n_tokens) == (int((x > 0).sum()), 120)
+    assert view.total == pytest.approx(x.sum(), rel=1e-6)
+    for ctx, r in zip(view.contexts, top_rows(x, 4), strict=True):
+        start = r - r % SEQ
+        window = np.arange(
+            max(r - reads.CONTEXT[0], start), min(r + reads.CONTEXT[1] + 1, start + SEQ)
+        )
+        assert ctx.texts == [VOCAB[t] for t in tokens[window]]
+        np.testing.assert_allclose(ctx.values, x[window], rtol=1e-6)
+        assert window[ctx.active] == r and ctx.value == pytest.approx(x[r], rel=1e-6)
+    assert list(view.concepts["concept"]) == ["<b>bold</b>"]
+    sides = {p.layer: p for p in view.partners}
+    assert (sides[6].side, sides[8].side) == ("predecessors", "successors")
+    for other, pick in ((6, lambda f: (f, 2)), (8, lambda f: (2, f))):
+        a, b = sorted((7, other))
+        ref = table_measures(acts[a], acts[b])
+        frame = sides[other].frame
+        assert sorted(frame["feature"]) == [
+            f for f in range(10) if ref["n_both"][pick(f)] >= MIN_BOTH
+        ]
+        for row in frame.iter_rows(named=True):
+            assert row["jaccard"] == pytest.approx(ref["jaccard"][pick(row["feature"])], rel=1e-9)
+            assert row["jaccard_lo"] <= row["jaccard"] <= row["jaccard_hi"]
+        assert frame["jaccard"].to_list() == sorted(frame["jaccard"], reverse=True)
+
+
+def test_search_by_id_token_and_concept(setup):
+    store, acts, tokens = setup
+    search = reads.Search(reads.Explorer(store))
+    assert search("L7:3") == [((7, 3), "feature")] and search("7/3") == [((7, 3), "feature")]
+    assert [n for n, _ in search("4")] == [(6, 4), (7, 4), (8, 4)]
+    assert search("9:1") == [] and search("7:99") == []
+    assert search("BOLD")[0][0] == (7, 2)
+    found = {n for n, _ in search("w5")}
+    s = summary.summarise_layer(store, 8)
+    assert {(8, int(f)) for f in np.unique(s.hits.feature[s.tokens == 5])} == {
+        n for n in found if n[0] == 8
+    }
+
+
+def test_neighbourhood_follows_the_strongest_partners(setup):
+    store, acts, _ = setup
+    nb = neighbourhood(reads.Explorer(store), 7, 2, "pearson", threshold=0.2, k=2)
+    ref = table_measures(acts[7], acts[8])["pearson"][2]
+    best = [int(f) for f in np.argsort(-ref)[:2] if ref[f] >= 0.2]
+    assert [f for x, f in nb.nodes if x == 8] == best
+    assert (nb.edges["pearson"] >= 0.2).all()
+
+
+def test_pages_escape_corpus_text(setup, tmp_path):
+    store, _, _ = setup
+    paths = app.export(store, tmp_path / "site", [(7, 2), (8, 4), (6, 1)])
+    texts = {p: p.read_text() for p in paths}
+    for path, text in texts.items():
+        assert "<script>alert" not in text and "\u202e" not in text and "\x07" not in text, path
+        assert "<b>bold" not in text
+        assert not re.search(r"(src|href|action)=\"?(https?:)?//", text), path
+    assert esc("\u202eevil<b>\x07\n") == "\\u202eevil&lt;b&gt;\\u0007⏎"
+    for href in re.findall(r'href="([^"]+)"', "".join(texts.values())):
+        assert not href.startswith("/")
+
+
+def test_export_links_resolve(setup, tmp_path):
+    store, _, _ = setup
+    out = tmp_path / "site"
+    paths = app.export(store, out, [(7, 2), (8, 4)])
+    for path in paths:
+        for href in re.findall(r'href="([^"?]+)', path.read_text()):
+            assert (path.parent / href).resolve().is_file(), (path, href)
+
+
+def test_bad_requests_are_one_line_4xx(setup):
+    from starlette.testclient import TestClient
+
+    store, _, _ = setup
+    client = TestClient(app.create_app(store))
+    ok = client.get("/features/7/2")
+    assert ok.status_code == 200 and "default-src 'none'" in ok.headers["content-security-policy"]
+    for url, status, needle in [
+        ("/features/5/2", 404, "layer 5 not in store"), ("/features/7/10", 404, "outside"),
+        ("/features/7/2?measure=drop%20table", 400, "unknown measure"),
+        ("/graph/7/2?threshold=nan", 400, "threshold"), ("/features/7/-1", 404, ""),
+    ]:  # fmt: skip
+        got = client.get(url)
+        assert got.status_code == status, url
+        assert needle in got.text and "Traceback" not in got.text
+
+
+def test_cli_refuses_bad_port_and_missing_store(capsys, tmp_path):
+    assert_one_line_error(*cli(capsys, tmp_path, "serve", "--port", "70000")[::2], "port")
+    status, _, err = cli(capsys, tmp_path / "none", "serve", "--export", str(tmp_path / "o"))
+    assert_one_line_error(status, err, "no featstore store")
+    assert not (tmp_path / "o").exists()
+
+
+# -- in a real browser -----------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class Dom(HTMLParser):
+    """Text by id, the rows of tables, links: enough of the rendered DOM to compare."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.ids: dict[str, str] = {}
+        self.links: list[str] = []
+        self.partner_rows: list[dict] = []
+        self.spans: list[str] = []
+        self._open: list[tuple[str, str | None]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self._open.append((tag, a.get("id")))
+        if a.get("id"):
+            self.ids[a["id"]] = ""
+        if tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        if tag == "tr" and a.get("class") == "partner":
+            self.partner_rows.append(
+                {"layer": int(a["data-layer"]), "feature": int(a["data-feature"])}
+            )
+        if tag == "span" and "data-value" in a:
+            self.spans.append("")
+
+    def handle_endtag(self, tag):
+        while self._open and self._open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        for _, id_ in self._open:
+            if id_:
+                self.ids[id_] += data
+        if self._open and self._open[-1][0] == "span" and self.spans:
+            self.spans[-1] += data
+
+
+def dump_dom(url: str) -> str:
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    store, _, _ = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "featstore.cli",
+        "--home",
+        str(store.home),
+        "serve",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(base + "/", timeout=5)
+            break
+        except OSError:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_browser_shows_the_store(setup, server):
+    store, acts, tokens = setup
+    x = acts[7][:, 2]
+    dom = Dom(dump_dom(f"{server}/features/7/2"))
+    assert int(dom.ids["count"]) == int((x > 0).sum()) and int(dom.ids["n_tokens"]) == 120
+    assert dom.ids["label"] == "<b>bold</b>"
+    rows = top_rows(x, 20)
+    start = rows[0] - rows[0] % SEQ
+    first = tokens[
+        max(rows[0] - reads.CONTEXT[0], start) : min(rows[0] + reads.CONTEXT[1] + 1, start + SEQ)
+    ]
+    shown = "".join(dom.spans[: len(first)])
+    assert shown == "".join(VOCAB[t] for t in first).replace("\u202e", "\\u202e").replace(
+        "\u202c", "\\u202c").replace("\x07", "\\u0007").replace("\n", "⏎")  # fmt: skip
+    ref = table_measures(acts[7], acts[8])
+    succ = [r for r in dom.partner_rows if r["layer"] == 8]
+    want = sorted(
+        (f for f in range(10) if ref["n_both"][2, f] >= MIN_BOTH),
+        key=lambda f: -ref["pearson"][2, f],
+    )
+    assert [r["feature"] for r in succ] == want[: len(succ)] and succ
+    link = next(h for h in dom.links if h.endswith(f"/8/{succ[0]['feature']}"))
+    target = urllib.parse.urljoin(f"{server}/features/7/2", link)
+    dom8 = Dom(dump_dom(target))
+    assert int(dom8.ids["count"]) == int((acts[8][:, succ[0]["feature"]] > 0).sum())
+    preds = [r["feature"] for r in dom8.partner_rows if r["layer"] == 7]
+    assert 2 in preds
+    found = Dom(dump_dom(f"{server}/search?q=bold"))
+    assert "L7:2" in found.ids["results"]
+    graph = dump_dom(f"{server}/graph/7/2")
+    assert 'data-layer="8"' in graph and "<script>alert" not in graph
