@@ -5,7 +5,9 @@ tail of rare ones) and log-normal values. Between successive layers a known set 
 planted: a feature of layer b *copies* one of layer a, *merges* two (sums what each carries over),
 or two features of b *split* one of a (each token it fires on goes to one child). Every relation
 carries a token over with probability `strength` and scales its value by `gain` times log-normal
-noise; children also fire on their own at `leak` times their planted rate.
+noise; children also fire on their own at `leak` times their planted rate. On request
+(`n_chains`, `n_gates`, `n_vanishing`), `featstore.sources.planted` adds exact pass-through
+chains, AND and OR gates and vanishing features for the analyses to recover.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from scipy.optimize import brentq
 
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
+from featstore.sources import planted as planting
 from featstore.store.local import Store
 
 VOCAB_SIZE = 50257  # GPT-2's vocabulary
@@ -59,6 +62,9 @@ class SynthConfig:
     seq_len: int = 128
     block_tokens: int = 16384
     seed: int = 0
+    n_chains: int = 0  # pass-through chains through every layer (`planted`)
+    n_gates: int = 0  # AND gates and OR gates, each, per pair of successive layers
+    n_vanishing: int = 0  # features per layer (but the last) that nothing follows
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
@@ -97,6 +103,10 @@ class SynthConfig:
             (self.seq_len >= 1, f"seq_len must be positive, got {self.seq_len}"),
             (self.block_tokens >= 1, f"block_tokens must be positive, got {self.block_tokens}"),
             (self.seed >= 0, f"seed must be non-negative, got {self.seed}"),
+            (
+                min(self.n_chains, self.n_gates, self.n_vanishing) >= 0,
+                "n_chains, n_gates and n_vanishing must be non-negative",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,6 +131,7 @@ class World:
     freq: dict[int, np.ndarray]  # layer -> (d,) independent firing probability
     scale: dict[int, np.ndarray]  # layer -> (d,) typical value
     transfers: dict[int, Transfer]  # layer b -> relations from the layer before it
+    structures: dict[int, planting.Structures]  # layer b -> `planted` from the layer before it
 
 
 def zipf_frequencies(weights: np.ndarray, total: float, max_freq: float) -> np.ndarray:
@@ -171,6 +182,9 @@ def build_world(cfg: SynthConfig) -> World:
     freq: dict[int, np.ndarray] = {}
     scale: dict[int, np.ndarray] = {}
     transfers: dict[int, Transfer] = {}
+    structures: dict[int, planting.Structures] = {}
+    extra_rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 2]))
+    extra = (cfg.n_chains, cfg.n_gates, cfg.n_vanishing)
     expected = np.zeros(0)  # the previous layer's firing rate, planted share included
     previous = -1
     for layer in cfg.layers:
@@ -187,13 +201,20 @@ def build_world(cfg: SynthConfig) -> World:
             )
             # A child's own firings look like its carried ones (same typical value).
             scale[layer][t.child.ravel()] = np.repeat(t.gain * scale[previous][t.parent], 2)
+            chain = structures[previous].pass_child if previous in structures else None
+            st = structures[layer] = planting.plant(
+                extra_rng, extra, expected, t.parent, t.child.ravel(), chain
+            )
+            weights[st.children] = 0.0  # they fire only through their parents
         # Children leak at a share of their planted rate; the others fill the layer up to l0.
         is_child = planted > 0
         budget = max(cfg.l0 - (1 + cfg.leak) * planted.sum(), 0.1 * cfg.l0)
         rest = zipf_frequencies(np.where(is_child, 0.0, weights), budget, cfg.max_freq)
         freq[layer] = np.where(is_child, cfg.leak * planted, rest)
+        rates = structures[layer].child_rates(expected) if layer in structures else {}
         expected, previous = freq[layer] + planted, layer
-    return World(freq, scale, transfers)
+        expected[list(rates)] += list(rates.values())
+    return World(freq, scale, transfers, structures)
 
 
 def planted_edges(cfg: SynthConfig, world: World | None = None) -> pl.DataFrame:
@@ -225,6 +246,16 @@ def planted_edges(cfg: SynthConfig, world: World | None = None) -> pl.DataFrame:
             )
         )
     return pl.concat(frames) if frames else pl.DataFrame(schema=EDGE_SCHEMA)
+
+
+def planted_structures(cfg: SynthConfig, world: World | None = None) -> pl.DataFrame:
+    """The `planted` structures (pass, and, or, vanishing) of every pair of successive layers."""
+    world = world or build_world(cfg)
+    frames = [
+        planting.structure_frame(a, b, world.structures[b])
+        for a, b in zip(cfg.layers[:-1], cfg.layers[1:], strict=True)
+    ]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=planting.STRUCTURE_SCHEMA)
 
 
 def _csr(n: int, d: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> sp.csr_matrix:
@@ -267,7 +298,8 @@ def generate_block(
         own = _independent(rng, world.freq[layer], world.scale[layer], n, cfg.value_sigma)
         if previous is not None:
             carried = _carried(rng, blocks[previous], world.transfers[layer], cfg.noise_sigma)
-            own = tuple(np.concatenate(pair) for pair in zip(own, carried, strict=True))
+            exact = planting.carried(blocks[previous], world.structures[layer])
+            own = tuple(np.concatenate(p) for p in zip(own, carried, exact, strict=True))
         blocks[layer] = _csr(n, cfg.d_sae, *own)
         previous = layer
     return blocks
@@ -337,4 +369,6 @@ def generate_all(
             log(f"shard {shard}: {cfg.n_tokens} tokens in {seconds:.1f}s; L0 {l0}")
     with atomic_file(planted_path(store.home)) as tmp:
         edges.write_parquet(tmp)
+    with atomic_file(planted_path(store.home).with_name("structures.parquet")) as tmp:
+        planted_structures(cfg).write_parquet(tmp)
     return edges

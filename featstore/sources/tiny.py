@@ -22,10 +22,19 @@ LAYERS = (6, 7, 8, 9)
 D_SAE = 512
 SEED = 0
 MODEL_CONFIG: dict[str, Any] = {
-    "model_name": MODEL_NAME, "n_layers": 10, "d_model": 96, "d_head": 24, "n_heads": 4,
-    "d_mlp": 384, "d_vocab": VOCAB, "n_ctx": CTX, "act_fn": "gelu_new",
-    "normalization_type": "LN", "positional_embedding_type": "standard",
-    "default_prepend_bos": True, "seed": SEED,
+    "model_name": MODEL_NAME,
+    "n_layers": 10,
+    "d_model": 96,
+    "d_head": 24,
+    "n_heads": 4,
+    "d_mlp": 384,
+    "d_vocab": VOCAB,
+    "n_ctx": CTX,
+    "act_fn": "gelu_new",
+    "normalization_type": "LN",
+    "positional_embedding_type": "standard",
+    "default_prepend_bos": True,
+    "seed": SEED,
 }
 
 
@@ -35,8 +44,12 @@ def load_tokenizer(folder: str | Path, add_bos: bool = True) -> PreTrainedTokeni
 
     # add_bos_token=True also keeps transformer_lens from re-loading the tokenizer by name.
     tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(Path(folder) / "tokenizer.json"), name_or_path=str(folder),
-        bos_token=SPECIAL, eos_token=SPECIAL, pad_token=SPECIAL, add_bos_token=add_bos,
+        tokenizer_file=str(Path(folder) / "tokenizer.json"),
+        name_or_path=str(folder),
+        bos_token=SPECIAL,
+        eos_token=SPECIAL,
+        pad_token=SPECIAL,
+        add_bos_token=add_bos,
     )
     tok.padding_side = "right"
     return tok

@@ -39,8 +39,17 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 HELDOUT_EVERY = 20  # every 20th file (5%) is held out from all training
-SKIP_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings",
-              "pydoc_data", "lib2to3", "turtledemo"}
+SKIP_PARTS = {
+    "site-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "__pycache__",
+    "encodings",
+    "pydoc_data",
+    "lib2to3",
+    "turtledemo",
+}
 MAX_FILE_BYTES = 150_000  # drops a couple of huge generated-looking modules
 
 
@@ -56,7 +65,8 @@ def build_corpus() -> Corpus:
     """Python's own standard library sources, sorted, with every 20th file held out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = sorted(
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if not set(p.relative_to(root).parts) & SKIP_PARTS and p.stat().st_size <= MAX_FILE_BYTES
     )
     corpus = Corpus(train={}, heldout={})
@@ -66,8 +76,9 @@ def build_corpus() -> Corpus:
     return corpus
 
 
-def write_text_shards(corpus: Corpus, folder: Path, n: int = 3,
-                      lo: int = 24_000, hi: int = 40_000) -> list[Path]:
+def write_text_shards(
+    corpus: Corpus, folder: Path, n: int = 3, lo: int = 24_000, hi: int = 40_000
+) -> list[Path]:
     """Write n demo shards, each whole held-out files joined up to lo..hi bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     files = iter(sorted(corpus.heldout.items()))
@@ -96,7 +107,9 @@ def train_tokenizer(texts: list[str], folder: Path, vocab_size: int = VOCAB) -> 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[SPECIAL], show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
@@ -123,8 +136,9 @@ def save_model(model: HookedTransformer, folder: Path) -> None:
     save_file(state, folder / "model.safetensors")
 
 
-def chunk_tokens(tokenizer: PreTrainedTokenizerFast, texts: list[str],
-                 ctx: int = CTX) -> torch.Tensor:
+def chunk_tokens(
+    tokenizer: PreTrainedTokenizerFast, texts: list[str], ctx: int = CTX
+) -> torch.Tensor:
     """Texts joined by EOS and cut into rows of BOS + ctx-1 tokens (the ragged tail is dropped)."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -137,13 +151,21 @@ def chunk_tokens(tokenizer: PreTrainedTokenizerFast, texts: list[str],
 @torch.no_grad()
 def eval_loss(model: HookedTransformer, tokens: torch.Tensor, batch: int = 64) -> float:
     """Mean next-token cross-entropy over all rows of tokens."""
-    losses = [model(tokens[i:i + batch], return_type="loss").item() * len(tokens[i:i + batch])
-              for i in range(0, len(tokens), batch)]
+    losses = [
+        model(tokens[i : i + batch], return_type="loss").item() * len(tokens[i : i + batch])
+        for i in range(0, len(tokens), batch)
+    ]
     return sum(losses) / len(tokens)
 
 
-def train_model(model: HookedTransformer, tokens: torch.Tensor, steps: int = 1200,
-                batch: int = 16, lr: float = 4e-3, warmup: int = 50) -> list[float]:
+def train_model(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    steps: int = 1200,
+    batch: int = 16,
+    lr: float = 4e-3,
+    warmup: int = 50,
+) -> list[float]:
     """AdamW with warmup and cosine decay on random rows of tokens; returns the loss curve."""
     gen = torch.Generator().manual_seed(SEED)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -173,14 +195,18 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def residuals(model: HookedTransformer, tokens: torch.Tensor, layers: tuple[int, ...] = LAYERS,
-              batch: int = 64) -> dict[int, torch.Tensor]:
+def residuals(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    layers: tuple[int, ...] = LAYERS,
+    batch: int = 64,
+) -> dict[int, torch.Tensor]:
     """resid_pre activations of each layer, flattened to (tokens, d_model), BOS position dropped."""
     names = {hook_name(layer) for layer in layers}
     acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for i in range(0, len(tokens), batch):
         _, cache = model.run_with_cache(
-            tokens[i:i + batch], names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1
+            tokens[i : i + batch], names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1
         )
         for layer in layers:
             # position 0 (BOS) is an attention sink with a huge norm: SAEs skip it
@@ -193,18 +219,31 @@ def new_sae(d_in: int, layer: int, l1: float) -> StandardTrainingSAE:
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
 
     cfg = StandardTrainingSAEConfig(d_in=d_in, d_sae=D_SAE, l1_coefficient=l1)
-    meta = {"model_name": MODEL_NAME, "hook_name": hook_name(layer), "hook_head_index": None,
-            "context_size": CTX, "prepend_bos": True, "seqpos_slice": [1, None],
-            "dataset_path": "cpython-stdlib (featstore.sources.train_tiny.build_corpus)",
-            "model_from_pretrained_kwargs": {}}
+    meta = {
+        "model_name": MODEL_NAME,
+        "hook_name": hook_name(layer),
+        "hook_head_index": None,
+        "context_size": CTX,
+        "prepend_bos": True,
+        "seqpos_slice": [1, None],
+        "dataset_path": "cpython-stdlib (featstore.sources.train_tiny.build_corpus)",
+        "model_from_pretrained_kwargs": {},
+    }
     for key, value in meta.items():
         cfg.metadata[key] = value
     torch.manual_seed(SEED + layer)
     return StandardTrainingSAE(cfg)
 
 
-def train_sae(model: HookedTransformer, layer: int, acts: torch.Tensor, steps: int = 1500,
-              batch: int = 2048, lr: float = 3e-3, l1: float = 1.0) -> StandardTrainingSAE:
+def train_sae(
+    model: HookedTransformer,
+    layer: int,
+    acts: torch.Tensor,
+    steps: int = 1500,
+    batch: int = 2048,
+    lr: float = 3e-3,
+    l1: float = 1.0,
+) -> StandardTrainingSAE:
     """Fit an SAE to one layer's activations; l1 is relative to the activations' RMS scale."""
     from sae_lens.saes.sae import TrainStepInput
 
@@ -220,9 +259,15 @@ def train_sae(model: HookedTransformer, layer: int, acts: torch.Tensor, steps: i
     for step in range(steps):
         x = acts[torch.randint(len(acts), (batch,), generator=gen)]
         coef = sae.cfg.l1_coefficient * min(1.0, (step + 1) / warm)
-        out = sae.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={"l1": coef}, dead_neuron_mask=None,
-            n_training_steps=step, is_logging_step=False))
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={"l1": coef},
+                dead_neuron_mask=None,
+                n_training_steps=step,
+                is_logging_step=False,
+            )
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
@@ -230,8 +275,10 @@ def train_sae(model: HookedTransformer, layer: int, acts: torch.Tensor, steps: i
         sched.step()
         if step % 250 == 0 or step == steps - 1:
             l0 = (out.feature_acts > 0).float().sum(-1).mean().item()
-            print(f"sae L{layer} step {step:4d} mse {out.losses['mse_loss'].item():.3f} "
-                  f"L0 {l0:.1f}", flush=True)
+            print(
+                f"sae L{layer} step {step:4d} mse {out.losses['mse_loss'].item():.3f} L0 {l0:.1f}",
+                flush=True,
+            )
     return sae.eval()
 
 
@@ -255,8 +302,12 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m featstore.sources.train_tiny", description=main.__doc__
     )
     p.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "embedded" / "tiny")
-    p.add_argument("--text-out", type=Path, default=None,
-                   help="where the demo shards go (default: <out>/../text)")
+    p.add_argument(
+        "--text-out",
+        type=Path,
+        default=None,
+        help="where the demo shards go (default: <out>/../text)",
+    )
     p.add_argument("--model-steps", type=int, default=1200)
     p.add_argument("--sae-steps", type=int, default=1500)
     p.add_argument("--l1", type=float, default=1.0)
@@ -275,8 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     tok = load_tokenizer(model_dir)
     train_tokens = chunk_tokens(tok, list(corpus.train.values()))
     heldout_tokens = chunk_tokens(tok, list(corpus.heldout.values()))
-    print(f"corpus: {len(corpus.train)} train files ({train_tokens.numel()} tokens), "
-          f"{len(corpus.heldout)} held-out ({heldout_tokens.numel()} tokens)", flush=True)
+    print(
+        f"corpus: {len(corpus.train)} train files ({train_tokens.numel()} tokens), "
+        f"{len(corpus.heldout)} held-out ({heldout_tokens.numel()} tokens)",
+        flush=True,
+    )
     model = new_model()
     curve = train_model(model, train_tokens, steps=args.model_steps)
     model.eval()
@@ -286,15 +340,21 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(SEED)
     sae_rows = train_tokens[torch.randperm(len(train_tokens), generator=gen)[:1024]]
     metrics: dict[str, Any] = {
-        "model": {"heldout_loss": round(eval_loss(model, heldout_tokens), 4),
-                  "train_loss_last100": round(sum(curve[-100:]) / len(curve[-100:]), 4),
-                  "steps": args.model_steps, "heldout_sequences": len(heldout_tokens),
-                  "n_params": sum(p.numel() for p in model.parameters())},
-        "sae_training": {"steps": args.sae_steps, "l1_relative": args.l1,
-                         "train_tokens": len(sae_rows) * (CTX - 1)},
+        "model": {
+            "heldout_loss": round(eval_loss(model, heldout_tokens), 4),
+            "train_loss_last100": round(sum(curve[-100:]) / len(curve[-100:]), 4),
+            "steps": args.model_steps,
+            "heldout_sequences": len(heldout_tokens),
+            "n_params": sum(p.numel() for p in model.parameters()),
+        },
+        "sae_training": {
+            "steps": args.sae_steps,
+            "l1_relative": args.l1,
+            "train_tokens": len(sae_rows) * (CTX - 1),
+        },
         "saes": {},
         "notes": "SAE metrics on held-out sequences, BOS position excluded; explained variance "
-                 "= 1 - sum|x - sae(x)|^2 / sum|x - mean(x)|^2",
+        "= 1 - sum|x - sae(x)|^2 / sum|x - mean(x)|^2",
     }
     print(f"model trained in {t1 - t0:.0f}s: {metrics['model']}", flush=True)
     train_acts = residuals(model, sae_rows)

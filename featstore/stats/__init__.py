@@ -7,6 +7,7 @@ From the bottom up:
 - `finish`: turning sums into statistics and applying a query's threshold rules.
 - `measures`: every measure's definition, ranges and intervals.
 - `query`: `pair_stats`/`pair_report`, the public entry points.
+- `best`: each feature's best partner by one measure, block by block (no features x features).
 
 May import: the ground floor and the store wing.
 """

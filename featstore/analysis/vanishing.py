@@ -1,0 +1,111 @@
+"""Vanishing (disappearing) features: a feature of layer L with no good successor at L+1 (its
+best necessity over the features of L+1 is <= 0.4), and how much of its decoder direction
+survives in the layer-L+1 SAE's reconstruction error (spar-2024's projected errors).
+
+Survival of feature i: at the tokens t where i is active at L (past each sequence's BOS),
+`sum_t e(t) . d_i / |d_i|` over `sum_t a_i(t) |d_i|`, where e = resid_pre_{L+1} - SAE_{L+1}(resid)
+is the next SAE's reconstruction error and a_i d_i what i wrote into resid_pre_L. Near 1: the
+direction is still in the residual stream but the next SAE misses it (the feature went "dark");
+near 0: it was erased, or the next SAE represents it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from featstore.stats.best import best_partners
+from featstore.stats.shardsums import Variant, merged_feature_stats
+from featstore.store.local import Store
+
+MAX_BEST = 0.4  # best necessity at or below this: no good successor (spar-2024)
+MEASURE = "necessity"  # P(a active | b active) (docs/MEASURES.md)
+CHUNK_FEATURES = 1024  # features projected at once (tokens x chunk floats)
+
+
+def best_successor(
+    store: Store, a: int, b: int, *, shards: Sequence[str] | None = None,
+    min_both: int = 1, variant: Variant | None = None,
+) -> pl.DataFrame:  # fmt: skip
+    """Per alive feature of layer a: layer, feature, tokens active, its best successor at b
+    by necessity and that value (0, successor -1, where co-active with none)."""
+    chosen = list(shards or store.shards(a))
+    count = merged_feature_stats(store, a, chosen).count
+    alive = np.flatnonzero(count > 0)
+    best = best_partners(store, a, b, MEASURE, min_both=min_both, shards=chosen, variant=variant)
+    frame = pl.DataFrame({"feature": alive.astype(np.int32), "n_active": count[alive]})
+    return (
+        frame.join(best, on="feature", how="left")
+        .with_columns(
+            layer=pl.lit(a, pl.Int32),
+            successor=pl.col("partner").fill_null(-1),
+            best_necessity=pl.col("value").fill_null(0.0),
+        )
+        .select("layer", "feature", "n_active", "successor", "best_necessity")
+    )
+
+
+def vanishing(best: pl.DataFrame, max_best: float = MAX_BEST) -> pl.DataFrame:
+    """The rows of `best_successor` with no good successor."""
+    return best.filter(pl.col("best_necessity") <= max_best)
+
+
+def survival(codes: sp.csr_matrix, w_dec: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """(n,) share of each feature's written direction found in the next SAE's error.
+
+    `codes` (tokens x n): the features' activations at L; `w_dec` (n x d_model): their decoder
+    rows; `errors` (tokens x d_model): the next SAE's reconstruction error at those tokens."""
+    codes = sp.csr_matrix(codes, dtype=np.float64)
+    norms = np.linalg.norm(w_dec, axis=1)
+    active = (codes > 0).astype(np.float64).tocsc()
+    written = np.asarray(codes.sum(axis=0)).ravel() * norms
+    found = np.zeros(norms.size)
+    for lo in range(0, norms.size, CHUNK_FEATURES):
+        hi = min(lo + CHUNK_FEATURES, norms.size)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            unit = w_dec[lo:hi] / norms[lo:hi, None]
+        proj = np.asarray(errors, np.float64) @ unit.T  # (tokens, chunk)
+        found[lo:hi] = np.asarray(active[:, lo:hi].multiply(proj).sum(axis=0)).ravel()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(written > 0, found / written, np.nan)
+
+
+def next_errors(model, sae_next, tokens: np.ndarray, layer_next: int, batch: int = 8) -> np.ndarray:
+    """(n_seq * seq_len, d_model) reconstruction errors of the layer-`layer_next` SAE on the
+    residual stream it reads (`sae_next.cfg.metadata.hook_name` or `blocks.L.hook_resid_pre`)."""
+    import torch
+
+    hook = f"blocks.{layer_next}.hook_resid_pre"
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(tokens), batch):
+            _, cache = model.run_with_cache(
+                torch.as_tensor(tokens[lo : lo + batch]), names_filter=[hook],
+                stop_at_layer=layer_next + 1,
+            )  # fmt: skip
+            x = cache[hook].flatten(0, 1)
+            out.append((x - sae_next.decode(sae_next.encode(x))).float().numpy())
+    return np.concatenate(out)
+
+
+def decoder_survival(
+    store: Store, model, saes: dict, a: int, features: np.ndarray, shards: Sequence[str],
+    max_sequences: int | None = 32,
+) -> pl.DataFrame:  # fmt: skip
+    """`survival` of `features` of layer a in the layer-(a+1) SAE's error, on the first
+    `max_sequences` sequences of each shard, BOS positions left out."""
+    from featstore.sequences import stacked_codes, store_sequences
+
+    seqs = store_sequences(store, shards, max_sequences)
+    tokens = np.concatenate(seqs)
+    codes = stacked_codes(store, a, shards, seqs)[:, features]
+    keep = sp.diags((np.arange(codes.shape[0]) % tokens.shape[1] >= 1).astype(np.float64))
+    errors = next_errors(model, saes[a + 1], tokens, a + 1)
+    w_dec = saes[a].W_dec.detach().float().numpy()[features]
+    return pl.DataFrame(
+        {"layer": np.full(len(features), a, np.int32), "feature": np.asarray(features, np.int32),
+         "survival": survival(keep @ codes, w_dec, errors)}
+    )  # fmt: skip

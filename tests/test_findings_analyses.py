@@ -1,0 +1,146 @@
+"""Pass-through chains, gates, vanishing features and convergence, each recovering structure
+planted in synthetic activations; best partners and decoder survival against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+from helpers import build_store, sparse_acts
+
+from featstore.analysis import convergence, gates, passthrough, vanishing
+from featstore.sources.synth import SynthConfig, generate, planted_structures, shard_names
+from featstore.stats import shardsums
+from featstore.stats.best import best_partners
+from featstore.store.home import open_store
+
+CFG = SynthConfig(
+    d_sae=512, layers=(6, 7, 8, 9), n_tokens=5000, n_planted=32, l0=20, block_tokens=2500,
+    seed=1, n_chains=4, n_gates=3, n_vanishing=6,
+)  # fmt: skip
+SHARDS = shard_names(4)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    store = open_store(tmp_path_factory.mktemp("planted"), create=True)
+    for shard in SHARDS:
+        generate(store, CFG, shard)
+    return store, planted_structures(CFG)
+
+
+def links_of(frame: pl.DataFrame) -> set[tuple[int, int, int, int]]:
+    return set(frame.select("layer_a", "feature_a", "layer_b", "feature_b").iter_rows())
+
+
+def test_pass_through_finds_exactly_the_planted_chains(planted):
+    store, structures = planted
+    links = passthrough.pass_through_links(store, CFG.layers)
+    assert links_of(links) == links_of(structures.filter(pl.col("kind") == "pass"))
+    assert (links["pearson"] >= 0.95).all()
+    chains = passthrough.chains(links)
+    assert chains["chain"].n_unique() == CFG.n_chains and (chains["length"] == 4).all()
+
+
+def test_pass_through_flow_figure_and_tables(planted, tmp_path):
+    store, _ = planted
+    paths = passthrough.run_pass_through(store, CFG.layers, tmp_path)
+    flow = pl.read_parquet(paths["pass_through_flow"])
+    assert flow["passes_on"].to_list() == [4, 4, 4, 0]
+    assert paths["pass_through_plot"].stat().st_size > 1000
+
+
+@pytest.mark.parametrize("kind", ["and", "or"])
+def test_gates_are_exactly_the_planted_ones(planted, kind):
+    store, structures = planted
+    found = gates.gates(gates.all_parent_sets(store, CFG.layers)).filter(pl.col("kind") == kind)
+    want = (
+        structures.filter(pl.col("kind") == kind)
+        .group_by("layer_a", "layer_b", "feature_b")
+        .agg(
+            pl.col("feature_a").min().alias("parent_1"), pl.col("feature_a").max().alias("parent_2")
+        )
+    )
+    key = ["layer_a", "layer_b", "feature_b", "parent_1", "parent_2"]
+    assert set(found.select(key).iter_rows()) == set(want.select(key).iter_rows())
+    assert found.height == CFG.n_gates * 3
+
+
+def test_vanishing_features_have_no_good_successor(planted):
+    store, structures = planted
+    for a, b in ((6, 7), (7, 8), (8, 9)):
+        best = vanishing.best_successor(store, a, b)
+        gone = set(vanishing.vanishing(best)["feature"])
+        mine = structures.filter((pl.col("layer_a") == a) & (pl.col("kind") == "vanishing"))
+        assert set(mine["feature_a"]) <= gone
+        passing = structures.filter((pl.col("layer_a") == a) & (pl.col("kind") == "pass"))
+        assert not set(passing["feature_a"]) & gone  # their copy needs them: necessity 1
+
+
+@pytest.mark.parametrize("measure", ["pearson", "necessity", "cosine"])
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_best_partners_match_dense_numpy(tmp_path, measure, side):
+    x, y = sparse_acts(200, 12, 0.3, 0), sparse_acts(200, 9, 0.3, 1)
+    store = build_store(tmp_path / "h", {6: {"s": x}, 7: {"s": y}})
+    xd, yd = x.toarray().astype(np.float64), y.toarray().astype(np.float64)
+    ref = {
+        "pearson": np.corrcoef(xd.T, yd.T)[:12, 12:],
+        "necessity": ((xd > 0).T.astype(int) @ (yd > 0)) / (yd > 0).sum(0),
+        "cosine": (xd.T @ yd) / np.sqrt(np.outer((xd**2).sum(0), (yd**2).sum(0))),
+    }[measure]
+    both = ((xd > 0).T @ (yd > 0).astype(int)) >= 2
+    ref = np.where(both, ref, -np.inf)
+    ref = ref if side == "a" else ref.T
+    got = best_partners(store, 6, 7, measure, side=side, min_both=2)
+    has = np.flatnonzero(np.isfinite(ref).any(1))
+    np.testing.assert_array_equal(got["feature"].to_numpy(), has)
+    np.testing.assert_allclose(got["value"].to_numpy(), ref[has].max(1), rtol=1e-9)
+    np.testing.assert_array_equal(got["partner"].to_numpy(), ref[has].argmax(1))
+
+
+def test_survival_is_the_share_of_the_direction_left_in_the_error():
+    rng = np.random.default_rng(0)
+    n, d, tokens = 6, 16, 300
+    w_dec = np.linalg.qr(rng.normal(size=(d, d)))[0][:n] * rng.uniform(0.5, 2.0, (n, 1))
+    codes = sparse_acts(tokens, n, 0.3, 2).toarray().astype(np.float64)
+    kept = np.array([1.0, 0.0, 0.5, 1.0, 0.0, 0.25])  # share of each direction left unexplained
+    errors = (codes * kept) @ w_dec
+    got = vanishing.survival(sp.csr_matrix(codes), w_dec, errors)
+    np.testing.assert_allclose(got, kept, atol=1e-9)
+    unit = w_dec / np.linalg.norm(w_dec, axis=1, keepdims=True)
+    ref = [
+        (errors[codes[:, i] > 0] @ unit[i]).sum() / (codes[:, i].sum() * np.linalg.norm(w_dec[i]))
+        for i in range(n)
+    ]
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_convergence_merges_saved_shard_sums_and_counts_like_numpy(planted, monkeypatch):
+    store, _ = planted
+    shardsums.ensure_shard_pairs(store, 6, 7, SHARDS)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fraction passed over the activations")
+
+    monkeypatch.setattr(shardsums, "update_shard_pairs", refuse)
+    monkeypatch.setattr(shardsums, "iter_shard_pair_counts", refuse)
+    frame = convergence.convergence(store, 6, 7, thresholds={"jaccard": 0.3}, min_both=2)
+    assert frame["shards"].to_list() == [1, 2, 4]  # 1/8 and 1/4 of 4 shards: one shard
+    assert frame["token_share"].to_list() == [0.25, 0.5, 1.0]
+    last = frame.row(-1, named=True)
+    assert last["recovered"] == last["stable"] == 1.0 and last["mean_abs_change"] == 0.0
+    for n_shards, above in zip(frame["shards"], frame["pairs_above"], strict=True):
+        xa = sp.vstack([store.read(6, s) for s in SHARDS[:n_shards]]).toarray() > 0
+        xb = sp.vstack([store.read(7, s) for s in SHARDS[:n_shards]]).toarray() > 0
+        both = xa.T.astype(np.float64) @ xb.astype(np.float64)  # BLAS: exact counts
+        either = xa.sum(0)[:, None] + xb.sum(0)[None, :] - both
+        with np.errstate(invalid="ignore", divide="ignore"):
+            assert above == int(((both / either >= 0.3) & (both >= 2)).sum())
+
+
+def test_convergence_figure_is_written(planted, tmp_path):
+    store, _ = planted
+    paths = convergence.run_convergence(store, (6, 7), tmp_path, thresholds={"pearson": 0.5})
+    assert pl.read_parquet(paths["convergence"]).height == 3
+    assert paths["convergence_plot"].stat().st_size > 1000
