@@ -8,6 +8,7 @@ from pipelines.assets.causal import causal_assets
 from pipelines.assets.checks import activation_checks
 from pipelines.assets.comparison import comparison_assets
 from pipelines.assets.extraction import activations, encoder_config, tokenizer_config, tokens
+from pipelines.assets.findings import findings_assets
 from pipelines.assets.statistics import statistics_assets
 from pipelines.execution import executor
 from pipelines.removal import merge_after_removal
@@ -26,6 +27,7 @@ def build_defs(featstore: FeatstoreResource) -> dg.Definitions:
             *statistics_assets,
             *causal_assets,
             *comparison_assets,
+            *findings_assets,
         ],
         asset_checks=activation_checks,
         resources={"featstore": featstore},

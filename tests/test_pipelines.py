@@ -50,6 +50,7 @@ def test_definitions_load_with_every_asset_and_check():
         "erasure",
         "method_comparison",
         "feature_cards",
+        "findings",
     }
     assert {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys} == {
         ("activations", "values_finite_nonnegative"),

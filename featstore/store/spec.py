@@ -95,5 +95,7 @@ CONCEPTS_DIR = "concepts"  # best features, traces, one PNG per concept
 ERASURE_DIR = "erasure"  # erasure and gradual-change tables and PNGs
 COMPARISON_DIR = "comparison"  # one Parquet per table, three PNGs
 CARDS_DIR = "cards"  # index.html and L{layer}_{feature}.html
+FINDINGS_DIR = "findings"  # the conjectures' table, page and plots (featstore.analysis.findings)
+FINDINGS_FILE = "findings.parquet"  # in FINDINGS_DIR: the `findings` SQL table
 LOGITS_DIR = "logits"  # logit effects of every feature (featstore.analysis.logits)
 LOGIT_EFFECTS_FILE = "logit_effects.parquet"  # in LOGITS_DIR: the `logit_effects` SQL table

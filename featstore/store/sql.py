@@ -6,7 +6,9 @@ over the merged pair statistics files in `{home}/pair_stats/` (empty when there 
 `causal_edges(layer_a, feature_a, layer_b, feature_b, ...)` over the patching effects in
 `{home}/causal/causal_edges.parquet` (`featstore.causal`; empty when absent);
 `logit_effects(layer, feature, kind, rank, token, text, effect)` over
-`{home}/logits/logit_effects.parquet` (`featstore.analysis.logits`; empty when absent).
+`{home}/logits/logit_effects.parquet` (`featstore.analysis.logits`; empty when absent);
+`findings(conjecture, statistic, observed, control, ..., verdict, ...)` over
+`{home}/findings/findings.parquet` (`featstore.analysis.findings`; empty when absent).
 
 Each (layer, shard) is a lazy Arrow source that builds a fresh reader from `Store.iter_blocks`
 whenever DuckDB asks, so a query may scan it several times (a self-join). `activations` is a
@@ -69,16 +71,53 @@ PAIR_STATS_SCHEMA = pa.schema(
     ]
 )
 CAUSAL_EDGES_SCHEMA = pa.schema(  # featstore.causal writes it
-    [("layer_a", pa.int32()), ("feature_a", pa.int32()), ("layer_b", pa.int32()),
-     ("feature_b", pa.int32()), ("n_tokens", pa.int64()), ("exact", pa.bool_())]
+    [
+        ("layer_a", pa.int32()),
+        ("feature_a", pa.int32()),
+        ("layer_b", pa.int32()),
+        ("feature_b", pa.int32()),
+        ("n_tokens", pa.int64()),
+        ("exact", pa.bool_()),
+    ]
     + [(c, pa.float64()) for c in ("mean_effect", "relative_effect")]
-    + [("n_clean_on", pa.int64()), ("n_off", pa.int64()), ("share_off", pa.float64()),
-       ("n_on", pa.int64()), ("share_on", pa.float64())]
+    + [
+        ("n_clean_on", pa.int64()),
+        ("n_off", pa.int64()),
+        ("share_off", pa.float64()),
+        ("n_on", pa.int64()),
+        ("share_on", pa.float64()),
+    ]
     + [(c, pa.float64()) for c in ("total_effect", "attribution", "relative_attribution")]
 )
 LOGIT_EFFECTS_SCHEMA = pa.schema(  # featstore.analysis.logits writes it
-    [("layer", pa.int32()), ("feature", pa.int32()), ("kind", pa.string()), ("rank", pa.int32()),
-     ("token", pa.int32()), ("text", pa.string()), ("effect", pa.float64())]
+    [
+        ("layer", pa.int32()),
+        ("feature", pa.int32()),
+        ("kind", pa.string()),
+        ("rank", pa.int32()),
+        ("token", pa.int32()),
+        ("text", pa.string()),
+        ("effect", pa.float64()),
+    ]
+)
+
+FINDINGS_SCHEMA = pa.schema(  # featstore.analysis.findings writes it
+    [
+        ("conjecture", pa.string()),
+        ("statistic", pa.string()),
+        ("observed", pa.float64()),
+        ("control", pa.string()),
+        ("control_value", pa.float64()),
+        ("effect", pa.float64()),
+        ("effect_lo", pa.float64()),
+        ("effect_hi", pa.float64()),
+        ("verdict", pa.string()),
+        ("unit", pa.string()),
+        ("n", pa.int64()),
+        ("plot", pa.string()),
+        ("source", pa.string()),
+        ("layers", pa.string()),
+    ]
 )
 
 
@@ -229,9 +268,7 @@ def _derived(
     return con.from_arrow(pads.dataset(str(path), schema=schema))
 
 
-def connect(
-    store: Store, failures: list[Exception] | None = None
-) -> duckdb.DuckDBPyConnection:
+def connect(store: Store, failures: list[Exception] | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the store's views; it can read no file but through them.
 
     Errors reading the store during a query are appended to `failures` when given.
@@ -251,6 +288,8 @@ def connect(
     _derived(con, causal, CAUSAL_EDGES_SCHEMA).to_view("causal_edges")
     logits = store.home / spec.LOGITS_DIR / spec.LOGIT_EFFECTS_FILE
     _derived(con, logits, LOGIT_EFFECTS_SCHEMA).to_view("logit_effects")
+    findings = store.home / spec.FINDINGS_DIR / spec.FINDINGS_FILE
+    _derived(con, findings, FINDINGS_SCHEMA).to_view("findings")
     con.execute("SET lock_configuration = true")
     return con
 

@@ -1,0 +1,109 @@
+"""The findings table: its evidence against numpy, its verdict rule, and its verdicts on
+synthetic activations with planted gates and pass-through chains."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+from helpers import build_store, sparse_acts
+
+from featstore.analysis import evidence, findings
+from featstore.sources.synth import SynthConfig, generate, shard_names
+from featstore.store import spec, sql
+from featstore.store.home import open_store
+
+CFG = SynthConfig(
+    d_sae=256, layers=(6, 7, 8, 9), n_tokens=4000, n_planted=16, l0=12, block_tokens=2000,
+    seed=2, n_chains=8, n_gates=6, n_vanishing=4,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    store = open_store(tmp_path_factory.mktemp("findings"), create=True)
+    for shard in shard_names(2):
+        generate(store, CFG, shard)
+    return store
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "word"),
+    [(0.1, 0.3, "supported"), (-0.3, -0.1, "not supported"), (-0.3, 0.0, "not supported"),
+     (-0.1, 0.2, "inconclusive"), (0.0, 0.2, "inconclusive"), (np.nan, 0.1, "inconclusive")],
+)  # fmt: skip
+def test_verdict_rule(lo, hi, word):
+    assert findings.verdict(lo, hi) == word
+
+
+def test_bootstrap_interval_is_the_percentiles_of_resampled_means():
+    x = np.random.default_rng(0).normal(1.0, 1.0, 400)
+    value, lo, hi = findings.bootstrap([x], lambda s: float(np.mean(s[0])), 2000, 0)
+    assert value == pytest.approx(x.mean())
+    half = 1.96 * x.std() / np.sqrt(x.size)  # the normal interval it should come close to
+    assert lo == pytest.approx(x.mean() - half, abs=0.03)
+    assert hi == pytest.approx(x.mean() + half, abs=0.03)
+    assert findings.bootstrap([np.full(5, 2.0)], lambda s: float(np.mean(s[0])), 100, 0) == (
+        2.0, 2.0, 2.0)  # fmt: skip
+
+
+def test_token_explained_is_eta_squared_of_the_activation_on_the_token(tmp_path):
+    x = sparse_acts(160, 6, 0.3, 0).toarray().astype(np.float64)
+    store = build_store(tmp_path / "h", {6: {"s": sp.csr_matrix(x)}})
+    tokens = store.tokens("s")["token"].to_numpy()
+    x[:, 0] = (tokens % 3 == 0) * (1.0 + tokens)  # a function of the token: eta^2 = 1
+    store = build_store(tmp_path / "h2", {6: {"s": sp.csr_matrix(x)}})
+    got = evidence.token_explained(store, 6, ["s"])
+    for f, eta2 in zip(got["feature"], got["eta2"], strict=True):
+        col = x[:, f]
+        means = {t: col[tokens == t].mean() for t in np.unique(tokens)}
+        between = sum((tokens == t).sum() * (m - col.mean()) ** 2 for t, m in means.items())
+        assert eta2 == pytest.approx(between / ((col - col.mean()) ** 2).sum(), rel=1e-9)
+    assert got.filter(pl.col("feature") == 0)["eta2"][0] == pytest.approx(1.0)
+
+
+def test_findings_on_planted_structure(planted, tmp_path):
+    cfg = findings.FindingsConfig(layers=CFG.layers, n_boot=200)
+    frame, paths = findings.run_findings(planted, cfg, tmp_path / "out")
+    c2 = frame.filter(pl.col("conjecture") == "C2").row(0, named=True)
+    assert c2["verdict"] == "supported" and c2["control_value"] == 0.0
+    assert c2["observed"] > 0  # the planted AND and OR gates' children
+    fade, passing = frame.filter(pl.col("conjecture") == "C3").iter_rows(named=True)
+    assert passing["verdict"] == "supported"
+    alive = sum(int((planted.feature_stats(a, "synth-000").count > 0).sum()) for a in (6, 7, 8))
+    assert passing["observed"] == pytest.approx(3 * CFG.n_chains / alive, rel=0.05)
+    assert fade["verdict"] == "supported"  # planted relations link successive layers only
+    c3a = frame.filter(pl.col("conjecture") == "C3a").row(0, named=True)
+    assert c3a["verdict"] == "inconclusive" and "model" in c3a["statistic"]
+    assert set(frame["source"]) == {"synthetic"}
+    page = paths["findings_page"].read_text()
+    assert "These verdicts are about `synthetic`" in page and "| C2 |" in page
+    for name in ("c1", "c2", "c3_pass_through"):
+        assert paths[name].stat().st_size > 1000
+
+
+def test_findings_asset_shows_its_page(planted):
+    import dagster as dg
+
+    from pipelines.assets.findings import FindingsAssetConfig, findings
+    from pipelines.resources import FeatstoreResource
+
+    resource = FeatstoreResource(home=str(planted.home))  # source tiny: not the store's
+    result = dg.materialize(
+        [findings], resources={"featstore": resource},
+        run_config={"ops": {"findings": {"config": FindingsAssetConfig(n_boot=100).model_dump()}}},
+    )  # fmt: skip
+    assert result.success
+    meta = result.asset_materializations_for_node("findings")[0].metadata
+    assert "These verdicts are about `synthetic`" in meta["page"].value
+    assert meta["dagster/row_count"].value == 5 and "c2" in meta
+
+
+def test_findings_view_in_sql(planted, tmp_path):
+    store = build_store(tmp_path / "h", {6: {"s": sparse_acts(16, 4)}})
+    assert sql.query(store, "select count(*) as n from findings")["n"][0] == 0  # empty: absent
+    cfg = findings.FindingsConfig(layers=CFG.layers, n_boot=100)
+    findings.run_findings(planted, cfg, planted.home / spec.FINDINGS_DIR)
+    got = sql.query(planted, "select conjecture, verdict from findings order by conjecture")
+    assert got["conjecture"].to_list()[0] == "C1" and got.height == 5
