@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import polars as pl
 
 from featstore.explorer.reads import MEASURES, Explorer, check_measure_name
-from featstore.stats.measures import MIN_BOTH
 
 Node = tuple[int, int]
 
@@ -29,12 +28,7 @@ class Neighbourhood:
 
 
 def _step(ex: Explorer, node: Node, other: int, measure: str, threshold: float, k: int):
-    layer, feature = node
-    up = other > layer
-    a, b = (layer, other) if up else (other, layer)
-    name = "feature_successors" if up else "feature_predecessors"
-    frame = ex.sql(name, {"layer_a": a, "layer_b": b, "feature": feature})
-    frame = frame.filter((pl.col("n_both") >= MIN_BOTH) & (pl.col(measure) >= threshold))
+    frame = ex.pair_rows(node[0], other, node[1]).filter(pl.col(measure) >= threshold)
     return frame.sort(measure, descending=True, nulls_last=True).head(k)
 
 

@@ -23,11 +23,19 @@ from featstore.analysis.cards import check_feature
 from featstore.analysis.logits import read_logit_effects
 from featstore.errors import FeatstoreError
 from featstore.explorer.summary import HIST_EDGES, LayerSummary, summarise_layer
+from featstore.stats.finish import finish_stats
+from featstore.stats.kernel import PairCounts
 from featstore.stats.measures import MIN_BOTH, with_intervals
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store import spec
 from featstore.store.local import FeatureStats, Store
-from featstore.store.sql import PAIR_STATS_SCHEMA, connect, named_query, one_line, token_slice
+from featstore.store.sql import (
+    CAUSAL_EDGES_SCHEMA,
+    PAIR_STATS_SCHEMA,
+    named_query,
+    one_line,
+    pair_stats_files,
+)
 
 CONTEXT = (8, 4)  # tokens shown before and after an activation
 KEYS = ("layer_a", "layer_b", "feature_a", "feature_b", "n_tokens")
@@ -94,6 +102,7 @@ class Explorer:
         self._stats: dict[int, FeatureStats] = {}
         self._vocab = store.vocab()
         self._con = connect(store)
+        self._tokens: dict[str, dict[str, np.ndarray]] = {}
 
     # -- cached per layer ------------------------------------------------------------------------
 
@@ -110,6 +119,14 @@ class Explorer:
                     self.store, layer, self.store.shards(layer)
                 )
             return self._stats[layer]
+
+    def token_table(self, shard: str) -> dict[str, np.ndarray]:
+        """A shard's token columns (12 bytes a token), read once."""
+        with self._lock:
+            if shard not in self._tokens:
+                table = self.store.tokens(shard)
+                self._tokens[shard] = {c: table[c].to_numpy() for c in table.columns}
+            return self._tokens[shard]
 
     def d_sae(self, layer: int) -> int:
         return int(self.stats(layer).count.size)
@@ -142,7 +159,7 @@ class Explorer:
             if shard not in have:
                 continue
             lo, hi = max(int(row) - before, 0), int(row) + after + 1
-            cols = token_slice(self.store, shard, lo, hi)
+            cols = {k: v[lo:hi] for k, v in self.token_table(shard).items()}
             same = np.flatnonzero(cols["seq"] == cols["seq"][row - lo])
             values = self.store.read(layer, shard, lo, lo + cols["seq"].size)[:, feature]
             values = values.toarray().ravel()[same]
@@ -169,6 +186,22 @@ class Explorer:
             frame = frame.filter((pl.col("layer") == layer) & (pl.col("feature") == feature))
         return frame.sort("auroc", descending=True, nulls_last=True)
 
+    def pair_rows(self, layer: int, other: int, feature: int, min_both: int = MIN_BOTH):
+        """Every measure of the pairs of (layer, feature) with the features of `other` that
+        were active together on >= min_both tokens: the sums by DuckDB, finished here."""
+        up = other > layer
+        a, b = (layer, other) if up else (other, layer)
+        name = "feature_successor_sums" if up else "feature_predecessor_sums"
+        sums = self.sql(name, {"layer_a": a, "layer_b": b, "feature": feature,
+                               "min_both": min_both})  # fmt: skip
+        stats_a, stats_b = self.stats(a), self.stats(b)
+        counts = PairCounts(
+            stats_a.n_tokens, stats_a.count.size, stats_b.count.size,
+            *(sums[c].to_numpy() for c in ("feature_a", "feature_b", "n_both", "sum_xy")),
+        )  # fmt: skip
+        frame = finish_stats(counts, stats_a, stats_b)
+        return frame.with_columns(layer_a=pl.lit(a), layer_b=pl.lit(b))
+
     def partners(
         self, layer: int, feature: int, measure: str = "pearson", n: int = 10,
         min_both: int = MIN_BOTH,
@@ -177,18 +210,14 @@ class Explorer:
         check_measure_name(measure)
         out = []
         for other in self.layers:
-            if other == layer:
+            frame = self.pair_rows(layer, other, feature, min_both) if other != layer else None
+            if frame is None or not frame.height:
                 continue
-            side = "predecessors" if other < layer else "successors"
-            a, b = (other, layer) if other < layer else (layer, other)
-            name = "feature_predecessors" if other < layer else "feature_successors"
-            frame = self.sql(name, {"layer_a": a, "layer_b": b, "feature": feature})
-            if not frame.height:
-                continue
-            frame = frame.filter(pl.col("n_both") >= min_both)
+            a, b = sorted((layer, other))
             frame = with_intervals(frame, self.stats(a), self.stats(b))
             frame = frame.sort(measure, descending=True, nulls_last=True).head(n)
             mine = "feature_a" if other < layer else "feature_b"
+            side = "predecessors" if other < layer else "successors"
             out.append(Partners(other, side, frame.select(
                 pl.lit(other).alias("layer"), pl.col(mine).cast(pl.Int64).alias("feature"),
                 pl.exclude(*KEYS),
@@ -212,6 +241,20 @@ class Explorer:
             self.top_tokens(layer, feature), self.partners(layer, feature, measure, n),
             self.causal(layer, feature), read_logit_effects(self.store, layer, feature),
         )  # fmt: skip
+
+
+def connect(store: Store) -> duckdb.DuckDBPyConnection:
+    """DuckDB reading the merged pair statistics and the causal edges of `store` in place
+    (their Parquet files; only the fixed queries of `sql/` run on it, never a user's)."""
+    con = duckdb.connect()
+    files = [str(f) for f in pair_stats_files(store)]
+    pairs = con.read_parquet(files, union_by_name=True) if files else None
+    causal = store.home / spec.CAUSAL_DIR / spec.CAUSAL_EDGES_FILE
+    edges = con.read_parquet(str(causal)) if causal.exists() else None
+    for name, rel, schema in (("pair_stats", pairs, PAIR_STATS_SCHEMA),
+                              ("causal_edges", edges, CAUSAL_EDGES_SCHEMA)):  # fmt: skip
+        (rel if rel is not None else con.from_arrow(schema.empty_table())).to_view(name)
+    return con
 
 
 def check_measure_name(measure: str) -> None:
