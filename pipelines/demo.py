@@ -23,7 +23,7 @@ from featstore.sources.extract import list_shards
 from featstore.store import spec
 from featstore.store.local import Store
 from pipelines.assets.causal import causal_edges, concept_traces, erasure
-from pipelines.assets.comparison import feature_cards, method_comparison
+from pipelines.assets.comparison import feature_cards, logit_effects, method_comparison
 from pipelines.assets.extraction import activations, encoder_config, tokenizer_config, tokens
 from pipelines.assets.statistics import (
     GRAPH_DIR,
@@ -184,8 +184,9 @@ RESEARCH_OPS = {
 
 
 def run_research(instance: dg.DagsterInstance, location: dg.Definitions) -> None:
-    """Causal edges, concept traces, erasure, the method comparison and feature cards."""
-    research = [causal_edges, concept_traces, erasure, method_comparison, feature_cards]
+    """Causal edges, concept traces, erasure, the method comparison, logit effects and cards."""
+    research = [causal_edges, concept_traces, erasure, method_comparison, logit_effects,
+                feature_cards]  # fmt: skip
     materialize(instance, research, location=location, ops=RESEARCH_OPS)
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
 from helpers import SMALL_VOCAB, model_store, random_model, random_saes, random_tokens
 
-from featstore.analysis import logits
+from featstore.analysis import cards, logits
 from featstore.errors import FeatstoreError
 from featstore.store.sql import query
 
@@ -67,6 +69,11 @@ def test_table_is_queryable_and_read_per_feature(setup):
     assert one.equals(table.filter((pl.col("layer") == 7) & (pl.col("feature") == 5)))
     sql = "select count(*) as n from logit_effects where layer = 6 and kind = 'promoted'"
     assert query(store, sql)["n"][0] == 24 * 4
+    card = cards.feature_card(store, 7, 5, top=2)
+    assert card.logits.equals(one)
+    page = cards.card_html(card)
+    for text in one["text"]:
+        assert f"<td class=ctx>{html.escape(text)}</td>" in page
 
 
 def test_damaged_table_is_reported(setup, tmp_path):

@@ -49,6 +49,7 @@ def test_definitions_load_with_every_asset_and_check():
         "concept_traces",
         "erasure",
         "method_comparison",
+        "logit_effects",
         "feature_cards",
         "findings",
     }

@@ -3,7 +3,8 @@
 A card holds a feature's activation frequency and mean, its top-activating contexts (the tokens
 around each activation, from the store's token table and vocabulary), and its predecessors (the
 layer below) and successors (the layer above) with every measure of `featstore.measures` and
-their 95% intervals. Partners are computed straight from the activations (the sparse engine on
+their 95% intervals, and its logit effects where `featstore.analysis.logits` wrote its table.
+Partners are computed straight from the activations (the sparse engine on
 the feature's column), so a card needs no saved pair sums. It prints as text (`featstore feature
 LAYER:ID`) or renders as a self-contained HTML page (escaped text, inline CSS, no script).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from featstore.analysis.logits import read_logit_effects
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
 from featstore.stats.finish import finish_stats
@@ -47,6 +49,7 @@ class FeatureCard:
     contexts: pl.DataFrame  # shard, seq, pos, value, before, token, after
     predecessors: pl.DataFrame  # layer, feature + every measure
     successors: pl.DataFrame
+    logits: pl.DataFrame | None = None  # kind, rank, token, text, effect (None: no table)
 
     @property
     def frequency(self) -> float:
@@ -234,7 +237,7 @@ def feature_cards(
             cards[(layer, f)] = FeatureCard(
                 layer, f, stats.n_tokens, int(stats.count[f]), float(stats.total[f]),
                 contexts.filter(pl.col("feature") == f).drop("feature"),
-                near(preds, "b"), near(succs, "a"),
+                near(preds, "b"), near(succs, "a"), read_logit_effects(store, layer, f),
             )  # fmt: skip
     return [cards[k] for k in keys]
 
@@ -268,6 +271,8 @@ def card_text(card: FeatureCard) -> str:
         "", "predecessors:", render(card.predecessors) if card.predecessors.width else "(none)",
         "", "successors:", render(card.successors) if card.successors.width else "(none)",
     ]  # fmt: skip
+    if card.logits is not None:
+        lines += ["", "logit effects:", render(card.logits.drop("layer", "feature"))]
     return "\n".join(lines)
 
 
@@ -324,8 +329,20 @@ def card_html(card: FeatureCard, linked: Iterable[Key] = ()) -> str:
         f"<style>{STYLE}</style></head><body><h1>{title}</h1><p id=summary>{summary}</p>"
         f"<h2>Top-activating contexts</h2>{_context_table(card.contexts)}"
         f"<h2>Predecessors</h2>{_partner_table(card.predecessors, linked)}"
-        f"<h2>Successors</h2>{_partner_table(card.successors, linked)}</body></html>"
+        f"<h2>Successors</h2>{_partner_table(card.successors, linked)}"
+        f"{_logits_table(card.logits)}</body></html>"
     )
+
+
+def _logits_table(logits: pl.DataFrame | None) -> str:
+    if logits is None:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_cell(k)}</td><td>{r}</td><td class=ctx>{_cell(t)}</td><td>{_cell(e)}</td></tr>"
+        for k, r, t, e in logits.select("kind", "rank", "text", "effect").iter_rows()
+    )
+    head = "<tr><th>kind</th><th>rank</th><th>token</th><th>logit effect</th></tr>"
+    return f"<h2>Logit effects</h2><table id=logits>{head}{rows}</table>"
 
 
 def busiest_features(edges: pl.DataFrame, n: int) -> list[Key]:

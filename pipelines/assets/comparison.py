@@ -10,9 +10,11 @@ import polars as pl
 from featstore.analysis.cards import busiest_features, write_cards
 from featstore.analysis.compare import DEFAULT_THRESHOLDS, CompareConfig, run_comparison
 from featstore.analysis.graph import EDGES
+from featstore.analysis.logits import store_logit_effects, write_logit_effects
 from featstore.errors import FeatstoreError
 from featstore.stats.measures import MIN_BOTH
 from featstore.store.spec import CARDS_DIR, COMPARISON_DIR
+from pipelines.assets.extraction import activations, encoder_config
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
 from pipelines.resources import FeatstoreResource
 
@@ -37,6 +39,11 @@ class FeatureCardsConfig(dg.Config):
     partners: int = 10  # predecessors and successors per page
     sort_by: str = "pearson"
     min_both: int = MIN_BOTH
+    explorer_url: str = "http://127.0.0.1:8765"  # where `featstore serve` runs: cards link there
+
+
+class LogitEffectsConfig(dg.Config):
+    k: int = 10  # promoted and suppressed tokens kept per feature
 
 
 @dg.asset(
@@ -84,7 +91,34 @@ def method_comparison(
 
 
 @dg.asset(
-    deps=[feature_graph],
+    deps=[encoder_config, activations],
+    code_version=COMPARISON_VERSION,
+    group_name="comparison",
+    kinds={"torch", "parquet"},
+)
+def logit_effects(config: LogitEffectsConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+    """What each feature's decoder direction does to the next-token logits, directly.
+
+    `featstore.analysis.logits`: W_dec through the final LayerNorm's centring and scale and the
+    unembedding, the k most promoted and most suppressed tokens of every feature of every
+    layer; `{home}/logits/logit_effects.parquet`, the `logit_effects` SQL table, shown in the
+    cards and in `featstore serve`.
+    """
+    store = featstore.open()
+    frame = store_logit_effects(store, store.layers(), k=config.k)
+    path = write_logit_effects(store, frame)
+    first = frame.filter((pl.col("layer") == frame["layer"].min()) & (pl.col("feature") == 0))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": frame.height,
+            "path": dg.MetadataValue.path(str(path)),
+            "first_feature": dg.MetadataValue.md(markdown(first)),
+        }
+    )
+
+
+@dg.asset(
+    deps=[feature_graph, logit_effects],
     code_version=COMPARISON_VERSION,
     group_name="comparison",
     kinds={"html"},
@@ -93,8 +127,9 @@ def feature_cards(config: FeatureCardsConfig, featstore: FeatstoreResource) -> d
     """A static HTML page per busiest feature of the graph (most edges), linked to each other.
 
     `featstore.cards.write_cards`: activation frequency and mean, top-activating contexts, and
-    predecessors and successors with every measure and their 95% intervals; the pages open in a
-    browser without a server. Files under `{home}/cards/`.
+    predecessors and successors with every measure and their 95% intervals, logit effects; the
+    pages open in a browser without a server. Files under `{home}/cards/`; `urls` gives each
+    card's page in the explorer (`featstore serve`, at `explorer_url`).
     """
     edges_path = featstore.home_path() / GRAPH_DIR / EDGES
     if not edges_path.exists():
@@ -115,8 +150,14 @@ def feature_cards(config: FeatureCardsConfig, featstore: FeatstoreResource) -> d
             "pages": len(keys),
             "features": dg.MetadataValue.json([f"L{layer}:{f}" for layer, f in keys]),
             "index": dg.MetadataValue.path(str(paths[0])),
+            "urls": dg.MetadataValue.md(
+                "\n".join(
+                    f"- [L{layer}:{f}]({config.explorer_url.rstrip('/')}/features/{layer}/{f})"
+                    for layer, f in keys
+                )
+            ),
         }
     )
 
 
-comparison_assets = [method_comparison, feature_cards]
+comparison_assets = [method_comparison, logit_effects, feature_cards]
