@@ -8,6 +8,7 @@ From the bottom up:
 - `measures`: every measure's definition, ranges and intervals.
 - `query`: `pair_stats`/`pair_report`, the public entry points.
 - `best`: each feature's best partner by one measure, block by block (no features x features).
+- `allpairs`: `pair_reports`, every pair among some layers in one pass over the shards.
 
 May import: the ground floor and the store wing.
 """

@@ -61,7 +61,7 @@ class PairCounts:
             key, n_both, sum_xy = key[order], n_both[order], sum_xy[order]
             starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
             key = key[starts]
-            n_both, sum_xy = np.add.reduceat(n_both, starts), np.add.reduceat(sum_xy, starts)
+            n_both, sum_xy = np.add.reduceat(n_both, starts), _run_sums(sum_xy, starts)
         fa, fb = np.divmod(key, d_b)
         return PairCounts(
             n_tokens, d_a, d_b, fa.astype(np.int32), fb.astype(np.int32), n_both, sum_xy
@@ -130,6 +130,20 @@ class PairCounts:
 PAIR_ARRAYS = ("feature_a", "feature_b", "n_both", "sum_xy")
 
 
+@numba.njit(nogil=True, cache=True)
+def _run_sums(values, starts):
+    """The sum of each run values[starts[k]:starts[k + 1]], added left to right: the order
+    that makes merged sums canonical (numpy's reduceat adds some runs in another order)."""
+    out = np.empty(starts.size, np.float64)
+    for k in range(starts.size):
+        end = starts[k + 1] if k + 1 < starts.size else values.size
+        total = values[starts[k]]
+        for p in range(starts[k] + 1, end):
+            total += values[p]
+        out[k] = total
+    return out
+
+
 @dataclass(frozen=True)
 class Screen:
     """The pairs a query may keep: sum_xy * row[feature_a] * col[feature_b] >= floor (never
@@ -176,7 +190,7 @@ def _pattern(matrix: sp.csr_matrix, dtype: type) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(matrix.nnz, dtype), matrix.indices, matrix.indptr), matrix.shape)
 
 
-def _canonical_input(matrix: sp.spmatrix) -> sp.csr_matrix:
+def canonical_input(matrix: sp.spmatrix) -> sp.csr_matrix:
     csr = sp.csr_matrix(matrix, dtype=np.float64)
     csr.sum_duplicates()
     csr.eliminate_zeros()
@@ -222,26 +236,44 @@ def _sort_features(keys, spare, k, passes):
     return keys
 
 
+@numba.njit(nogil=True, cache=True)
+def _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt):
+    """Add one segment's sums (`acc`, `cnt` at `touched[:k]`) to the totals (`tot`, `tcnt`,
+    their features `ttouched[:kt]`), clear them; returns the totals' new feature count."""
+    for r in range(k):
+        j = touched[r]
+        ttouched[kt] = j
+        kt += tcnt[j] == 0
+        tcnt[j] += cnt[j]
+        tot[j] += acc[j]
+        acc[j] = 0.0
+        cnt[j] = 0
+    return kt
+
+
 # Eagerly compiled (and cached next to this file): no call pays compilation.
 @numba.njit(
     "Tuple((int32[::1], int32[::1], int64[::1], float64[::1], int64))(int64[::1], int32[::1],"
     " float64[::1], int64[::1], int32[::1], float64[::1], int64, int64, float64[::1],"
-    " float64[::1], float64, int64, boolean)",
+    " float64[::1], float64, int64, boolean, int64[::1])",
     nogil=True,
     cache=True,
 )
 def coactive_block(
-    a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, row, col, floor, capacity, sort
+    a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, row, col, floor, capacity, sort, seg
 ):
     """(feature_a, feature_b, n_both, sum_xy, pairs) of the co-active pairs of features
-    lo..hi-1 of A (CSR of A.T: features x tokens) and every feature of B (CSR: tokens x
-    features) that pass the `Screen` (row, col, floor; floor -inf: every pair), each feature_a's
-    pairs together and, with `sort`, sorted by feature_b; the arrays' first `pairs` entries hold
-    them (`capacity`: their first size).
+    lo..hi-1 of A (CSR of A.T: features x tokens, tokens sorted) and every feature of B (CSR:
+    tokens x features) that pass the `Screen` (row, col, floor; floor -inf: every pair), each
+    feature_a's pairs together and, with `sort`, sorted by feature_b; the arrays' first `pairs`
+    entries hold them (`capacity`: their first size).
 
     One pass per feature of A, as scipy's product does it (the same sums in the same order):
     a dense accumulator over B's features gathers the sums and counts of its co-active pairs,
-    the screen runs on them there, and only the pairs passing are written out."""
+    the screen runs on them there, and only the pairs passing are written out. `seg` cuts the
+    tokens into segments (0 = seg[0] < ... < seg[-1] = tokens): each pair's sum over each
+    segment is taken alone, in token order, and the segments' sums are added in order, exactly
+    as adding the sums of separate shards (`PairCounts.total`) does."""
     d_b = col.size
     passes = 1
     while d_b > 256**passes:
@@ -250,39 +282,52 @@ def coactive_block(
     cnt = np.zeros(d_b, np.int64)
     touched = np.empty(d_b + 1, np.int32)  # + 1: the branch-free append writes one past
     spare = np.empty(d_b + 1, np.int32)
+    segments = seg.size > 2
+    width = d_b if segments else 0  # the totals over segments, where there are several
+    tot, tcnt = np.zeros(width, np.float64), np.zeros(width, np.int64)
+    ttouched = np.empty(width + 1, np.int32)
     out_a = np.empty(max(capacity, 1), np.int32)
     out_b, out_n, out_s = np.empty_like(out_a), np.empty(out_a.size, np.int64), np.empty(out_a.size)
     m = 0
     for i in range(lo, hi):
-        k = 0
+        k = kt = s = 0
         for p in range(a_ptr[i], a_ptr[i + 1]):
             t, x = a_tok[p], a_val[p]
+            if segments and t >= seg[s + 1]:  # a new segment: fold the last one into the totals
+                kt = _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt)
+                k = 0
+                while t >= seg[s + 1]:
+                    s += 1
             for q in range(b_ptr[t], b_ptr[t + 1]):
                 j = b_feat[q]
                 touched[k] = j  # kept where j is new; branch-free, as j is new too often to predict
                 k += cnt[j] == 0
                 cnt[j] += 1
                 acc[j] += x * b_val[q]
+        sums, counts, found = acc, cnt, touched
+        if segments:
+            k = _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt)
+            sums, counts, found = tot, tcnt, ttouched
         kept = 0
-        for r in range(k):  # the screen: the passing features move to the front of `touched`
-            j = touched[r]
-            if acc[j] * col[j] * row[i] >= floor:
-                touched[r], touched[kept] = touched[kept], j
+        for r in range(k):  # the screen: the passing features move to the front of `found`
+            j = found[r]
+            if sums[j] * col[j] * row[i] >= floor:
+                found[r], found[kept] = found[kept], j
                 kept += 1
             else:
-                acc[j] = 0.0
-                cnt[j] = 0
+                sums[j] = 0.0
+                counts[j] = 0
         if m + kept > out_a.size:
             size = max(2 * out_a.size, m + kept)
             out_a, out_b = _grown(out_a, size, m), _grown(out_b, size, m)
             out_n, out_s = _grown(out_n, size, m), _grown(out_s, size, m)
-        keys = _sort_features(touched, spare, kept, passes) if sort else touched
+        keys = _sort_features(found, spare, kept, passes) if sort else found
         for r in range(kept):
             j = keys[r]
-            out_a[m], out_b[m], out_n[m], out_s[m] = i, j, cnt[j], acc[j]
+            out_a[m], out_b[m], out_n[m], out_s[m] = i, j, counts[j], sums[j]
             m += 1
-            acc[j] = 0.0
-            cnt[j] = 0
+            sums[j] = 0.0
+            counts[j] = 0
     return out_a, out_b, out_n, out_s, m
 
 
@@ -293,13 +338,14 @@ def _kernel_arrays(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.nd
 
 def _start_block(
     pool: ThreadPoolExecutor, shape: tuple[int, int, int], arrays: tuple, features: Range,
-    screen: Screen, capacity: int, sort: bool,
+    screen: Screen, capacity: int, sort: bool, seg: np.ndarray,
 ) -> Callable[[], PairCounts]:  # fmt: skip
     """Start `coactive_block` of `features` of A on `pool` (`arrays`: `_kernel_arrays` of A.T
     and of B; `shape`: tokens, d_a, d_b); the function returned waits for its pairs."""
     job = pool.submit(
-        coactive_block, *arrays, *features, screen.row, screen.col, screen.floor, capacity, sort
-    )
+        coactive_block, *arrays, *features, screen.row, screen.col, screen.floor, capacity, sort,
+        seg,
+    )  # fmt: skip
 
     def done() -> PairCounts:
         *found, m = job.result()
@@ -315,17 +361,23 @@ def iter_sparse_pair_counts(
     max_work: int | None = None,
     sort: bool = True,
     screen: Screen | None = None,
+    segments: Sequence[int] | None = None,
 ) -> Iterator[PairCounts]:
     """`sparse_pair_counts` in blocks of feature_a of ~`max_work` multiply-adds (None:
     `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order, by `coactive_block`
     on two threads. The next blocks are computed while one is used: memory holds up to
     `LOOKAHEAD_BLOCKS` + 1 blocks' pairs. Without `sort`, each feature_a's pairs come together
     but not sorted by feature_b (`PairCounts.sorted` sorts them). With a `screen`, only the
-    pairs passing it come."""
+    pairs passing it come. `segments` (token boundaries from 0 to the token count) sums the
+    tokens between each two apart and adds those sums in order, bit for bit the sums of the
+    segments computed alone and added by `PairCounts.total` (stacked shards)."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
-    a_t = _canonical_input(A).T.tocsr()  # d_a x tokens
-    b = _canonical_input(B)
+    seg = np.asarray([0, A.shape[0]] if segments is None else segments, np.int64)
+    if seg.size < 2 or seg[0] != 0 or seg[-1] != A.shape[0] or np.any(np.diff(seg) < 0):
+        raise FeatstoreError(f"segments must rise from 0 to {A.shape[0]} tokens")
+    a_t = canonical_input(A).T.tocsr()  # d_a x tokens
+    b = canonical_input(B)
     shape = (a_t.shape[1], a_t.shape[0], b.shape[1])
     work = _pattern(a_t, np.int64) @ np.diff(b.indptr)  # multiply-adds per feature of A
     limit = max_work or min(MAX_BLOCK_WORK, -(-int(work.sum()) // PIPELINE_BLOCKS))
@@ -339,7 +391,7 @@ def iter_sparse_pair_counts(
     arrays = _kernel_arrays(a_t) + _kernel_arrays(b)
     with ThreadPoolExecutor(max_workers=2) as pool:
         starts = (
-            functools.partial(_start_block, pool, shape, arrays, r, screen, room, sort)
+            functools.partial(_start_block, pool, shape, arrays, r, screen, room, sort, seg)
             for r, room in zip(blocks, capacities, strict=True)
         )
         yield from run_ahead(starts, LOOKAHEAD_BLOCKS + 1)
@@ -372,7 +424,7 @@ def polars_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:
     """The same sums by a polars join on the token row and a group-by of feature pairs."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
-    a, b = _canonical_input(A), _canonical_input(B)
+    a, b = canonical_input(A), canonical_input(B)
     out = (
         _long(a)
         .join(_long(b), on="row", suffix="_b")

@@ -11,18 +11,27 @@ memory holds about one block of each.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 import zarr
 
 from featstore.errors import FeatstoreError
 from featstore.stats import shardsums
 from featstore.stats.finish import finish_stats
-from featstore.stats.kernel import PairCounts, Range, Screen
+from featstore.stats.kernel import (
+    PairCounts,
+    Range,
+    Screen,
+    canonical_input,
+    iter_sparse_pair_counts,
+)
 from featstore.stats.shardsums import (
     ENGINES,
     Variant,
@@ -182,7 +191,12 @@ def merged_blocks(
     they follow the engine's blocks. Without `sort`, a block computed from one shard alone may
     come unsorted by feature_b within each feature_a (`PairCounts.sorted` sorts it), which
     saves the engine a pass, and hold only the pairs passing a `screen`.
+
+    The shards' sums are added in the order of their names, each shard's taken alone (the
+    canonical order: the same bits whichever shards are saved, `iter_sparse_pair_counts`).
     """
+    saved = dict(sorted(saved.items()))
+    todo = sorted(todo)
     if not todo:
         groups = list(saved.values())
         for block in shardsums.group_blocks(store, groups, features_a, max_pairs):
@@ -190,23 +204,77 @@ def merged_blocks(
         return
     lo_a, hi_a = features_a
     # Parts to add up come sorted and whole: a sum of shards' sums passes no screen by parts.
-    alone = len(todo) == 1 and not saved
+    alone = (len(todo) == 1 or engine == "sparse") and not saved
     sort, screen = sort or not alone, screen if alone else None
-    streams = [
-        shardsums.iter_shard_pair_counts(
-            store, a, b, s, engine, sort=sort, screen=screen, variant=variant
-        )
-        for s in todo
-    ]
-    empties = [PairCounts.empty(*shardsums.variant_shape(store, a, b, s, variant)) for s in todo]
+    if engine == "sparse" and not saved:  # the shards as one matrix: one stream, screened whole
+        m_a, m_b, cuts = stacked_matrices(store, a, b, todo, variant)
+        streams = [iter_sparse_pair_counts(m_a, m_b, sort=sort, screen=screen, segments=cuts)]
+        empties = [PairCounts.empty(m_a.shape[0], m_a.shape[1], m_b.shape[1])]
+    else:
+        streams = [
+            shardsums.iter_shard_pair_counts(
+                store, a, b, s, engine, sort=sort, screen=screen, variant=variant
+            )
+            for s in todo
+        ]
+        empties = [
+            PairCounts.empty(*shardsums.variant_shape(store, a, b, s, variant)) for s in todo
+        ]
     for cut, parts in _aligned(streams, empties):
         block = (max(cut[0], lo_a), min(cut[1], hi_a))
         if block[0] >= block[1]:
             continue
         if block != cut:  # the scan covers part of the engine's block
             parts = [p.select(block) for p in parts]
-        parts += [shardsums.read_pairs(store, g, block) for g in saved.values()]
-        yield block, PairCounts.total(parts)
+        by_shard = dict(zip(todo, parts, strict=False))  # a stacked stream has one part
+        by_shard |= {s: shardsums.read_pairs(store, g, block) for s, g in saved.items()}
+        yield block, PairCounts.total([by_shard[s] for s in sorted(by_shard)])
+
+
+# Within `one_pass`: (layer, shards, variant, side) -> (that layer's stacked matrix, cuts).
+Kept = dict[tuple, tuple[sp.csr_matrix, np.ndarray]]
+_ONE_PASS: contextvars.ContextVar[Kept | None] = contextvars.ContextVar("one_pass", default=None)
+
+
+@contextlib.contextmanager
+def one_pass() -> Iterator[Kept]:
+    """Within it, each layer's shards are read once (`stacked_matrices`) for every layer pair
+    computed: all pairs among some layers in one pass over the shards. Yields the matrices kept
+    (keyed by layer first), from which the caller may drop the layers it no longer needs."""
+    kept: Kept = {}
+    token = _ONE_PASS.set(kept)
+    try:
+        yield kept
+    finally:
+        _ONE_PASS.reset(token)
+
+
+def stacked_matrices(
+    store: Store, a: int, b: int, shards: Sequence[str], variant: Variant = shardsums.PLAIN
+) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """Both layers over `shards`, as the variant sees them, stacked in the order given (float64
+    CSR, canonical), and the shards' token boundaries: the engine sums each shard alone and
+    adds the shards' sums in order (`iter_sparse_pair_counts(segments=)`), the same sums as
+    the saved shard sums merged, and a screen sees them whole. Within `one_pass` each layer
+    is read once."""
+    kept = _ONE_PASS.get()
+    kept = {} if kept is None else kept
+    keys = [(layer, tuple(shards), variant, side if variant.null else "") for layer, side in
+            ((a, "a"), (b, "b"))]  # fmt: skip
+    missing = [i for i, key in enumerate(keys) if key not in kept]
+    if missing:
+        for shard in shards:
+            check_shard(store, a, b, shard)
+        if variant.plain:  # one layer read alone
+            parts = {i: [store.read((a, b)[i], s) for s in shards] for i in missing}
+        else:
+            both = [shardsums.variant_matrices(store, a, b, s, variant) for s in shards]
+            parts = {i: [pair[i] for pair in both] for i in missing}
+        cuts = np.cumsum([0] + [m.shape[0] for m in parts[missing[0]]])
+        for i in missing:
+            kept[keys[i]] = canonical_input(sp.vstack(parts[i], format="csr")), cuts
+    (m_a, cuts), (m_b, _) = kept[keys[0]], kept[keys[1]]
+    return m_a, m_b, cuts
 
 
 def _aligned(
