@@ -26,6 +26,7 @@ from featstore.explorer.text import esc
 from featstore.stats.measures import MIN_BOTH
 from featstore.stats.query import pair_stats
 from featstore.store import spec
+from featstore.store.sql import CAUSAL_EDGES_SCHEMA
 
 VOCAB = [f"w{i}" for i in range(40)]
 VOCAB[7] = "<script>alert('x')</script>"
@@ -49,6 +50,12 @@ def setup(tmp_path_factory):
     concepts.mkdir()
     pl.DataFrame({"concept": ["<b>bold</b>", "digits"], "layer": [7, 8], "feature": [2, 4],
                   "auroc": [0.91, 0.8]}).write_parquet(concepts / reads.CONCEPTS_FILE)  # fmt: skip
+    rows = {"layer_a": [7, 7, 6, 7], "feature_a": [2, 2, 1, 3], "layer_b": [8, 8, 7, 8],
+            "feature_b": [0, 5, 2, 2], "relative_effect": [0.1, -0.5, None, 0.9]}  # fmt: skip
+    empty = pl.from_arrow(CAUSAL_EDGES_SCHEMA.empty_table())
+    causal = pl.DataFrame({c: rows.get(c, [None] * 4) for c in empty.columns}).cast(empty.schema)
+    (store.home / spec.CAUSAL_DIR).mkdir()
+    causal.write_parquet(store.home / spec.CAUSAL_DIR / spec.CAUSAL_EDGES_FILE)
     tokens = np.concatenate([store.tokens(s)["token"].to_numpy() for s in ("s0", "s1")])
     return store, {k: v.astype(np.float64) for k, v in acts.items()}, tokens
 
@@ -103,6 +110,16 @@ def test_feature_view_equals_store(setup):
             assert row["jaccard"] == pytest.approx(ref["jaccard"][pick(row["feature"])], rel=1e-9)
             assert row["jaccard_lo"] <= row["jaccard"] <= row["jaccard_hi"]
         assert frame["jaccard"].to_list() == sorted(frame["jaccard"], reverse=True)
+
+
+def test_causal_effects_of_and_on_the_feature_strongest_first(setup):
+    store, _, _ = setup
+    frame = reads.Explorer(store).causal(7, 2)
+    assert frame.select("layer_a", "feature_a", "feature_b").rows() == [
+        (7, 2, 5),
+        (7, 2, 0),
+        (6, 1, 2),
+    ]
 
 
 def test_search_by_id_token_and_concept(setup):

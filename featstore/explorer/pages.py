@@ -28,7 +28,8 @@ table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;paddi
 text-align:right}th{background:#f3f3f3}td.l{text-align:left}.ctx{font-family:ui-monospace,
 monospace;font-size:.85em;line-height:1.9}.ctx span{padding:1px 0;border-radius:2px}
 .ctx .act{outline:2px solid #c00;font-weight:bold}.muted{color:#777}.lab{color:#555}
-.cols{display:flex;gap:2em;flex-wrap:wrap}svg text{font-family:system-ui,sans-serif}"""
+.cols{display:flex;gap:2em;flex-wrap:wrap}svg text{font-family:system-ui,sans-serif}
+td{white-space:nowrap}#graph text{paint-order:stroke;stroke:#fff;stroke-width:3px}"""
 
 SCRIPT = """function recolor(){var m=document.getElementById('measure').value,
 t=parseFloat(document.getElementById('threshold').value),es=document.querySelectorAll('.edge'),
@@ -139,11 +140,19 @@ def partner_table(frame: pl.DataFrame, measure: str, root: str, site: Site) -> s
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def frame_table(frame: pl.DataFrame, id_: str) -> str:
-    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in r) + "</tr>"
-                   for r in frame.iter_rows())  # fmt: skip
-    return f"<table id={id_}><tr>{head}</tr>{rows}</table>"
+def causal_table(frame: pl.DataFrame, node: Node, root: str, site: Site) -> str:
+    """Effects of ablating the feature (on later ones) and of earlier ones on it."""
+    shown = [c for c in frame.columns if c not in ("layer_a", "feature_a", "layer_b", "feature_b")]
+    head = "<tr><th>ablated</th><th>affected</th>" + "".join(f"<th>{esc(c)}</th>" for c in shown)
+    rows = []
+    for r in frame.iter_rows(named=True):
+        a, b = (r["layer_a"], r["feature_a"]), (r["layer_b"], r["feature_b"])
+        ends = [esc(f"L{n[0]}:{n[1]}") if n == node else site.feature_link(root, n) for n in (a, b)]
+        cells = "".join(f"<td>{c}</td>" for c in ends) + "".join(
+            f"<td>{esc(r[c])}</td>" for c in shown
+        )
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table id=causal>{head}</tr>{''.join(rows)}</table>"
 
 
 def logits_block(frame: pl.DataFrame | None) -> str:
@@ -197,7 +206,7 @@ def feature_page(view: FeatureView, measure: str, site: Site) -> str:
     if not view.partners:
         parts.append("<p class=muted>no merged pair statistics for this layer</p>")
     parts.append("<h2>Causal effects</h2>")
-    parts.append(frame_table(view.causal, "causal") if view.causal.height
+    parts.append(causal_table(view.causal, node, root, site) if view.causal.height
                  else "<p class=muted>not measured for this feature</p>")  # fmt: skip
     parts += ["<h2>Logit effects</h2>", logits_block(view.logits)]
     return page(f"L{view.layer}:{view.feature} {label}", "".join(parts), root, site)

@@ -41,6 +41,8 @@ CONTEXT = (8, 4)  # tokens shown before and after an activation
 KEYS = ("layer_a", "layer_b", "feature_a", "feature_b", "n_tokens")
 MEASURES = tuple(f.name for f in PAIR_STATS_SCHEMA if f.name not in KEYS)
 CONCEPTS_FILE = "best_features.parquet"
+CAUSAL_COLUMNS = ("layer_a", "feature_a", "layer_b", "feature_b", "n_tokens", "exact",
+                  "relative_effect", "relative_attribution", "share_off", "share_on")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -224,8 +226,11 @@ class Explorer:
             )))  # fmt: skip
         return out
 
-    def causal(self, layer: int, feature: int) -> pl.DataFrame:
-        return self.sql("feature_causal_effects", {"layer": layer, "feature": feature})
+    def causal(self, layer: int, feature: int, n: int = 10) -> pl.DataFrame:
+        """The `n` strongest measured effects of ablating the feature, and on it (exact where
+        patched, attribution always)."""
+        frame = self.sql("feature_causal_effects", {"layer": layer, "feature": feature})
+        return frame.head(n).select(*CAUSAL_COLUMNS)
 
     def feature(
         self, layer: int, feature: int, measure: str = "pearson", n: int = 10
