@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from featstore.errors import FeatstoreError
@@ -141,8 +141,12 @@ def variant_metadata(variant: Variant) -> dict[str, str]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    import polars as pl
+
     from featstore.analysis import decoders
-    from featstore.files import write_parquet_atomic
+    from featstore.files import write_parquet_atomic, write_parquet_frames
     from featstore.stats import measures, query
     from featstore.stats.shardsums import Variant
 
@@ -157,7 +161,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"{total} never-co-active pairs reach {'='.join(map(str, args.never_coactive))}")
         print(f"wrote {listed.height} pairs to {args.out}")
         return 0
-    frame, counts = query.pair_report(
+    blocks = query.pair_blocks(
         store,
         args.layer_a,
         args.layer_b,
@@ -174,18 +178,27 @@ def cmd_stats(args: argparse.Namespace) -> int:
         intervals=args.intervals,
         save=args.save,
     )
-    if args.decoder_cosine:
-        cosines = decoders.store_decoder_cosine(
-            store, args.layer_a, args.layer_b, args.decoder_cosine
-        )
-        frame = frame.join(cosines, on=["feature_a", "feature_b"], how="left")
-    write_parquet_atomic(frame, args.out, variant_metadata(variant))
+    cosines = (
+        decoders.store_decoder_cosine(store, args.layer_a, args.layer_b, args.decoder_cosine)
+        if args.decoder_cosine
+        else None
+    )
+    counts: Counter[str] = Counter()
+
+    def frames() -> Iterator[pl.DataFrame]:  # block by block: a whole table is never held
+        for frame, block_counts in blocks:
+            counts.update(block_counts)
+            yield frame if cosines is None else frame.join(
+                cosines, on=["feature_a", "feature_b"], how="left"
+            )
+
+    rows = write_parquet_frames(frames(), args.out, variant_metadata(variant))
     print(
         query.describe_counts(
             counts, args.min_pearson, args.min_jaccard, dict(args.min), args.min_both
         )
     )
-    print(f"wrote {frame.height} pairs to {args.out}")
+    print(f"wrote {rows} pairs to {args.out}")
     return 0
 
 

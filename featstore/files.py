@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -48,3 +48,32 @@ def write_parquet_atomic(
     with atomic_file(path) as tmp:
         frame.write_parquet(tmp, metadata=metadata)
     return Path(path)
+
+
+def write_parquet_frames(
+    frames: Iterable[pl.DataFrame],
+    path: str | os.PathLike[str],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write the frames (of one schema, the first's) one after another as one Parquet file,
+    whole or not at all, holding one frame at a time (with `metadata`: the file's key-value
+    metadata); returns the number of rows."""
+    import pyarrow.parquet as pq
+
+    rows, writer = 0, None
+    with atomic_file(path) as tmp:
+        try:
+            for frame in frames:
+                table = frame.to_arrow()
+                if writer is None:
+                    schema = table.schema.with_metadata({**(table.schema.metadata or {}),
+                                                         **(metadata or {})})  # fmt: skip
+                    writer = pq.ParquetWriter(tmp, schema)
+                writer.write_table(table.cast(writer.schema))
+                rows += frame.height
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            pl.DataFrame().write_parquet(tmp, metadata=metadata)
+    return rows

@@ -21,6 +21,7 @@ import functools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,10 +68,12 @@ __all__ = [
     "finish_stats",
     "merged_feature_stats",
     "merged_pair_counts",
+    "pair_blocks",
     "pair_report",
     "pair_stats_path",
     "pair_stats",
     "passes",
+    "save_pair_table",
     "save_shard_pairs",
     "shard_pair_counts",
     "shards_of_pair",
@@ -250,7 +253,46 @@ def pair_report(
     save: bool | None = None,
     count: bool = True,
 ) -> tuple[pl.DataFrame, dict[str, int]]:
-    """The pairs passing the thresholds, and `threshold_counts` over all pairs of the ranges.
+    """The pairs passing the thresholds, and `threshold_counts` over all pairs of the ranges:
+    `pair_blocks` gathered (all its rows held at once; stream `pair_blocks` where they may be
+    many, e.g. the whole table of GPT-2-sized layers)."""
+    kept, counts = [], Counter[str]()
+    blocks = pair_blocks(
+        store, a, b, engine=engine, shards=shards, min_pearson=min_pearson,
+        min_jaccard=min_jaccard, features_a=features_a, features_b=features_b,
+        all_pairs=all_pairs, recompute=recompute, max_block_pairs=max_block_pairs,
+        thresholds=thresholds, min_both=min_both, variant=variant, intervals=intervals,
+        save=save, count=count,
+    )  # fmt: skip
+    for frame, block_counts in blocks:
+        kept.append(frame)
+        counts.update(block_counts)
+    return pl.concat(kept), dict(counts)
+
+
+def pair_blocks(
+    store: Store,
+    a: int,
+    b: int,
+    *,
+    engine: str = "sparse",
+    shards: Sequence[str] | None = None,
+    min_pearson: float | None = None,
+    min_jaccard: float | None = None,
+    features_a: Range | None = None,
+    features_b: Range | None = None,
+    all_pairs: bool = False,
+    recompute: bool = False,
+    max_block_pairs: int = MAX_BLOCK_PAIRS,
+    thresholds: Mapping[str, float] | None = None,
+    min_both: int = 0,
+    variant: Variant | None = None,
+    intervals: bool = False,
+    save: bool | None = None,
+    count: bool = True,
+) -> Iterator[tuple[pl.DataFrame, dict[str, int]]]:
+    """Per block of feature_a, in order: the pairs passing the thresholds, and the block's
+    `threshold_counts` over all its pairs; memory is bounded by a block, however many rows.
 
     `thresholds` maps any measure of `measures.RANGES` (data ones) to its minimum; `min_both`
     is the least number of tokens a pair must be active together on; `intervals` adds 95%
@@ -260,8 +302,9 @@ def pair_report(
     pass. With `save`, the shard sums computed are saved (for later calls) and, when the call
     covers the full plain table (all shards, no ranges or all_pairs, no variant; thresholds
     aside), that table is written to `{home}/pair_stats/{a}-{b}.parquet` for the `pair_stats`
-    SQL table. `save=None` saves when the call asks for that table whole (no thresholds
-    either), not for a query. Without `count` the counts are not made (an empty dict).
+    SQL table (complete once the last block is yielded). `save=None` saves when the call asks
+    for that table whole (no thresholds either), not for a query. Without `count` the counts
+    are not made (empty dicts).
     """
     thresholds = dict(thresholds or {})
     rules = conditions(min_pearson, min_jaccard, thresholds)
@@ -274,7 +317,6 @@ def pair_report(
         features_b=features_b, recompute=recompute, variant=variant, save=save,
     )  # fmt: skip
     write_table = save and full
-    kept, counts = [], Counter[str]()
     # Counts over all pairs and the whole table need every pair; a query only those that may pass.
     screen = None if count or write_table else pearson_screen(scan.stats, rules)
     finish = functools.partial(
@@ -289,9 +331,30 @@ def pair_report(
         for whole, frame, block_counts in _pipelined(pool, finish, blocks, PIPELINE_WORKERS):
             if whole is not None:
                 write(whole)
-            kept.append(frame)
-            counts.update(block_counts)
-    return pl.concat(kept), dict(counts)
+            yield frame, block_counts
+
+
+@dataclass(frozen=True)
+class SavedTable:
+    """What `save_pair_table` wrote: where, how many rows, over how many tokens, the top rows."""
+
+    path: Path
+    rows: int
+    n_tokens: int
+    top: pl.DataFrame
+
+
+def save_pair_table(store: Store, a: int, b: int, *, engine: str = "sparse", top: int = 10
+                    ) -> SavedTable:
+    """Write the table of every co-active pair of (a, b) over all shards to `pair_stats_path`,
+    block by block (`pair_blocks`): only a block and the `top` rows by Pearson are held."""
+    rows, n_tokens, best = 0, 0, pl.DataFrame()
+    for frame, _ in pair_blocks(store, a, b, engine=engine, save=True, count=False):
+        rows += frame.height
+        n_tokens = int(frame["n_tokens"][0]) if frame.height else n_tokens
+        best = pl.concat([best, frame.top_k(top, by="pearson")]) if best.height else frame
+        best = best.top_k(top, by="pearson")
+    return SavedTable(pair_stats_path(store, a, b), rows, n_tokens, best)
 
 
 def _query_block(

@@ -11,8 +11,7 @@ import polars as pl
 
 from featstore.analysis import graph as fgraph
 from featstore.analysis import plots as fplots
-from featstore.stats.query import pair_stats as merged_pair_stats
-from featstore.stats.query import pair_stats_path
+from featstore.stats.query import save_pair_table
 from featstore.stats.shardsums import update_shard_pairs
 from featstore.store.spec import GRAPH_DIR, PLOTS_DIR
 from pipelines.assets.extraction import activations
@@ -94,16 +93,15 @@ def pair_stats(context: dg.AssetExecutionContext, featstore: FeatstoreResource) 
     store = featstore.open()
     for pair in context.partition_keys:
         a, b = parse_pair(pair)
-        frame = merged_pair_stats(store, a, b)
-        top = frame.sort("pearson", descending=True, nulls_last=True).head(10)
+        saved = save_pair_table(store, a, b)  # streamed to disk: the table is never held
         context.add_asset_metadata(
             {
-                "tokens": int(frame["n_tokens"][0]) if frame.height else 0,
-                "co_active_pairs": frame.height,
+                "tokens": saved.n_tokens,
+                "co_active_pairs": saved.rows,
                 "bos": "included",  # the stored sums keep each sequence's first position
-                "dagster/row_count": frame.height,
-                "top_pairs_by_pearson": dg.MetadataValue.md(markdown(top)),
-                "path": dg.MetadataValue.path(str(pair_stats_path(store, a, b))),
+                "dagster/row_count": saved.rows,
+                "top_pairs_by_pearson": dg.MetadataValue.md(markdown(saved.top)),
+                "path": dg.MetadataValue.path(str(saved.path)),
             },
             partition_key=pair,
         )
