@@ -22,12 +22,16 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from featstore.analysis.graph import edge_list
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
-from featstore.names import node_id
-from featstore.stats.query import pair_stats
+from featstore.stats.query import pair_blocks
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store.local import Store
+
+# The feature graph, or its edge list (`layer_a, feature_a, layer_b, feature_b`, as in
+# graph/edges.parquet): the list is how a GPT-2-sized graph is read, without networkx.
+Graph = nx.DiGraph | pl.DataFrame
 
 
 def component_names(model) -> list[str]:
@@ -94,16 +98,14 @@ def component_sums(
     return out
 
 
-def unlinked(graph: nx.DiGraph, layer: int, other: int, alive: np.ndarray, out: bool) -> np.ndarray:
+def unlinked(graph: Graph, layer: int, other: int, alive: np.ndarray, out: bool) -> np.ndarray:
     """Alive features of `layer` with no graph edge to (`out`) or from `other`."""
-    linked = set()
-    for f in alive:
-        node = node_id(layer, int(f))
-        if node in graph:
-            nbrs = graph.successors(node) if out else graph.predecessors(node)
-            if any(int(graph.nodes[v]["layer"]) == other for v in nbrs):
-                linked.add(int(f))
-    return np.array([f for f in alive if int(f) not in linked], dtype=np.int64)
+    edges = graph if isinstance(graph, pl.DataFrame) else edge_list(graph)
+    here, there = ("a", "b") if out else ("b", "a")
+    linked = edges.filter(
+        (pl.col(f"layer_{here}") == layer) & (pl.col(f"layer_{there}") == other)
+    )[f"feature_{here}"].to_numpy()
+    return np.setdiff1d(np.asarray(alive, dtype=np.int64), linked.astype(np.int64))
 
 
 # -- tables --------------------------------------------------------------------------------------
@@ -166,6 +168,17 @@ def best_cosine(w_a, w_b, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     return torch.cat([v for v, _ in best]).numpy(), torch.cat([i for _, i in best]).numpy()
 
 
+def best_pearson(store: Store, a: int, b: int, shards: Sequence[str] | None) -> pl.DataFrame:
+    """`feature, best_pearson`: each co-active feature of `a`'s largest Pearson with a feature of
+    `b`, block by block of `a` (`pair_blocks`): no table of all pairs is held or saved."""
+    blocks = pair_blocks(store, a, b, shards=shards, save=False, count=False)
+    best = [
+        frame.group_by("feature_a").agg(best_pearson=pl.col("pearson").max()) for frame, _ in blocks
+    ]
+    return pl.concat(best).select(pl.col("feature_a").cast(pl.Int64).alias("feature"),
+                                  "best_pearson")  # fmt: skip
+
+
 def gradual_change(
     store: Store, saes: dict, layers: Sequence[int], shards: Sequence[str] | None = None,
     max_distance: int = 3,
@@ -176,11 +189,7 @@ def gradual_change(
     chosen = list(shards or store.shards(layers[0]))
     for a, b in ((a, b) for a in layers for b in layers if 0 < b - a <= max_distance):
         alive = np.flatnonzero(merged_feature_stats(store, a, chosen).count > 0)
-        pearson = (
-            pair_stats(store, a, b, shards=shards)
-            .group_by("feature_a")
-            .agg(best_pearson=pl.col("pearson").max())
-        )
+        pearson = best_pearson(store, a, b, shards)
         cos, match = best_cosine(saes[a].W_dec, saes[b].W_dec)
         frame = pl.DataFrame(
             {
@@ -190,9 +199,6 @@ def gradual_change(
                 "best_cosine": cos[alive],
                 "best_cosine_feature": match[alive],
             }  # fmt: skip
-        )
-        pearson = pearson.select(
-            pl.col("feature_a").cast(pl.Int64).alias("feature"), "best_pearson"
         )
         parts.append(frame.join(pearson, on="feature", how="left"))
     if not parts:
@@ -250,7 +256,7 @@ def plot_gradual(frame: pl.DataFrame, path: Path) -> Path:
 
 
 def erasure_features(
-    store: Store, model, saes: dict, graph: nx.DiGraph, block: int, shards: Sequence[str],
+    store: Store, model, saes: dict, graph: Graph, block: int, shards: Sequence[str],
     max_sequences: int | None = 32,
 ) -> pl.DataFrame:  # fmt: skip
     """`feature_table` rows of block L's unlinked features of L ("erased") and of L+1 ("new")."""
@@ -268,7 +274,7 @@ def erasure_features(
 
 
 def run_erasure(
-    store: Store, model, saes: dict, graph: nx.DiGraph, layers: Sequence[int], out: Path,
+    store: Store, model, saes: dict, graph: Graph, layers: Sequence[int], out: Path,
     *, shards: Sequence[str] | None = None, max_sequences: int | None = 32,
 ) -> dict[str, Path]:  # fmt: skip
     """Erasure tables and plot for each block L with L and L+1 in `layers`, and the

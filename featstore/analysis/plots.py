@@ -32,8 +32,11 @@ from featstore.analysis.graph import (
 )
 from featstore.errors import FeatstoreError
 from featstore.figures import PathLike, no_data, pair_label, save
-from featstore.stats.query import pair_stats
+from featstore.stats.query import pair_stats, save_pair_table
 from featstore.store.local import Store
+
+# Tables of pairs by layer pair, in memory or lazy (a scan of a whole table on disk).
+PairTables = Mapping[tuple[int, int], pl.DataFrame | pl.LazyFrame]
 
 # -- block heatmap -------------------------------------------------------------------------------
 
@@ -92,7 +95,7 @@ def block_heatmap(
 
 
 def cooccurrence_histograms(
-    pair_frames: PairFrames,
+    pair_frames: PairTables,
     path: PathLike,
     *,
     title_context: str,
@@ -109,16 +112,10 @@ def cooccurrence_histograms(
     fig.suptitle(f"co-occurrence of {population} — {title_context}")
     axes = fig.subplots(1, len(measures), squeeze=False)[0]
     for ax, measure in zip(axes, measures, strict=True):
-        values = {p: f[measure].drop_nans().drop_nulls().to_numpy() for p, f in pair_frames.items()}
-        pooled = np.concatenate([np.empty(0), *values.values()])
-        # Bins over the data, not the measure's range: agreement of sparse features sits near 1.
-        edges = np.histogram_bin_edges(
-            pooled, bins, range=None if pooled.size else METRICS[measure]
-        )
-        for pair in sorted(values):
-            counts, _ = np.histogram(values[pair], bins=edges)
-            label = f"{pair_label(pair)} ({len(values[pair]):,})"
-            ax.stairs(counts, edges, label=label, lw=1.4)
+        edges, counted = histograms(pair_frames, measure, bins)
+        for pair in sorted(counted):
+            label = f"{pair_label(pair)} ({int(counted[pair].sum()):,})"
+            ax.stairs(counted[pair], edges, label=label, lw=1.4)
         if thresholds and measure in thresholds:
             t = thresholds[measure]
             ax.axvline(t, color="black", ls="--", lw=1, label=f"threshold {t}")
@@ -130,19 +127,52 @@ def cooccurrence_histograms(
     return save(fig, path)
 
 
-def counts_above(pair_frames: PairFrames, thresholds: Mapping[str, float]) -> pl.DataFrame:
-    """`layer_a, layer_b, metric, count`: pairs whose metric reaches its threshold."""
-    rows = [
-        {"layer_a": a, "layer_b": b, "metric": m, "count": frame.filter(above(m, t)).height}
-        for (a, b), frame in sorted(pair_frames.items())
-        for m, t in thresholds.items()
+def histograms(
+    pair_frames: PairTables, measure: str, bins: int = 50
+) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
+    """Bin edges over the finite values of `measure` in all frames (its range when there are
+    none), and each frame's counts in those bins (`np.histogram`'s bins: the last one closed).
+
+    Frames may be lazy (`pl.scan_parquet` of a whole table): both passes run on polars'
+    streaming engine, so a table is never held.
+    """
+    finite = pl.col(measure).is_finite()
+    span = [
+        frame.lazy().filter(finite).select(lo=pl.col(measure).min(), hi=pl.col(measure).max())
+        for frame in pair_frames.values()
     ]
+    ends = pl.concat(span).select(pl.col("lo").min(), pl.col("hi").max()).collect(
+        engine="streaming").row(0) if span else (None, None)  # fmt: skip
+    lo, hi = METRICS[measure] if ends[0] is None else ends
+    lo, hi = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)  # as np.histogram_bin_edges
+    edges = np.linspace(lo, hi, bins + 1)
+    index = ((pl.col(measure) - lo) / (hi - lo) * bins).floor().clip(0, bins - 1).cast(pl.Int64)
+    counted = {}
+    for pair, frame in pair_frames.items():
+        found = frame.lazy().filter(finite).group_by(index.alias("bin")).len().collect(
+            engine="streaming")  # fmt: skip
+        counts = np.zeros(bins, dtype=np.int64)
+        counts[found["bin"].to_numpy()] = found["len"].to_numpy()
+        counted[pair] = counts
+    return edges, counted
+
+
+def counts_above(pair_frames: PairTables, thresholds: Mapping[str, float]) -> pl.DataFrame:
+    """`layer_a, layer_b, metric, count`: pairs whose metric reaches its threshold (frames may
+    be lazy: counted on polars' streaming engine)."""
+    rows = [
+        {"layer_a": a, "layer_b": b, "metric": m, "count": n}
+        for (a, b), frame in sorted(pair_frames.items())
+        for m, n in frame.lazy().select(
+            **{m: above(m, t).sum() for m, t in thresholds.items()}
+        ).collect(engine="streaming").row(0, named=True).items()
+    ]  # fmt: skip
     schema = {"layer_a": pl.Int64, "layer_b": pl.Int64, "metric": pl.String, "count": pl.Int64}
     return pl.DataFrame(rows, schema=schema)
 
 
 def threshold_bars(
-    pair_frames: PairFrames,
+    pair_frames: PairTables,
     path: PathLike,
     *,
     title_context: str,
@@ -290,7 +320,12 @@ def plot_store(
     block = (features[0], min(features[1], *d_sae.values()))
     if block[0] >= block[1]:
         raise FeatstoreError(f"feature range {features[0]}:{features[1]} is outside 0:{block[1]}")
-    full = {(a, b): pair_stats(store, a, b, engine=engine) for a, b in pairs}
+    # Every co-active pair is streamed to disk and read back lazily; only the pairs of the
+    # drawn graph (Pearson >= threshold) are held.
+    full = {(a, b): pl.scan_parquet(save_pair_table(store, a, b, engine=engine).path)
+            for a, b in pairs}  # fmt: skip
+    strong = {(a, b): pair_stats(store, a, b, engine=engine, min_pearson=threshold)
+              for a, b in pairs}  # fmt: skip
     ranged = {
         (a, b): pair_stats(
             store, a, b, engine=engine, features_a=block, features_b=block, all_pairs=True
@@ -321,7 +356,7 @@ def plot_store(
             population=population,
         ),
         layered_drawing(
-            build_graph(full, "pearson", threshold),
+            build_graph(strong, "pearson", threshold),
             out / "graph.png",
             title_context=context,
             n_edges=n_edges,
