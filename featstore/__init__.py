@@ -17,13 +17,30 @@ The package is a house with wings; imports flow one way, from the wings down:
   reads everything below it, writes nothing to the store.
 - `cli.py`: the command line, on top. Dagster lives outside, in `pipelines/`.
 
-Public API: `open_store`, `Store`, `FeatstoreError`; the CLI; the Dagster definitions.
+Public API: `open_store`, `Store`, `connect` (read-only SQL), `FeatstoreError`; the CLI; the
+Dagster definitions. Names are imported on first use, so the CLI starts fast.
 """
 
 from __future__ import annotations
 
-from featstore.errors import FeatstoreError
-from featstore.store.home import open_store
-from featstore.store.local import Store
+from typing import Any
 
-__all__ = ["FeatstoreError", "Store", "open_store"]
+from featstore.errors import FeatstoreError
+
+__all__ = ["FeatstoreError", "Store", "connect", "open_store"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "open_store":
+        from featstore.store.home import open_store
+
+        return open_store
+    if name == "Store":
+        from featstore.store.local import Store
+
+        return Store
+    if name == "connect":
+        from featstore.store.sql import connect
+
+        return connect
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from featstore.errors import FeatstoreError
-from featstore.files import atomic_file
-from featstore.store.home import default_home, open_store
-from featstore.store.local import Store
+
+if TYPE_CHECKING:  # each command imports what it needs, so `featstore sql` starts fast
+    from featstore.store.local import Store
 
 if TYPE_CHECKING:
     from featstore.stats.shardsums import Variant
@@ -113,15 +113,36 @@ def sql_param(text: str) -> tuple[str, int | float | str]:
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from featstore.store import sql
-    from featstore.tables import render
+    from featstore.store.sqlguard import Limits
+    from featstore.tables import render_rows
 
     if (args.query is None) == (args.file is None):
         raise FeatstoreError("give either a QUERY or --file FILE")
     text = args.query if args.file is None else sql.query_text(args.file)
-    frame = sql.query(_open(args), text, dict(args.param) or None)
-    print(render(frame, args.format))
+    limits = Limits()
+    if args.timeout is not None:  # 0: no limit
+        limits = dataclasses.replace(limits, timeout=args.timeout or None)
+    if args.memory_limit is not None:
+        limits = dataclasses.replace(limits, memory_limit=args.memory_limit)
+    columns, rows, float32 = sql.rows(
+        args.home, text, dict(args.param) or None, limits, args.store_url
+    )
+    print(render_rows(columns, rows, args.format, float32))
     return 0
+
+
+def metric_name(text: str) -> str:
+    """A measure of docs/MEASURES.md (the measures are imported only when one is named)."""
+    from featstore.stats.measures import RANGES
+
+    if text not in RANGES:
+        raise argparse.ArgumentTypeError(
+            f"unknown metric {text!r} (choose from {', '.join(RANGES)})"
+        )
+    return text
 
 
 def measure_value(text: str) -> tuple[str, float]:
@@ -312,6 +333,8 @@ def cmd_feature(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(cards.card_text(card))
     if args.html:
+        from featstore.files import atomic_file
+
         with atomic_file(args.html) as tmp:
             tmp.write_text(cards.card_html(card), encoding="utf-8")
         print(f"wrote {args.html}")
@@ -345,6 +368,8 @@ def cmd_logits(args: argparse.Namespace) -> int:
 
 
 def _open(args: argparse.Namespace, create: bool = False) -> Store:
+    from featstore.store.home import open_store
+
     return open_store(args.home, create=create, url=args.store_url)
 
 
@@ -408,6 +433,14 @@ def build_parser() -> ArgumentParser:
         help="NAME=VALUE bound to $NAME in the query (repeatable)",
     )
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="stop the query after this many seconds "
+        "(0: no limit; default: featstore.store.sqlguard.DEFAULT_TIMEOUT, 300)"
+    )  # fmt: skip
+    p.add_argument(
+        "--memory-limit", default=None, help="DuckDB's memory limit, e.g. 8GB (default: "
+        "sqlguard.DEFAULT_MEMORY_LIMIT, 4GB; beyond it a query spills into the home or fails)"
+    )  # fmt: skip
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("stats", help="exact pair statistics of two layers' features")
@@ -464,13 +497,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="Parquet file of the pairs passing")
     p.set_defaults(func=cmd_stats)
 
-    from featstore.stats.measures import MIN_BOTH, RANGES
-
     p = sub.add_parser("graph", help="cross-layer feature graph: GraphML, Parquet edges, summary")
     p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
-    p.add_argument("--metric", choices=tuple(RANGES), default="pearson")
+    p.add_argument("--metric", type=metric_name, default="pearson", help="any measure")
     p.add_argument("--threshold", type=float, default=0.2, help="edges where metric >= this")
-    p.add_argument("--min-both", type=int, default=MIN_BOTH, help="edges co-active on >= N tokens")
+    p.add_argument("--min-both", type=int, default=None, help="edges co-active on >= N tokens")
     p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
     p.add_argument("--out", required=True, help="folder for graph.graphml, edges.parquet, ...")
     p.set_defaults(func=cmd_graph)
@@ -515,7 +546,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="top-activating contexts shown")
     p.add_argument("--partners", type=int, default=10, help="predecessors and successors shown")
     p.add_argument("--sort-by", default="pearson", help="measure ranking the partners")
-    p.add_argument("--min-both", type=int, default=MIN_BOTH, help="partners co-active >= N")
+    p.add_argument("--min-both", type=int, default=None, help="partners co-active >= N")
     p.add_argument("--html", default=None, help="also write the card as a self-contained page")
     p.set_defaults(func=cmd_feature)
 
@@ -541,7 +572,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.home is None:
+            from featstore.store.home import default_home
+
             args.home = str(default_home())
+        if getattr(args, "min_both", 0) is None:  # graph, feature: the measures' default
+            from featstore.stats.measures import MIN_BOTH
+
+            args.min_both = MIN_BOTH
         return args.func(args)
     except FeatstoreError as exc:
         print(f"featstore: error: {exc}", file=sys.stderr)

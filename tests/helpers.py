@@ -235,14 +235,17 @@ def one_torch_thread():
 
 
 def file_snapshot(home) -> dict[str, bytes]:
-    """Every file under a store home by relative path, lock files left out."""
+    """Every file under a store home by relative path, lock files and the SQL index (derived,
+    rebuilt by any query) left out."""
     from pathlib import Path
+
+    from featstore.store import spec
 
     home = Path(home)
     return {
         str(p.relative_to(home)): p.read_bytes()
         for p in sorted(home.rglob("*"))
-        if p.is_file() and p.relative_to(home).parts[0] != "locks"
+        if p.is_file() and p.relative_to(home).parts[0] not in ("locks", spec.SQL_INDEX_DIR)
     }
 
 

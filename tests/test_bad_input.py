@@ -331,9 +331,9 @@ WRITES = (
     "SELECT * FROM glob('/*')",
     "SELECT 1; DROP VIEW tokens",
 )
-READS = (
-    "SELECT count(*) FROM activations",
-    "SELECT layer, shard, max(value) FROM activations GROUP BY ALL",
+READS = (  # shard `odd` is refused: its layer 7 has fewer rows than its token table
+    "SELECT count(*) FROM activations WHERE shard <> 'odd'",
+    "SELECT layer, shard, max(value) FROM activations WHERE shard <> 'odd' GROUP BY ALL",
     "SELECT * FROM tokens LIMIT 3",
     "EXPLAIN SELECT * FROM pair_stats",
 )
@@ -362,6 +362,11 @@ def test_sql_never_writes_and_reports_errors_in_one_line(home, capsys, text):
         assert status == 0, err
     assert file_snapshot(home) == before, f"the query {text!r} changed the store"
     assert not (home / "leak.csv").exists() and not Path("leak.csv").exists()
+
+
+def test_sql_refuses_a_layer_out_of_line_with_its_token_table(home, capsys):
+    status, _, err = cli(capsys, home, "sql", "SELECT count(*) FROM activations")
+    assert_one_line_error(status, err, "layer 7 shard odd", f"{N - 10} token rows", f"has {N}")
 
 
 # -- the pipeline configuration (featstore extract) -----------------------------------------------

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -14,7 +19,7 @@ from helpers import build_store, sparse_acts
 
 from featstore.cli import main
 from featstore.errors import FeatstoreError
-from featstore.store import sql
+from featstore.store import spec, sql
 from featstore.store.local import Store
 
 VOCAB = [f"tok{i}" for i in range(40)]
@@ -78,17 +83,14 @@ def test_tokens_text_is_null_without_vocab(tmp_path):
     assert got.row(0) == (10, 0)
 
 
-def test_where_layer_reads_only_that_layers_blocks(store, monkeypatch):
-    read = []
-    original = store.iter_blocks
-
-    def spy(layer, shard, block_tokens):
-        read.append((layer, shard))
-        return original(layer, shard, block_tokens)
-
-    monkeypatch.setattr(store, "iter_blocks", spy)
-    sql.query(store, "SELECT count(*) FROM activations WHERE layer = 6 AND shard = 's.1'")
-    assert read == [(6, "s.1")]
+def test_where_layer_and_shard_read_only_that_group(store):
+    damage_data(store, 7, "s0")  # reading layer 7 shard s0 fails
+    got = sql.query(
+        store, "SELECT count(*) AS n FROM activations WHERE layer = 6 AND shard = 's.1'"
+    )
+    assert got["n"][0] == store.read(6, "s.1").nnz
+    with pytest.raises(FeatstoreError, match="layer 7 shard s0"):
+        sql.query(store, "SELECT count(*) AS n FROM activations WHERE layer = 7")
 
 
 def test_self_join_counts_co_active_pairs(store):
@@ -123,7 +125,7 @@ def test_writes_are_refused_and_store_unchanged(store, statement):
 
 
 def test_connection_can_touch_no_file(store, tmp_path):
-    con = sql.connect(store)
+    con = sql.connect(store).duckdb  # the raw connection, without the statement check
     target = tmp_path / "leak.csv"
     for statement in (
         f"COPY (SELECT * FROM activations) TO '{target}'",
@@ -197,3 +199,170 @@ def test_feature_contexts_lists_the_strongest_hits_with_their_text(store):
     assert got["value"].to_list() == pytest.approx([h[0] for h in hits[:4]])
     assert got["token_text"].to_list() == [VOCAB[h[2]["token"]] for h in hits[:4]]
     assert got["pos"].to_list() == [h[2]["pos"] for h in hits[:4]]
+
+
+def damage_data(store: Store, layer: int, shard: str) -> None:
+    """Truncate a chunk of a group's `data` behind featstore's back."""
+    chunk = next((store.root_path / spec.activation_path(layer, shard) / "data").rglob("c/*"))
+    chunk.write_bytes(chunk.read_bytes()[:5])
+
+
+# -- the rules every query obeys (featstore.store.sqlguard) ---------------------------------------
+
+FOREVER = (
+    "SELECT count(*) FROM range(1000000000000) a, range(1000000000000) b WHERE a.range < b.range"
+)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        pytest.param("EXPLAIN ANALYZE SELECT count(*) FROM activations", id="explain analyze"),
+        pytest.param("EXPLAIN ANALYSE SELECT 1", id="analyse"),
+        pytest.param("EXPLAIN /* hidden */ ANALYZE SELECT 1", id="comment"),
+        pytest.param("explain\n analyze select 1", id="lower case"),
+        pytest.param("EXPLAIN (ANALYZE) SELECT 1", id="option"),
+        pytest.param("EXPLAIN ANALYZE COPY (SELECT 1) TO '.tmp/x.csv'", id="copy inside"),
+        pytest.param("EXPLAIN CREATE TABLE t AS SELECT 1", id="explain create"),
+        pytest.param("EXPLAIN EXPLAIN ANALYZE SELECT 1", id="nested"),
+        pytest.param("SET VARIABLE x = 1", id="variable"),
+        pytest.param("CALL pragma_version()", id="call"),
+        pytest.param("PREPARE p AS SELECT 1", id="prepare"),
+        pytest.param('DETACH "layer_6/s0"', id="detach"),
+    ],
+)
+def test_statements_that_execute_something_are_refused(store, tmp_path, statement, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = file_tree(store.home)
+    with pytest.raises(FeatstoreError):
+        sql.query(store, statement)
+    assert file_tree(store.home) == before
+    assert not (tmp_path / ".tmp").exists()
+
+
+def test_plain_explain_runs(store):
+    got = sql.query(store, "EXPLAIN SELECT count(*) FROM activations WHERE layer = 6")
+    assert got.height >= 1
+
+
+def test_a_query_past_its_time_limit_is_stopped_in_one_line(store, capsys):
+    argv = ["--home", str(store.home), "sql", FOREVER, "--timeout", "0.5"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "time limit of 0.5 s" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--timeout", "-1"), ("--timeout", "nan"), ("--memory-limit", "lots"),
+     ("--memory-limit", "1GB; SET x=1")],
+)  # fmt: skip
+def test_bad_limits_are_one_line(store, capsys, flag, value):
+    assert main(["--home", str(store.home), "sql", "SELECT 1", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featstore: error: ") and err.count("\n") == 1
+
+
+def test_memory_limit_is_applied_and_spills_stay_in_the_home(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with sql.connect(store.home, limits=sql.Limits(memory_limit="64MB")) as con:
+        names = "('memory_limit', 'temp_directory')"
+        query = f"SELECT name, value FROM duckdb_settings() WHERE name IN {names}"
+        settings = dict(con.sql(query).fetchall())
+        # A sort of 5M rows (~80 MB) under a 64 MB limit spills to the temporary folder.
+        order = "ORDER BY range * 7 % 1000003"
+        big = (
+            f"SELECT sum(r) AS s FROM (SELECT row_number() OVER ({order}) AS r FROM range(5000000))"
+        )
+        assert con.query(big)["s"][0] == 5000000 * 5000001 // 2
+    assert settings["memory_limit"] == "61.0 MiB"
+    assert Path(settings["temp_directory"]).is_relative_to(store.home)
+    assert not (tmp_path / ".tmp").exists()
+
+
+def test_ctrl_c_stops_a_running_query(store, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-m", "featstore.cli", "--home", str(store.home), "sql", FOREVER,
+            "--timeout", "0"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)  # started and running (it would run for hours)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "featstore: interrupted", err
+
+
+HOSTILE_TEXT = ["\x1b[2J\x1b[31mred", "cr\rover", "bell\x07", "csi\x9b31m", "rtl\u202eevil",
+                "nl\nline", "back\\slash", "tab\there", "ok"]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_control_characters_in_token_text_are_escaped(tmp_path, capsys, fmt):
+    import unicodedata
+
+    store = build_store(tmp_path / "h", {6: {"s0": sparse_acts(9, 4)}}, vocab=HOSTILE_TEXT * 5)
+    query = "SELECT token, text FROM tokens ORDER BY row"
+    assert main(["--home", str(store.home), "sql", query, "--format", fmt]) == 0
+    out = capsys.readouterr().out
+    assert not [c for c in out if c != "\n" and unicodedata.category(c) in ("Cc", "Cf")]
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) == {"table": 9 + 5, "csv": 9 + 1, "json": 1}[fmt]
+    if fmt == "json":
+        tokens = store.tokens("s0")["token"].to_list()
+        assert json.loads(out) == [{"token": t, "text": HOSTILE_TEXT[t % 9]} for t in tokens]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        pytest.param("passwd", b"root:x:0:0:secret-hash:/root:/bin/bash\n", ["not a .sql file"],
+                     id="not sql"),
+        pytest.param("bin.sql", bytes(range(256)), ["not UTF-8"], id="binary"),
+        pytest.param("nul.sql", b"SELECT 1\x00", ["binary"], id="nul"),
+        pytest.param("big.sql", b"-- " + b"x" * (1 << 21), ["larger than"], id="huge"),
+    ],
+)  # fmt: skip
+def test_query_files_are_never_echoed(store, tmp_path, capsys, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert main(["--home", str(store.home), "sql", "--file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featstore: error: ") and err.count("\n") == 1
+    assert "secret" not in err and "root:x" not in err and all(w in err for w in words)
+
+
+def test_etc_passwd_is_not_echoed(store, capsys):
+    assert main(["--home", str(store.home), "sql", "--file", "/etc/passwd"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "root" not in err
+
+
+def test_notebook_connection_gives_arrow_polars_pandas_and_the_same_rules(store):
+    import featstore
+
+    with featstore.connect(store.home) as con:
+        rel = con.sql("SELECT layer, count(*) AS n FROM activations GROUP BY layer ORDER BY layer")
+        want = [sum(store.info(layer, s)["nnz"] for s in store.shards(layer)) for layer in (6, 7)]
+        assert rel.arrow().read_all().column("n").to_pylist() == want
+        assert rel.pl()["n"].to_list() == want
+        assert rel.df()["n"].tolist() == want
+        assert con.query("SELECT count(*) AS n FROM tokens")["n"][0] == 85
+        with pytest.raises(FeatstoreError, match="read-only"):
+            con.sql("CREATE TABLE t AS SELECT 1")
+        with pytest.raises(duckdb.Error):
+            con.duckdb.execute("COPY (SELECT 1) TO 'x.csv'")
+        with pytest.raises(duckdb.Error):
+            con.duckdb.execute("SET memory_limit = '100GB'")
+
+
+def test_select_1_imports_nothing_heavy(store):
+    code = (
+        "import sys; from featstore.cli import main; "
+        f"main(['--home', {str(store.home)!r}, 'sql', 'select 1']); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'zarr', 'polars', 'pyarrow', "
+        "'torch', 'dagster', 'numba', 'scipy', 'pandas', 'transformer_lens', 'sae_lens'}))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -6,14 +6,27 @@
 - `blockpass`: compiled passes over a block of codes on its way in (dense to CSR; checks and
   per-feature sums in one pass); `chunks`: whole Zarr chunks written straight to the store.
 - `check`: verifying a whole store; `ingest`: importing activations computed elsewhere;
-  `sql`: read-only DuckDB over the store.
+  `sql`: read-only DuckDB over the store (`sqlguard` its rules, `sqlcatalog` + `sqlindex`
+  the columnar SQL index kept in step with the store, `sqlfiles` the Parquet tables).
 
 May import: the ground floor (`featstore.errors`, `files`, `tables`, ...). Never the other wings.
 """
 
 from __future__ import annotations
 
-from featstore.store.home import default_home, open_store
-from featstore.store.local import FeatureStats, Store
+from typing import Any
 
 __all__ = ["FeatureStats", "Store", "default_home", "open_store"]
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, imported on first use (zarr only when a store is opened)."""
+    if name in ("default_home", "open_store"):
+        from featstore.store import home
+
+        return getattr(home, name)
+    if name in ("FeatureStats", "Store"):
+        from featstore.store import local
+
+        return getattr(local, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ import numpy as np
 from featstore.errors import FeatstoreError
 from featstore.store import spec
 from featstore.store.local import FeatureStats, Store
+from featstore.store.sqlindex import check_index
 
 
 def check_store(store: Store) -> list[str]:
@@ -29,6 +30,7 @@ def check_store(store: Store) -> list[str]:
         for shard in store.children(f"{spec.PAIRS}/{folder}"):
             where = f"pair sums {folder} shard {shard}"
             problems += _guard(where, _check_pairs, store, folder, shard)
+    problems += _guard("SQL index", check_index, store)
     return problems
 
 

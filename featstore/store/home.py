@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from featstore.store import spec
-from featstore.store.local import Store
-from featstore.store.url import UrlStore
+
+if TYPE_CHECKING:  # imported when a store is opened: `featstore sql` starts without zarr
+    from featstore.store.local import Store
 
 DEFAULT_HOME = "featstore-data"
 
@@ -26,6 +28,9 @@ def open_store(
     With `url` (default `$FEATSTORE_STORE_URL`), e.g. `s3://bucket/prefix/store.zarr`, the Zarr
     hierarchy lives there (fsspec) and `home` keeps only locks and derived files.
     """
+    from featstore.store.local import Store
+    from featstore.store.url import UrlStore
+
     home_path = Path(home) if home is not None else default_home()
     url = url or os.environ.get(spec.STORE_URL_ENV) or None
     if url is not None and "://" in url and not url.startswith("file://"):

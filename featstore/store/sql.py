@@ -1,332 +1,288 @@
-"""Read-only DuckDB over a store, streaming from Zarr: no copy of the activations is made.
+"""Read-only DuckDB over a store: `featstore sql` and `featstore.connect(home)`.
 
-Tables (views): `activations(layer, shard, seq, pos, token, feature, value)`, one row per
-nonzero; `tokens(shard, seq, pos, token, text)`; `pair_stats(layer_a, layer_b, feature_a, ...)`
-over the merged pair statistics files in `{home}/pair_stats/` (empty when there are none);
-`causal_edges(layer_a, feature_a, layer_b, feature_b, ...)` over the patching effects in
-`{home}/causal/causal_edges.parquet` (`featstore.causal`; empty when absent);
-`logit_effects(layer, feature, kind, rank, token, text, effect)` over
-`{home}/logits/logit_effects.parquet` (`featstore.analysis.logits`; empty when absent);
-`findings(conjecture, statistic, observed, control, ..., verdict, ...)` over
-`{home}/findings/findings.parquet` (`featstore.analysis.findings`; empty when absent).
+Views:
+- `activations(layer, shard, seq, pos, token, feature, value, row)`: one row per nonzero;
+- `tokens(shard, seq, pos, token, text, row)`: one row per token, `text` from the vocabulary;
+- `pair_stats(layer_a, layer_b, feature_a, ...)`: the merged pair statistics in
+  `{home}/pair_stats/`; `causal_edges(layer_a, feature_a, layer_b, feature_b, ...)`:
+  `{home}/causal/causal_edges.parquet`; `logit_effects(layer, feature, kind, ...)`:
+  `{home}/logits/logit_effects.parquet`; `findings(conjecture, statistic, ...)`:
+  `{home}/findings/findings.parquet` (`featstore.store.sqlfiles`; each empty when absent).
 
-Each (layer, shard) is a lazy Arrow source that builds a fresh reader from `Store.iter_blocks`
-whenever DuckDB asks, so a query may scan it several times (a self-join). `activations` is a
-UNION ALL of those scans with constant `layer` and `shard` columns, which lets DuckDB drop the
-branches a `WHERE layer = ...` excludes before reading anything.
+`activations` and `tokens` read the SQL index (`featstore.store.sqlindex`: a DuckDB file per
+group, sorted by feature), brought in step with the store before every query. Each group is a
+UNION ALL branch with constant `layer` and `shard` columns, so `WHERE layer = ...` drops the
+other groups before anything is read. A group that cannot be indexed (a damaged store) becomes
+a branch that fails with the store's one-line error when, and only when, a query reads it.
+
+Safety (`featstore.store.sqlguard`): only one SELECT or plain EXPLAIN runs; the index files are
+attached read-only and DuckDB's file access is then switched off (no COPY, ATTACH, read_csv,
+INSTALL, ...) and its configuration locked; a memory limit; temporary files in the home; a time
+limit and Ctrl-C stop a query.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
-import numpy as np
-import polars as pl
-import pyarrow as pa
-import pyarrow.dataset as pads
 
 from featstore.errors import FeatstoreError
-from featstore.store import spec
-from featstore.store.local import Store
+from featstore.store import spec, sqlcatalog, sqlindex
+from featstore.store.sqlcatalog import Group
+from featstore.store.sqlguard import Limits, check_read_only, one_line, run_interruptible
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from featstore.store.local import Store
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
-BLOCK_TOKENS = 1 << 14  # tokens per Arrow batch: ~50 nonzeros each at GPT-2 scale
-
-# Statements a query may be; everything else (CREATE, INSERT, COPY, ATTACH, SET, ...) is refused.
-READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
-
-ACTIVATION_SCHEMA = pa.schema(
-    [
-        ("seq", pa.int32()),
-        ("pos", pa.int32()),
-        ("token", pa.int32()),
-        ("feature", pa.int32()),
-        ("value", pa.float32()),
-    ]
-)
-TOKEN_SCHEMA = pa.schema(
-    [("seq", pa.int32()), ("pos", pa.int32()), ("token", pa.int32()), ("text", pa.string())]
-)
-PAIR_STATS_SCHEMA = pa.schema(
-    [
-        ("layer_a", pa.int32()),
-        ("layer_b", pa.int32()),
-        ("feature_a", pa.int32()),
-        ("feature_b", pa.int32()),
-        ("n_tokens", pa.int64()),
-        ("n_both", pa.int64()),
-        ("n_either", pa.int64()),
-        ("sum_xy", pa.float64()),
-        ("pearson", pa.float64()),
-        ("agreement", pa.float64()),
-        ("jaccard", pa.float64()),
-        ("sufficiency", pa.float64()),  # featstore.measures
-        ("necessity", pa.float64()),
-        ("mutual_information", pa.float64()),
-        ("pmi", pa.float64()),
-        ("cosine", pa.float64()),  # uncentred activation cosine
-    ]
-)
-CAUSAL_EDGES_SCHEMA = pa.schema(  # featstore.causal writes it
-    [
-        ("layer_a", pa.int32()),
-        ("feature_a", pa.int32()),
-        ("layer_b", pa.int32()),
-        ("feature_b", pa.int32()),
-        ("n_tokens", pa.int64()),
-        ("exact", pa.bool_()),
-    ]
-    + [(c, pa.float64()) for c in ("mean_effect", "relative_effect")]
-    + [
-        ("n_clean_on", pa.int64()),
-        ("n_off", pa.int64()),
-        ("share_off", pa.float64()),
-        ("n_on", pa.int64()),
-        ("share_on", pa.float64()),
-    ]
-    + [(c, pa.float64()) for c in ("total_effect", "attribution", "relative_attribution")]
-)
-LOGIT_EFFECTS_SCHEMA = pa.schema(  # featstore.analysis.logits writes it
-    [
-        ("layer", pa.int32()),
-        ("feature", pa.int32()),
-        ("kind", pa.string()),
-        ("rank", pa.int32()),
-        ("token", pa.int32()),
-        ("text", pa.string()),
-        ("effect", pa.float64()),
-    ]
-)
-
-FINDINGS_SCHEMA = pa.schema(  # featstore.analysis.findings writes it
-    [
-        ("conjecture", pa.string()),
-        ("statistic", pa.string()),
-        ("observed", pa.float64()),
-        ("control", pa.string()),
-        ("control_value", pa.float64()),
-        ("effect", pa.float64()),
-        ("effect_lo", pa.float64()),
-        ("effect_hi", pa.float64()),
-        ("verdict", pa.string()),
-        ("unit", pa.string()),
-        ("n", pa.int64()),
-        ("plot", pa.string()),
-        ("source", pa.string()),
-        ("layers", pa.string()),
-    ]
-)
+INDEXED = ("activations", "tokens")  # from the SQL index
+FILES = ("pair_stats", "causal_edges", "logit_effects", "findings")  # sqlfiles.TABLES
+VIEWS = INDEXED + FILES
+Params = Mapping[str, Any] | Sequence[Any] | None
 
 
-def token_slice(store: Store, shard: str, start: int, stop: int) -> dict[str, np.ndarray]:
-    """Columns seq, pos, token of token rows [start, stop) of a shard."""
+def __getattr__(name: str) -> Any:  # the Parquet tables' schemas, without importing pyarrow early
+    if name.endswith("_SCHEMA") or name == "pair_stats_files":
+        from featstore.store import sqlfiles
+
+        return getattr(sqlfiles, name)
+    raise AttributeError(name)
+
+
+class Connection:
+    """A read-only DuckDB connection over a store's views.
+
+    `sql(query)` checks the query and returns a lazy DuckDB relation (`.arrow()`, `.pl()`,
+    `.df()`, `.fetchall()`); `query(query)` runs it under the time limit and Ctrl-C and returns
+    a polars frame. `duckdb` is the underlying connection: its files are read-only and its file
+    access is off, but the one-statement rule applies only through `sql` and `query`.
+    """
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, limits: Limits) -> None:
+        self.duckdb, self.limits = con, limits
+
+    def sql(self, query: str, params: Params = None) -> duckdb.DuckDBPyRelation:
+        check_read_only(query)
+        return self.duckdb.sql(query, params=params)
+
+    def query(self, query: str, params: Params = None) -> pl.DataFrame:
+        return self.run(query, params, lambda rel: rel.pl())
+
+    def run(self, query: str, params: Params, fetch: Any) -> Any:
+        """`fetch(relation)` of a checked query, interruptible; errors in one line."""
+        check_read_only(query)
+
+        def work() -> Any:
+            rel = self.duckdb.sql(query, params=params)
+            return None if rel is None else fetch(rel)
+
+        try:
+            return run_interruptible(self.duckdb, work, self.limits)
+        except duckdb.Error as exc:
+            raise FeatstoreError(one_line(exc).removeprefix("Invalid Input Error: ")) from None
+
+    def cursor(self) -> Connection:
+        """Another connection to the same views, for another thread."""
+        return Connection(self.duckdb.cursor(), self.limits)
+
+    def close(self) -> None:
+        self.duckdb.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    home: Path | str | Store | None = None,
+    *,
+    limits: Limits | None = None,
+    url: str | None = None,
+    views: Sequence[str] = VIEWS,
+) -> Connection:
+    """A read-only connection over the store at `home` (a path, an open `Store`, or None for
+    `$FEATSTORE_HOME`); `url`: the Zarr hierarchy at an fsspec URL. Only the `views` named are
+    created (all by default)."""
+    limits = limits or Limits()
+    source = _Source.of(home, url)
+    con = duckdb.connect(
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "memory_limit": limits.memory_limit,
+            "temp_directory": str(sqlindex.temp_dir(source.home)),
+        }
+    )
+    try:
+        if not source.plain():
+            source.store()  # a store that needs recovery, or one featstore cannot read
+        if {"activations", "tokens"} & set(views):
+            _index_views(con, source, limits, set(views))
+        if set(FILES) & set(views):
+            from featstore.store import sqlfiles
+
+            sqlfiles.add_views(con, source.home, set(views))
+        con.execute("SET enable_external_access = false")  # after the index files are attached
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return Connection(con, limits)
+
+
+class _Source:
+    """Where the store is, opened (zarr imported) only when a group must be indexed."""
+
+    def __init__(self, home: Path, url: str | None, store: Store | None) -> None:
+        self.home, self.url, self._store = home, url, store
+
+    @staticmethod
+    def of(home: Path | str | Store | None, url: str | None) -> _Source:
+        if home is None:
+            from featstore.store.home import default_home
+
+            home = default_home()
+        if isinstance(home, str | Path):
+            url = url or os.environ.get(spec.STORE_URL_ENV) or None
+            return _Source(Path(home).absolute(), url, None)
+        return _Source(Path(home.home).absolute(), None, home)
+
+    def store(self) -> Store:
+        if self._store is None:
+            from featstore.store.home import open_store
+
+            self._store = open_store(self.home, url=self.url)
+        return self._store
+
+    def plain(self) -> bool:
+        """Whether the store is a local folder that needs no recovery: then it is listed from
+        its files alone (else it is opened, which recovers it or reports what is wrong)."""
+        root = self.home / spec.ROOT
+        return self._store is None and self.url is None and sqlcatalog.plain(root)
+
+    def groups(self) -> list[Group]:
+        """The groups to index, with their stamps."""
+        if self.plain():
+            return sqlcatalog.catalog(self.home / spec.ROOT)
+        return sqlcatalog.store_catalog(self.store())
+
+
+def _index_views(
+    con: duckdb.DuckDBPyConnection, source: _Source, limits: Limits, views: set[str]
+) -> None:
+    wanted = [g for g in source.groups() if g.kind in views]
+    failed = {g: g.problem for g in wanted if g.problem is not None}
+    readable = [g for g in wanted if g.problem is None]
+    for group in sqlindex.attach(con, source.home, readable):  # missing, stale or bad files
+        try:
+            built = sqlindex.build(source.store(), group, limits.memory_limit)
+        except FeatstoreError as exc:  # a damaged group: fails the queries that read it
+            failed[group] = str(exc)
+            continue
+        if sqlindex.attach(con, source.home, [built]):
+            failed[group] = f"{group.path}: its SQL index in {source.home} cannot be read"
+    for kind in ("activations", "tokens"):
+        if kind in views:
+            branches = [_branch(g, failed.get(g)) for g in wanted if g.kind == kind]
+            con.execute(f"CREATE VIEW {kind} AS {_union(branches) or _empty(kind)}")
+
+
+def _columns(kind: str) -> dict[str, str]:
+    """A view's columns and their SQL types, in order."""
+    keys = (
+        {"layer": "INTEGER", "shard": "VARCHAR"} if kind == "activations" else {"shard": "VARCHAR"}
+    )
+    return keys | {c: sqlindex.COLUMNS[kind][c] for c in _OUT[kind]}
+
+
+def _empty(kind: str) -> str:
+    return (
+        "SELECT "
+        + ", ".join(f"NULL::{t} AS {c}" for c, t in _columns(kind).items())
+        + " WHERE false"
+    )
+
+
+_OUT = {
+    "activations": ["seq", "pos", "token", "feature", "value", "row"],
+    "tokens": ["seq", "pos", "token", "text", "row"],
+}
+
+
+def _branch(group: Group, failure: str | None) -> str:
+    """One group's rows, or (`failure`) a branch that raises it whenever a query reads it."""
+    keys = f"{group.layer}::INTEGER AS layer, " if group.kind == "activations" else ""
+    keys += f"{sqlindex.literal(group.shard)} AS shard"
+    if failure is None:
+        columns = ", ".join(_OUT[group.kind])
+        return f"SELECT {keys}, {columns} FROM {sqlindex.alias(group)}.{group.kind}"
+    types = sqlindex.COLUMNS[group.kind]
+    nulls = ", ".join(f"NULL::{types[c]} AS {c}" for c in _OUT[group.kind])
+    fail = f"error({sqlindex.literal(failure)})"
+    return f"SELECT {keys}, {nulls} FROM range(1) WHERE {fail} IS NULL"
+
+
+def _union(branches: list[str]) -> str:
+    """UNION ALL as a balanced tree, so many groups do not nest the query deeply."""
+    while len(branches) > 1:
+        pairs = [
+            f"({a}) UNION ALL ({b})" for a, b in zip(branches[::2], branches[1::2], strict=False)
+        ]
+        branches = pairs + ([branches[-1]] if len(branches) % 2 else [])
+    return branches[0] if branches else ""
+
+
+def mentioned(query: str) -> list[str]:
+    """The views a query may read: those whose name appears in its text (a superset)."""
+    low = query.lower()
+    return [v for v in VIEWS if v in low]
+
+
+def rows(
+    home: Path | str | Store | None,
+    sql: str,
+    params: Params = None,
+    limits: Limits | None = None,
+    url: str | None = None,
+) -> tuple[list[str], list[tuple], list[bool]]:
+    """A query's column names, rows (Python values) and which columns are FLOAT (single
+    precision); no polars or pyarrow import, for the command line."""
+    check_read_only(sql)
+
+    def fetch(rel: duckdb.DuckDBPyRelation) -> tuple[list[str], list[tuple], list[bool]]:
+        return list(rel.columns), rel.fetchall(), [str(t) == "FLOAT" for t in rel.types]
+
+    with connect(home, limits=limits, url=url, views=mentioned(sql)) as con:
+        return con.run(sql, params, fetch)
+
+
+def query(
+    store: Store | Path | str, sql: str, params: Params = None, limits: Limits | None = None
+) -> pl.DataFrame:
+    """Run one read-only query over the store; DuckDB errors come back as a one-line error."""
+    check_read_only(sql)
+    with connect(store, limits=limits, views=mentioned(sql)) as con:
+        return con.query(sql, params)
+
+
+def token_slice(store: Store, shard: str, start: int, stop: int) -> dict[str, Any]:
+    """Columns seq, pos, token (int32 numpy arrays) of token rows [start, stop) of a shard."""
+    import numpy as np
+
     what = f"token table of shard {shard}"
     group = store.group(spec.tokens_path(shard), what)
     return {
         c: np.asarray(store.read_array(group, c, what, slice(start, stop)), dtype=np.int32)
         for c in ("seq", "pos", "token")
     }
-
-
-class ArrowSource:
-    """A re-scannable Arrow stream: each `__arrow_c_stream__` call starts a fresh lazy reader.
-
-    An error while reading (a damaged file) is also kept in `failures`, so `query` can report
-    featstore's own one-line message instead of DuckDB's wrapping of its traceback.
-    """
-
-    def __init__(self, schema: pa.Schema, batches: Any, failures: list[Exception]) -> None:
-        self.schema, self.batches = schema, batches  # batches: () -> Iterator[RecordBatch]
-        self.failures = failures
-
-    def _read(self) -> Iterator[pa.RecordBatch]:
-        try:
-            yield from self.batches()
-        except Exception as exc:
-            self.failures.append(exc)
-            raise
-
-    def __arrow_c_stream__(self, requested_schema: object = None) -> object:
-        reader = pa.RecordBatchReader.from_batches(self.schema, self._read())
-        return reader.__arrow_c_stream__(requested_schema)
-
-
-def activation_batches(store: Store, layer: int, shard: str) -> Iterator[pa.RecordBatch]:
-    """One batch of nonzeros per block of tokens, joined to the token table by row."""
-    for start, block in store.iter_blocks(layer, shard, BLOCK_TOKENS):
-        toks = token_slice(store, shard, start, start + block.shape[0])
-        row = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-        columns = [toks[c][row] for c in ("seq", "pos", "token")]
-        columns += [block.indices.astype(np.int32), block.data.astype(np.float32)]
-        yield pa.RecordBatch.from_arrays(columns, schema=ACTIVATION_SCHEMA)
-
-
-def token_batches(store: Store, shard: str, vocab: pa.Array | None) -> Iterator[pa.RecordBatch]:
-    n_tokens = int(
-        store.group(spec.tokens_path(shard), f"token table of shard {shard}").attrs["n_tokens"]
-    )
-    for start in range(0, n_tokens, BLOCK_TOKENS):
-        toks = token_slice(store, shard, start, start + BLOCK_TOKENS)
-        token = toks["token"]
-        if vocab is None:
-            text = pa.nulls(token.size, pa.string())
-        else:  # ids outside the vocabulary (-1: unknown) get no text
-            known = (token >= 0) & (token < len(vocab))
-            text = vocab.take(pa.array(np.where(known, token, 0), mask=~known))
-        yield pa.RecordBatch.from_arrays(
-            [toks["seq"], toks["pos"], token, text], schema=TOKEN_SCHEMA
-        )
-
-
-def _with_constants(
-    con: duckdb.DuckDBPyConnection, source: ArrowSource, constants: Mapping[str, Any]
-) -> duckdb.DuckDBPyRelation:
-    """A scan of `source` with constant leading columns (typed), so filters on them prune it."""
-    consts = [
-        duckdb.ConstantExpression(value).cast(duckdb.sqltype(sql_type)).alias(name)
-        for name, (value, sql_type) in constants.items()
-    ]
-    cols = [duckdb.ColumnExpression(f.name) for f in source.schema]
-    return con.from_arrow(source).select(*consts, *cols)
-
-
-def _union_all(rels: Sequence[duckdb.DuckDBPyRelation]) -> duckdb.DuckDBPyRelation:
-    """UNION ALL as a balanced tree, so many shards do not nest the query deeply."""
-    while len(rels) > 1:
-        pairs = [rels[i].union(rels[i + 1]) for i in range(0, len(rels) - 1, 2)]
-        rels = pairs + ([rels[-1]] if len(rels) % 2 else [])
-    return rels[0]
-
-
-def _empty(con: duckdb.DuckDBPyConnection, schema: pa.Schema) -> duckdb.DuckDBPyRelation:
-    return con.from_arrow(schema.empty_table())
-
-
-def _activations(
-    con: duckdb.DuckDBPyConnection, store: Store, failures: list[Exception]
-) -> duckdb.DuckDBPyRelation:
-    rels = [
-        _with_constants(
-            con,
-            ArrowSource(
-                ACTIVATION_SCHEMA,
-                lambda layer=layer, shard=shard: activation_batches(store, layer, shard),
-                failures,
-            ),
-            {"layer": (layer, "INTEGER"), "shard": (shard, "VARCHAR")},
-        )
-        for layer in store.layers()
-        for shard in store.shards(layer)
-    ]
-    empty = ACTIVATION_SCHEMA.insert(0, pa.field("shard", pa.string()))
-    return _union_all(rels) if rels else _empty(con, empty.insert(0, pa.field("layer", pa.int32())))
-
-
-def _tokens(
-    con: duckdb.DuckDBPyConnection, store: Store, failures: list[Exception]
-) -> duckdb.DuckDBPyRelation:
-    words = store.vocab()
-    vocab = None if words is None else pa.array(words, pa.string())
-    rels = [
-        _with_constants(
-            con,
-            ArrowSource(
-                TOKEN_SCHEMA, lambda shard=shard: token_batches(store, shard, vocab), failures
-            ),
-            {"shard": (shard, "VARCHAR")},
-        )
-        for shard in store.token_shards()
-    ]
-    return (
-        _union_all(rels)
-        if rels
-        else _empty(con, TOKEN_SCHEMA.insert(0, pa.field("shard", pa.string())))
-    )
-
-
-def pair_stats_files(store: Store) -> list[Path]:
-    return sorted((store.home / spec.PAIR_STATS_DIR).glob("*.parquet"))
-
-
-def _pair_stats(con: duckdb.DuckDBPyConnection, store: Store) -> duckdb.DuckDBPyRelation:
-    files = pair_stats_files(store)
-    if not files:
-        return _empty(con, PAIR_STATS_SCHEMA)
-    # pyarrow reads the files (DuckDB's own file access is switched off below).
-    return con.from_arrow(pads.dataset([str(f) for f in files], schema=PAIR_STATS_SCHEMA))
-
-
-def _derived(
-    con: duckdb.DuckDBPyConnection, path: Path, schema: pa.Schema
-) -> duckdb.DuckDBPyRelation:
-    """A derived Parquet table under the store home; empty when it was not written."""
-    if not path.exists():
-        return _empty(con, schema)
-    return con.from_arrow(pads.dataset(str(path), schema=schema))
-
-
-def connect(store: Store, failures: list[Exception] | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the store's views; it can read no file but through them.
-
-    Errors reading the store during a query are appended to `failures` when given.
-    """
-    failures = [] if failures is None else failures
-    con = duckdb.connect(
-        config={
-            "enable_external_access": False,  # no COPY TO, ATTACH, read_csv, INSTALL, ...
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-        }
-    )
-    _activations(con, store, failures).to_view("activations")
-    _tokens(con, store, failures).to_view("tokens")
-    _pair_stats(con, store).to_view("pair_stats")
-    causal = store.home / spec.CAUSAL_DIR / spec.CAUSAL_EDGES_FILE
-    _derived(con, causal, CAUSAL_EDGES_SCHEMA).to_view("causal_edges")
-    logits = store.home / spec.LOGITS_DIR / spec.LOGIT_EFFECTS_FILE
-    _derived(con, logits, LOGIT_EFFECTS_SCHEMA).to_view("logit_effects")
-    findings = store.home / spec.FINDINGS_DIR / spec.FINDINGS_FILE
-    _derived(con, findings, FINDINGS_SCHEMA).to_view("findings")
-    con.execute("SET lock_configuration = true")
-    return con
-
-
-def check_read_only(sql: str) -> None:
-    """Refuse anything but one SELECT (or EXPLAIN), naming the statement type."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise FeatstoreError(one_line(exc)) from None
-    if len(statements) != 1:
-        raise FeatstoreError(f"expected one SQL statement, got {len(statements)}")
-    kind = statements[0].type
-    if kind not in READ_STATEMENTS:
-        raise FeatstoreError(f"the store is read-only: {kind.name} statements are refused")
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def query(
-    store: Store, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None
-) -> pl.DataFrame:
-    """Run one read-only query over the store; DuckDB errors come back as a one-line error."""
-    check_read_only(sql)
-    failures: list[Exception] = []
-    con = connect(store, failures)
-    try:
-        return con.sql(sql, params=params).pl()
-    except duckdb.Error as exc:
-        failure = failures[0] if failures else None
-        if isinstance(failure, FeatstoreError):  # a damaged file: name it, not DuckDB's wrapping
-            raise failure from None
-        raise FeatstoreError(one_line(exc)) from None
-    finally:
-        con.close()
 
 
 def named_query(name: str) -> str:
@@ -339,8 +295,10 @@ def named_query(name: str) -> str:
 
 
 def query_text(file: str) -> str:
-    """The text of a query file: a path, else the name of one in `sql/` (`top_features`)."""
+    """The text of a query file: a `.sql` path, else the name of one in `sql/`."""
+    from featstore.store.sqlguard import read_query_file
+
     path = Path(file)
-    if path.is_file():
-        return path.read_text()
+    if path.exists() or path.is_symlink():
+        return read_query_file(path)
     return named_query(path.name.removesuffix(".sql"))

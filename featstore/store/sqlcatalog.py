@@ -1,0 +1,171 @@
+"""What the SQL index must hold: every committed group of a local store and its freshness stamp,
+read from the groups' `zarr.json` files alone (no zarr import, so `featstore sql` starts fast).
+
+A group's stamp hashes the bytes of its `zarr.json` (its attributes: shape, nnz and whatever
+the store records at commit) and of the generation's `zarr.json` where it names one, together
+with each file's identity (inode, size, modification time). A commit writes a new `zarr.json`
+(a new file renamed into place, or a new generation), so any change of a group changes its
+stamp, even one that keeps every attribute; a copied store gets new stamps and is re-indexed.
+Names taken from the store's folders are validated before they become paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from featstore.errors import FeatstoreError
+from featstore.store import spec
+
+if TYPE_CHECKING:
+    from featstore.store.local import Store
+
+LAYER_FOLDER = re.compile(r"^layer_(0|[1-9][0-9]{0,5})$")
+GENERATION_NAME = re.compile(r"^_gen-[0-9a-f]{1,16}-[0-9a-f]{1,64}$")
+MAX_METADATA = 1 << 20  # bytes: a group's zarr.json larger than this is not one featstore wrote
+
+
+@dataclass(frozen=True)
+class Group:
+    """One committed group the index mirrors: `kind` "activations" (with its layer) or "tokens"."""
+
+    kind: str
+    layer: int | None
+    shard: str
+    path: str  # in the Zarr hierarchy
+    stamp: str  # hex digest: changes whenever the group (or what it is joined to) changes
+    rows: int  # rows the index holds: nonzeros, or token rows
+    problem: str | None = None  # why its metadata cannot be read (then it is not indexed)
+
+
+def _metadata(root: Path, path: str) -> tuple[dict, list[bytes]]:
+    """A group's attributes (its generation's where it names one) and what its stamp hashes."""
+    parts: list[bytes] = []
+    attrs: dict = {}
+    where = path
+    for _ in range(2):
+        file = root / where / "zarr.json"
+        try:
+            info = os.stat(file)
+            if info.st_size > MAX_METADATA:
+                raise FeatstoreError(f"{where}/zarr.json in {root}: larger than {MAX_METADATA} B")
+            raw = file.read_bytes()
+            attrs = json.loads(raw).get("attributes", {})
+        except (OSError, ValueError, AttributeError) as exc:
+            raise FeatstoreError(f"{where}/zarr.json in {root}: unreadable ({exc})") from None
+        if not isinstance(attrs, dict):
+            raise FeatstoreError(f"{where}/zarr.json in {root}: attributes are not an object")
+        parts += [where.encode(), raw, f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}".encode()]
+        generation = attrs.get(spec.GENERATION)
+        if generation is None:
+            return attrs, parts
+        if not isinstance(generation, str) or not GENERATION_NAME.match(generation):
+            raise FeatstoreError(f"{where}/zarr.json in {root}: bad generation {generation!r}")
+        where = f"{path}/{generation}"
+    raise FeatstoreError(f"{path}/zarr.json in {root}: a generation names another generation")
+
+
+def _count(attrs: dict, key: str, where: str) -> int:
+    value = attrs.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+        raise FeatstoreError(f"{where}: attribute {key} is {value!r}, not a count")
+    return value
+
+
+def _folders(base: Path, pattern: re.Pattern[str]) -> list[str]:
+    """Names of the committed groups (folders with a zarr.json) in `base` that match `pattern`."""
+    if not base.is_dir():
+        return []
+    return sorted(
+        p.name for p in base.iterdir() if pattern.match(p.name) and (p / "zarr.json").is_file()
+    )
+
+
+def catalog(root: Path) -> list[Group]:
+    """Every activation and token group of the local store at `root`, with stamps."""
+    groups: list[Group] = []
+    token_parts: dict[str, list[bytes]] = {}
+    vocab = _metadata(root, spec.VOCAB)[1] if (root / spec.VOCAB / "zarr.json").is_file() else []
+    for shard in _folders(root / spec.TOKENS, spec.SHARD_NAME):
+        group, token_parts[shard] = _group(root, "tokens", None, shard, vocab)
+        groups.append(group)
+    for folder in _folders(root / spec.ACTIVATIONS, LAYER_FOLDER):
+        layer = int(folder.removeprefix("layer_"))
+        for shard in _folders(root / spec.layer_group(layer), spec.SHARD_NAME):
+            joined = token_parts.get(shard, [b"no token table"])
+            groups.append(_group(root, "activations", layer, shard, joined)[0])
+    return groups
+
+
+def _group(
+    root: Path, kind: str, layer: int | None, shard: str, joined: list[bytes]
+) -> tuple[Group, list[bytes]]:
+    """A group and its own stamp parts; `joined`: those of what its index rows are joined to."""
+    if kind == "tokens":
+        path, rows_key = spec.tokens_path(shard), "n_tokens"
+    else:
+        path, rows_key = spec.activation_path(layer, shard), "nnz"
+    try:
+        attrs, parts = _metadata(root, path)
+        rows = _count(attrs, rows_key, path)
+    except FeatstoreError as exc:
+        return Group(kind, layer, shard, path, "", 0, str(exc)), []
+    return Group(kind, layer, shard, path, _digest(parts + joined), rows), parts
+
+
+def _digest(parts: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def plain(root: Path) -> bool:
+    """Whether the local store at `root` can be listed from its files alone: a root this
+    featstore reads and no `_staging`/`_trash` entries awaiting recovery (else open the Store,
+    which recovers them and reports what is wrong)."""
+    try:
+        version = json.loads((root / "zarr.json").read_bytes())["attributes"][
+            spec.FEATSTORE_VERSION
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(version, int) or version > spec.SPEC_VERSION:
+        return False
+    return not any(
+        (root / folder).is_dir() and any((root / folder).iterdir())
+        for folder in (spec.STAGING, spec.TRASH)
+    )
+
+
+def store_catalog(store: Store) -> list[Group]:
+    """`catalog` of an open store; at a URL, stamps from each group's committed generation and
+    attributes (a generation is written once, so its name changes with every commit)."""
+    if store.local:
+        return catalog(store.root_path)
+
+    def parts(path: str, what: str) -> list[bytes]:
+        group = store.group(path, what)
+        return [group.path.encode(), json.dumps(dict(group.attrs), sort_keys=True).encode()]
+
+    vocab = parts(spec.VOCAB, "vocabulary") if store.vocab() is not None else []
+    groups, token_parts = [], {}
+    for shard in store.token_shards():
+        path = spec.tokens_path(shard)
+        token_parts[shard] = parts(path, f"token table of shard {shard}")
+        rows = _count(dict(store.group(path, path).attrs), "n_tokens", path)
+        groups.append(Group("tokens", None, shard, path, _digest(token_parts[shard] + vocab), rows))
+    for layer in store.layers():
+        for shard in store.shards(layer):
+            path = spec.activation_path(layer, shard)
+            own = parts(path, f"layer {layer} shard {shard}")
+            stamp = _digest(own + token_parts.get(shard, [b"no token table"]))
+            rows = _count(store.info(layer, shard), "nnz", path)
+            groups.append(Group("activations", layer, shard, path, stamp, rows))
+    return groups
