@@ -12,10 +12,12 @@ import scipy.sparse as sp
 import torch
 import zarr
 import zarr.storage
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from featstore import FeatstoreError
 from featstore.sources.extract import dense_to_csr
 from featstore.store import blockpass
+from featstore.store.chunks import ChunkWriter
 from featstore.store.home import open_store
 from featstore.store.local import CODEC, WRITE, FeatureStats, GroupWriter, validate_activations
 
@@ -122,3 +124,22 @@ def test_chunk_writer_writes_what_zarr_writes(tmp_path, dtype):
     for name in names:
         if name.name != "zarr.json":
             assert filecmp.cmp(tmp_path / "ours/x" / name, tmp_path / "theirs/x" / name, False)
+
+
+@pytest.mark.parametrize("crc", [False, True], ids=["blosc", "blosc+crc32c"])
+def test_chunk_writer_with_a_checksum_writes_what_zarr_writes(tmp_path, crc):
+    codecs = (BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),) + (
+        (Crc32cCodec(),) if crc else ()
+    )
+    values = np.arange(4096, dtype=np.float32) * 1.5
+    arrays = []
+    for name in ("ours", "theirs"):
+        group = zarr.open_group(zarr.storage.LocalStore(tmp_path / name), mode="w", zarr_format=3)
+        arrays.append(group.create_array(
+            "x", shape=values.shape, dtype=np.float32, chunks=(1024,), compressors=codecs,
+            config=WRITE))  # fmt: skip
+    ChunkWriter.of(arrays[0]).write(0, values)
+    arrays[1][:] = values
+    np.testing.assert_array_equal(arrays[0][:], values)  # zarr checks the checksums on reading
+    for k in range(4):
+        assert filecmp.cmp(tmp_path / f"ours/x/c/{k}", tmp_path / f"theirs/x/c/{k}", False)
