@@ -184,6 +184,22 @@ def test_bad_requests_are_one_line_4xx(setup):
         assert needle in got.text and "Traceback" not in got.text
 
 
+def test_damaged_chunk_is_reported_not_shown_as_zeros(setup, tmp_path):
+    from starlette.testclient import TestClient
+
+    store, _, _ = setup
+    shutil.copytree(store.home, tmp_path / "home")
+    chunks = sorted(
+        (tmp_path / "home" / spec.ROOT / "activations" / "layer_7" / "s0" / "data").rglob("c/*")
+    )
+    chunks[0].write_bytes(b"not a chunk" + chunks[0].read_bytes()[11:])
+    from featstore.store.home import open_store
+
+    got = TestClient(app.create_app(open_store(tmp_path / "home"))).get("/features/7/2")
+    assert got.status_code == 400 and "layer 7 shard s0" in got.text, got.text
+    assert "Traceback" not in got.text and len(got.text.splitlines()) == 1
+
+
 def test_cli_refuses_bad_port_and_missing_store(capsys, tmp_path):
     assert_one_line_error(*cli(capsys, tmp_path, "serve", "--port", "70000")[::2], "port")
     status, _, err = cli(capsys, tmp_path / "none", "serve", "--export", str(tmp_path / "o"))

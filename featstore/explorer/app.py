@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -84,9 +85,12 @@ def _html(body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(body, status, headers={"Content-Security-Policy": CSP})
 
 
-def create_app(store: Store, n_index: int = 40) -> Starlette:
-    """The explorer over `store` (read only)."""
+def create_app(store: Store, n_index: int = 40, warm: bool = False) -> Starlette:
+    """The explorer over `store` (read only); `warm`: summarise every layer in the background
+    from the start, so that no reader waits for a layer's first pass."""
     ex = Explorer(store)
+    if warm:
+        threading.Thread(target=lambda: [ex.summary(x) for x in ex.layers], daemon=True).start()
     site = pages.Site(labels=labeller(ex))
     search = Search(ex)
 
@@ -128,7 +132,7 @@ def serve(store: Store, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> N
     import uvicorn
 
     check_port(port)
-    uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(store, warm=True), host=host, port=port, log_level="warning")
 
 
 # -- the static export -----------------------------------------------------------------------------
