@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from featstore.store.sql import (
 )
 
 CONTEXT = (8, 4)  # tokens shown before and after an activation
+CONTEXT_READERS = 4  # threads reading context windows (zarr decompresses outside the GIL)
 KEYS = ("layer_a", "layer_b", "feature_a", "feature_b", "n_tokens")
 MEASURES = tuple(f.name for f in PAIR_STATS_SCHEMA if f.name not in KEYS)
 CONCEPTS_FILE = "best_features.parquet"
@@ -150,27 +152,27 @@ class Explorer:
 
     def contexts(self, layer: int, feature: int) -> list[Context]:
         """The strongest activations with the tokens around each and the feature's value on
-        each of those tokens (same sequence only)."""
-        hits, summary = self.summary(layer).top(feature), self.summary(layer)
-        have, before, after = set(self.store.token_shards()), *self.context
-        out = []
-        for shard_i, row, value in list(zip(hits.shard, hits.row, hits.value, strict=True))[
-            : self.top
-        ]:
-            shard = summary.shards[shard_i]
-            if shard not in have:
-                continue
-            lo, hi = max(int(row) - before, 0), int(row) + after + 1
-            cols = {k: v[lo:hi] for k, v in self.token_table(shard).items()}
-            same = np.flatnonzero(cols["seq"] == cols["seq"][row - lo])
-            values = self.store.read(layer, shard, lo, lo + cols["seq"].size)[:, feature]
-            values = values.toarray().ravel()[same]
-            out.append(Context(
-                shard, int(cols["seq"][row - lo]), int(cols["pos"][row - lo]), float(value),
-                [self.text(int(t)) for t in cols["token"][same]], values.tolist(),
-                int(np.searchsorted(same, row - lo)),
-            ))  # fmt: skip
-        return out
+        each of those tokens (same sequence only); the windows are read concurrently."""
+        summary = self.summary(layer)
+        hits = summary.top(feature)
+        have = set(self.store.token_shards())
+        todo = [(summary.shards[s], int(r), float(v))
+                for s, r, v in zip(hits.shard, hits.row, hits.value, strict=True)
+                if summary.shards[s] in have][: self.top]  # fmt: skip
+        with ThreadPoolExecutor(CONTEXT_READERS) as pool:
+            return list(pool.map(lambda hit: self._context(layer, feature, *hit), todo))
+
+    def _context(self, layer: int, feature: int, shard: str, row: int, value: float) -> Context:
+        before, after = self.context
+        lo = max(row - before, 0)
+        cols = {k: v[lo : row + after + 1] for k, v in self.token_table(shard).items()}
+        same = np.flatnonzero(cols["seq"] == cols["seq"][row - lo])
+        values = self.store.read(layer, shard, lo, lo + cols["seq"].size)[:, feature]
+        return Context(
+            shard, int(cols["seq"][row - lo]), int(cols["pos"][row - lo]), value,
+            [self.text(int(t)) for t in cols["token"][same]],
+            values.toarray().ravel()[same].tolist(), int(np.searchsorted(same, row - lo)),
+        )  # fmt: skip
 
     def top_tokens(self, layer: int, feature: int, n: int = 5) -> list[tuple[str, int]]:
         tokens = self.summary(layer).top_tokens(feature)
