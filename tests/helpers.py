@@ -146,10 +146,56 @@ def build_store(home, acts: dict, vocab: list[str] | None = None, seed: int = 0)
 # -- small random-weight model and SAEs (patching, concepts, erasure tests) ----------------------
 
 SMALL_VOCAB = [
-    "<|endoftext|>", "\n", "    ", "  ", " ", "#", " #", "'", '"', "(", ")", "[", "]", "{", "}",
-    ":", ",", ".", "=", " =", "+", "-", "*", "0", "1", "42", "7", " def", " class", "def",
-    " return", " if", " for", " in", " import", "import", " None", " True", " x", " y", "self",
-    " self", " Foo", "Bar", " the", " value", "_", "abc", " a", "Z",
+    "<|endoftext|>",
+    "\n",
+    "    ",
+    "  ",
+    " ",
+    "#",
+    " #",
+    "'",
+    '"',
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ":",
+    ",",
+    ".",
+    "=",
+    " =",
+    "+",
+    "-",
+    "*",
+    "0",
+    "1",
+    "42",
+    "7",
+    " def",
+    " class",
+    "def",
+    " return",
+    " if",
+    " for",
+    " in",
+    " import",
+    "import",
+    " None",
+    " True",
+    " x",
+    " y",
+    "self",
+    " self",
+    " Foo",
+    "Bar",
+    " the",
+    " value",
+    "_",
+    "abc",
+    " a",
+    "Z",
 ]  # 50 decoded tokens: the small model's vocabulary, Python-ish so concepts have hits
 
 
@@ -159,8 +205,16 @@ def random_model(seed: int = 0):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
-        n_layers=10, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32,
-        d_vocab=len(SMALL_VOCAB), act_fn="gelu", normalization_type="LN", seed=seed,
+        n_layers=10,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=32,
+        d_vocab=len(SMALL_VOCAB),
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=seed,
     )
     model = HookedTransformer(cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -179,8 +233,14 @@ def random_tokens(n_seq: int = 6, seq_len: int = 16, seed: int = 0) -> np.ndarra
     return tokens
 
 
-def random_saes(model, tokens: np.ndarray, layers=(6, 7, 8, 9), d_sae: int = 64,
-                density: float = 0.15, seed: int = 0) -> dict:
+def random_saes(
+    model,
+    tokens: np.ndarray,
+    layers=(6, 7, 8, 9),
+    d_sae: int = 64,
+    density: float = 0.15,
+    seed: int = 0,
+) -> dict:
     """Random StandardSAEs at each layer's resid_pre; each feature fires on ~`density` of the
     tokens of `tokens` (b_enc set from the pre-activation quantiles)."""
     import torch

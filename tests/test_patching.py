@@ -209,9 +209,7 @@ def test_causal_assets_materialise(store_run, monkeypatch):
 
     store, model, saes, _ = store_run
     frames = store_pair_frames(store, [6, 7], metric="pearson", threshold=0.1)
-    write_graphml(
-        build_graph(frames, "pearson", 0.1), store.home / spec.GRAPH_DIR / GRAPHML
-    )
+    write_graphml(build_graph(frames, "pearson", 0.1), store.home / spec.GRAPH_DIR / GRAPHML)
     monkeypatch.setattr(assets, "load_model_and_saes", lambda cfg: (model, saes))
     resource = FeatstoreResource(home=str(store.home), layers=[6, 7])
     result = dg.materialize(

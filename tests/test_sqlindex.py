@@ -150,11 +150,12 @@ def test_a_crafted_index_with_the_right_stamp_is_caught_by_check(store, capsys):
     assert status == 1 and "rows differ" in out
 
 
-def test_check_names_an_index_file_no_group_owns(store):
+def test_a_deleted_shard_leaves_no_index_behind(store):
     sql.query(store, QUERY)
-    stray = store.home / spec.SQL_INDEX_DIR / "layer_6" / "gone.duckdb"
-    shutil.copy(stray.with_name("s0.duckdb"), stray)
-    assert [p for p in check_store(store) if "gone.duckdb" in p]
+    store.delete_shard("s0")
+    assert sql.query(store, "SELECT count(*) AS n FROM activations")["n"][0] == 0
+    assert index_files(store) == {}
+    assert check_store(store) == []
 
 
 KILLED_BUILD = """

@@ -178,7 +178,9 @@ class _Source:
 def _index_views(
     con: duckdb.DuckDBPyConnection, source: _Source, limits: Limits, views: set[str]
 ) -> None:
-    wanted = [g for g in source.groups() if g.kind in views]
+    groups = source.groups()
+    sqlindex.prune(source.home, groups)
+    wanted = [g for g in groups if g.kind in views]
     failed = {g: g.problem for g in wanted if g.problem is not None}
     readable = [g for g in wanted if g.problem is None]
     for group in sqlindex.attach(con, source.home, readable):  # missing, stale or bad files

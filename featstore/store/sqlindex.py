@@ -273,17 +273,22 @@ def temp_dir(home: Path) -> Path:
 # -- checking ------------------------------------------------------------------------------------
 
 
+def prune(home: Path, groups: list[Group]) -> None:
+    """Delete the index files of groups that are gone (a deleted shard)."""
+    keep = {index_file(home, g) for g in groups}
+    base = index_dir(home)
+    for file in base.glob("*/*.duckdb") if base.is_dir() else []:
+        if file not in keep and _own(home, file) and not file.is_dir():
+            file.unlink(missing_ok=True)
+
+
 def check_index(store: Store) -> Iterator[str]:
-    """Problems of the SQL index: files whose rows differ from the store's (a stale file is no
-    problem: the next query rebuilds it) and files no group owns."""
-    groups = {index_file(store.home, g): g for g in store_catalog(store)}
-    base = index_dir(store.home)
-    for file in sorted(base.glob("*/*.duckdb")) if base.is_dir() else []:
-        group = groups.get(file)
-        where = f"SQL index {file.relative_to(store.home)}"
-        if group is None:
-            yield f"{where}: no such group in the store (delete the file)"
-        elif _fresh(file, group):
+    """Problems of the SQL index: fresh files whose rows differ from the store's (a stale or
+    orphaned file is no problem: the next query rebuilds or deletes it)."""
+    for group in store_catalog(store):
+        file = index_file(store.home, group)
+        if group.problem is None and _own(store.home, file) and _fresh(file, group):
+            where = f"SQL index {file.relative_to(store.home)}"
             yield from _compare(store, group, file, where)
 
 
