@@ -79,8 +79,13 @@ def test_findings_on_planted_structure(planted, tmp_path):
     assert set(frame["source"]) == {"synthetic"}
     page = paths["findings_page"].read_text()
     assert "These verdicts are about `synthetic`" in page and "| C2 |" in page
-    for name in ("c1", "c2", "c3_pass_through"):
+    for name in ("c1", "c2", "c3_pass_through", "convergence_plot", "pass_through_plot"):
         assert paths[name].stat().st_size > 1000
+    gates = pl.read_parquet(paths["gates"])  # the planted AND and OR gates
+    assert gates.height == 2 * CFG.n_gates * (len(CFG.layers) - 1)
+    assert pl.read_parquet(paths["convergence"])["shards"].max() == 2
+    gone = pl.read_parquet(paths["vanishing"])  # the planted vanishing features among them
+    assert gone.height >= CFG.n_vanishing * 3 and gone["survival"].null_count() == gone.height
 
 
 def test_findings_asset_shows_its_page(planted):

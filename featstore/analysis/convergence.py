@@ -110,11 +110,20 @@ def convergence_figure(frame: pl.DataFrame, path: Path) -> Path:
 def run_convergence(
     store: Store, layers: Sequence[int], out: Path, *, fractions: Sequence[float] = FRACTIONS,
     thresholds: Mapping[str, float] | None = None, min_both: int = MIN_BOTH,
+    shards: Sequence[str] | None = None,
 ) -> dict[str, Path]:  # fmt: skip
     """`convergence` of every pair of successive layers: table and figure under `out`."""
     layers = sorted(layers)
     parts = [
-        convergence(store, a, b, fractions=fractions, thresholds=thresholds, min_both=min_both)
+        convergence(
+            store,
+            a,
+            b,
+            fractions=fractions,
+            thresholds=thresholds,
+            min_both=min_both,
+            shards=shards,
+        )  # fmt: skip
         for a, b in zip(layers[:-1], layers[1:], strict=True)
     ]
     frame = pl.concat(parts) if parts else pl.DataFrame()

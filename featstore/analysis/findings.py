@@ -21,7 +21,12 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from featstore.analysis import evidence
-from featstore.analysis.passthrough import flow_counts, flow_figure, pass_through_links
+from featstore.analysis.passthrough import (
+    flow_counts,
+    flow_figure,
+    pass_through_links,
+    run_pass_through,
+)
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
 from featstore.stats.shardsums import Variant, merged_feature_stats
@@ -294,8 +299,29 @@ def _num(x) -> str:
 
 
 def run_findings(store: Store, cfg: FindingsConfig, out: Path, model=None, saes=None):
-    """`findings_table`, written with its page; returns (table, paths incl. the plots)."""
+    """`findings_table`, written with its page, and the analyses' own tables beside it (gates,
+    pass-through chains, convergence with tokens); returns (table, paths incl. the plots)."""
+    from featstore.analysis.convergence import run_convergence
+    from featstore.analysis.gates import run_gates
+    from featstore.analysis.vanishing import run_vanishing
+
     frame = findings_table(store, cfg, out, model, saes)
     paths = write_findings(frame, out)
     plots = {p.stem: p for p in sorted(out.glob("c*.png"))}
-    return frame, {**paths, **plots}
+    shards = cfg.shards
+    extra = run_gates(store, cfg.layers, out, shards=shards, threshold=cfg.gate_threshold,
+                      min_both=cfg.gate_min_both)  # fmt: skip
+    extra |= run_pass_through(store, cfg.layers, out, shards=shards, min_pearson=cfg.pass_pearson)
+    extra |= run_convergence(store, cfg.layers, out, shards=shards)
+    extra |= run_vanishing(
+        store,
+        cfg.layers,
+        out,
+        shards=shards,
+        max_best=cfg.vanishing_necessity,
+        model=model,
+        saes=saes,
+        max_features=cfg.max_features,
+        max_sequences=cfg.max_sequences,
+    )
+    return frame, {**paths, **plots, **extra}

@@ -12,11 +12,13 @@ near 0: it was erased, or the next SAE represents it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from featstore.files import write_parquet_atomic
 from featstore.stats.best import best_partners
 from featstore.stats.shardsums import Variant, merged_feature_stats
 from featstore.store.local import Store
@@ -51,6 +53,28 @@ def best_successor(
 def vanishing(best: pl.DataFrame, max_best: float = MAX_BEST) -> pl.DataFrame:
     """The rows of `best_successor` with no good successor."""
     return best.filter(pl.col("best_necessity") <= max_best)
+
+
+def run_vanishing(
+    store: Store, layers: Sequence[int], out: Path, *, shards: Sequence[str] | None = None,
+    max_best: float = MAX_BEST, model=None, saes: dict | None = None,
+    max_features: int = 200, max_sequences: int | None = 16,
+) -> dict[str, Path]:  # fmt: skip
+    """Per pair of successive layers, the vanishing features of the earlier one with their best
+    successor, and (given the store's model and SAEs) the survival of the first `max_features`
+    of each in the next SAE's error; written to `{out}/vanishing.parquet`."""
+    layers, parts = sorted(layers), []
+    chosen = list(shards or store.shards(layers[0]))
+    for a, b in zip(layers[:-1], layers[1:], strict=True):
+        gone = vanishing(best_successor(store, a, b, shards=chosen), max_best)
+        if model is not None and b == a + 1 and gone.height:
+            feats = gone["feature"].to_numpy()[:max_features]
+            kept = decoder_survival(store, model, saes, a, feats, chosen, max_sequences)
+            gone = gone.join(kept.drop("layer"), on="feature", how="left")
+        else:
+            gone = gone.with_columns(survival=pl.lit(None, pl.Float64))
+        parts.append(gone)
+    return {"vanishing": write_parquet_atomic(pl.concat(parts), out / "vanishing.parquet")}
 
 
 def survival(codes: sp.csr_matrix, w_dec: np.ndarray, errors: np.ndarray) -> np.ndarray:
