@@ -254,7 +254,7 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """DuckDB reading the merged pair statistics and the causal edges of `store` in place
     (their Parquet files; only the fixed queries of `sql/` run on it, never a user's)."""
     con = duckdb.connect()
-    files = [str(f) for f in pair_stats_files(store)]
+    files = [str(f) for f in pair_stats_files(store.home)]
     pairs = con.read_parquet(files, union_by_name=True) if files else None
     causal = store.home / spec.CAUSAL_DIR / spec.CAUSAL_EDGES_FILE
     edges = con.read_parquet(str(causal)) if causal.exists() else None
