@@ -260,6 +260,15 @@ def random_saes(
     return saes
 
 
+def small_model_setup(home, seed: int, n_seq: int, seq_len: int = 12):
+    """(model, saes, tokens, store): a random model, its random SAEs and a store of their codes
+    on random tokens (erasure and findings tests)."""
+    model = random_model(seed=seed)
+    tokens = random_tokens(n_seq=n_seq, seq_len=seq_len, seed=seed)
+    saes = random_saes(model, tokens, seed=seed)
+    return model, saes, tokens, model_store(home, model, saes, tokens)
+
+
 def model_store(home, model, saes: dict, tokens: np.ndarray, shard: str = "s0"):
     """A store holding the SAE codes of `tokens` at each layer, the token table and the vocab."""
     import torch

@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
+from helpers import one_torch_thread, small_model_setup
 from matplotlib.image import imread
 
 from featstore.analysis.erasure import (
@@ -33,11 +33,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    model = random_model(seed=2)
-    tokens = random_tokens(n_seq=8, seq_len=12, seed=2)
-    saes = random_saes(model, tokens, seed=2)
-    store = model_store(tmp_path_factory.mktemp("erasure"), model, saes, tokens)
-    return model, saes, tokens, store
+    return small_model_setup(tmp_path_factory.mktemp("erasure"), seed=2, n_seq=8)
 
 
 @pytest.mark.parametrize("block", [6, 8])

@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
+from helpers import one_torch_thread, small_model_setup
 
 from featstore.analysis import evidence, findings, vanishing
 from featstore.analysis.erasure import component_sums
@@ -21,11 +21,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    model = random_model(seed=3)
-    tokens = random_tokens(n_seq=16, seq_len=12, seed=3)
-    saes = random_saes(model, tokens, seed=3)
-    store = model_store(tmp_path_factory.mktemp("fm"), model, saes, tokens)
-    return model, saes, tokens, store
+    return small_model_setup(tmp_path_factory.mktemp("fm"), seed=3, n_seq=16)
 
 
 def test_decoder_survival_projects_the_next_saes_error(setup):
