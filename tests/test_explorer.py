@@ -320,3 +320,12 @@ def test_browser_shows_the_store(setup, server):
     assert "L7:2" in found.ids["results"]
     graph = dump_dom(f"{server}/graph/7/2")
     assert 'data-layer="8"' in graph and "<script>alert" not in graph
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
+def test_exported_search_runs_in_the_browser(setup, tmp_path):
+    store, _, _ = setup
+    app.export(store, tmp_path / "site", [(7, 2), (8, 4)])
+    found = Dom(dump_dom((tmp_path / "site" / "search.html").as_uri() + "?q=bold"))
+    assert found.ids["results"] == "L7:2 <b>bold</b>"
+    assert found.links[-1] == "features/7/2.html"
