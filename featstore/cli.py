@@ -273,18 +273,29 @@ def load_model_and_saes(source: str, layers: Sequence[int], device: str):
 def cmd_patch(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from featstore.analysis.asked import EdgeChoice
     from featstore.analysis.causal import CausalConfig, run_causal
     from featstore.tables import render
 
+    choice = EdgeChoice(
+        sample=args.sample,
+        min_pearson=args.min_pearson,
+        max_edges=args.max_edges,
+        measure=args.measure,
+        **({"bins": tuple(args.bins)} if args.bins else {}),
+        per_bin=args.per_bin,
+        random_pairs=args.random_pairs,
+    )
     cfg = CausalConfig(
         layers=tuple(args.layers),
         shards=tuple(args.shards) if args.shards else None,
         max_sequences=args.max_sequences,
         features=tuple(args.features) if args.features else None,
-        n_exact=args.n_exact,
+        edges=choice,
+        attribution=not args.no_attribution,
         value=args.value,
         min_effect=args.min_effect,
-        min_pearson=args.min_pearson,
+        min_tokens=args.min_tokens,
     )
     store = _open(args)
     model, saes = load_model_and_saes(args.source, cfg.layers, args.device)
@@ -522,9 +533,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
     p.add_argument("--max-sequences", type=int, default=16, help="per shard")
     p.add_argument("--features", type=int, nargs="+", default=None, help="source features")
-    p.add_argument("--n-exact", type=int, default=None, help="patched exactly per layer")
+    p.add_argument("--sample", choices=("graph", "bins"), default="graph",
+                   help="measure the correlation graph's edges, or pairs stratified by bins")
+    p.add_argument("--max-edges", type=int, default=None, help="graph: at most this many a pair")
+    p.add_argument("--measure", default="jaccard", help="bins: the binned measure")
+    p.add_argument("--bins", type=float, nargs="+", default=None,
+                   help="bins: the bin edges (default 10 bins from 0.01 to 1.0)")
+    p.add_argument("--per-bin", type=int, default=10, help="bins: pairs sampled per bin")
+    p.add_argument("--random-pairs", type=int, default=100, help="random control pairs a pair")
+    p.add_argument("--no-attribution", action="store_true", help="exact patching only")
     p.add_argument("--value", type=float, default=0.0, help="0 ablates; else clamp to this")
     p.add_argument("--min-effect", type=float, default=0.1, help="|relative effect| of an edge")
+    p.add_argument("--min-tokens", type=int, default=5, help="patched tokens of a causal edge")
     p.add_argument("--min-pearson", type=float, default=0.2, help="a correlation edge")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_patch)

@@ -1,21 +1,22 @@
-"""Activation patching: effects equal plain transformer_lens hooks; batching changes nothing."""
+"""Activation patching of asked edges: effects equal plain transformer_lens hooks; batching
+changes nothing; only the asked columns are read; every tensor is made on the model's device."""
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
-from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
+from helpers import one_torch_thread, random_model, random_saes, random_tokens
+from torch.overrides import TorchFunctionMode
 
-from featstore.analysis.causal import CausalConfig, causal_edge_frame, compare, run_causal
-from featstore.analysis.patching import PatchConfig, attribution_sums, effect_sums
-from featstore.cli import main
+from featstore.analysis.attribution import edge_attribution
+from featstore.analysis.columns import encode_columns
+from featstore.analysis.patching import Edges, PatchConfig, edge_effects, row_batches
+from featstore.errors import FeatstoreError
 from featstore.sources.extract import encode_batch
-from featstore.stats.query import pair_stats
-from featstore.store import spec
 
 DEAD = 5  # a feature of layer 6 that never fires
 
@@ -42,6 +43,11 @@ def setup():
     return model, saes, tokens, codes
 
 
+def all_targets(target: int, features, d: int = 64) -> Edges:
+    """Every (feature, j) pair of `features` x all j of the target layer."""
+    return Edges.of(target, np.repeat(features, d), np.tile(np.arange(d), len(features)))
+
+
 def reference(model, saes, tokens, layer, target, feature, value=0.0):
     """Patch with our own hook over the whole batch; mean effect, off/on counts, tokens."""
     sae, seen = saes[layer], {}
@@ -56,11 +62,10 @@ def reference(model, saes, tokens, layer, target, feature, value=0.0):
     x = torch.as_tensor(tokens)
     with torch.no_grad():
         _, clean = model.run_with_cache(x, names_filter=name(target))
-        patched = model.run_with_hooks(
+        model.run_with_hooks(
             x,
             fwd_hooks=[(name(layer), hook), (name(target), lambda r, hook: seen.update(p=r))],
         )
-        del patched
         before = saes[target].encode(clean[name(target)])
         after = saes[target].encode(seen["p"])
     m = seen["mask"]
@@ -70,53 +75,114 @@ def reference(model, saes, tokens, layer, target, feature, value=0.0):
     return diff.mean(0).numpy(), off.numpy(), on.numpy(), int(m.sum())
 
 
+# -- reading only the asked columns --------------------------------------------------------------
+
+
+def test_encode_columns_equals_the_saes_own_encode(setup):
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    model, saes, tokens, _ = setup
+    x = torch.randn(3, 5, 32)
+    cols = torch.as_tensor([40, 2, 7, 63])
+    jump = JumpReLUSAE(JumpReLUSAEConfig(d_in=32, d_sae=64)).eval()
+    with torch.no_grad():
+        jump.W_enc.normal_()
+        jump.threshold.uniform_(0, 1.0)
+        mine, theirs = encode_columns(saes[7], x, cols), saes[7].encode(x)[..., cols]
+        np.testing.assert_allclose(mine, theirs, atol=1e-6)
+        got, expect = encode_columns(jump, x, cols), jump.encode(x)[..., cols]
+    np.testing.assert_allclose(got, expect, atol=1e-6)
+    assert (got > 0).any() and (got == 0).any()
+
+
+def test_an_sae_without_a_per_feature_encoding_is_refused(setup):
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    model, saes, tokens, codes = setup
+    topk = {**saes, 7: TopKSAE(TopKSAEConfig(d_in=32, d_sae=64, k=4)).eval()}
+    with pytest.raises(FeatstoreError, match="layer 7 .*feature by feature"):
+        edge_effects(model, topk, tokens, codes, PatchConfig(6), [all_targets(7, [3])])
+
+
+# -- exact patching ------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("value", [pytest.param(0.0, id="ablate"), pytest.param(2.5, id="clamp")])
 def test_one_patch_equals_a_plain_hook_computation(setup, value):
     model, saes, tokens, codes = setup
-    cfg = PatchConfig(layer=6, targets=(7, 9), features=(3, 11), value=value, batch_rows=5)
-    sums = effect_sums(model, saes, tokens, codes, cfg)
-    for target in (7, 9):
-        for row, feature in enumerate((3, 11)):
-            mean, off, on, n = reference(model, saes, tokens, 6, target, feature, value)
-            s = sums[target]
-            assert s.n_tokens[row] == n > 0
-            np.testing.assert_allclose(s.effect[row] / n, mean, atol=1e-5)
-            np.testing.assert_array_equal(s.n_off[row], off)
-            np.testing.assert_array_equal(s.n_on[row], on)
+    asked = [Edges.of(7, [3, 3, 11, 11, 11], [0, 50, 2, 9, 50]), all_targets(9, [3, 11])]
+    cfg = PatchConfig(layer=6, value=value, batch_rows=5)
+    sums = edge_effects(model, saes, tokens, codes, cfg, asked)
+    for edges, s in zip(asked, sums, strict=True):
+        for feature in (3, 11):
+            mean, off, on, n = reference(model, saes, tokens, 6, edges.target, feature, value)
+            mine = edges.feature_a == feature
+            j = edges.feature_b[mine]
+            assert (s.n_tokens[mine] == n).all() and n > 0
+            np.testing.assert_allclose(s.effect[mine] / n, mean[j], atol=1e-5)
+            np.testing.assert_array_equal(s.n_off[mine], off[j])
+            np.testing.assert_array_equal(s.n_on[mine], on[j])
 
 
 def test_a_feature_that_never_fires_changes_nothing(setup):
     model, saes, tokens, codes = setup
     assert codes[:, DEAD].nnz == 0
-    both = effect_sums(model, saes, tokens, codes, PatchConfig(6, (8,), features=(DEAD, 3)))[8]
-    alone = effect_sums(model, saes, tokens, codes, PatchConfig(6, (8,), features=(3,)))[8]
-    assert both.n_tokens[0] == 0
-    for name_ in ("effect", "total", "clean", "n_clean_on", "n_off", "n_on"):
-        assert not getattr(both, name_)[0].any()
-        np.testing.assert_array_equal(getattr(both, name_)[1], getattr(alone, name_)[0])
-    # and the model run from layer 6 with its residual untouched reproduces the clean codes
-    mean, off, on, n = reference(model, saes, tokens, 6, 8, DEAD)
-    assert n == 0 and not off.any() and not on.any()
+    (both,) = edge_effects(model, saes, tokens, codes, PatchConfig(6), [all_targets(8, [3, DEAD])])
+    (alone,) = edge_effects(model, saes, tokens, codes, PatchConfig(6), [all_targets(8, [3])])
+    dead = slice(64, 128)  # DEAD > 3: its edges come second
+    for field in ("n_tokens", "effect", "total", "clean", "n_clean_on", "n_off", "n_on"):
+        assert not getattr(both, field)[dead].any()
+        np.testing.assert_array_equal(getattr(both, field)[:64], getattr(alone, field))
 
 
-def test_many_features_per_pass_equal_each_alone(setup):
+def test_batching_and_memory_limits_change_nothing(setup):
     model, saes, tokens, codes = setup
-    features = (0, 3, 7, 40)
-    together = effect_sums(model, saes, tokens, codes, PatchConfig(6, (7, 8), features, 0.0, 64))
-    for row, feature in enumerate(features):
-        alone = effect_sums(model, saes, tokens, codes, PatchConfig(6, (7, 8), (feature,)))
-        for t in (7, 8):
-            assert together[t].n_tokens[row] == alone[t].n_tokens[0]
-            np.testing.assert_allclose(together[t].effect[row], alone[t].effect[0], atol=1e-5)
-            np.testing.assert_allclose(together[t].total[row], alone[t].total[0], atol=1e-5)
-            np.testing.assert_array_equal(together[t].n_off[row], alone[t].n_off[0])
+    asked = [all_targets(7, [0, 3, 7, 40]), Edges.of(8, [0, 7, 7, 40], [1, 1, 30, 63])]
+    together = edge_effects(model, saes, tokens, codes, PatchConfig(6, batch_rows=64), asked)
+    small = PatchConfig(6, batch_rows=3, max_cells=12 * 70)
+    apart = edge_effects(model, saes, tokens, codes, small, asked)
+    for a, b in zip(together, apart, strict=True):
+        np.testing.assert_array_equal(a.n_tokens, b.n_tokens)
+        np.testing.assert_allclose(a.effect, b.effect, atol=1e-5)
+        np.testing.assert_allclose(a.total, b.total, atol=1e-5)
+        np.testing.assert_array_equal(a.n_off, b.n_off)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_edges_of_rows_and_batches_by_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    edges = Edges.of(9, rng.integers(0, 20, 60), rng.integers(0, 30, 60))
+    feats = rng.integers(0, 25, 40)
+    rows, ids = edges.of_rows(feats)
+    expect = {(r, e) for r, f in enumerate(feats) for e in range(len(edges))
+              if edges.feature_a[e] == f}
+    assert set(zip(rows.tolist(), ids.tolist(), strict=True)) == expect
+    widths = np.bincount(rows, minlength=len(feats))
+    cfg = PatchConfig(6, batch_rows=7, max_cells=400)
+    parts = list(row_batches(widths, 5, cfg))
+    assert np.concatenate([np.arange(len(feats))[p] for p in parts]).tolist() == list(range(40))
+    for p in parts:
+        n = p.stop - p.start
+        assert n <= 7 and (n == 1 or n * 5 * widths[p].sum() <= 400)
+
+
+def test_edges_out_of_range_are_refused(setup):
+    model, saes, tokens, codes = setup
+    for bad in (Edges.of(7, [64], [0]), Edges.of(7, [0], [-1]), Edges.of(6, [0], [0])):
+        with pytest.raises(FeatstoreError, match="must lie"):
+            edge_effects(model, saes, tokens, codes, PatchConfig(6), [bad])
+
+
+# -- attribution ---------------------------------------------------------------------------------
 
 
 def test_attribution_is_the_directional_derivative_of_the_patch(setup):
     model, saes, tokens, codes = setup
     feature, target = 11, 9
-    cfg = PatchConfig(6, (target,), features=(feature,))
-    est = attribution_sums(model, saes, tokens, codes, cfg, batch_sequences=4, chunk=16)[target]
+    js = np.array([0, 4, 17, 33, 63])
+    edges = [Edges.of(target, [feature] * 5 + [3], [*js, 4])]
+    cfg = PatchConfig(6)
+    (est,) = edge_attribution(model, saes, tokens, codes, cfg, edges, batch_sequences=4, chunk=2)
     x = torch.as_tensor(tokens)
     with torch.no_grad():
         _, cache = model.run_with_cache(x, names_filter=name(6))
@@ -130,109 +196,54 @@ def test_attribution_is_the_directional_derivative_of_the_patch(setup):
         return saes[target].encode(out)[:, 1:].sum((0, 1))
 
     _, jvp = torch.autograd.functional.jvp(downstream, resid, tangent)
-    np.testing.assert_allclose(est.total[0], jvp.numpy(), rtol=1e-3, atol=1e-4)
-    assert est.n_tokens[0] == int((a > 0).sum())
+    mine = edges[0].feature_a == feature
+    np.testing.assert_allclose(est[mine], jvp.numpy()[js], rtol=1e-3, atol=1e-4)
 
 
-# -- from a store ---------------------------------------------------------------------------------
+# -- every tensor on the model's device ----------------------------------------------------------
+
+FACTORIES = {torch.as_tensor, torch.tensor, torch.zeros, torch.ones, torch.arange, torch.eye,
+             torch.full, torch.empty, torch.randn, torch.rand}
 
 
-@pytest.fixture(scope="module")
-def store_run(setup, tmp_path_factory):
-    model, saes, tokens, _ = setup
-    store = model_store(tmp_path_factory.mktemp("causal"), model, saes, random_tokens(8, 12, 1))
-    for a, b in ((6, 7), (7, 8), (8, 9)):
-        pair_stats(store, a, b)  # writes pair_stats/{a}-{b}.parquet: the correlation graph
-    cfg = CausalConfig(max_sequences=4, min_effect=0.2, min_tokens=3, min_pearson=0.1)
-    return store, model, saes, cfg
+class DeviceWatch(TorchFunctionMode):
+    """Records featstore's tensor creations without a device, `from_numpy` (always on the
+    host), and `.numpy()` of a tensor not passed through `.cpu()` first: each would combine host
+    and device tensors, or fail, on `cuda`."""
+
+    def __init__(self):
+        super().__init__()
+        self.problems: list[str] = []
+        self.on_host: dict[int, torch.Tensor] = {}  # by id, held so that ids stay unique
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        caller = sys._getframe(1)
+        where = f"{caller.f_globals.get('__name__')}:{caller.f_lineno}"
+        if not where.startswith("featstore."):
+            return out
+        if (func in FACTORIES and kwargs.get("device") is None) or func is torch.from_numpy:
+            self.problems.append(f"{where} {func.__name__} without a device")
+        if func is torch.Tensor.cpu:
+            self.on_host[id(out)] = out
+        if func is torch.Tensor.numpy and id(args[0]) not in self.on_host:
+            self.problems.append(f"{where} .numpy() without .cpu()")
+        return out
 
 
-def test_comparison_counts_equal_set_arithmetic(store_run):
-    store, model, saes, cfg = store_run
-    frame = causal_edge_frame(store, model, saes, cfg)
-    assert frame["exact"].all() and frame.height > 0
-    corr = {}
-    for a, b in ((6, 7), (7, 8), (8, 9)):
-        stats = pl.read_parquet(store.home / "pair_stats" / f"{a}-{b}.parquet")
-        corr[(a, b)] = stats.filter(pl.col("pearson") >= cfg.min_pearson).select(
-            pl.col("feature_a", "feature_b").cast(pl.Int64), "pearson"
-        )
-    table = compare(frame, corr, cfg)
-    assert table.height == 6  # every pair of layers 6-9
-    for a, b in corr:
-        rows = frame.filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b)).to_dicts()
-        causal = {
-            (r["feature_a"], r["feature_b"])
-            for r in rows
-            if r["relative_effect"] is not None
-            and abs(r["relative_effect"]) >= cfg.min_effect
-            and r["n_tokens"] >= cfg.min_tokens
-        }
-        edges = set(corr[(a, b)].select("feature_a", "feature_b").iter_rows())
-        got = table.filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b)).row(0, named=True)
-        assert got["causal_edges"] == len(causal)
-        assert got["correlation_edges_causal"] == len(edges & causal)
-        assert got["causal_edges_missed"] == len(causal - edges)
-    assert (
-        table.filter(pl.col("layer_b") - pl.col("layer_a") > 1)["correlation_edges"].is_null().all()
-    )
+def test_every_tensor_is_made_on_the_models_device(setup):
+    model, saes, tokens, codes = setup
+    asked = [all_targets(7, [3, 11]), Edges.of(9, [0, 3], [5, 6])]
+    watch = DeviceWatch()
+    with watch:
+        edge_effects(model, saes, tokens, codes, PatchConfig(6, batch_rows=4), asked)
+        edge_attribution(model, saes, tokens, codes, PatchConfig(6), asked, chunk=8)
+    assert watch.problems == []
 
 
-def test_run_writes_a_table_sql_can_read(store_run, capsys):
-    store, model, saes, cfg = store_run
-    small = CausalConfig(layers=(6, 8), max_sequences=4, n_exact=3, min_pearson=0.1)
-    paths = run_causal(store, model, saes, small)
-    saved = pl.read_parquet(paths["edges"])
-    assert saved.filter(pl.col("exact"))["feature_a"].n_unique() == 3  # the strongest 3 only
-    assert saved.filter(~pl.col("exact"))["mean_effect"].is_null().all()
-    for key in ("comparison_plot", "attribution_plot"):
-        assert paths[key].read_bytes()[:4] == b"\x89PNG"
-    capsys.readouterr()
-    query = "SELECT count(*) AS n FROM causal_edges"
-    assert main(["--home", str(store.home), "sql", query, "--format", "csv"]) == 0
-    assert capsys.readouterr().out.split() == ["n", str(saved.height)]
-
-
-def test_cli_patch_reports_a_missing_model_in_one_line(store_run, capsys, monkeypatch):
-    monkeypatch.setattr("featstore.sources.registry.EMBEDDED", store_run[0].home / "nowhere")
-    rc = main(["--home", str(store_run[0].home), "patch", "--layers", "6", "7"])
-    assert rc == 2
-    assert capsys.readouterr().err.count("\n") == 1
-
-
-def test_causal_assets_materialise(store_run, monkeypatch):
-    import dagster as dg
-
-    from featstore.analysis.graph import GRAPHML, build_graph, store_pair_frames, write_graphml
-    from pipelines.assets import causal as assets
-    from pipelines.resources import FeatstoreResource
-
-    store, model, saes, _ = store_run
-    frames = store_pair_frames(store, [6, 7], metric="pearson", threshold=0.1)
-    write_graphml(build_graph(frames, "pearson", 0.1), store.home / spec.GRAPH_DIR / GRAPHML)
-    monkeypatch.setattr(assets, "load_model_and_saes", lambda cfg: (model, saes))
-    resource = FeatstoreResource(home=str(store.home), layers=[6, 7])
-    result = dg.materialize(
-        assets.causal_assets,
-        resources={"featstore": resource},
-        run_config={
-            "ops": {
-                "causal_edges": {"config": {"max_sequences": 3, "n_exact": 4}},
-                "concept_traces": {"config": {"max_sequences": 3}},
-                "erasure": {"config": {"max_sequences": 3}},
-            }
-        },
-    )
-    assert result.success
-    for name in ("causal_edges", "concept_traces", "erasure"):
-        (event,) = result.asset_materializations_for_node(name)
-        assert event.metadata
-
-
-def test_cli_patch_prints_the_comparison(store_run, capsys, monkeypatch):
-    store, model, saes, _ = store_run
-    monkeypatch.setattr("featstore.cli.load_model_and_saes", lambda *args: (model, saes))
-    argv = ["--home", str(store.home), "patch", "--layers", "6", "7", "--max-sequences", "2"]
-    assert main([*argv, "--min-pearson", "0.1"]) == 0
-    out = capsys.readouterr().out
-    assert "correlation_edges_causal" in out and "causal_edges.parquet" in out
+def test_the_device_watch_sees_a_host_tensor():
+    watch = DeviceWatch()
+    with watch:
+        exec("import torch; torch.zeros(3).numpy()", {"__name__": "featstore.fake"})
+    assert len(watch.problems) == 2

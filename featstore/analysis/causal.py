@@ -1,46 +1,42 @@
 """The `causal_edges` table of a store and its comparison with the correlation graph.
 
-For each source layer L: attribution estimates for every (active feature, later feature) pair,
-then exact patching (`featstore.patching`) of the `n_exact` source features with the strongest
-estimates (all active ones by default), over the first `max_sequences` sequences of each shard.
+For each source layer L and later layer L' with pair statistics, the asked edges
+(`featstore.analysis.asked`: the correlation graph's, or a sample stratified by a measure's bins,
+plus random control pairs) are patched exactly (`featstore.analysis.patching`) and, optionally,
+estimated by attribution patching, over the first `max_sequences` sequences of each shard. Cost
+and memory grow with the asked edges, never with features x features.
 
-Columns (one row per tested pair with `n_tokens > 0`): `mean_effect` = mean over the `n_tokens`
-tokens where i is active of f_j(patched) - f_j(clean); `relative_effect` = that / the mean
-activation of j where j is active (clean, whole shards); `share_off` = n_off / n_clean_on (tokens
-where j was on); `share_on` = n_on / (n_tokens - n_clean_on) (tokens where j was off);
+Columns (one row per asked edge): `asked_by` (graph, bin, random), `pearson` of the pair (null:
+never co-active), `bin` and `bin_value` (bins sample); `n_tokens` = tokens where i is active (and
+patched); `mean_effect` = mean over them of f_j(patched) - f_j(clean); `relative_effect` = that /
+the mean activation of j where j is active (clean, whole shards); `share_off` = n_off / n_clean_on
+(tokens where j was on); `share_on` = n_on / (n_tokens - n_clean_on) (tokens where j was off);
 `total_effect` = change of f_j summed over every position of the patched sequences, per patched
-token; `attribution` = its first-order estimate (null where i was not patched exactly: then
-only attribution is known and `mean_effect` is null). A pair is a causal edge when
-|relative_effect| >= min_effect over at least `min_tokens` tokens.
+token; `attribution` = its first-order estimate (null when not computed). A pair is a causal edge
+when |relative_effect| >= min_effect over at least `min_tokens` tokens.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from featstore.analysis.patching import (
-    AttributionSums,
-    EffectSums,
-    PatchConfig,
-    attribution_sums,
-    effect_sums,
-)
+from featstore.analysis.asked import PAIR, EdgeChoice, asked_edges
+from featstore.analysis.attribution import edge_attribution
+from featstore.analysis.patching import Edges, EdgeSums, PatchConfig, edge_effects
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
 from featstore.sequences import stacked_codes, store_sequences
-from featstore.stats.measures import above
-from featstore.stats.query import pair_stats_path
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store import spec
 from featstore.store.local import Store
 from featstore.store.sql import CAUSAL_EDGES_SCHEMA
 
 COMPARISON_FILE = "comparison.parquet"
+BINS_FILE = "ablation_by_bin.parquet"
 SCHEMA = pl.from_arrow(CAUSAL_EDGES_SCHEMA.empty_table()).schema
 
 
@@ -51,22 +47,21 @@ class CausalConfig:
     layers: tuple[int, ...] = (6, 7, 8, 9)
     shards: tuple[str, ...] | None = None  # default: every shard of the first layer
     max_sequences: int | None = 16  # per shard; None: all
-    features: tuple[int, ...] | None = None  # source features considered; None: all active
-    n_exact: int | None = None  # per source layer, patched exactly; None: all considered
+    features: tuple[int, ...] | None = None  # source features considered; None: all asked
+    edges: EdgeChoice = field(default_factory=EdgeChoice)
+    attribution: bool = True  # also the first-order estimate of each asked edge
     value: float = 0.0  # 0 ablates; else clamp
     batch_rows: int = 64
     min_effect: float = 0.1  # |relative_effect| of a causal edge
     min_tokens: int = 5
-    min_pearson: float = 0.2  # a correlation-graph edge
-    keep_effect: float = 0.05  # rows saved: |relative effect or attribution| >= this, or a switch
 
     def __post_init__(self) -> None:
         if len(set(self.layers)) < 2:
             raise FeatstoreError(f"causal edges need at least two layers, got {list(self.layers)}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise FeatstoreError(f"max_sequences must be positive, got {self.max_sequences}")
-        if self.n_exact is not None and self.n_exact < 0:
-            raise FeatstoreError(f"n_exact must be >= 0, got {self.n_exact}")
+        if self.min_tokens < 1:
+            raise FeatstoreError(f"min_tokens must be positive, got {self.min_tokens}")
 
 
 def causal_dir(store: Store) -> Path:
@@ -74,24 +69,6 @@ def causal_dir(store: Store) -> Path:
 
 
 # -- computing ------------------------------------------------------------------------------------
-
-
-def layer_effects(
-    store: Store, model, saes: dict, cfg: CausalConfig, layer: int, shards: list[str]
-) -> tuple[dict[int, EffectSums], dict[int, AttributionSums]]:
-    """Attribution sums for the considered features of `layer`, exact sums for the strongest."""
-    targets = tuple(t for t in sorted(cfg.layers) if t > layer)
-    alive = np.flatnonzero(merged_feature_stats(store, layer, shards).count > 0)
-    if cfg.features is not None:
-        alive = np.intersect1d(alive, cfg.features)
-    base = PatchConfig(layer, targets, tuple(alive.tolist()), cfg.value, cfg.batch_rows)
-    sequences = store_sequences(store, shards, cfg.max_sequences)
-    codes = stacked_codes(store, layer, shards, sequences)
-    tokens = np.concatenate(sequences)
-    attr = attribution_sums(model, saes, tokens, codes, base)
-    chosen = strongest_sources(attr, mean_active(store, targets, shards), cfg.n_exact)
-    exact_cfg = PatchConfig(layer, targets, tuple(chosen.tolist()), cfg.value, cfg.batch_rows)
-    return effect_sums(model, saes, tokens, codes, exact_cfg), attr
 
 
 def mean_active(store: Store, layers, shards: list[str]) -> dict[int, np.ndarray]:
@@ -104,176 +81,156 @@ def mean_active(store: Store, layers, shards: list[str]) -> dict[int, np.ndarray
     return out
 
 
-def strongest_sources(
-    attr: dict[int, AttributionSums], scale: dict[int, np.ndarray], n: int | None
-) -> np.ndarray:
-    """The `n` source features with the largest relative attribution on any later feature."""
-    first = next(iter(attr.values()))
-    if n is None or n >= len(first.features):
-        return first.features
-    with np.errstate(invalid="ignore", divide="ignore"):
-        best = np.max(
-            [
-                np.nanmax(np.abs(a.total / a.n_tokens[:, None] / scale[t]), axis=1, initial=0.0)
-                for t, a in attr.items()
-            ],
-            axis=0,
-        )
-    order = np.argsort(-np.nan_to_num(best, nan=-1.0), kind="stable")
-    return np.sort(first.features[order[:n]])
+def layer_frames(
+    store: Store, model, saes: dict, cfg: CausalConfig, layer: int, shards: list[str], scale: dict
+) -> list[pl.DataFrame]:
+    """The rows of every asked edge from `layer` to each later layer with pair statistics."""
+    sources = None if cfg.features is None else np.asarray(cfg.features, np.int64)
+    asked = {}
+    for t in (t for t in sorted(set(cfg.layers)) if t > layer):
+        frame = asked_edges(store, layer, t, saes[t].cfg.d_sae, cfg.edges, sources)
+        if frame is not None and frame.height:
+            asked[t] = frame.sort(PAIR)
+    if not asked:
+        return []
+    edges = [Edges.of(t, f["feature_a"].to_numpy(), f["feature_b"].to_numpy()) for t, f in
+             asked.items()]
+    sequences = store_sequences(store, shards, cfg.max_sequences)
+    codes = stacked_codes(store, layer, shards, sequences)
+    tokens = np.concatenate(sequences)
+    patch = PatchConfig(layer, cfg.value, cfg.batch_rows)
+    sums = edge_effects(model, saes, tokens, codes, patch, edges)
+    attr = (edge_attribution(model, saes, tokens, codes, patch, edges) if cfg.attribution
+            else [None] * len(edges))
+    return [
+        edge_frame(layer, e.target, asked[e.target], s, at, scale[e.target][e.feature_b])
+        for e, s, at in zip(edges, sums, attr, strict=True)
+    ]
 
 
 def edge_frame(
-    layer: int, target: int, exact: EffectSums, attr: AttributionSums, scale: np.ndarray
+    layer: int,
+    target: int,
+    asked: pl.DataFrame, s: EdgeSums, attr: np.ndarray | None, scale: np.ndarray
 ) -> pl.DataFrame:
-    """Every pair of a tested or attributed source feature with `n_tokens > 0` (see module doc)."""
-    n_f, d = attr.total.shape
-    where = np.searchsorted(exact.features, attr.features)
-    tested = np.isin(attr.features, exact.features)
-    pick = np.where(tested, np.minimum(where, max(len(exact.features) - 1, 0)), 0)
-
-    def exact_col(values: np.ndarray) -> np.ndarray:
-        if not len(exact.features):
-            return np.full((n_f, d), np.nan)
-        return np.where(tested[:, None], values[pick].astype(np.float64), np.nan)
-
-    n = attr.n_tokens[:, None].astype(np.float64)
+    """The asked rows (sorted by pair, as `Edges`) with their effects (see the module doc)."""
+    n = s.n_tokens.astype(np.float64)
+    total = np.full(len(n), np.nan) if attr is None else attr
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = exact_col(exact.effect) / n
-        on, off = exact_col(exact.n_on), exact_col(exact.n_off)
-        n_on_before = exact_col(exact.n_clean_on)
+        mean = s.effect / n
         cols = {
-            "layer_a": np.full(n_f * d, layer),
-            "feature_a": np.repeat(attr.features, d),
-            "layer_b": np.full(n_f * d, target),
-            "feature_b": np.tile(np.arange(d), n_f),
-            "n_tokens": np.repeat(attr.n_tokens, d),
-            "exact": np.repeat(tested, d),
+            "layer_a": layer,
+            "layer_b": target,
+            "n_tokens": s.n_tokens,
             "mean_effect": mean,
-            "relative_effect": mean / scale[None, :],
-            "n_clean_on": n_on_before,
-            "n_off": off,
-            "share_off": off / n_on_before,
-            "n_on": on,
-            "share_on": on / (n - n_on_before),
-            "total_effect": exact_col(exact.total) / n,
-            "attribution": attr.total / n,
-            "relative_attribution": attr.total / n / scale[None, :],
+            "relative_effect": mean / scale,
+            "n_clean_on": s.n_clean_on,
+            "n_off": s.n_off,
+            "share_off": s.n_off / s.n_clean_on,
+            "n_on": s.n_on,
+            "share_on": s.n_on / (n - s.n_clean_on),
+            "total_effect": s.total / n,
+            "attribution": total / n,
+            "relative_attribution": total / n / scale,
         }
-    frame = pl.DataFrame({k: np.ravel(v) for k, v in cols.items()}, nan_to_null=True)
-    return frame.filter(pl.col("n_tokens") > 0).cast(SCHEMA)
+    frame = asked.with_columns(
+        pl.Series(k, v, nan_to_null=True) if isinstance(v, np.ndarray) else pl.lit(v).alias(k)
+        for k, v in cols.items()
+    )
+    return frame.select(SCHEMA.names()).cast(SCHEMA)
 
 
 def causal_edge_frame(store: Store, model, saes: dict, cfg: CausalConfig) -> pl.DataFrame:
-    """All layer pairs' rows (unfiltered) for the configured layers and shards."""
+    """All layer pairs' rows for the configured layers and shards."""
     layers = sorted(set(cfg.layers))
     shards = list(cfg.shards or store.shards(layers[0]))
     if not shards:
         raise FeatstoreError(f"layer {layers[0]} has no activations in store {store.home}")
     scale = mean_active(store, layers, shards)
-    parts = []
-    for layer in layers[:-1]:
-        exact, attr = layer_effects(store, model, saes, cfg, layer, shards)
-        parts += [edge_frame(layer, t, exact[t], attr[t], scale[t]) for t in exact]
-    return pl.concat(parts)
+    parts = [f for layer in layers[:-1] for f in layer_frames(store, model, saes, cfg, layer,
+                                                                shards, scale)]
+    return pl.concat(parts) if parts else SCHEMA.to_frame()
+
+
+def tested(cfg: CausalConfig) -> pl.Expr:
+    return pl.col("n_tokens") >= cfg.min_tokens
 
 
 def is_causal(cfg: CausalConfig) -> pl.Expr:
-    return (pl.col("relative_effect").abs() >= cfg.min_effect) & (
-        pl.col("n_tokens") >= cfg.min_tokens
-    )
-
-
-def kept_rows(frame: pl.DataFrame, keep_effect: float) -> pl.DataFrame:
-    """The rows worth saving: a noticeable effect or estimate, or a switch."""
-    return frame.filter(
-        (pl.col("relative_effect").abs() >= keep_effect)
-        | (pl.col("relative_attribution").abs() >= keep_effect)
-        | (pl.col("n_off") > 0)
-        | (pl.col("n_on") > 0)
-    )
+    return tested(cfg) & (pl.col("relative_effect").abs() >= cfg.min_effect)
 
 
 # -- comparison with the correlation graph -------------------------------------------------------
 
 
-def correlation_edges(store: Store, a: int, b: int, min_pearson: float) -> pl.DataFrame | None:
-    """`feature_a, feature_b, pearson` of the pairs reaching `min_pearson`; None without stats."""
-    path = pair_stats_path(store, a, b)
-    if not path.exists():
-        return None
-    frame = pl.read_parquet(path, columns=["feature_a", "feature_b", "pearson"])
-    return frame.filter(above("pearson", min_pearson)).cast(
-        {"feature_a": pl.Int64, "feature_b": pl.Int64}
+def compare(frame: pl.DataFrame, cfg: CausalConfig) -> pl.DataFrame:
+    """Per layer pair, among the measured pairs (source active on >= min_tokens tokens): graph
+    edges that are causal, causal edges the graph misses, the rate of causal edges among random
+    pairs, and the agreement of attribution with exact patching (Pearson r of total effects)."""
+    in_graph = pl.col("pearson").fill_null(-1.0) >= cfg.edges.min_pearson
+    random = pl.col("asked_by") == "random"
+    r = pl.corr("attribution", "total_effect")
+    out = frame.group_by("layer_a", "layer_b").agg(
+        asked_pairs=pl.len(),
+        correlation_edges_asked=(pl.col("asked_by") == "graph").sum(),
+        tested_sources=pl.col("feature_a").filter(tested(cfg)).n_unique(),
+        tested_pairs=tested(cfg).sum(),
+        causal_edges=is_causal(cfg).sum(),
+        correlation_edges_tested=(tested(cfg) & in_graph).sum(),
+        correlation_edges_causal=(is_causal(cfg) & in_graph).sum(),
+        causal_edges_missed=(is_causal(cfg) & ~in_graph).sum(),
+        random_pairs_tested=(tested(cfg) & random).sum(),
+        random_pairs_causal=(is_causal(cfg) & random).sum(),
+        attribution_r=pl.when(tested(cfg).sum() > 2).then(
+            r.filter(tested(cfg) & pl.col("attribution").is_not_null())),
     )
-
-
-def compare(
-    frame: pl.DataFrame, corr: dict[tuple[int, int], pl.DataFrame | None], cfg: CausalConfig
-) -> pl.DataFrame:
-    """Per layer pair: correlation edges that are causal, causal edges the graph misses, and the
-    agreement of attribution with exact patching (Pearson r of total effects)."""
-    rows = []
-    for (a, b), part in frame.group_by("layer_a", "layer_b", maintain_order=True):
-        tested = part.filter(pl.col("exact"))
-        causal = tested.filter(is_causal(cfg))
-        row = {
-            "layer_a": a,
-            "layer_b": b,
-            "tested_sources": tested["feature_a"].n_unique(),
-            "tested_pairs": tested.height,
-            "causal_edges": causal.height,
-        }
-        edges = corr.get((a, b))
-        if edges is not None:
-            sources = tested["feature_a"].unique()
-            testable = edges.filter(pl.col("feature_a").is_in(sources.implode()))
-            hit = testable.join(causal, on=["feature_a", "feature_b"], how="semi")
-            missed = causal.join(edges, on=["feature_a", "feature_b"], how="anti")
-            row |= {
-                "correlation_edges": edges.height,
-                "correlation_edges_tested": testable.height,
-                "correlation_edges_causal": hit.height,
-                "causal_edges_missed": missed.height,
-            }
-        pairs = tested.drop_nulls(["attribution", "total_effect"])
-        row["attribution_r"] = (
-            float(np.corrcoef(pairs["attribution"], pairs["total_effect"])[0, 1])
-            if pairs.height > 2
-            else None
-        )
-        rows.append(row)
-    counts = [
-        "correlation_edges",
-        "correlation_edges_tested",
-        "correlation_edges_causal",
-        "causal_edges_missed",
-    ]
-    out = pl.DataFrame(rows, infer_schema_length=None)
-    out = out.with_columns(*[pl.lit(None, pl.Int64).alias(c) for c in counts if c not in out])
     return out.with_columns(
         share_of_correlation_causal=pl.col("correlation_edges_causal")
         / pl.col("correlation_edges_tested"),
         share_of_causal_missed=pl.col("causal_edges_missed") / pl.col("causal_edges"),
-    ).sort("layer_a", "layer_b")
+        share_of_random_causal=pl.col("random_pairs_causal") / pl.col("random_pairs_tested"),
+    ).fill_nan(None).sort("layer_a", "layer_b")
+
+
+def ablation_by_bin(frame: pl.DataFrame, cfg: CausalConfig) -> pl.DataFrame:
+    """Per layer pair and bin of the binned measure: the measured pairs' mean |relative effect|
+    and share of causal edges, each with its standard error."""
+    bins = np.asarray(cfg.edges.bins)
+    effect = pl.col("relative_effect").abs()
+    part = frame.filter((pl.col("asked_by") == "bin") & tested(cfg))
+    out = part.group_by("layer_a", "layer_b", "bin").agg(
+        pairs=pl.len(),
+        mean_abs_effect=effect.mean(),
+        sem_abs_effect=effect.std() / pl.len().sqrt(),
+        share_causal=is_causal(cfg).mean(),
+    )
+    edges = pl.DataFrame(
+        {"bin": np.arange(len(bins) - 1, dtype=np.int32), "lo": bins[:-1], "hi": bins[1:]}
+    )
+    share = pl.col("share_causal")
+    return out.join(edges, on="bin").with_columns(
+        sem_share_causal=(share * (1 - share) / pl.col("pairs")).sqrt(),
+        measure=pl.lit(cfg.edges.measure),
+    ).sort("layer_a", "layer_b", "bin")
 
 
 def run_causal(store: Store, model, saes: dict, cfg: CausalConfig) -> dict[str, Path]:
-    """Compute, save (`causal/`: edges, comparison, two PNGs) and return the paths."""
-    from featstore.analysis.causal_plots import plot_attribution, plot_comparison
+    """Compute, save (`causal/`: edges, comparison, ablation by bin, PNGs) and return the paths."""
+    from featstore.analysis.causal_plots import plot_attribution, plot_bins, plot_comparison
 
     frame = causal_edge_frame(store, model, saes, cfg)
-    pairs = itertools.combinations(sorted(set(cfg.layers)), 2)
-    corr = {(a, b): correlation_edges(store, a, b, cfg.min_pearson) for a, b in pairs}
-    comparison = compare(frame, corr, cfg)
+    comparison = compare(frame, cfg)
     folder = causal_dir(store)
-    return {
-        "edges": write_parquet_atomic(
-            kept_rows(frame, cfg.keep_effect), folder / spec.CAUSAL_EDGES_FILE
-        ),
+    paths = {
+        "edges": write_parquet_atomic(frame, folder / spec.CAUSAL_EDGES_FILE),
         "comparison": write_parquet_atomic(comparison, folder / COMPARISON_FILE),
         "comparison_plot": plot_comparison(
-            frame, comparison, corr, cfg, folder / "causal_vs_correlation.png"
+            frame, comparison, cfg, folder / "causal_vs_correlation.png"
         ),
         "attribution_plot": plot_attribution(frame, folder / "attribution_vs_exact.png"),
     }
+    if cfg.edges.sample == "bins":
+        bins = ablation_by_bin(frame, cfg)
+        paths["ablation_by_bin"] = write_parquet_atomic(bins, folder / BINS_FILE)
+        paths["ablation_by_bin_plot"] = plot_bins(bins, cfg, folder / "ablation_by_bin.png")
+    return paths

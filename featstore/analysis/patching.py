@@ -1,35 +1,34 @@
-"""Causal effects of SAE features on later features, by activation patching.
+"""Causal effects of SAE features on later features, by activation patching, for asked edges.
 
 Ablating feature i of layer L adds `-a_i(t) * W_dec[i]` to `blocks.L.hook_resid_pre` at every
 token t where i is active (clamping to v adds `(v - a_i(t)) * W_dec[i]`), which leaves the SAE's
 reconstruction error in place, and runs the model on. The effect on feature j of a later layer
 L' is `f_j(patched) - f_j(clean)`, f_j the layer-L' SAE encoding of `blocks.L'.hook_resid_pre`.
 
-Work is cut into (sequence, feature) rows: a row is a copy of one sequence with one feature
-patched, and a forward pass carries `batch_rows` rows of many features (a sequence appears in as
-many rows as it has active features). Two features never share a row, even on disjoint tokens:
-a patch at token t reaches every later token through attention, so only features on different
-rows are independent. The clean residual at L is computed once per pass for its sequences, the
-patched rows start there (`start_at_layer=L`) and stop at the last target layer, and only the
-patched tokens of each row are compared in full (the rest enter `total` as a sum).
+The work is what the user asks for: `Edges`, (i, j) pairs of a source and a target layer. Only
+the source features of the asked edges are patched, and only the asked target features are read
+(`columns.encode_columns`, k columns of the later SAE instead of its 24,576), into accumulators
+with one entry per asked edge: memory and time grow with the edges, not with features x features.
 
-`attribution_sums` is the first-order estimate of the same patch for every pair at once:
-`sum_t (v - a_i(t)) W_dec[i] . d(sum_t' f_j(t'))/d resid_L(t)`, one batched backward pass per
-chunk of target features. It estimates `EffectSums.total` (the change of f_j summed over every
-position of the patched sequences), the quantity it is compared with. Its cost grows with the
-number of target features, exact patching's with the active (sequence, feature) pairs: with a
-small SAE where every sequence touches most features, exact patching is the cheaper one.
+Work is cut into (sequence, feature) rows: a row is a copy of one sequence with one source
+feature patched, and a forward pass carries up to `batch_rows` rows of many features (two
+features never share a row: a patch at token t reaches every later token through attention). A
+pass also holds at most `max_cells` gathered target codes (rows x positions x target columns).
+The clean residual at L is computed once per pass for its sequences, the patched rows start there
+(`start_at_layer=L`) and stop at the last target layer. Every tensor is made on the model's
+device; only the per-edge sums come back to the host.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
+from featstore.analysis.columns import check_columnwise, encode_columns
 from featstore.errors import FeatstoreError
 
 if TYPE_CHECKING:
@@ -42,82 +41,89 @@ RESID_PRE = "blocks.{layer}.hook_resid_pre"
 
 @dataclass(frozen=True)
 class PatchConfig:
-    """Which features of which layer to patch, to what value, and how to batch the work."""
+    """Which layer to patch, to what value, and how to batch the work."""
 
     layer: int
-    targets: tuple[int, ...]  # later layers whose features are measured
-    features: tuple[int, ...] | None = None  # source features; None: every active one
     value: float = 0.0  # 0 ablates; another value clamps the feature where it is active
     batch_rows: int = 64  # (sequence, feature) rows per forward pass
     skip_positions: int = 1  # leading positions never patched nor measured (BOS: attention sink)
+    max_cells: int = 1 << 25  # gathered target codes per pass (rows x positions x columns)
 
     def __post_init__(self) -> None:
-        if not self.targets or min(self.targets) <= self.layer:
+        if self.batch_rows < 1 or self.max_cells < 1:
             raise FeatstoreError(
-                f"target layers {list(self.targets)} must all lie above layer {self.layer}"
+                f"batch_rows and max_cells must be positive, got {self.batch_rows}, "
+                f"{self.max_cells}"
             )
-        if self.batch_rows < 1:
-            raise FeatstoreError(f"batch_rows must be positive, got {self.batch_rows}")
         if self.skip_positions < 0:
             raise FeatstoreError(f"skip_positions must be >= 0, got {self.skip_positions}")
 
 
-@dataclass
-class EffectSums:
-    """Additive sums of exact patching effects of source features (rows) on targets (columns)."""
+@dataclass(frozen=True)
+class Edges:
+    """Asked (source feature, target feature) pairs from the patched layer to `target`, sorted
+    by source then target, no pair twice."""
 
-    features: np.ndarray  # (n_f,) source feature ids, the row order
-    n_tokens: np.ndarray  # (n_f,) tokens where the source feature is active (and patched)
-    effect: np.ndarray  # (n_f, d') sum over those tokens of f_j(patched) - f_j(clean)
-    total: np.ndarray  # (n_f, d') the same over every position of the patched sequences
-    clean: np.ndarray  # (n_f, d') sum over those tokens of f_j(clean)
-    n_clean_on: np.ndarray  # (n_f, d') tokens where j is active in the clean run
-    n_off: np.ndarray  # (n_f, d') ... and off once patched
-    n_on: np.ndarray  # (n_f, d') tokens where j is off in the clean run and on once patched
+    target: int
+    feature_a: np.ndarray  # (n,) int64
+    feature_b: np.ndarray  # (n,) int64
 
     @staticmethod
-    def zeros(features: np.ndarray, d_target: int) -> EffectSums:
-        n = len(features)
-        return EffectSums(
-            features=np.asarray(features, dtype=np.int64),
-            n_tokens=np.zeros(n, np.int64),
-            **{k: np.zeros((n, d_target)) for k in ("effect", "total", "clean")},
-            **{k: np.zeros((n, d_target), np.int64) for k in ("n_clean_on", "n_off", "n_on")},
-        )
+    def of(target: int, feature_a, feature_b) -> Edges:
+        a, b = np.asarray(feature_a, np.int64), np.asarray(feature_b, np.int64)
+        if a.shape != b.shape or a.ndim != 1:
+            raise FeatstoreError(f"edges need two equal 1-d arrays, got {a.shape} and {b.shape}")
+        pairs = np.unique(np.stack([a, b], 1), axis=0).reshape(-1, 2)
+        return Edges(int(target), pairs[:, 0].copy(), pairs[:, 1].copy())
 
-    def __add__(self, other: EffectSums) -> EffectSums:
-        if not np.array_equal(self.features, other.features):
-            raise FeatstoreError("cannot add effect sums of different source features")
-        return EffectSums(
-            self.features,
-            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)[1:]},
-        )
+    def __len__(self) -> int:
+        return len(self.feature_a)
+
+    def check(self, layer: int, d_source: int, d_target: int) -> None:
+        if self.target <= layer:
+            raise FeatstoreError(f"target layer {self.target} must lie above layer {layer}")
+        for what, f, d in (
+            ("source", self.feature_a, d_source),
+            ("target", self.feature_b, d_target),
+        ):
+            if f.size and (f.min() < 0 or f.max() >= d):
+                raise FeatstoreError(f"{what} features must lie in 0:{d}, got {f.min()}..{f.max()}")
+
+    def of_rows(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For rows patching source `feats[r]`: (row, edge id) of every asked edge of it."""
+        lo = np.searchsorted(self.feature_a, feats, "left")
+        n = np.searchsorted(self.feature_a, feats, "right") - lo
+        rows = np.repeat(np.arange(len(feats)), n)
+        starts = np.repeat(np.cumsum(n) - n, n)
+        return rows, lo[rows] + np.arange(len(rows)) - starts
 
 
 @dataclass
-class AttributionSums:
-    """First-order estimates of `EffectSums.total` for every (source, target) feature pair."""
+class EdgeSums:
+    """Additive sums of exact patching effects, one entry per asked edge."""
 
-    features: np.ndarray  # (n_f,) source feature ids
-    n_tokens: np.ndarray  # (n_f,) tokens where the source feature is active (and patched)
-    total: np.ndarray  # (n_f, d') estimated change of f_j summed over all positions
+    n_tokens: np.ndarray  # tokens where the source feature is active (and patched)
+    effect: np.ndarray  # sum over those tokens of f_j(patched) - f_j(clean)
+    total: np.ndarray  # the same over every position (past the skipped) of the patched sequences
+    clean: np.ndarray  # sum over those tokens of f_j(clean)
+    n_clean_on: np.ndarray  # tokens where j is active in the clean run
+    n_off: np.ndarray  # ... and off once patched
+    n_on: np.ndarray  # tokens where j is off in the clean run and on once patched
 
-    def __add__(self, other: AttributionSums) -> AttributionSums:
-        if not np.array_equal(self.features, other.features):
-            raise FeatstoreError("cannot add attribution sums of different source features")
-        return AttributionSums(
-            self.features, self.n_tokens + other.n_tokens, self.total + other.total
+    @staticmethod
+    def zeros(n: int) -> EdgeSums:
+        ints = ("n_tokens", "n_clean_on", "n_off", "n_on")
+        return EdgeSums(
+            **{
+                f.name: np.zeros(n, np.int64 if f.name in ints else np.float64)
+                for f in fields(EdgeSums)
+            }
         )
 
-
-def chosen_features(cfg: PatchConfig, d_source: int) -> np.ndarray:
-    """The source features to patch, checked against the SAE's width."""
-    if cfg.features is None:
-        return np.arange(d_source)
-    features = np.asarray(cfg.features, dtype=np.int64)
-    if features.size and (features.min() < 0 or features.max() >= d_source):
-        raise FeatstoreError(f"source features must lie in 0:{d_source}, got {list(cfg.features)}")
-    return features
+    def __add__(self, other: EdgeSums) -> EdgeSums:
+        return EdgeSums(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
 
 
 # -- model plumbing ------------------------------------------------------------------------------
@@ -131,6 +137,11 @@ def check_sae(sae: SAE, layer: int) -> None:
             f"SAE of layer {layer} normalises or reshapes its input "
             f"({cfg.normalize_activations}/{cfg.reshape_activations}): patching needs raw input"
         )
+    check_columnwise(sae, layer)
+
+
+def device_of(sae: SAE) -> torch.device:
+    return sae.W_dec.device
 
 
 def capture(
@@ -182,140 +193,99 @@ def patch_jobs(
     return key // codes.shape[1], key % codes.shape[1]
 
 
+def row_batches(widths: np.ndarray, seq_len: int, cfg: PatchConfig) -> Iterator[slice]:
+    """Consecutive rows, at most `batch_rows`, whose gathered codes (rows x seq_len x the sum of
+    their edge counts, a bound on the union of their targets) fit in `max_cells`."""
+    lo, n = 0, len(widths)
+    while lo < n:
+        hi, width = lo + 1, int(widths[lo])
+        while hi < n and hi - lo < cfg.batch_rows:
+            if (hi - lo + 1) * seq_len * (width + widths[hi]) > cfg.max_cells:
+                break
+            width += int(widths[hi])
+            hi += 1
+        yield slice(lo, hi)
+        lo = hi
+
+
 # -- exact patching ------------------------------------------------------------------------------
 
 
-def effect_sums(
+def edge_effects(
     model: HookedTransformer,
     saes: dict[int, SAE],
     sequences: np.ndarray,
     codes: sp.csr_matrix,
     cfg: PatchConfig,
-) -> dict[int, EffectSums]:
-    """Exact patching effects of `cfg.features` of `cfg.layer` on every feature of each target.
+    edges: Sequence[Edges],
+) -> list[EdgeSums]:
+    """Exact patching effects of each asked edge from `cfg.layer` (one `EdgeSums` per `Edges`).
 
     `sequences` (n_seq, seq_len) are token ids; `codes` the clean layer-L SAE codes of their
     tokens in row-major order (as `Store.read` gives them).
     """
     import torch
 
-    for layer in (cfg.layer, *cfg.targets):
-        check_sae(saes[layer], layer)
     d_source = saes[cfg.layer].cfg.d_sae
-    features = chosen_features(cfg, d_source)
+    check_sae(saes[cfg.layer], cfg.layer)
+    for e in edges:
+        check_sae(saes[e.target], e.target)
+        e.check(cfg.layer, d_source, saes[e.target].cfg.d_sae)
     if codes.shape != (sequences.size, d_source):
         raise FeatstoreError(
             f"codes of shape {codes.shape} do not match {sequences.size} tokens x {d_source}"
         )
-    row_of = np.full(d_source, -1)
-    row_of[features] = np.arange(len(features))
-    sums = {t: EffectSums.zeros(features, saes[t].cfg.d_sae) for t in cfg.targets}
-    seqs, feats = patch_jobs(codes.tocsr(), sequences.shape[1], features, cfg.skip_positions)
+    sums = [EdgeSums.zeros(len(e)) for e in edges]
+    sources = np.unique(np.concatenate([e.feature_a for e in edges] or [np.zeros(0, np.int64)]))
+    seqs, feats = patch_jobs(codes.tocsr(), sequences.shape[1], sources, cfg.skip_positions)
+    widths = sum(np.bincount(e.of_rows(feats)[0], minlength=len(feats)) for e in edges)
     with torch.inference_mode():
-        for lo in range(0, len(seqs), cfg.batch_rows):
-            part = slice(lo, lo + cfg.batch_rows)
-            _patch_rows(model, saes, sequences, codes, cfg, seqs[part], feats[part], sums, row_of)
+        for part in row_batches(np.asarray(widths), sequences.shape[1], cfg):
+            _patch_rows(model, saes, sequences, codes, cfg, seqs[part], feats[part], edges, sums)
     return sums
 
 
-def _patch_rows(model, saes, sequences, codes, cfg, seqs, feats, sums, row_of) -> None:
+def _patch_rows(model, saes, sequences, codes, cfg, seqs, feats, edges, sums) -> None:
     """One forward pass: rows of (sequence, feature), each patched alone, added to `sums`."""
     import torch
 
+    dev = device_of(saes[cfg.layer])
     uniq, inverse = np.unique(seqs, return_inverse=True)
-    clean = capture(model, torch.as_tensor(sequences[uniq]), (cfg.layer, *cfg.targets))
-    a = torch.as_tensor(column_values(codes, seqs, feats, sequences.shape[1]))
+    inverse = torch.as_tensor(inverse, device=dev)
+    targets = sorted({e.target for e in edges})
+    clean = capture(model, torch.as_tensor(sequences[uniq], device=dev), (cfg.layer, *targets))
+    a = torch.as_tensor(column_values(codes, seqs, feats, sequences.shape[1]), device=dev)
     active, shift = patch_shift(a, cfg.value, cfg.skip_positions)
-    w_dec = saes[cfg.layer].W_dec[torch.as_tensor(feats)]  # (rows, d_model)
+    w_dec = saes[cfg.layer].W_dec[torch.as_tensor(feats, device=dev)]  # (rows, d_model)
     start = clean[cfg.layer][inverse] + shift[..., None] * w_dec[:, None, :]
-    patched = capture(model, start, cfg.targets, start=cfg.layer)
-    index = row_of[feats]
-    for t in cfg.targets:
-        np.add.at(sums[t].n_tokens, index, active.sum(1).numpy())
-        before = saes[t].encode(clean[t])  # (sequences, pos, d'): one per sequence, not per row
-        after = saes[t].encode(patched[t])  # (rows, pos, d')
-        _add_effects(sums[t], index, inverse, active, cfg.skip_positions, before, after)
+    patched = capture(model, start, targets, start=cfg.layer)
+    for e, s in zip(edges, sums, strict=True):
+        rows, ids = e.of_rows(feats)
+        if not len(ids):
+            continue
+        cols, col_of = np.unique(e.feature_b[ids], return_inverse=True)
+        cols = torch.as_tensor(cols, device=dev)
+        before = encode_columns(saes[e.target], clean[e.target], cols)[inverse]  # (rows, pos, k)
+        after = encode_columns(saes[e.target], patched[e.target], cols)
+        at = (torch.as_tensor(rows, device=dev), torch.as_tensor(col_of, device=dev))
+        _add_effects(s, ids, at, active, cfg.skip_positions, before, after)
 
 
-def _add_effects(s: EffectSums, index, inverse, active, skip: int, before, after) -> None:
-    """Add one pass's codes to the sums: row r patched sequence inverse[r] for feature index[r]."""
+def _add_effects(s: EdgeSums, ids: np.ndarray, at, active, skip: int, before, after) -> None:
+    """Add one pass's codes to the sums: edge ids[k] is (row at[0][k], column at[1][k])."""
     import torch
 
-    rows, pos = active.nonzero(as_tuple=True)  # the patched tokens, few per row
-    b, a = before[torch.as_tensor(inverse)[rows], pos], after[rows, pos]  # (n_active, d')
-    on_b, on_a = b > 0, a > 0
-    per_row = {
-        "effect": a - b,
-        "clean": b,
-        "n_clean_on": on_b,
-        "n_off": on_b & ~on_a,
-        "n_on": ~on_b & on_a,
+    on_b, on_a = before > 0, after > 0
+    mask = active[..., None]  # (rows, pos, 1): the patched tokens
+    weight = mask.to(torch.float64)
+    per_row = {  # each (rows, k)
+        "effect": ((after - before) * weight).sum(1),
+        "clean": (before * weight).sum(1),
+        "n_clean_on": (on_b & mask).sum(1),
+        "n_off": (on_b & ~on_a & mask).sum(1),
+        "n_on": (~on_b & on_a & mask).sum(1),
+        "total": (after - before)[:, skip:].sum(1, dtype=torch.float64),
     }
-    zeros = torch.zeros(len(index), after.shape[-1], dtype=torch.float64)
+    np.add.at(s.n_tokens, ids, active.sum(1)[at[0]].cpu().numpy())
     for name, value in per_row.items():
-        summed = zeros.clone().index_add_(0, rows, value.double())
-        np.add.at(getattr(s, name), index, summed.numpy())
-    clean_total = before[:, skip:].sum(1, dtype=torch.float64)[torch.as_tensor(inverse)]
-    total = after[:, skip:].sum(1, dtype=torch.float64) - clean_total
-    np.add.at(s.total, index, total.numpy())
-
-
-# -- attribution patching ------------------------------------------------------------------------
-
-
-def attribution_sums(
-    model: HookedTransformer,
-    saes: dict[int, SAE],
-    sequences: np.ndarray,
-    codes: sp.csr_matrix,
-    cfg: PatchConfig,
-    batch_sequences: int = 8,
-    chunk: int = 64,
-) -> dict[int, AttributionSums]:
-    """First-order estimates of the patch of every chosen source feature on every target feature.
-
-    Per batch of sequences: one forward pass from layer L with gradients, then, per target layer
-    and chunk of `chunk` target features, one batched backward pass of sum_t f_j(t).
-    """
-    d_source = saes[cfg.layer].cfg.d_sae
-    features = chosen_features(cfg, d_source)
-    n_f = len(features)
-    out = {
-        t: AttributionSums(features, np.zeros(n_f, np.int64), np.zeros((n_f, saes[t].cfg.d_sae)))
-        for t in cfg.targets
-    }
-    seq_len = sequences.shape[1]
-    for lo in range(0, len(sequences), batch_sequences):
-        idx = np.arange(lo, min(lo + batch_sequences, len(sequences)))
-        rows = (idx[:, None] * seq_len + np.arange(seq_len)).ravel()
-        a = codes[rows][:, features].toarray().reshape(len(idx), seq_len, len(features))
-        _attribute(model, saes, sequences[idx], a, cfg, features, out, chunk)
-    return out
-
-
-def _attribute(model, saes, tokens, a, cfg, features, out, chunk) -> None:
-    import torch
-
-    a = torch.as_tensor(a, dtype=torch.float32)  # (seq, pos, n_f)
-    active, shift = patch_shift(a.transpose(1, 2), cfg.value, cfg.skip_positions)
-    shift = shift.transpose(1, 2).reshape(-1, len(features))  # (seq*pos, n_f)
-    w_dec = saes[cfg.layer].W_dec[torch.as_tensor(features)].detach()  # (n_f, d_model)
-    with torch.no_grad():
-        resid = capture(model, torch.as_tensor(tokens), [cfg.layer])[cfg.layer]
-    resid.requires_grad_(True)
-    with torch.enable_grad():
-        later = capture(model, resid, cfg.targets, start=cfg.layer)
-        for t in cfg.targets:
-            out[t].n_tokens += active.sum((0, 2)).numpy()
-            score = saes[t].encode(later[t])[:, cfg.skip_positions :].sum((0, 1))  # (d',)
-            for lo in range(0, score.numel(), chunk):
-                js = torch.arange(lo, min(lo + chunk, score.numel()))
-                eye = torch.zeros(len(js), score.numel()).index_put_(
-                    (torch.arange(len(js)), js), torch.tensor(1.0)
-                )
-                (grad,) = torch.autograd.grad(
-                    score, resid, eye, retain_graph=True, is_grads_batched=True
-                )  # (n_j, seq, pos, d_model)
-                per_dir = shift.T @ grad.permute(1, 2, 0, 3).reshape(shift.shape[0], -1)
-                est = (per_dir.view(len(features), len(js), -1) * w_dec[:, None, :]).sum(-1)
-                out[t].total[:, lo : lo + len(js)] += est.double().numpy()
+        np.add.at(getattr(s, name), ids, value[at].cpu().numpy())

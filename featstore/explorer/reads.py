@@ -43,7 +43,7 @@ CONTEXT_READERS = 4  # threads reading context windows (zarr decompresses outsid
 KEYS = ("layer_a", "layer_b", "feature_a", "feature_b", "n_tokens")
 MEASURES = tuple(f.name for f in PAIR_STATS_SCHEMA if f.name not in KEYS)
 CONCEPTS_FILE = "best_features.parquet"
-CAUSAL_COLUMNS = ("layer_a", "feature_a", "layer_b", "feature_b", "n_tokens", "exact",
+CAUSAL_COLUMNS = ("layer_a", "feature_a", "layer_b", "feature_b", "n_tokens", "asked_by",
                   "relative_effect", "relative_attribution", "share_off", "share_on")  # fmt: skip
 
 

@@ -39,8 +39,11 @@ CAUSAL_EDGES_SCHEMA = pa.schema(  # featstore.causal writes it
         ("feature_a", pa.int32()),
         ("layer_b", pa.int32()),
         ("feature_b", pa.int32()),
+        ("asked_by", pa.string()),  # graph | bin | random (featstore.analysis.asked)
+        ("pearson", pa.float64()),
+        ("bin", pa.int32()),
+        ("bin_value", pa.float64()),
         ("n_tokens", pa.int64()),
-        ("exact", pa.bool_()),
     ]
     + [(c, pa.float64()) for c in ("mean_effect", "relative_effect")]
     + [

@@ -8,6 +8,7 @@ import dagster as dg
 import networkx as nx
 import polars as pl
 
+from featstore.analysis.asked import EdgeChoice
 from featstore.analysis.causal import CausalConfig, causal_dir, run_causal
 from featstore.analysis.concepts import default_set, run_concepts
 from featstore.analysis.erasure import run_erasure
@@ -19,12 +20,18 @@ from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, ma
 from pipelines.execution import MODEL_STEP
 from pipelines.resources import FeatstoreResource
 
-CAUSAL_VERSION = "1"
+CAUSAL_VERSION = "2"
 
 
 class CausalEdgesConfig(dg.Config):
-    max_sequences: int = 16  # per shard (tiny: ~25 s of one CPU thread per sequence)
-    n_exact: int | None = None  # source features patched exactly per layer; None: all active
+    max_sequences: int = 16  # per shard
+    sample: str = "graph"  # graph: the correlation graph's edges; bins: stratified by bins
+    max_edges: int | None = None  # graph: at most this many per layer pair (seeded sample)
+    measure: str = "jaccard"  # bins: the binned measure
+    bins: list[float] | None = None  # bins: the bin edges; None: 10 bins from 0.01 to 1.0
+    per_bin: int = 10  # bins: pairs per bin
+    random_pairs: int = 100  # random control pairs per layer pair
+    attribution: bool = True  # also the first-order estimate of each edge
     value: float = 0.0  # 0 ablates; another value clamps
     min_effect: float = 0.1  # |relative effect| of a causal edge
     min_tokens: int = 5
@@ -64,29 +71,44 @@ def files_metadata(paths: dict[str, Path]) -> dict:
     **MODEL_STEP,  # loads the model, as extraction
 )
 def causal_edges(config: CausalEdgesConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
-    """Effect of ablating each layer-L feature on every later feature (exact patching, and its
-    attribution-patching estimate), compared with the correlation graph.
+    """Effect of ablating the source feature of each asked edge on its target (exact patching,
+    and its attribution-patching estimate): every correlation-graph edge (`sample: graph`) or
+    pairs stratified by a measure's bins (`sample: bins`, with the ablation effect per bin),
+    plus random control pairs, compared with the correlation graph.
 
     `featstore.causal.run_causal`: `{home}/causal/causal_edges.parquet` (the `causal_edges` table
     of `featstore sql`), `comparison.parquet` and two PNGs.
     """
     store = featstore.open()
     graph = read_graph(featstore)
+    choice = EdgeChoice(
+        sample=config.sample,
+        min_pearson=float(graph.graph["threshold"]),
+        max_edges=config.max_edges,
+        measure=config.measure,
+        **({"bins": tuple(config.bins)} if config.bins else {}),
+        per_bin=config.per_bin,
+        random_pairs=config.random_pairs,
+    )
     cfg = CausalConfig(
         layers=tuple(featstore.layers),
         max_sequences=config.max_sequences,
-        n_exact=config.n_exact,
+        edges=choice,
+        attribution=config.attribution,
         value=config.value,
         min_effect=config.min_effect,
         min_tokens=config.min_tokens,
-        min_pearson=float(graph.graph["threshold"]),
     )
     model, saes = load_model_and_saes(featstore.extract_config())
     paths = run_causal(store, model, saes, cfg)
     comparison = pl.read_parquet(paths["comparison"])
+    tables = {"comparison": dg.MetadataValue.md(markdown(comparison))}
+    if "ablation_by_bin" in paths:
+        bins = pl.read_parquet(paths["ablation_by_bin"])
+        tables["ablation_by_bin"] = dg.MetadataValue.md(markdown(bins))
     return dg.MaterializeResult(
         metadata={
-            "comparison": dg.MetadataValue.md(markdown(comparison)),
+            **tables,
             "folder": dg.MetadataValue.path(str(causal_dir(store))),
             **files_metadata(paths),
         }
