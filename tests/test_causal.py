@@ -1,0 +1,223 @@
+"""Causal edges from a store: the asked edges, the comparison with the correlation graph and the
+ablation effect by similarity bin, against set arithmetic, numpy and plain hook computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
+from test_patching import reference
+
+from featstore.analysis.asked import EdgeChoice, asked_edges
+from featstore.analysis.causal import (
+    CausalConfig,
+    ablation_by_bin,
+    causal_edge_frame,
+    compare,
+    run_causal,
+)
+from featstore.cli import main
+from featstore.errors import FeatstoreError
+from featstore.stats.query import pair_stats
+from featstore.store import spec
+
+PAIRS = ((6, 7), (7, 8), (8, 9))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def store_run(tmp_path_factory):
+    model = random_model()
+    saes = random_saes(model, random_tokens(n_seq=6, seq_len=12))
+    store = model_store(tmp_path_factory.mktemp("causal"), model, saes, random_tokens(8, 12, 1))
+    for a, b in PAIRS:
+        pair_stats(store, a, b)  # writes pair_stats/{a}-{b}.parquet: the correlation graph
+    choice = EdgeChoice(min_pearson=0.1, random_pairs=30)
+    cfg = CausalConfig(max_sequences=4, min_effect=0.2, min_tokens=3, edges=choice)
+    return store, model, saes, cfg
+
+
+@pytest.fixture(scope="module")
+def graph_frame(store_run):
+    store, model, saes, cfg = store_run
+    return causal_edge_frame(store, model, saes, cfg)
+
+
+def stats(store, a: int, b: int) -> pl.DataFrame:
+    return pl.read_parquet(store.home / "pair_stats" / f"{a}-{b}.parquet")
+
+
+def test_graph_sample_asks_every_correlation_edge_and_random_controls(store_run):
+    store, _, _, cfg = store_run
+    for a, b in PAIRS:
+        asked = asked_edges(store, a, b, 64, cfg.edges)
+        expect = stats(store, a, b).filter(pl.col("pearson") >= 0.1)
+        graph = asked.filter(pl.col("asked_by") == "graph")
+        assert set(graph.select("feature_a", "feature_b").iter_rows()) == set(
+            expect.select("feature_a", "feature_b").iter_rows()
+        )
+        control = asked.filter(pl.col("asked_by") == "random")
+        assert 0 < control.height <= 30
+        assert set(control["feature_a"]) <= set(graph["feature_a"])
+        assert asked.select("feature_a", "feature_b").is_unique().all()
+    assert asked_edges(store, 6, 8, 64, cfg.edges) is None  # no statistics of 6-8
+
+
+def test_bins_sample_is_stratified(store_run):
+    store, *_ = store_run
+    bins = (0.0, 0.05, 0.1, 0.2, 1.0)
+    choice = EdgeChoice(sample="bins", bins=bins, per_bin=4, random_pairs=0)
+    asked = asked_edges(store, 6, 7, 64, choice)
+    jaccard = stats(store, 6, 7)["jaccard"].to_numpy()
+    for k, (lo, hi) in enumerate(zip(bins, bins[1:], strict=False)):
+        inside = (jaccard >= lo) & ((jaccard < hi) | ((hi == 1.0) & (jaccard <= hi)))
+        got = asked.filter(pl.col("bin") == k)
+        assert got.height == min(4, int(inside.sum()))
+        assert got["bin_value"].is_between(lo, hi).all()
+    assert asked.height > 4
+
+
+def test_measured_effects_equal_a_plain_hook_computation(store_run, graph_frame):
+    store, model, saes, cfg = store_run
+    tokens = store.sequences(store.shards(6)[0])[: cfg.max_sequences]
+    rows = graph_frame.filter((pl.col("layer_a") == 7) & (pl.col("layer_b") == 8))
+    for feature in rows["feature_a"].unique().sort()[:3]:
+        mean, off, on, n = reference(model, saes, tokens, 7, 8, int(feature))
+        mine = rows.filter(pl.col("feature_a") == feature)
+        j = mine["feature_b"].to_numpy()
+        assert (mine["n_tokens"] == n).all()
+        if n:
+            np.testing.assert_allclose(mine["mean_effect"], mean[j], atol=1e-5)
+            np.testing.assert_array_equal(mine["n_off"], off[j])
+
+
+def test_comparison_counts_equal_set_arithmetic(store_run, graph_frame):
+    store, _, _, cfg = store_run
+    table = compare(graph_frame, cfg)
+    assert table.height == 3  # the adjacent pairs: the only ones with statistics
+    for a, b in PAIRS:
+        rows = graph_frame.filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b)).to_dicts()
+        measured = {(r["feature_a"], r["feature_b"]) for r in rows if r["n_tokens"] >= 3}
+        causal = {(r["feature_a"], r["feature_b"]) for r in rows if r["n_tokens"] >= 3
+                  and abs(r["relative_effect"]) >= cfg.min_effect}
+        random = {(r["feature_a"], r["feature_b"]) for r in rows if r["asked_by"] == "random"}
+        edges = set(stats(store, a, b).filter(pl.col("pearson") >= 0.1)
+                    .select("feature_a", "feature_b").iter_rows())
+        got = table.filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b)).row(0, named=True)
+        assert got["causal_edges"] == len(causal) and got["tested_pairs"] == len(measured)
+        assert got["correlation_edges_tested"] == len(edges & measured)
+        assert got["correlation_edges_causal"] == len(edges & causal)
+        assert got["causal_edges_missed"] == len(causal - edges)
+        assert got["random_pairs_causal"] == len(causal & random)
+    assert table["correlation_edges_tested"].sum() > 0 and table["causal_edges"].sum() > 0
+
+
+def test_ablation_by_bin_equals_numpy(store_run):
+    store, model, saes, cfg = store_run
+    choice = EdgeChoice(sample="bins", bins=(0.0, 0.1, 0.3, 1.0), per_bin=6, random_pairs=0)
+    binned = CausalConfig(layers=(6, 7), max_sequences=4, min_effect=0.2, min_tokens=3,
+                          edges=choice, attribution=False)
+    frame = causal_edge_frame(store, model, saes, binned)
+    assert frame["attribution"].is_null().all()
+    table = ablation_by_bin(frame, binned)
+    for row in table.iter_rows(named=True):
+        part = frame.filter((pl.col("bin") == row["bin"]) & (pl.col("n_tokens") >= 3))
+        effect = np.abs(part["relative_effect"].to_numpy())
+        assert row["pairs"] == len(effect) and row["lo"] == choice.bins[row["bin"]]
+        assert row["mean_abs_effect"] == pytest.approx(effect.mean())
+        if len(effect) > 1:
+            sem = effect.std(ddof=1) / np.sqrt(len(effect))
+            assert row["sem_abs_effect"] == pytest.approx(sem)
+        assert row["share_causal"] == pytest.approx((effect >= 0.2).mean())
+    assert table.height >= 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"sample": "all"}, id="sample"),
+        pytest.param({"bins": (0.5, 0.2)}, id="bins-order"),
+        pytest.param({"bins": (0.0, 2.0)}, id="bins-range"),
+        pytest.param({"per_bin": -1}, id="per-bin"),
+        pytest.param({"measure": "nope"}, id="measure"),
+    ],
+)
+def test_bad_edge_choices_are_refused(kwargs):
+    with pytest.raises(FeatstoreError):
+        EdgeChoice(**kwargs)
+
+
+def test_run_writes_a_table_sql_can_read(store_run, capsys):
+    store, model, saes, cfg = store_run
+    choice = EdgeChoice(sample="bins", bins=(0.0, 0.2, 1.0), per_bin=3, random_pairs=5)
+    small = CausalConfig(layers=(6, 7), max_sequences=2, edges=choice, min_tokens=1)
+    paths = run_causal(store, model, saes, small)
+    saved = pl.read_parquet(paths["edges"])
+    assert set(saved["asked_by"]) <= {"bin", "random"} and saved.height <= 3 * 2 + 5
+    for key in ("comparison_plot", "attribution_plot", "ablation_by_bin_plot"):
+        assert paths[key].read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    query = "SELECT count(*) AS n FROM causal_edges"
+    assert main(["--home", str(store.home), "sql", query, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.split() == ["n", str(saved.height)]
+
+
+def test_cli_patch_reports_a_missing_model_in_one_line(store_run, capsys, monkeypatch):
+    monkeypatch.setattr("featstore.sources.registry.EMBEDDED", store_run[0].home / "nowhere")
+    rc = main(["--home", str(store_run[0].home), "patch", "--layers", "6", "7"])
+    assert rc == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_cli_patch_refuses_bad_bins_in_one_line(store_run, capsys):
+    argv = ["--home", str(store_run[0].home), "patch", "--sample", "bins", "--bins", "0.5", "0.2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bins" in err
+
+
+def test_cli_patch_prints_the_comparison(store_run, capsys, monkeypatch):
+    store, model, saes, _ = store_run
+    monkeypatch.setattr("featstore.cli.load_model_and_saes", lambda *args: (model, saes))
+    argv = ["--home", str(store.home), "patch", "--layers", "6", "7", "--max-sequences", "2"]
+    assert main([*argv, "--min-pearson", "0.1", "--sample", "bins", "--per-bin", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "correlation_edges_causal" in out and "ablation_by_bin.parquet" in out
+
+
+def test_causal_assets_materialise(store_run, monkeypatch):
+    import dagster as dg
+
+    from featstore.analysis.graph import GRAPHML, build_graph, store_pair_frames, write_graphml
+    from pipelines.assets import causal as assets
+    from pipelines.resources import FeatstoreResource
+
+    store, model, saes, _ = store_run
+    frames = store_pair_frames(store, [6, 7], metric="pearson", threshold=0.1)
+    write_graphml(build_graph(frames, "pearson", 0.1), store.home / spec.GRAPH_DIR / GRAPHML)
+    monkeypatch.setattr(assets, "load_model_and_saes", lambda cfg: (model, saes))
+    resource = FeatstoreResource(home=str(store.home), layers=[6, 7])
+    bins = {"max_sequences": 3, "sample": "bins", "per_bin": 2, "bins": [0.0, 0.2, 1.0]}
+    result = dg.materialize(
+        assets.causal_assets,
+        resources={"featstore": resource},
+        run_config={
+            "ops": {
+                "causal_edges": {"config": bins},
+                "concept_traces": {"config": {"max_sequences": 3}},
+                "erasure": {"config": {"max_sequences": 3}},
+            }
+        },
+    )
+    assert result.success
+    for name in ("causal_edges", "concept_traces", "erasure"):
+        (event,) = result.asset_materializations_for_node(name)
+        assert event.metadata
+    (event,) = result.asset_materializations_for_node("causal_edges")
+    assert "ablation_by_bin" in event.metadata and "ablation_by_bin_plot" in event.metadata
