@@ -177,7 +177,7 @@ def run_statistics(
 
 # The research assets sample sequences: patching every feature of every sequence costs minutes.
 RESEARCH_OPS = {
-    "causal_edges": {"config": {"max_sequences": 2}},
+    "causal_edges": {"config": {"max_sequences": 2, "attribution": False}},
     "erasure": {"config": {"max_sequences": 8}},
     "feature_cards": {"config": {"n_features": 20}},
 }

@@ -275,17 +275,20 @@ def _add_effects(s: EdgeSums, ids: np.ndarray, at, active, skip: int, before, af
     """Add one pass's codes to the sums: edge ids[k] is (row at[0][k], column at[1][k])."""
     import torch
 
-    on_b, on_a = before > 0, after > 0
-    mask = active[..., None]  # (rows, pos, 1): the patched tokens
-    weight = mask.to(torch.float64)
-    per_row = {  # each (rows, k)
-        "effect": ((after - before) * weight).sum(1),
-        "clean": (before * weight).sum(1),
-        "n_clean_on": (on_b & mask).sum(1),
-        "n_off": (on_b & ~on_a & mask).sum(1),
-        "n_on": (~on_b & on_a & mask).sum(1),
-        "total": (after - before)[:, skip:].sum(1, dtype=torch.float64),
+    rows, pos = active.nonzero(as_tuple=True)  # the patched tokens, few per row
+    b, a = before[rows, pos], after[rows, pos]  # (n_active, k)
+    on_b, on_a = b > 0, a > 0
+    per_token = {
+        "effect": a - b,
+        "clean": b,
+        "n_clean_on": on_b,
+        "n_off": on_b & ~on_a,
+        "n_on": ~on_b & on_a,
     }
+    zeros = torch.zeros(before.shape[0], before.shape[-1], dtype=torch.float64, device=b.device)
+    per_row = {k: zeros.index_add(0, rows, v.double()) for k, v in per_token.items()}
+    per_row["total"] = (after - before)[:, skip:].sum(1, dtype=torch.float64)
     np.add.at(s.n_tokens, ids, active.sum(1)[at[0]].cpu().numpy())
     for name, value in per_row.items():
-        np.add.at(getattr(s, name), ids, value[at].cpu().numpy())
+        summed = value[at].cpu().numpy()
+        np.add.at(getattr(s, name), ids, summed.astype(getattr(s, name).dtype))
