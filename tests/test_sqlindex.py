@@ -234,3 +234,23 @@ def test_an_index_folder_linked_outside_the_home_is_refused(store, tmp_path, cap
     status, _, err = cli(capsys, store.home, "sql", "SELECT count(*) FROM activations")
     assert status == 2 and err.count("\n") == 1 and "layer_6" in err
     assert list(outside.iterdir()) == []
+
+
+def test_a_store_at_a_url_is_indexed_in_the_home_and_follows_new_generations(s3, tmp_path):
+    from helpers import token_frame
+
+    from featstore.store.home import open_store
+
+    writer = open_store(tmp_path / "writer", create=True, url=s3.url())
+    writer.write_tokens("s0", token_frame(60))
+    query = "SELECT row, feature, value FROM activations ORDER BY ALL"
+    for seed in (1, 2):  # the second write commits a new generation with the same shape
+        matrix = sparse_acts(60, 16, 0.2, seed=seed)
+        writer.write_activations(6, "s0", matrix)
+        with sql.connect(tmp_path / "reader", url=s3.url()) as con:
+            got = con.query(query)
+        coo = matrix.tocoo()
+        expect = pl.DataFrame({"row": coo.row.astype(np.int32), "feature": coo.col.astype(np.int32),
+                               "value": coo.data})  # fmt: skip
+        assert got.equals(expect.sort(pl.all()))
+    assert (tmp_path / "reader" / spec.SQL_INDEX_DIR / "layer_6" / "s0.duckdb").is_file()
