@@ -68,7 +68,7 @@ class Connection:
         self.duckdb, self.limits = con, limits
 
     def sql(self, query: str, params: Params = None) -> duckdb.DuckDBPyRelation:
-        check_read_only(query)
+        check_read_only(query, self.duckdb)
         return self.duckdb.sql(query, params=params)
 
     def query(self, query: str, params: Params = None) -> pl.DataFrame:
@@ -76,7 +76,7 @@ class Connection:
 
     def run(self, query: str, params: Params, fetch: Any) -> Any:
         """`fetch(relation)` of a checked query, interruptible; errors in one line."""
-        check_read_only(query)
+        check_read_only(query, self.duckdb)
 
         def work() -> Any:
             rel = self.duckdb.sql(query, params=params)
@@ -107,10 +107,12 @@ def connect(
     limits: Limits | None = None,
     url: str | None = None,
     views: Sequence[str] = VIEWS,
+    check: str | None = None,
 ) -> Connection:
     """A read-only connection over the store at `home` (a path, an open `Store`, or None for
     `$FEATSTORE_HOME`); `url`: the Zarr hierarchy at an fsspec URL. Only the `views` named are
-    created (all by default)."""
+    created (all by default). `check`: a query to refuse, if it must be, before the store is
+    read."""
     limits = limits or Limits()
     source = _Source.of(home, url)
     con = duckdb.connect(
@@ -122,6 +124,8 @@ def connect(
         }
     )
     try:
+        if check is not None:
+            check_read_only(check, con)
         if not source.plain():
             source.store()  # a store that needs recovery, or one featstore cannot read
         if {"activations", "tokens"} & set(views):
@@ -257,12 +261,11 @@ def rows(
 ) -> tuple[list[str], list[tuple], list[bool]]:
     """A query's column names, rows (Python values) and which columns are FLOAT (single
     precision); no polars or pyarrow import, for the command line."""
-    check_read_only(sql)
 
     def fetch(rel: duckdb.DuckDBPyRelation) -> tuple[list[str], list[tuple], list[bool]]:
         return list(rel.columns), rel.fetchall(), [str(t) == "FLOAT" for t in rel.types]
 
-    with connect(home, limits=limits, url=url, views=mentioned(sql)) as con:
+    with connect(home, limits=limits, url=url, views=mentioned(sql), check=sql) as con:
         return con.run(sql, params, fetch)
 
 
@@ -270,8 +273,7 @@ def query(
     store: Store | Path | str, sql: str, params: Params = None, limits: Limits | None = None
 ) -> pl.DataFrame:
     """Run one read-only query over the store; DuckDB errors come back as a one-line error."""
-    check_read_only(sql)
-    with connect(store, limits=limits, views=mentioned(sql)) as con:
+    with connect(store, limits=limits, views=mentioned(sql), check=sql) as con:
         return con.query(sql, params)
 
 

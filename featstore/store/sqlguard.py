@@ -52,18 +52,19 @@ def without_context(message: str) -> str:
     return one_line(message.split("\nLINE ")[0])
 
 
-def check_read_only(sql: str) -> None:
-    """Refuse anything but one SELECT, or a plain EXPLAIN of one (EXPLAIN ANALYZE runs it)."""
+def check_read_only(sql: str, con: duckdb.DuckDBPyConnection | None = None) -> None:
+    """Refuse anything but one SELECT, or a plain EXPLAIN of one (EXPLAIN ANALYZE runs it).
+    `con` parses it (duckdb's module-level parser would open a connection of its own)."""
     try:
-        statements = duckdb.extract_statements(sql)
+        statements = (con or duckdb).extract_statements(sql)
     except duckdb.Error as exc:
         raise FeatstoreError(without_context(str(exc))) from None
     if len(statements) != 1:
         raise FeatstoreError(f"expected one SQL statement, got {len(statements)}")
-    _check_statement(statements[0])
+    _check_statement(statements[0], con)
 
 
-def _check_statement(statement: duckdb.Statement) -> None:
+def _check_statement(statement: duckdb.Statement, con: duckdb.DuckDBPyConnection | None) -> None:
     kind = statement.type
     if kind == duckdb.StatementType.SELECT:
         return
@@ -76,7 +77,7 @@ def _check_statement(statement: duckdb.Statement) -> None:
             "(plain EXPLAIN SELECT ... is allowed)"
         )
     try:
-        check_read_only(inner)
+        check_read_only(inner, con)
     except FeatstoreError as exc:
         raise FeatstoreError(f"EXPLAIN: {exc}") from None
 
