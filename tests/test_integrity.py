@@ -4,15 +4,21 @@ crafted bookkeeping (class 1), corrupt data (3), a shard as one unit (2), names 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import urllib.parse
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, build_store, cli, sparse_acts
+import zarr
+from helpers import assert_one_line_error, build_store, cli, group_states, sparse_acts, token_frame
 
 from featstore.errors import FeatstoreError
 from featstore.store import spec
+from featstore.store.check import check_store
 from featstore.store.home import open_store
 
 
@@ -125,3 +131,193 @@ def test_zarr_json_is_no_shard_name(tmp_path, capsys):
         status, _, err = cli(capsys, tmp_path / "h", "ingest", str(npz), "--layer", "6",
                              "--shard", bad)  # fmt: skip
         assert_one_line_error(status, err, "shard")
+
+
+# -- class 3: corrupt data is detected where it is read --------------------------------------------
+
+
+def featstore_process(home: Path, *args: str) -> subprocess.CompletedProcess:
+    """The featstore command in a child process (a segfault shows as a negative status)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "featstore.cli", "--home", str(home), *args],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def delete_chunks(home: Path, path: str, array: str) -> None:
+    for chunk in (home / spec.ROOT / path / array).rglob("c/*"):
+        chunk.unlink()
+
+
+def overwrite(home: Path, path: str, array: str, index: int, value) -> None:
+    """Change one stored value behind featstore's back (what its writers refuse)."""
+    zarr.open_array(home / spec.ROOT / path / array, mode="r+")[index] = value
+
+
+def flip_byte(home: Path, path: str, array: str) -> None:
+    chunk = next((home / spec.ROOT / path / array).rglob("c/*"))
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # inside blosc's payload: only the checksum notices
+    chunk.write_bytes(bytes(raw))
+
+
+CORRUPTIONS = {
+    "deleted data": (lambda h: delete_chunks(h, "activations/layer_6/s0", "data"), "data"),
+    "deleted indices": (lambda h: delete_chunks(h, "activations/layer_6/s0", "indices"),
+                        "indices"),
+    "deleted indptr": (lambda h: delete_chunks(h, "activations/layer_6/s0", "indptr"), "indptr"),
+    "deleted tokens": (lambda h: delete_chunks(h, "tokens/s0", "token"), "token"),
+    "flipped data": (lambda h: flip_byte(h, "activations/layer_6/s0", "data"), "data"),
+    "indices out of range": (lambda h: overwrite(h, "activations/layer_6/s0", "indices", 3,
+                                                 10**6), "feature ids out of range"),
+    "negative index": (lambda h: overwrite(h, "activations/layer_6/s0", "indices", 0, -7),
+                       "feature ids out of range"),
+    "indptr not monotone": (lambda h: overwrite(h, "activations/layer_6/s0", "indptr", 5, 10**9),
+                            "indptr"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", CORRUPTIONS)
+def test_damaged_data_is_refused_by_every_reader_never_read_as_zeros(small_home, capsys, damage):
+    hurt, word = CORRUPTIONS[damage]
+    hurt(small_home)
+    commands = [
+        ("feature", "6:1"),
+        ("sql", "select sum(value), count(*), sum(token) from activations"),
+    ]
+    if "token" not in damage:  # the statistics never read the token table
+        commands.append(("stats", "--layer-a", "6", "--layer-b", "7", "--out",
+                         str(small_home / "p.parquet")))  # fmt: skip
+    for command in commands:
+        status, _, err = cli(capsys, small_home, *command)
+        assert_one_line_error(status, err, word, "s0")
+    status, out, _ = cli(capsys, small_home, "check")
+    assert status == 1 and "s0" in out, out
+
+
+@pytest.mark.parametrize("damage", ["indices out of range", "indptr not monotone"])
+def test_out_of_range_csr_never_segfaults(small_home, damage):
+    CORRUPTIONS[damage][0](small_home)
+    done = featstore_process(small_home, "feature", "6:1")
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_garbage_pair_stats_parquet_fails_check(small_home, capsys):
+    folder = small_home / spec.PAIR_STATS_DIR
+    folder.mkdir()
+    (folder / "6-7.parquet").write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
+    status, out, _ = cli(capsys, small_home, "check")
+    assert status == 1 and "pair_stats/6-7.parquet" in out, out
+
+
+# -- class 2: a shard is one unit across layers ----------------------------------------------------
+
+SYNTH = "from featstore.sources.synth import SynthConfig\nCFG = SynthConfig(d_sae=64, layers=(6, 7), n_tokens=1500, l0=5.0, n_planted=8, seed={seed})\n"  # noqa: E501
+KILLER = SYNTH + """
+import os, signal, sys
+from featstore.sources.synth import generate
+from featstore.store.home import open_store
+store = open_store(sys.argv[1])
+count = [0]
+def killing(real):
+    def move(*args, **kwargs):
+        count[0] += 1
+        if count[0] == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return move
+os.rename, os.replace = killing(os.rename), killing(os.replace)  # the commit record: a replace
+generate(store, CFG, "synth-000")
+print(count[0])
+"""
+
+
+def synth_home(home: Path, *seeds: int) -> dict:
+    from featstore.sources.synth import SynthConfig, generate
+
+    store = open_store(home, create=True)
+    for seed in seeds:
+        cfg = SynthConfig(d_sae=64, layers=(6, 7), n_tokens=1500, l0=5.0, n_planted=8, seed=seed)
+        generate(store, cfg, "synth-000")
+    return group_states(home)
+
+
+def test_a_killed_replace_of_a_shard_leaves_it_whole_old_or_whole_new(tmp_path):
+    before = synth_home(tmp_path / "before", 0)
+    after = synth_home(tmp_path / "after", 0, 1)
+    assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    k, seen = 1, set()
+    while True:  # a kill at every rename of the replace, then a run with none
+        home = tmp_path / f"run{k}"
+        shutil.copytree(tmp_path / "before", home)
+        done = subprocess.run([sys.executable, "-c", KILLER.format(seed=1), str(home), str(k)],
+                              capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+        store = open_store(home)  # recovers
+        state = group_states(home)
+        assert state in (before, after), f"kill at rename {k}: a mixed shard"
+        assert check_store(store) == []
+        seen.add(state == after)
+        if done.returncode == 0:
+            break
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        k += 1
+    assert seen == {False, True}, "no kill fell on either side of the commit"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_failed_operation_leaves_every_group_of_the_shard_as_it_was(tmp_path, request, where):
+    url = request.getfixturevalue("s3").url() if where == "s3" else None
+    store = open_store(tmp_path / "home", create=True, url=url)
+    m6, m7 = sparse_acts(40, 16, seed=1), sparse_acts(40, 16, seed=2)
+    with store.transaction():
+        store.write_tokens("s0", token_frame(40))
+        store.write_activations(6, "s0", m6)
+        store.write_activations(7, "s0", m7)
+    with pytest.raises(RuntimeError), store.transaction():
+        store.write_tokens("s0", token_frame(20, seed=5))
+        store.write_activations(6, "s0", sparse_acts(20, 16, seed=3))
+        raise RuntimeError("the model failed to load")  # e.g. --device cuda without CUDA
+    again = open_store(tmp_path / "home", url=url)
+    assert again.tokens("s0").equals(store.tokens("s0")) and again.tokens("s0").height == 40
+    np.testing.assert_array_equal(again.read(7, "s0").toarray(), m7.toarray())
+    np.testing.assert_array_equal(again.read(6, "s0").toarray(), m6.toarray())
+    assert check_store(again) == []
+
+
+def test_commit_record_is_rolled_forward_at_a_url(tmp_path, s3, monkeypatch):
+    from featstore.store.url import UrlStore
+
+    store = open_store(tmp_path / "home", create=True, url=s3.url())
+    store.write_tokens("s0", token_frame(40))
+    store.write_activations(6, "s0", sparse_acts(40, 16, seed=1))
+    new6, new_tokens = sparse_acts(30, 16, seed=4), token_frame(30, seed=4)
+    applied = []
+
+    def die_after_first(self, entries):  # a writer killed after its commit point
+        self._commit(*entries[0])
+        applied.append(entries[0][0])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(UrlStore, "_apply", die_after_first)
+        with pytest.raises(KeyboardInterrupt), store.transaction():
+            store.write_activations(6, "s0", new6)
+            store.write_tokens("s0", new_tokens)
+    again = open_store(tmp_path / "home", url=s3.url())
+    assert again.tokens("s0").equals(new_tokens.cast(again.tokens("s0").schema))
+    np.testing.assert_array_equal(again.read(6, "s0").toarray(), new6.toarray())
+    assert applied and not [k for k in s3.keys() if spec.COMMITS in k]
+
+
+def test_a_new_token_table_takes_the_layers_it_leaves_out_of_line_with_it(small_home):
+    store = open_store(small_home)
+    with store.transaction():  # e.g. extract --layers 6 with another --seq-len
+        store.write_tokens("s0", token_frame(30, seed=9))
+        store.write_activations(6, "s0", sparse_acts(30, 16, seed=9))
+    assert store.shards(7) == [] and store.tokens("s0").height == 30
+    assert check_store(store) == []
+    store.write_tokens("s0", store.tokens("s0"))  # the same tokens again: layer 6 stays
+    assert store.shards(6) == ["s0"]

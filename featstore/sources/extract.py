@@ -132,8 +132,10 @@ def token_table(sequences: np.ndarray) -> pl.DataFrame:
     )
 
 
-def tokenize_shard(store: Store, cfg: ExtractConfig, shard: str) -> int:
-    """Tokenise one text shard into the store's token table; returns the number of tokens."""
+def tokenize_shard(store: Store, cfg: ExtractConfig, shard: str, keep: bool = False) -> Any:
+    """Tokenise one text shard into the store's token table; returns the number of tokens (with
+    `keep`, the sequences themselves: inside a transaction they are not readable until it
+    commits)."""
     source = cfg.get_source()
     tokenizer = source.load_tokenizer()
     bos = tokenizer.bos_token_id
@@ -159,7 +161,7 @@ def tokenize_shard(store: Store, cfg: ExtractConfig, shard: str) -> int:
             "n_sequences": int(len(sequences)),
         },
     )
-    return int(sequences.size)
+    return sequences if keep else int(sequences.size)
 
 
 # -- extraction --------------------------------------------------------------------------------
@@ -271,15 +273,18 @@ def extract_shard(
     """Encode one shard at each layer and store it; memory bounded by one batch.
 
     The shard is tokenised first when it has no token table yet, or when `retokenize` is set.
+    Its token table and every layer become visible together when all are written, or, on an
+    error or a kill, not at all (`Store.transaction`).
     """
     layers = tuple(sorted(layers or cfg.layers))
     source = cfg.get_source()
     source.check_layers(layers)
     # One extraction of a shard at a time: a second one would re-tokenise under the first.
-    with store.lock(f"extract/{shard}"):
+    with store.lock(f"extract/{shard}"), store.transaction():
+        sequences = None
         if retokenize or shard not in store.token_shards():
-            tokenize_shard(store, cfg, shard)
-        return _extract_tokenised(store, cfg, shard, source, layers, progress)
+            sequences = tokenize_shard(store, cfg, shard, keep=True)
+        return _extract_tokenised(store, cfg, shard, source, layers, progress, sequences)
 
 
 def _extract_tokenised(
@@ -289,10 +294,11 @@ def _extract_tokenised(
     source: Source,
     layers: tuple[int, ...],
     progress: Logger | None,
+    sequences: np.ndarray | None = None,
 ) -> ExtractReport:
     import torch
 
-    sequences = store.sequences(shard)
+    sequences = store.sequences(shard) if sequences is None else sequences
     model, saes = load_model_and_saes(cfg, layers)
     if sequences.shape[1] > model.cfg.n_ctx:
         raise FeatstoreError(

@@ -328,7 +328,7 @@ def generate(store: Store, cfg: SynthConfig, shard: str) -> pl.DataFrame:
     world = build_world(cfg)
     attrs = {"source": "synthetic", "synth": {**asdict(cfg), "layers": list(cfg.layers)}}
     rng = _shard_rng(cfg, shard, 0)
-    with contextlib.ExitStack() as stack:
+    with store.transaction(), contextlib.ExitStack() as stack:  # the shard whole, or nothing
         writers = {
             layer: stack.enter_context(store.activation_writer(layer, shard, cfg.d_sae, attrs))
             for layer in cfg.layers
@@ -337,7 +337,8 @@ def generate(store: Store, cfg: SynthConfig, shard: str) -> pl.DataFrame:
             n = min(cfg.block_tokens, cfg.n_tokens - start)
             for layer, block in generate_block(rng, cfg, world, n).items():
                 writers[layer].append(block)
-    store.write_tokens(shard, token_table(_shard_rng(cfg, shard, 1), cfg), {"source": "synthetic"})
+        tokens = token_table(_shard_rng(cfg, shard, 1), cfg)
+        store.write_tokens(shard, tokens, {"source": "synthetic"})
     return planted_edges(cfg, world)
 
 

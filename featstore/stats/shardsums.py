@@ -46,7 +46,7 @@ from featstore.stats.kernel import (
     polars_pair_counts,
     sparse_pair_counts,
 )
-from featstore.store import spec
+from featstore.store import encodings, spec
 from featstore.store.local import FeatureStats, Store
 
 ENGINES = ("sparse", "duckdb", "polars")
@@ -395,8 +395,7 @@ def save_shard_pairs(
         writer.attrs.update(
             {
                 **fingerprint,
-                spec.ENCODING_TYPE: spec.PAIR_STATS,
-                spec.ENCODING_VERSION: spec.PAIR_STATS_VERSION,
+                **encodings.stamp(spec.PAIR_STATS),
                 "layers": [int(a), int(b)],
                 "shard": shard,
             }
@@ -444,14 +443,8 @@ def _saved_group(
     if shard not in store.children(variant.folder(a, b)):
         return None
     what = f"pair statistics {a}-{b} of shard {shard}"
-    group = store.group(variant.path(a, b, shard), what)
+    group = store.encoded(variant.path(a, b, shard), what, spec.PAIR_STATS)
     attrs = dict(group.attrs)
-    encoding = (attrs.get(spec.ENCODING_TYPE), attrs.get(spec.ENCODING_VERSION))
-    if encoding != (spec.PAIR_STATS, spec.PAIR_STATS_VERSION):
-        raise FeatstoreError(
-            f"{what}: unknown encoding {encoding} (docs/STORE_FORMAT.md): upgrade featstore, or "
-            f"delete {variant.path(a, b, shard)} to recompute it"
-        )
     fresh = all(attrs.get(k) == v for k, v in _fingerprint(store, a, b, shard, variant).items())
     return group if fresh else None
 
@@ -494,8 +487,13 @@ def read_pairs(store: Store, group: zarr.Group, features_a: Range | None = None)
     attrs = group.attrs
     lo, hi = (0, attrs["d_a"]) if features_a is None else features_a
     rows = store.read_array(group, "indptr", what, slice(lo, hi + 1))
+    if rows.size != hi - lo + 1 or rows[0] < 0 or np.any(np.diff(rows) < 0):
+        raise store.corrupt(what, group.path, f"indptr not monotone over features {lo}..{hi}")
     sel = slice(int(rows[0]), int(rows[-1]))
-    arrays = {f: np.asarray(store.read_array(group, f, what, sel)) for f in PAIR_ARRAYS}
+    arrays = {f: store.read_array(group, f, what, sel) for f in PAIR_ARRAYS}
+    problem = encodings.pair_problem(arrays, attrs["d_a"], attrs["d_b"])
+    if problem or arrays["feature_a"].size != sel.stop - sel.start:
+        raise store.corrupt(what, group.path, problem or "fewer pairs than indptr says")
     return PairCounts(attrs["n_tokens"], attrs["d_a"], attrs["d_b"], **arrays)
 
 

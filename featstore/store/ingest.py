@@ -10,7 +10,6 @@ import polars as pl
 import scipy.sparse as sp
 
 from featstore.errors import FeatstoreError
-from featstore.store import spec
 from featstore.store.home import open_store
 from featstore.store.local import Store, check_shard_name, validate_activations
 
@@ -96,19 +95,11 @@ def ingest_npz(
     if tokens is not None and shard in store.token_shards():
         raise FeatstoreError(f"shard {shard} already has a token table; ingest without --tokens")
     check_fits(store, layer, shard, matrix)
-    new_shard = shard not in store.token_shards()
-    if new_shard:
-        store.write_tokens(
-            shard,
-            tokens if tokens is not None else placeholder_tokens(len(matrix.indptr) - 1),
-            {"source": "ingest"},
-        )
-    try:
+    with store.transaction():  # the token table and the layer together, or neither
+        if shard not in store.token_shards():
+            table = tokens if tokens is not None else placeholder_tokens(matrix.shape[0])
+            store.write_tokens(shard, table, {"source": "ingest"})
         store.write_activations(layer, shard, matrix, {"source": "ingest", "file": str(path)})
-    except BaseException:  # a full disk, a busy shard: take back the token table made above
-        if new_shard:
-            store.delete_group(spec.tokens_path(shard))
-        raise
     n_tokens, d_sae = matrix.shape
     return (
         f"layer {layer} shard {shard}: {n_tokens} tokens x {d_sae} features, {matrix.nnz} nonzeros"

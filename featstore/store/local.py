@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
+import json
 import os
 import shutil
+import threading
 import time
 import urllib.parse
 import uuid
@@ -21,11 +24,11 @@ import scipy.sparse as sp
 import zarr
 import zarr.core.sync
 import zarr.storage
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from featstore.errors import FeatstoreError, StoreBusyError
-from featstore.files import writing
-from featstore.store import blockpass, spec
+from featstore.files import atomic_file, writing
+from featstore.store import blockpass, encodings, spec
 from featstore.store.chunks import ChunkWriter
 
 
@@ -88,11 +91,12 @@ class Store:
                 )
             self._create_root()
         version = self._root_attrs().get(spec.FEATSTORE_VERSION)
-        if version is None or int(version) > spec.SPEC_VERSION:
+        if not isinstance(version, int) or not 1 <= version <= spec.SPEC_VERSION:
             raise FeatstoreError(
                 f"store {self.where} has featstore spec version {version}, this featstore "
                 f"reads up to {spec.SPEC_VERSION}: upgrade featstore"
             )
+        self._local = threading.local()
         self._recover()
 
     # -- low level -----------------------------------------------------------------------------
@@ -120,6 +124,7 @@ class Store:
         renames of a replace, and drop half-written staging folders. An entry whose group lock
         is held belongs to a live writer and is left alone. Every path read from the store's
         own bookkeeping is validated (`inside_path`): nothing outside the store is touched."""
+        self._roll_forward()
         for folder in (spec.TRASH, spec.STAGING):
             base = self.root_path / folder
             if base.is_symlink() or not base.is_dir():
@@ -177,28 +182,35 @@ class Store:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
+    def transaction(self, lock_timeout: float = 0.0) -> Iterator[Transaction]:
+        """Groups written in this block become visible together when it ends, or not at all.
+
+        Every write of the store (`staged` and the methods built on it) inside the block, in
+        this thread, is staged and committed with the others (`Transaction.commit`); an error
+        or a kill before the commit record is written leaves every group as it was.
+        """
+        if getattr(self._local, "txn", None) is not None:  # nested: part of the outer one
+            yield self._local.txn
+            return
+        with contextlib.ExitStack() as locks:
+            txn = Transaction(self, locks, lock_timeout)
+            self._local.txn = txn
+            try:
+                yield txn
+                txn.commit()
+            except BaseException:
+                txn.discard()
+                raise
+            finally:
+                self._local.txn = None
+
+    @contextlib.contextmanager
     def staged(self, path: str, lock_timeout: float = 0.0) -> Iterator[GroupWriter]:
         """A group written aside (`_open_staging`) and put in place at `path` (`_commit`) only
-        when complete; a failed write leaves nothing (`_discard`)."""
-        staging = self._new_staging(path)
-        with self.lock(path, lock_timeout):
-            try:
-                with writing(path):
-                    group = self._open_staging(path, staging)
-                writer = GroupWriter(group, path)
-                with writing(path):  # also what the caller writes to `writer.group` itself
-                    yield writer
-                with writing(path):
-                    writer.flush()
-                    # Attributes last: their presence is part of what makes a group complete.
-                    writer.group.attrs.update(writer.attrs)
-                    # Parents only now: a write that fails leaves no empty group behind.
-                    self._ensure_parents(path)
-                    self._commit(path, staging)
-            except BaseException:
-                finish_pending_writes()  # else they could write into the staging place again
-                self._discard(path, staging)
-                raise
+        when complete, with the rest of the current transaction; a failed write leaves nothing
+        (`_discard`)."""
+        with self.transaction(lock_timeout) as txn, txn.staged(path) as writer:
+            yield writer
 
     def _new_staging(self, path: str) -> Any:
         """Where a new version of the group at `path` is written: a `_staging` folder."""
@@ -216,6 +228,79 @@ class Store:
 
     def _commit(self, path: str, staging: Path) -> None:
         self._swap_in(staging, path)
+
+    def _commit_all(self, entries: list[tuple[str, Any]]) -> None:
+        """Put several staged groups in place (and delete those with staging None) as one: a
+        commit record listing them is written whole (the commit point), then each is swapped
+        in, then the record is removed; a kill in between is rolled forward from the record by
+        the next open (`_roll_forward`)."""
+        if len(entries) == 1 and entries[0][1] is not None:
+            try:
+                self._commit(*entries[0])
+            except BaseException:
+                self._discard(*entries[0])
+                raise
+            return
+        if not entries:
+            return
+        record = self._bookkeeping(spec.COMMITS) / f"{uuid.uuid4().hex}.json"
+        names = [[path, DELETE if st is None else Path(st).name] for path, st in entries]
+        try:
+            with atomic_file(record) as tmp:
+                tmp.write_text(json.dumps({"entries": names}))
+                with open(tmp) as fh:
+                    os.fsync(fh.fileno())
+        except BaseException:  # not committed: nothing of it becomes visible
+            for path, staging in entries:
+                if staging is not None:
+                    self._discard(path, staging)
+            raise
+        # Committed: what a failure from here leaves, the next open rolls forward.
+        self._apply(entries)
+        record.unlink()
+
+    def _apply(self, entries: list[tuple[str, Any]]) -> None:
+        """Swap in each staged group, delete each group whose staging is None (locks held)."""
+        for path, staging in entries:
+            if staging is not None:
+                self._commit(path, staging)
+            elif self._exists(path):
+                gone = self._bookkeeping(spec.STAGING) / _entry_name(path)
+                os.rename(self.root_path / path, gone)
+                shutil.rmtree(gone, ignore_errors=True)
+
+    def _roll_forward(self) -> None:
+        """Finish the commits a killed writer recorded (`_commit_all`); a record whose groups
+        are locked belongs to a live writer and is left alone."""
+        base = self.root_path / spec.COMMITS
+        if base.is_symlink() or not base.is_dir():
+            return
+        for record in sorted(base.glob("*.json")):
+            entries = self._record_entries(record)
+            if entries is None:
+                record.unlink(missing_ok=True)
+                continue
+            with contextlib.suppress(StoreBusyError), contextlib.ExitStack() as locks:
+                for path, _ in entries:
+                    locks.enter_context(self.lock(path))
+                todo = [(p, None if n == DELETE else self.root_path / spec.STAGING / n)
+                        for p, n in entries]  # fmt: skip
+                self._apply([(p, st) for p, st in todo if st is None or st.is_dir()])
+                record.unlink()
+
+    def _record_entries(self, record: Path) -> list[tuple[str, str]] | None:
+        """The (group path, staging name) pairs of a commit record, each validated, else None."""
+        try:
+            raw = json.loads(record.read_text(encoding="utf-8"))["entries"]
+            entries = [(str(path), str(name)) for path, name in raw]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        ok = all(
+            self.inside_path(path) == path
+            and (name == DELETE or spec.STAGING_ENTRY.fullmatch(name) and _named_path(name) == path)
+            for path, name in entries
+        )  # fmt: skip
+        return entries if ok else None
 
     def _discard(self, path: str, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
@@ -285,12 +370,26 @@ class Store:
         except Exception as exc:
             raise FeatstoreError(f"{what}: corrupt {path}/zarr.json: {exc}") from None
 
-    def read_array(self, group: zarr.Group, name: str, what: str, sel: slice = slice(None)):
+    def read_array(
+        self, group: zarr.Group, name: str, what: str, sel: slice = slice(None)
+    ) -> np.ndarray:
+        """`group[name][sel]`, refused (one line naming it) where damaged: unreadable, a
+        checksum that fails, a deleted chunk (`encodings.check_read`)."""
+        where = f"{group.path}/{name}"
         try:
-            return group[name][sel]
+            array = group[name]
+            values = np.asarray(array[sel])
+            problem = encodings.check_read(array, values, sel)
         except Exception as exc:
-            where = f"{group.path}/{name}"
             raise FeatstoreError(f"{what}: cannot read {where} in {self.where}: {exc}") from None
+        if problem:
+            raise FeatstoreError(f"{what}: corrupt {where} in {self.where}: {problem}")
+        return values
+
+    def corrupt(self, what: str, path: str, problem: str) -> FeatstoreError:
+        return FeatstoreError(
+            f"{what}: corrupt {path} in {self.where}: {problem} (run `featstore check`)"
+        )
 
     def children(self, path: str) -> list[str]:
         base = self.root_path / path
@@ -319,17 +418,13 @@ class Store:
                 f"layer {layer} not in store {self.where} (layers: {self.layers()})"
             )
         path, what = spec.activation_path(layer, shard), f"layer {layer} shard {shard}"
-        return self._encoded(path, what, (spec.CSR, spec.CSR_VERSION))
+        return self.encoded(path, what, spec.CSR)
 
-    def _encoded(self, path: str, what: str, encoding: tuple[str, str]) -> zarr.Group:
-        """The group at `path`, refused unless written in the encoding this featstore reads."""
+    def encoded(self, path: str, what: str, encoding_type: str) -> zarr.Group:
+        """The group at `path`, refused unless written in an encoding of `encoding_type` this
+        featstore reads, with sound attributes (`encodings.require`)."""
         group = self.group(path, what)
-        found = (group.attrs.get(spec.ENCODING_TYPE), group.attrs.get(spec.ENCODING_VERSION))
-        if found != encoding:
-            raise FeatstoreError(
-                f"{what}: {path}/zarr.json has encoding {found}, this featstore reads "
-                f"{encoding} (docs/STORE_FORMAT.md): upgrade featstore"
-            )
+        encodings.require(group.attrs, encoding_type, what, path)
         return group
 
     def info(self, layer: int, shard: str) -> dict[str, Any]:
@@ -345,10 +440,18 @@ class Store:
         n_rows, d_sae = group.attrs[spec.SHAPE]
         stop = n_rows if stop is None else min(stop, n_rows)
         start = min(start, stop)
-        indptr = np.asarray(self.read_array(group, "indptr", what, slice(start, stop + 1)))
+        nnz = int(group.attrs["nnz"])
+        indptr = self.read_array(group, "indptr", what, slice(start, stop + 1))
+        if indptr.size != stop - start + 1:
+            problem = f"{indptr.size} entries, shape says more"
+            raise self.corrupt(what, f"{group.path}/indptr", problem)
         lo, hi = int(indptr[0]), int(indptr[-1])
+        lo, hi = max(lo, 0), max(min(hi, nnz), lo)  # checked below; only bounds the read
         data = self.read_array(group, "data", what, slice(lo, hi))
         indices = self.read_array(group, "indices", what, slice(lo, hi))
+        problem = encodings.csr_problem(data, indices, indptr, nnz, d_sae)
+        if problem:  # before scipy or the numba kernel index with them
+            raise self.corrupt(what, group.path, f"tokens {start}..{stop}: {problem}")
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, d_sae))
 
     def iter_blocks(
@@ -412,13 +515,14 @@ class Store:
         missing = {"seq", "pos", "token"} - set(table.columns)
         if missing:
             raise FeatstoreError(f"token table of shard {shard} lacks columns {sorted(missing)}")
+        columns = {c: table[c].to_numpy().astype(np.int32) for c in ("seq", "pos", "token")}
         self.write_group(
             spec.tokens_path(shard),
-            {c: table[c].to_numpy().astype(np.int32) for c in ("seq", "pos", "token")},
+            columns,
             {
                 **dict(attrs or {}),
-                spec.ENCODING_TYPE: spec.TOKEN_TABLE,
-                spec.ENCODING_VERSION: spec.TOKEN_TABLE_VERSION,
+                **encodings.stamp(spec.TOKEN_TABLE),
+                spec.TOKENS_HASH: tokens_digest(columns),
                 "n_tokens": table.height,
                 "shard": shard,
             },
@@ -426,14 +530,28 @@ class Store:
             lock_timeout=lock_timeout,
         )
 
+    def tokens_hash(self, shard: str) -> str | None:
+        """The hash of a shard's stored token table (`tokens_digest`); None if it has none."""
+        if shard not in self.token_shards():
+            return None
+        group = self.group(spec.tokens_path(shard), f"token table of shard {shard}")
+        if spec.ENCODING_TYPE not in group.attrs:  # at a URL: a parent zarr made for a
+            return None  # generation being written, nothing committed yet
+        digest = group.attrs.get(spec.TOKENS_HASH)
+        if isinstance(digest, str):
+            return digest
+        table = self.tokens(shard)  # a table from before spec version 3
+        return tokens_digest({c: table[c].to_numpy() for c in ("seq", "pos", "token")})
+
     def tokens(self, shard: str) -> pl.DataFrame:
         what = f"token table of shard {shard}"
-        group = self._encoded(
-            spec.tokens_path(shard), what, (spec.TOKEN_TABLE, spec.TOKEN_TABLE_VERSION)
-        )
-        return pl.DataFrame(
-            {c: np.asarray(self.read_array(group, c, what)) for c in ("seq", "pos", "token")}
-        )
+        group = self.encoded(spec.tokens_path(shard), what, spec.TOKEN_TABLE)
+        columns = {c: self.read_array(group, c, what) for c in ("seq", "pos", "token")}
+        n_tokens = group.attrs.get("n_tokens", columns["seq"].size)
+        problem = encodings.token_problem(columns)
+        if problem or columns["seq"].size != n_tokens:
+            raise self.corrupt(what, group.path, problem or f"not {n_tokens} rows")
+        return pl.DataFrame(columns)
 
     def sequences(self, shard: str) -> np.ndarray:
         """A shard's token ids as (sequences, seq_len), from its token table."""
@@ -450,19 +568,17 @@ class Store:
         self.write_group(
             spec.VOCAB,
             {"bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8), "offsets": offsets},
-            {
-                **dict(attrs or {}),
-                spec.ENCODING_TYPE: spec.VOCAB,
-                spec.ENCODING_VERSION: spec.VOCAB_VERSION,
-            },
+            {**dict(attrs or {}), **encodings.stamp(spec.VOCAB)},
         )
 
     def vocab(self) -> list[str] | None:
         if not self._exists(spec.VOCAB):
             return None
-        group = self.group(spec.VOCAB, "vocabulary")
-        raw = bytes(np.asarray(self.read_array(group, "bytes", "vocabulary")))
-        off = np.asarray(self.read_array(group, "offsets", "vocabulary"))
+        group = self.encoded(spec.VOCAB, "vocabulary", spec.VOCAB)
+        raw = bytes(self.read_array(group, "bytes", "vocabulary"))
+        off = self.read_array(group, "offsets", "vocabulary")
+        if off.size and (off[0] != 0 or off[-1] != len(raw) or np.any(np.diff(off) < 0)):
+            raise self.corrupt("vocabulary", group.path, "offsets not monotone over the bytes")
         return [raw[a:b].decode("utf-8", "replace") for a, b in zip(off[:-1], off[1:], strict=True)]
 
     def delete_shard(self, shard: str) -> list[str]:
@@ -475,6 +591,17 @@ class Store:
             if self.delete_group(path):
                 removed.append(path)
         return removed
+
+
+DELETE = "-"  # a commit record's staging name for a group the commit deletes
+
+
+def tokens_digest(columns: Mapping[str, np.ndarray]) -> str:
+    """BLAKE2b of a token table's int32 columns: equal tables, equal digests."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in ("seq", "pos", "token"):
+        digest.update(np.ascontiguousarray(columns[name], dtype="<i4").tobytes())
+    return digest.hexdigest()
 
 
 def _entry_name(path: str) -> str:
@@ -490,7 +617,12 @@ def _entry_path(entry: Path) -> str | None:
             return marker.read_text(encoding="utf-8")[:4096]
         except (OSError, UnicodeDecodeError):
             return None
-    _, sep, quoted = entry.name.partition(".")
+    return _named_path(entry.name)
+
+
+def _named_path(name: str) -> str | None:
+    """The group path a `{hex}.{path, URL-quoted}` entry name records (None if none)."""
+    _, sep, quoted = name.partition(".")
     return urllib.parse.unquote(quoted) if sep else None
 
 
@@ -505,10 +637,93 @@ def finish_pending_writes() -> None:
     zarr.core.sync.sync(others())
 
 
-# Every array featstore writes: 3x faster to write and read than zarr's default zstd, and smaller.
-CODEC = BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
+# Every array featstore writes: 3x faster to write and read than zarr's default zstd, and smaller;
+# then a CRC-32C of each chunk, so a damaged chunk is an error, not other numbers.
+CODECS = (BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec())
 # Chunks are written whole, never tested for being all zeros first (a third of zarr's write time).
 WRITE = {"write_empty_chunks": True}
+
+
+class Transaction:
+    """The groups staged in one `Store.transaction`: each under its group lock until the end."""
+
+    def __init__(self, store: Store, locks: contextlib.ExitStack, lock_timeout: float) -> None:
+        self.store, self.locks, self.lock_timeout = store, locks, lock_timeout
+        self.staged_groups: dict[str, tuple[Any, GroupWriter]] = {}
+        self.entries: list[tuple[str, Any]] = []  # everything staged, for `discard`
+
+    @contextlib.contextmanager
+    def staged(self, path: str) -> Iterator[GroupWriter]:
+        """Stage the group at `path`: written whole here, put in place by `commit`."""
+        store = self.store
+        if path in self.staged_groups:
+            raise FeatstoreError(f"{path} is written twice in one operation")
+        self.locks.enter_context(store.lock(path, self.lock_timeout))
+        staging = store._new_staging(path)
+        self.entries.append((path, staging))
+        with writing(path):
+            group = store._open_staging(path, staging)
+        writer = GroupWriter(group, path)
+        with writing(path):  # also what the caller writes to `writer.group` itself
+            yield writer
+        with writing(path):
+            writer.flush()
+        self.staged_groups[path] = (staging, writer)
+
+    def commit(self) -> None:
+        store = self.store
+        with writing(", ".join(self.staged_groups) or "nothing"):
+            for _, writer in self.staged_groups.values():
+                # Attributes last: their presence is part of what makes a group complete.
+                writer.group.attrs.update(writer.attrs)
+            removed = align_shards(store, self.staged_groups)
+            for path in removed:
+                self.locks.enter_context(store.lock(path, self.lock_timeout))
+            for path in self.staged_groups:
+                # Parents only now: a write that fails leaves no empty group behind.
+                store._ensure_parents(path)
+            entries = [(path, st) for path, (st, _) in self.staged_groups.items()]
+            self.entries = []  # from here on `_commit_all` owns them: it discards or commits
+            store._commit_all(entries + [(path, None) for path in removed])
+
+    def discard(self) -> None:
+        finish_pending_writes()  # else they could write into the staging place again
+        for path, staging in self.entries:
+            self.store._discard(path, staging)
+
+
+def align_shards(store: Store, staged: Mapping[str, tuple[Any, GroupWriter]]) -> list[str]:
+    """Stamp each staged activation group with the hash of its shard's token table (staged
+    with it, or the stored one); returns the stored groups a new, different token table leaves
+    out of line (layers not written with it, and their pair sums), to delete in the same commit:
+    rows of every layer and of the token table are the same tokens."""
+    tables = {p.split("/")[1]: w for p, (_, w) in staged.items() if p.startswith(spec.TOKENS + "/")}
+    for path, (_, writer) in staged.items():
+        parts = path.split("/")
+        if parts[0] != spec.ACTIVATIONS:
+            continue
+        shard = parts[2]
+        table = tables.get(shard)
+        digest = table.attrs[spec.TOKENS_HASH] if table else store.tokens_hash(shard)
+        if digest is not None:
+            writer.group.attrs.update({spec.TOKENS_HASH: digest})
+    removed: list[str] = []
+    for shard, table in tables.items():
+        before = store.tokens_hash(shard)
+        if before is None or before == table.attrs[spec.TOKENS_HASH]:
+            continue
+        left = {
+            layer for layer in store.layers()
+            if shard in store.shards(layer) and spec.activation_path(layer, shard) not in staged
+        }  # fmt: skip
+        removed += [spec.activation_path(layer, shard) for layer in sorted(left)]
+        for folder in store.children(spec.PAIRS):
+            pair = spec.PAIR_FOLDER.match(folder)
+            if pair and {int(pair[1]), int(pair[2])} & left and shard in store.children(
+                f"{spec.PAIRS}/{folder}"
+            ):
+                removed.append(f"{spec.PAIRS}/{folder}/{shard}")
+    return removed
 
 
 class GroupWriter:
@@ -531,7 +746,13 @@ class GroupWriter:
         """An empty 1-D array, there even when nothing is appended to it."""
         with writing(f"{self.path}/{name}"):
             array = self.group.create_array(
-                name, shape=(0,), dtype=dtype, chunks=(chunk,), compressors=CODEC, config=WRITE
+                name,
+                shape=(0,),
+                dtype=dtype,
+                chunks=(chunk,),
+                compressors=CODECS,
+                fill_value=encodings.fill_value(dtype),  # what a deleted chunk reads as
+                config=WRITE,
             )
         self.pending[name] = []
         self.arrays[name], self.chunk_writers[name] = array, ChunkWriter.of(array)
@@ -615,8 +836,7 @@ class ActivationWriter:
         self.group.attrs.update(
             {
                 **dict(attrs),
-                spec.ENCODING_TYPE: spec.CSR,
-                spec.ENCODING_VERSION: spec.CSR_VERSION,
+                **encodings.stamp(spec.CSR),
                 spec.SHAPE: [self.stats.n_tokens, self.d_sae],
                 "layer": int(self.layer),
                 "shard": self.shard,

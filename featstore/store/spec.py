@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-SPEC_VERSION = 2  # 2: groups at a URL are committed generations (docs/STORE_FORMAT.md)
+# 2: groups at a URL are committed generations; 3: fill values no valid element takes and a
+# CRC-32C per chunk, so damage is detected (docs/STORE_FORMAT.md)
+SPEC_VERSION = 3
 ROOT = "store.zarr"
 
 # Attribute keys.
@@ -38,8 +40,13 @@ STORAGE_OPTIONS_ENV = "FEATSTORE_STORAGE_OPTIONS"  # JSON: fsspec options for th
 GENERATION = "featstore-generation"  # group attr at a URL store: the committed generation
 GENERATION_STALE_AFTER = 6 * 3600.0  # s: an unreferenced generation this old is dropped
 GENERATION_PREFIX = "_gen-"  # cannot be a shard name, which starts with a letter or digit
+GENERATION_NAME = re.compile(r"_gen-[0-9a-f]{10}-[0-9a-f]{32}")
 STAGING = "_staging"  # half-written groups live here until renamed into place
 TRASH = "_trash"  # replaced groups wait here until the new one is in place
+COMMITS = "_commits"  # records of groups committed together (a shard across layers)
+STAGING_ENTRY = re.compile(r"[0-9a-f]{32}\.[A-Za-z0-9_.%-]{1,1024}")  # {hex}.{path, URL-quoted}
+PAIR_FOLDER = re.compile(r"(\d{1,10})-(\d{1,10})(?:\.|$)")  # pairs/{a}-{b}[.t{T}][.null]
+TOKENS_HASH = "featstore-tokens-hash"  # BLAKE2b of a token table; its layers carry it too
 
 # Chunking: nonzeros are scanned by token range, so chunk along the nonzero axis.
 NNZ_CHUNK = 1 << 18

@@ -31,7 +31,7 @@ from zarr.storage import FsspecStore
 from featstore.errors import FeatstoreError
 from featstore.files import writing
 from featstore.store import spec
-from featstore.store.local import Store
+from featstore.store.local import DELETE, Store
 
 
 def storage_options_from_env() -> dict[str, Any]:
@@ -101,7 +101,65 @@ class UrlStore(Store):
         self._put_group("", {spec.FEATSTORE_VERSION: spec.SPEC_VERSION})
 
     def _recover(self) -> None:
-        """Nothing to undo: an uncommitted generation is invisible and goes at the next write."""
+        """An uncommitted generation is invisible and goes at the next write; a commit record
+        (`_commit_all`) a killed writer left is rolled forward."""
+        for name in _sync(_listing(self._zstore(True), spec.COMMITS)):
+            key = _key(spec.COMMITS, name)
+            entries = self._record(key)
+            if entries is not None:
+                self._apply(entries)
+            with contextlib.suppress(FileNotFoundError):
+                _sync(self._zstore().delete(key))
+
+    def _record(self, key: str) -> list[tuple[str, str | None]] | None:
+        """The validated (group path, generation or None to delete) pairs of a commit record."""
+        try:
+            raw = _sync(self._zstore(True).get(key, default_buffer_prototype()))
+            entries = [(str(p), None if g == DELETE else str(g))
+                       for p, g in json.loads(raw.to_bytes())["entries"]]  # fmt: skip
+        except Exception:  # unreadable: nothing to roll forward
+            return None
+        ok = all(
+            spec.group_path_ok(p) and (g is None or spec.GENERATION_NAME.fullmatch(g))
+            for p, g in entries
+        )
+        return entries if ok else None
+
+    def _commit_all(self, entries: list[tuple[str, Any]]) -> None:
+        """Several groups as one: a commit record (one PUT, the commit point) names each
+        group's new generation (or None: deleted), then each group is committed, then the record
+        is deleted; the next open rolls a left record forward (`_recover`)."""
+        if len(entries) == 1 and entries[0][1] is not None:
+            try:
+                self._commit(*entries[0])
+            except BaseException:
+                self._discard(*entries[0])
+                raise
+            return
+        if not entries:
+            return
+        key = _key(spec.COMMITS, f"{uuid.uuid4().hex}.json")
+        body = json.dumps({"entries": [[p, DELETE if g is None else g] for p, g in entries]})
+        buffer = default_buffer_prototype().buffer.from_bytes(body.encode())
+        try:
+            _sync(self._zstore().set(key, buffer))
+        except BaseException:  # not committed: nothing of it becomes visible
+            for path, generation in entries:
+                if generation is not None:
+                    self._discard(path, generation)
+            raise
+        self._apply(entries)  # committed: what a failure from here leaves, `_recover` finishes
+        _sync(self._zstore().delete(key))
+
+    def _apply(self, entries: list[tuple[str, Any]]) -> None:
+        """Point each group at its generation; delete the groups whose generation is None."""
+        for path, generation in entries:
+            if generation is None:
+                if self._exists(path):
+                    _sync(self._zstore().delete(_key(path, "zarr.json")))
+                    self._delete_prefix(path)
+            elif self._committed(path) != generation:
+                self._commit(path, generation)
 
     def children(self, path: str) -> list[str]:
         names = _sync(_listing(self._zstore(True), path))
