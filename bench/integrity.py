@@ -14,8 +14,12 @@ Data: a `featstore.synth` shard (L0 ~ 50), generated once in memory. Two configu
 For each, `write` times storing both layers and the token table (`write_activations`,
 `write_tokens`; extraction's store path) and `stats` times `update_shard_pairs` (reading both
 layers block by block, the compiled kernel, saving the shard's pair sums; the statistics
-benchmark's `save shard sums`). The two configurations alternate, `--repeat` times each (default
-3), and medians are compared. Results: bench/RESULTS.md.
+benchmark's `save shard sums`). The two configurations alternate (order swapped each round),
+`--repeat` times each (default 3), and medians are compared. On a shared machine the two differ by
+more than the checks cost, so `checks alone` also times just the read checks
+(`encodings.check_read` on each array read and `encodings.csr_problem` on each block, over both
+layers as `update_shard_pairs` reads them) and the CRC-32C of every chunk, as a share of `stats`
+with the checks on. Results: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -68,6 +72,28 @@ def measure(home: Path, acts: dict, tokens, on: bool) -> tuple[float, float]:
     return t1 - t0, t2 - t1
 
 
+def checks_alone(home: Path) -> float:
+    """Seconds of the read checks and chunk CRCs alone over both layers of the stored shard."""
+    import google_crc32c
+
+    store = open_store(home)
+    seconds = 0.0
+    for layer in LAYERS:
+        group = store.group(f"activations/layer_{layer}/s0", "bench")
+        nnz, d_sae = int(group.attrs["nnz"]), int(group.attrs["d_sae"])
+        arrays = {n: group[n] for n in ("data", "indices", "indptr")}
+        raw = {n: a[:] for n, a in arrays.items()}
+        chunks = [p.read_bytes() for p in (home / "store.zarr" / group.path).rglob("c/*")]
+        t0 = time.perf_counter()
+        for name, array in arrays.items():
+            encodings.check_read(array, raw[name], slice(None))
+        encodings.csr_problem(raw["data"], raw["indices"], raw["indptr"], nnz, d_sae)
+        for chunk in chunks:
+            google_crc32c.value(chunk[:-4])
+        seconds += time.perf_counter() - t0
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=200_000)
@@ -81,14 +107,17 @@ def main() -> None:
     print(f"{args.tokens:,} tokens, layers {LAYERS}, d_sae {cfg.d_sae}, {nnz:,} nonzeros")
     times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeat):
-            for on in (False, True):
+        for r in range(args.repeat):
+            for on in (False, True) if (args.repeat - r) % 2 else (True, False):  # on last
                 times[on].append(measure(Path(tmp) / "home", acts, tokens, on))
+        alone = checks_alone(Path(tmp) / "home") if times[True] else 0.0
     print(f"{'step':<8}{'off (s)':>10}{'on (s)':>10}{'on/off':>9}")
     for i, step in enumerate(("write", "stats")):
         off = statistics.median(t[i] for t in times[False])
         on = statistics.median(t[i] for t in times[True])
         print(f"{step:<8}{off:>10.2f}{on:>10.2f}{on / off:>9.3f}")
+    stats_on = statistics.median(t[1] for t in times[True])
+    print(f"checks alone: {alone:.3f} s = {alone / stats_on:.2%} of stats with checks on")
 
 
 if __name__ == "__main__":
