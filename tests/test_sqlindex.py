@@ -254,3 +254,15 @@ def test_a_store_at_a_url_is_indexed_in_the_home_and_follows_new_generations(s3,
                                "value": coo.data})  # fmt: skip
         assert got.equals(expect.sort(pl.all()))
     assert (tmp_path / "reader" / spec.SQL_INDEX_DIR / "layer_6" / "s0.duckdb").is_file()
+
+
+def test_a_full_disk_while_indexing_is_one_line_and_leaves_no_file(store, capsys, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sqlindex, "_fsync", full)
+    status, _, err = cli(capsys, store.home, "sql", "SELECT count(*) FROM activations")
+    assert status == 2 and err.count("\n") == 1 and "No space left on device" in err
+    assert not list((store.home / spec.SQL_INDEX_DIR).rglob("*.duckdb*"))

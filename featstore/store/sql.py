@@ -193,6 +193,9 @@ def _index_views(
         except FeatstoreError as exc:  # a damaged group: fails the queries that read it
             failed[group] = str(exc)
             continue
+        except OSError as exc:  # a read-only home, a full disk: no query can be answered
+            where = sqlindex.index_dir(source.home)
+            raise FeatstoreError(f"cannot write the SQL index in {where}: {exc}") from None
         if sqlindex.attach(con, source.home, [built]):
             failed[group] = f"{group.path}: its SQL index in {source.home} cannot be read"
     for kind in ("activations", "tokens"):
