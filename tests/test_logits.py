@@ -91,3 +91,27 @@ def test_bad_shapes_are_one_line_errors():
         logits.logit_effects(np.ones((3, 4)), np.ones((5, 6)))
     with pytest.raises(FeatstoreError, match="k must be"):
         logits.logit_effects(np.ones((3, 4)), np.ones((4, 6)), k=0)
+
+
+def test_dagster_asset_writes_the_table_of_the_stores_source(tmp_path):
+    import dagster as dg
+    import scipy.sparse as sp
+
+    from featstore.sources.registry import get_source
+    from featstore.store.home import open_store
+    from pipelines.assets.comparison import logit_effects
+    from pipelines.resources import FeatstoreResource
+
+    d_sae = get_source("tiny").d_sae
+    store = open_store(tmp_path, create=True)
+    store.write_activations(
+        6, "s0", sp.csr_matrix((4, d_sae), dtype=np.float32), {"source": "tiny"}
+    )
+    resources = {"featstore": FeatstoreResource(home=str(tmp_path))}
+    run_config = {"ops": {"logit_effects": {"config": {"k": 3}}}}
+    result = dg.materialize([logit_effects], resources=resources, run_config=run_config)
+    assert result.success
+    table = pl.read_parquet(logits.logits_path(store))
+    assert table.height == d_sae * 2 * 3 and set(table["layer"]) == {6}
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["dagster/row_count"].value == table.height
