@@ -352,6 +352,28 @@ def cmd_feature(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_steer(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from featstore.analysis.cards import parse_key
+    from featstore.analysis.steering import SteerConfig, run_steering
+    from featstore.tables import render
+
+    keys = [parse_key(k) for k in args.features]
+    layers = {layer for layer, _ in keys}
+    if len(layers) != 1:
+        raise FeatstoreError(f"steer features of one layer at a time, got layers {sorted(layers)}")
+    (layer,) = layers
+    cfg = SteerConfig(layer, tuple(f for _, f in keys), args.k, tuple(args.targets), args.top)
+    store = _open(args)
+    model, saes = load_model_and_saes(args.source, (layer, *cfg.targets), args.device)
+    paths = run_steering(store, model, saes, cfg, args.max_sequences)
+    print(render(pl.read_parquet(paths["summary"])))
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from featstore.analysis.cards import parse_key
     from featstore.explorer import app
@@ -569,6 +591,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--min-both", type=int, default=None, help="partners co-active >= N")
     p.add_argument("--html", default=None, help="also write the card as a self-contained page")
     p.set_defaults(func=cmd_feature)
+
+    p = sub.add_parser("steer", help="clamp features to k x their typical activation")
+    p.add_argument("features", metavar="LAYER:ID", nargs="+", help="e.g. 7:123 7:40")
+    p.add_argument("--k", type=float, default=5.0, help="clamp to k x the mean activation")
+    p.add_argument("--targets", type=int, nargs="*", default=[], help="later layers reported")
+    p.add_argument("--top", type=int, default=10, help="tokens and features reported")
+    p.add_argument("--max-sequences", type=int, default=8, help="per shard")
+    p.add_argument("--source", default="tiny", help="the model and SAEs the store was made with")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("serve", help="the feature explorer: a local web app, or --export a site")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")

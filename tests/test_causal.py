@@ -212,12 +212,71 @@ def test_causal_assets_materialise(store_run, monkeypatch):
                 "causal_edges": {"config": bins},
                 "concept_traces": {"config": {"max_sequences": 3}},
                 "erasure": {"config": {"max_sequences": 3}},
+                "steering": {"config": {"features": ["6:3"], "targets": [7], "max_sequences": 2}},
             }
         },
     )
     assert result.success
-    for name in ("causal_edges", "concept_traces", "erasure"):
+    for name in ("causal_edges", "concept_traces", "erasure", "steering"):
         (event,) = result.asset_materializations_for_node(name)
         assert event.metadata
     (event,) = result.asset_materializations_for_node("causal_edges")
     assert "ablation_by_bin" in event.metadata and "ablation_by_bin_plot" in event.metadata
+
+
+# -- steering ------------------------------------------------------------------------------------
+
+
+def test_steering_equals_a_plain_hook_computation(store_run):
+    import scipy.special
+    import torch
+
+    from featstore.analysis.steering import SteerConfig, steer
+
+    store, model, saes, _ = store_run
+    tokens = store.sequences(store.shards(6)[0])[:3]
+    typical = np.full(64, 0.5)
+    cfg = SteerConfig(6, (3, 11), k=4.0, targets=(8,), top=5)
+    frames = steer(model, saes, tokens, typical, cfg)
+    x = torch.as_tensor(np.array(tokens))
+    for feature in (3, 11):
+
+        def hook(resid, hook, f=feature):
+            a = saes[6].encode(resid)[..., f]
+            change = (2.0 - a)[..., None] * saes[6].W_dec[f]
+            change[:, 0] = 0
+            return resid + change
+
+        with torch.no_grad():
+            clean, cache = model.run_with_cache(x, names_filter=name8)
+            seen = {}
+            steered = model.run_with_hooks(
+                x, fwd_hooks=[(name6, hook), (name8, lambda r, hook, s=seen: s.update(r=r))]
+            )
+            p = torch.softmax(clean[:, 1:].double(), -1).numpy()
+            q = torch.softmax(steered[:, 1:].double(), -1).numpy()
+            delta = (saes[8].encode(seen["r"]) - saes[8].encode(cache[name8]))[:, 1:].mean((0, 1))
+        row = frames["summary"].filter(pl.col("feature") == feature).row(0, named=True)
+        assert row["value"] == 2.0
+        assert row["kl"] == pytest.approx(scipy.special.rel_entr(p, q).sum(-1).mean(), rel=1e-6)
+        gained = frames["tokens"].filter((pl.col("feature") == feature) & (pl.col("kind") ==
+                                                                           "gained"))
+        change = (q - p).mean((0, 1))
+        assert gained["token"].to_list() == np.argsort(-change, kind="stable")[:5].tolist()
+        lost = frames["features"].filter((pl.col("feature") == feature) & (pl.col("kind") ==
+                                                                           "lost"))
+        np.testing.assert_allclose(lost["change"], np.sort(delta.numpy())[:5], atol=1e-6)
+
+
+name6, name8 = "blocks.6.hook_resid_pre", "blocks.8.hook_resid_pre"
+
+
+def test_cli_steer_writes_tables(store_run, capsys, monkeypatch):
+    store, model, saes, _ = store_run
+    monkeypatch.setattr("featstore.cli.load_model_and_saes", lambda *args: (model, saes))
+    argv = ["--home", str(store.home), "steer", "6:3", "--targets", "7", "--max-sequences", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "kl" in out and "steering/tokens.parquet" in out
+    assert main(["--home", str(store.home), "steer", "6:3", "7:1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 from featstore.analysis.attribution import edge_attribution
 from featstore.analysis.columns import encode_columns
 from featstore.analysis.patching import Edges, PatchConfig, edge_effects, row_batches
+from featstore.analysis.steering import SteerConfig, steer
 from featstore.errors import FeatstoreError
 from featstore.sources.extract import encode_batch
 
@@ -239,6 +240,7 @@ def test_every_tensor_is_made_on_the_models_device(setup):
     with watch:
         edge_effects(model, saes, tokens, codes, PatchConfig(6, batch_rows=4), asked)
         edge_attribution(model, saes, tokens, codes, PatchConfig(6), asked, chunk=8)
+        steer(model, saes, tokens, np.full(64, 0.5), SteerConfig(6, (3,), targets=(8,)))
     assert watch.problems == []
 
 

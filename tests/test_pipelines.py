@@ -48,6 +48,7 @@ def test_definitions_load_with_every_asset_and_check():
         "causal_edges",
         "concept_traces",
         "erasure",
+        "steering",
         "method_comparison",
         "logit_effects",
         "feature_cards",

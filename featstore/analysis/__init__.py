@@ -3,7 +3,8 @@
 `graph` (the feature graph), `plots` and `causal_plots` (figures), `decoders` (data-free
 decoder cosine), `asked` (which edges a causal run measures), `columns` (a few features of an
 SAE's encoding), `patching` and `attribution` (exact and first-order patching of asked edges),
-`causal` (causal edges vs the correlation graph, ablation by similarity bin), `compare` (measures
+`causal` (causal edges vs the correlation graph, ablation by similarity bin), `steering`
+(clamped features: KL, tokens gained and lost, later features), `compare` (measures
 and methods compared), `concepts` (concept tracing), `erasure` (gradual change and erasure),
 `cards` (feature cards), `logits` (logit effects: what each decoder direction promotes and
 suppresses), `passthrough` (pass-through features and chains), `gates` (AND/OR gates),

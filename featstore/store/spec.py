@@ -107,3 +107,4 @@ FINDINGS_DIR = "findings"  # the conjectures' table, page and plots (featstore.a
 FINDINGS_FILE = "findings.parquet"  # in FINDINGS_DIR: the `findings` SQL table
 LOGITS_DIR = "logits"  # logit effects of every feature (featstore.analysis.logits)
 LOGIT_EFFECTS_FILE = "logit_effects.parquet"  # in LOGITS_DIR: the `logit_effects` SQL table
+STEERING_DIR = "steering"  # clamped features: KL, tokens, later features (analysis.steering)

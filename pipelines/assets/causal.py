@@ -9,13 +9,16 @@ import networkx as nx
 import polars as pl
 
 from featstore.analysis.asked import EdgeChoice
+from featstore.analysis.cards import parse_key
 from featstore.analysis.causal import CausalConfig, causal_dir, run_causal
 from featstore.analysis.concepts import default_set, run_concepts
 from featstore.analysis.erasure import run_erasure
 from featstore.analysis.graph import GRAPHML
+from featstore.analysis.steering import SteerConfig, run_steering
 from featstore.errors import FeatstoreError
 from featstore.sources.extract import load_model_and_saes
 from featstore.store.spec import CONCEPTS_DIR, ERASURE_DIR
+from pipelines.assets.extraction import activations
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
 from pipelines.execution import MODEL_STEP
 from pipelines.resources import FeatstoreResource
@@ -184,4 +187,41 @@ def erasure(config: ErasureConfig, featstore: FeatstoreResource) -> dg.Materiali
     )
 
 
-causal_assets = [causal_edges, concept_traces, erasure]
+class SteeringConfig(dg.Config):
+    features: list[str] = []  # LAYER:ID of one layer, e.g. ["7:123", "7:40"]
+    k: float = 5.0  # clamp to k x the feature's mean activation where active
+    targets: list[int] = []  # later layers whose features are reported
+    top: int = 10
+    max_sequences: int = 8  # per shard
+
+
+@dg.asset(
+    deps=[activations],
+    code_version=CAUSAL_VERSION,
+    group_name="causal",
+    kinds={"pytorch", "parquet"},
+    **MODEL_STEP,  # loads the model, as extraction
+)
+def steering(config: SteeringConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+    """Clamp each chosen feature to k x its typical activation over the sampled sequences: the
+    KL divergence of the next-token distribution, the tokens gained and lost, and the later
+    features that change most.
+
+    `featstore.analysis.steering.run_steering`: `{home}/steering/{summary,tokens,features}.parquet`.
+    """
+    keys = [parse_key(k) for k in config.features]
+    if len({layer for layer, _ in keys}) != 1:
+        raise FeatstoreError(f"steering needs features of one layer, got {config.features}")
+    cfg = SteerConfig(keys[0][0], tuple(f for _, f in keys), config.k, tuple(config.targets),
+                      config.top)
+    model, saes = load_model_and_saes(featstore.extract_config())
+    paths = run_steering(featstore.open(), model, saes, cfg, config.max_sequences)
+    return dg.MaterializeResult(
+        metadata={
+            "summary": dg.MetadataValue.md(markdown(pl.read_parquet(paths["summary"]))),
+            **files_metadata(paths),
+        }
+    )
+
+
+causal_assets = [causal_edges, concept_traces, erasure, steering]

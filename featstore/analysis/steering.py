@@ -1,0 +1,141 @@
+"""Steering: clamp a feature to k x its typical activation and see what changes.
+
+At every position past `skip_positions` of the sampled sequences, `blocks.L.hook_resid_pre` gets
+`(v - a_i(t)) * W_dec[i]` with v = k x the feature's mean activation where active (the same
+decoder-direction patch as `patching`, applied everywhere). Reported per steered feature: the mean
+KL divergence KL(clean || steered) of the next-token distribution, the tokens whose mean
+probability rises and falls most, and the later features (`targets`) whose mean activation
+changes most. Every tensor is made on the model's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+
+from featstore.analysis.patching import RESID_PRE, device_of
+from featstore.errors import FeatstoreError
+from featstore.files import write_parquet_atomic
+from featstore.sequences import store_sequences
+from featstore.stats.shardsums import merged_feature_stats
+from featstore.store import spec
+from featstore.store.local import Store
+
+if TYPE_CHECKING:
+    import torch
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """Which features of which layer to clamp, how hard, and what to report."""
+
+    layer: int
+    features: tuple[int, ...]
+    k: float = 5.0  # clamp to k x the feature's mean activation where active
+    targets: tuple[int, ...] = ()  # later layers whose features are reported
+    top: int = 10  # tokens gained / lost and later features reported
+    skip_positions: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.features:
+            raise FeatstoreError("steering needs at least one feature")
+        if any(t <= self.layer for t in self.targets):
+            raise FeatstoreError(f"target layers {list(self.targets)} must lie above {self.layer}")
+        if self.top < 1 or self.skip_positions < 0:
+            raise FeatstoreError(f"top must be >= 1 and skip_positions >= 0, got {self.top}, "
+                                 f"{self.skip_positions}")
+
+
+def steered_run(model: HookedTransformer, saes: dict[int, SAE], tokens: torch.Tensor,
+                cfg: SteerConfig, feature: int, value: float | None):
+    """Log-probabilities (seq, pos, vocab) and each target's codes; value None: the clean run."""
+    import torch
+
+    sae, got = saes[cfg.layer], {}
+
+    def clamp(resid, hook):
+        a = sae.encode(resid)[..., feature]
+        shift = (value - a)[..., None] * sae.W_dec[feature]
+        shift[:, : cfg.skip_positions] = 0
+        return resid + shift
+
+    def keep(layer: int):
+        return lambda resid, hook: got.update({layer: saes[layer].encode(resid)})
+
+    hooks = [(RESID_PRE.format(layer=t), keep(t)) for t in cfg.targets]
+    if value is not None:
+        hooks.insert(0, (RESID_PRE.format(layer=cfg.layer), clamp))
+    with torch.inference_mode():
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+    return torch.log_softmax(logits[:, cfg.skip_positions :].double(), -1), got
+
+
+def steer(model: HookedTransformer, saes: dict[int, SAE], sequences: np.ndarray,
+          typical: np.ndarray, cfg: SteerConfig, vocab: Sequence[str] | None = None
+          ) -> dict[str, pl.DataFrame]:
+    """`summary` (one row per feature), `tokens` (gained and lost), `features` (later ones)."""
+    import torch
+
+    d_sae = saes[cfg.layer].cfg.d_sae
+    if min(cfg.features) < 0 or max(cfg.features) >= d_sae:
+        raise FeatstoreError(f"features must lie in 0:{d_sae}, got {list(cfg.features)}")
+    tokens = torch.as_tensor(sequences, device=device_of(saes[cfg.layer]))
+    clean, clean_codes = steered_run(model, saes, tokens, cfg, 0, None)
+    summary, gained, later = [], [], []
+    for f in cfg.features:
+        if not np.isfinite(typical[f]):
+            raise FeatstoreError(f"feature {cfg.layer}:{f} never fires: no typical activation")
+        value = cfg.k * float(typical[f])
+        logp, codes = steered_run(model, saes, tokens, cfg, f, value)
+        kl = (clean.exp() * (clean - logp)).sum(-1).mean()
+        summary.append({"layer": cfg.layer, "feature": f, "k": cfg.k, "value": value,
+                        "kl": float(kl.cpu())})
+        change = (logp.exp() - clean.exp()).mean((0, 1)).cpu().numpy()
+        gained.append(_top(change, cfg.top, {"layer": cfg.layer, "feature": f}, "token"))
+        for t in cfg.targets:
+            delta = (codes[t] - clean_codes[t])[:, cfg.skip_positions :].mean((0, 1))
+            keys = {"layer": cfg.layer, "feature": f, "layer_b": t}
+            later.append(_top(delta.cpu().numpy(), cfg.top, keys, "feature_b"))
+    tokens_frame = pl.concat(gained)
+    if vocab is not None:
+        text = pl.Series(np.asarray(vocab, dtype=object)[tokens_frame["token"].to_numpy()])
+        tokens_frame = tokens_frame.with_columns(text=text.cast(pl.String))
+    empty = pl.DataFrame(schema={"feature_b": pl.Int64, "change": pl.Float64})
+    return {"summary": pl.DataFrame(summary), "tokens": tokens_frame,
+            "features": pl.concat(later) if later else empty}
+
+
+def _top(change: np.ndarray, n: int, keys: dict, name: str) -> pl.DataFrame:
+    """The n largest rises (kind `gained`) and falls (`lost`) of `change`, ranked from 1."""
+    order = np.argsort(change, kind="stable")
+    up, down = order[::-1][:n], order[:n]
+    ids = np.concatenate([up, down])
+    return pl.DataFrame({
+        **{k: [v] * len(ids) for k, v in keys.items()},
+        "kind": ["gained"] * len(up) + ["lost"] * len(down),
+        "rank": np.concatenate([np.arange(1, len(up) + 1), np.arange(1, len(down) + 1)]),
+        name: ids.astype(np.int64),
+        "change": change[ids].astype(np.float64),
+    })
+
+
+def run_steering(store: Store, model, saes: dict, cfg: SteerConfig,
+                 max_sequences: int | None = 8) -> dict[str, Path]:
+    """Steer over the first `max_sequences` sequences of each shard; write `{home}/steering/`."""
+    shards = store.shards(cfg.layer)
+    if not shards:
+        raise FeatstoreError(f"layer {cfg.layer} has no activations in store {store.home}")
+    sequences = np.concatenate(store_sequences(store, shards, max_sequences))
+    stats = merged_feature_stats(store, cfg.layer, shards)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        typical = stats.total / stats.count
+    frames = steer(model, saes, sequences, typical, cfg, store.vocab())
+    folder = store.home / spec.STEERING_DIR
+    return {k: write_parquet_atomic(v, folder / f"{k}.parquet") for k, v in frames.items()}
