@@ -78,7 +78,10 @@ def test_a_replaced_shard_with_the_same_shape_and_nnz_is_reindexed(store):
 def test_replacing_a_token_table_reindexes_the_activations_joined_to_it(store):
     sql.query(store, "SELECT count(*) FROM activations")
     table = store.tokens("s0").with_columns(token=pl.col("token") + 1)
-    store.write_tokens("s0", table)
+    with store.transaction():  # the shard re-extracted: its token table and both layers
+        store.write_tokens("s0", table)
+        for layer in (6, 7):
+            store.write_activations(layer, "s0", store.read(layer, "s0"), {"source": "test"})
     got = sql.query(store, "SELECT row, token FROM activations WHERE layer = 7 ORDER BY ALL")
     coo = store.read(7, "s0").tocoo()
     tokens = table["token"].to_numpy()[coo.row].astype(np.int32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,8 +25,6 @@ from featstore.store import spec
 if TYPE_CHECKING:
     from featstore.store.local import Store
 
-LAYER_FOLDER = re.compile(r"^layer_(0|[1-9][0-9]{0,5})$")
-GENERATION_NAME = re.compile(r"^_gen-[0-9a-f]{1,16}-[0-9a-f]{1,64}$")
 MAX_METADATA = 1 << 20  # bytes: a group's zarr.json larger than this is not one featstore wrote
 
 
@@ -64,7 +62,7 @@ def _metadata(root: Path, path: str) -> tuple[dict, list[bytes]]:
         generation = attrs.get(spec.GENERATION)
         if generation is None:
             return attrs, parts
-        if not isinstance(generation, str) or not GENERATION_NAME.match(generation):
+        if not isinstance(generation, str) or not spec.GENERATION_NAME.fullmatch(generation):
             raise FeatstoreError(f"{where}/zarr.json in {root}: bad generation {generation!r}")
         where = f"{path}/{generation}"
     raise FeatstoreError(f"{path}/zarr.json in {root}: a generation names another generation")
@@ -77,13 +75,16 @@ def _count(attrs: dict, key: str, where: str) -> int:
     return value
 
 
-def _folders(base: Path, pattern: re.Pattern[str]) -> list[str]:
-    """Names of the committed groups (folders with a zarr.json) in `base` that match `pattern`."""
+def _folders(base: Path, ok: Callable[[str], bool]) -> list[str]:
+    """Names of the committed groups (folders with a zarr.json) in `base` that are `ok`."""
     if not base.is_dir():
         return []
-    return sorted(
-        p.name for p in base.iterdir() if pattern.match(p.name) and (p / "zarr.json").is_file()
-    )
+    return sorted(p.name for p in base.iterdir() if ok(p.name) and (p / "zarr.json").is_file())
+
+
+def _layer_folder(name: str) -> bool:
+    found = spec.LAYER_FOLDER.fullmatch(name)
+    return found is not None and int(found[1]) <= spec.MAX_LAYER
 
 
 def catalog(root: Path) -> list[Group]:
@@ -91,12 +92,12 @@ def catalog(root: Path) -> list[Group]:
     groups: list[Group] = []
     token_parts: dict[str, list[bytes]] = {}
     vocab = _metadata(root, spec.VOCAB)[1] if (root / spec.VOCAB / "zarr.json").is_file() else []
-    for shard in _folders(root / spec.TOKENS, spec.SHARD_NAME):
+    for shard in _folders(root / spec.TOKENS, spec.name_ok):
         group, token_parts[shard] = _group(root, "tokens", None, shard, vocab)
         groups.append(group)
-    for folder in _folders(root / spec.ACTIVATIONS, LAYER_FOLDER):
+    for folder in _folders(root / spec.ACTIVATIONS, _layer_folder):
         layer = int(folder.removeprefix("layer_"))
-        for shard in _folders(root / spec.layer_group(layer), spec.SHARD_NAME):
+        for shard in _folders(root / spec.layer_group(layer), spec.name_ok):
             joined = token_parts.get(shard, [b"no token table"])
             groups.append(_group(root, "activations", layer, shard, joined)[0])
     return groups
@@ -128,8 +129,8 @@ def _digest(parts: list[bytes]) -> str:
 
 def plain(root: Path) -> bool:
     """Whether the local store at `root` can be listed from its files alone: a root this
-    featstore reads and no `_staging`/`_trash` entries awaiting recovery (else open the Store,
-    which recovers them and reports what is wrong)."""
+    featstore reads and no `_staging`/`_trash`/`_commits` entries awaiting recovery (else open
+    the Store, which recovers them or rolls a commit forward, and reports what is wrong)."""
     try:
         version = json.loads((root / "zarr.json").read_bytes())["attributes"][
             spec.FEATSTORE_VERSION
@@ -140,7 +141,7 @@ def plain(root: Path) -> bool:
         return False
     return not any(
         (root / folder).is_dir() and any((root / folder).iterdir())
-        for folder in (spec.STAGING, spec.TRASH)
+        for folder in (spec.STAGING, spec.TRASH, spec.COMMITS)
     )
 
 
