@@ -26,6 +26,35 @@ class ArgumentParser(argparse.ArgumentParser):
         raise FeatstoreError(f"{self.prog}: {message}")
 
 
+def layer_number(text: str) -> int:
+    """A layer: an integer in 0 .. 2^31 - 1 (layers are int32 in SQL)."""
+    try:
+        layer = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer number, got {text!r}") from None
+    if not 0 <= layer <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"layer {layer} outside 0 .. 2^31-1")
+    return layer
+
+
+def positive(text: str) -> int:
+    """A count of at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def out_path(text: str) -> str:
+    """An output path: not empty (`atomic_file` refuses replacing anything but a file)."""
+    if not text.strip() or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
 def feature_range(text: str) -> tuple[int, int]:
     """`LO:HI` as a half-open range."""
     try:
@@ -422,19 +451,19 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("ingest", help="import activations from a scipy sparse .npz")
     p.add_argument("file")
-    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--layer", type=layer_number, required=True)
     p.add_argument("--shard", required=True)
     p.add_argument("--tokens", default=None, help="optional .npz/.parquet token table")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("extract", help="run the model and SAEs over text shards")
     p.add_argument("--source", default="tiny")
-    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--seq-len", type=positive, default=128)
+    p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--text-dir", default=None)
-    p.add_argument("--max-sequences", type=int, default=None)
+    p.add_argument("--max-sequences", type=positive, default=None)
     p.add_argument("--shards", nargs="*", default=None)
     p.set_defaults(func=cmd_extract)
 
@@ -442,10 +471,10 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("synth", help="write synthetic activations with planted relations")
-    p.add_argument("--tokens", type=int, required=True, help="tokens per shard")
-    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
-    p.add_argument("--d-sae", type=int, default=24576)
-    p.add_argument("--shards", type=int, default=1, help="number of shards (synth-000, ...)")
+    p.add_argument("--tokens", type=positive, required=True, help="tokens per shard")
+    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--d-sae", type=positive, default=24576)
+    p.add_argument("--shards", type=positive, default=1, help="number of shards (synth-000, ...)")
     p.add_argument("--l0", type=float, default=50.0, help="mean active features per token")
     p.add_argument("--planted", type=int, default=512, help="relations per layer pair")
     p.add_argument("--seed", type=int, default=0)
@@ -477,8 +506,8 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("stats", help="exact pair statistics of two layers' features")
-    p.add_argument("--layer-a", type=int, required=True)
-    p.add_argument("--layer-b", type=int, required=True)
+    p.add_argument("--layer-a", type=layer_number, required=True)
+    p.add_argument("--layer-b", type=layer_number, required=True)
     p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
     p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
     p.add_argument("--min-pearson", type=float, default=None)
@@ -527,33 +556,34 @@ def build_parser() -> ArgumentParser:
         help="save the shard pair sums computed and the merged table (default: only without "
         "thresholds, ranges or shards)",
     )
-    p.add_argument("--out", required=True, help="Parquet file of the pairs passing")
+    p.add_argument("--out", type=out_path, required=True, help="Parquet file of the pairs passing")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("graph", help="cross-layer feature graph: GraphML, Parquet edges, summary")
-    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
     p.add_argument("--metric", type=metric_name, default="pearson", help="any measure")
     p.add_argument("--threshold", type=float, default=0.2, help="edges where metric >= this")
     p.add_argument("--min-both", type=int, default=None, help="edges co-active on >= N tokens")
     p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
-    p.add_argument("--out", required=True, help="folder for graph.graphml, edges.parquet, ...")
+    p.add_argument("--out", type=out_path, required=True,
+                   help="folder for graph.graphml, edges.parquet, ...")  # fmt: skip
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("plots", help="PNG figures of the pair statistics of adjacent layers")
-    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
     p.add_argument("--threshold", type=float, default=0.2, help="for Pearson and Jaccard")
     p.add_argument("--agreement-threshold", type=float, default=0.99)
     p.add_argument("--features", type=feature_range, default=(0, 100), metavar="LO:HI")
-    p.add_argument("--edges", type=int, default=60, help="strongest edges in graph.png")
+    p.add_argument("--edges", type=positive, default=60, help="strongest edges in graph.png")
     p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
-    p.add_argument("--out", required=True, help="folder for the PNG files")
+    p.add_argument("--out", type=out_path, required=True, help="folder for the PNG files")
     p.set_defaults(func=cmd_plots)
 
     p = sub.add_parser("patch", help="causal edges by activation patching, vs correlation")
     p.add_argument("--source", default="tiny", help="the model and SAEs the store was made with")
-    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
     p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
-    p.add_argument("--max-sequences", type=int, default=16, help="per shard")
+    p.add_argument("--max-sequences", type=positive, default=16, help="per shard")
     p.add_argument("--features", type=int, nargs="+", default=None, help="source features")
     p.add_argument("--sample", choices=("graph", "bins"), default="graph",
                    help="measure the correlation graph's edges, or pairs stratified by bins")
@@ -573,23 +603,26 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("concepts", help="features detecting token-level concepts, traced by layer")
     p.add_argument("--set", default=None, help="concept set name or YAML (default: the source's)")
-    p.add_argument("--layers", type=int, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
     p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
-    p.add_argument("--max-sequences", type=int, default=None, help="per shard")
+    p.add_argument("--max-sequences", type=positive, default=None, help="per shard")
     p.add_argument("--metric", choices=("pearson", "agreement", "jaccard"), default="pearson")
     p.add_argument("--threshold", type=float, default=0.2, help="feature graph edges")
-    p.add_argument("--top", type=int, default=5, help="best features kept per concept and layer")
-    p.add_argument("--beam", type=int, default=3, help="features followed per layer")
-    p.add_argument("--out", default=None, help="folder (default: HOME/concepts)")
+    p.add_argument("--top", type=positive, default=5,
+                   help="best features kept per concept and layer")  # fmt: skip
+    p.add_argument("--beam", type=positive, default=3, help="features followed per layer")
+    p.add_argument("--out", type=out_path, default=None, help="folder (default: HOME/concepts)")
     p.set_defaults(func=cmd_concepts)
 
     p = sub.add_parser("feature", help="a feature's card: frequency, contexts, partners")
     p.add_argument("key", metavar="LAYER:ID", help="e.g. 7:123")
-    p.add_argument("--top", type=int, default=10, help="top-activating contexts shown")
-    p.add_argument("--partners", type=int, default=10, help="predecessors and successors shown")
+    p.add_argument("--top", type=positive, default=10, help="top-activating contexts shown")
+    p.add_argument("--partners", type=positive, default=10,
+                   help="predecessors and successors shown")  # fmt: skip
     p.add_argument("--sort-by", default="pearson", help="measure ranking the partners")
     p.add_argument("--min-both", type=int, default=None, help="partners co-active >= N")
-    p.add_argument("--html", default=None, help="also write the card as a self-contained page")
+    p.add_argument("--html", type=out_path, default=None,
+                   help="also write the card as a self-contained page")  # fmt: skip
     p.set_defaults(func=cmd_feature)
 
     p = sub.add_parser("steer", help="clamp features to k x their typical activation")
@@ -605,15 +638,17 @@ def build_parser() -> ArgumentParser:
     p = sub.add_parser("serve", help="the feature explorer: a local web app, or --export a site")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8765, help="port to listen on (1-65535)")
-    p.add_argument("--export", default=None, metavar="DIR", help="write a static site instead")
+    p.add_argument("--export", type=out_path, default=None, metavar="DIR",
+                   help="write a static site instead")  # fmt: skip
     p.add_argument("--features", nargs="+", default=None, metavar="LAYER:ID",
                    help="features to export (default: the --n busiest of the graph)")  # fmt: skip
-    p.add_argument("--n", type=int, default=50, help="features exported by default")
+    p.add_argument("--n", type=positive, default=50, help="features exported by default")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("logits", help="logit effects of every feature (top promoted/suppressed)")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="default: every layer")
-    p.add_argument("--k", type=int, default=10, help="tokens kept each way per feature")
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None,
+                   help="default: every layer")  # fmt: skip
+    p.add_argument("--k", type=positive, default=10, help="tokens kept each way per feature")
     p.set_defaults(func=cmd_logits)
 
     # Further commands register here (one add_parser block each).

@@ -28,9 +28,15 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary sibling of `path` to write, moved over it (os.replace) only when complete.
 
     Its name `.{name}.{hex}.tmp` marks it as never read; an OSError (a full disk, a folder in
-    the way) becomes a one-line error.
+    the way) becomes a one-line error. A `path` that exists as anything but a regular file (a
+    symbolic link, a fifo, a device, a folder) is refused, never replaced.
     """
     path = Path(path)
+    if not str(path).strip() or path.name in ("", ".", ".."):
+        raise FeatstoreError(f"cannot write {str(path)!r}: not a file name")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # a link, a fifo, a device or a folder: never replaced by a file
+        raise FeatstoreError(f"cannot write {path}: it exists and is not a regular file")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with writing(str(path)):

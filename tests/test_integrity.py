@@ -3,6 +3,8 @@ crafted bookkeeping (class 1), corrupt data (3), a shard as one unit (2), names 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -12,9 +14,14 @@ import urllib.parse
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
+import scipy.sparse as sp
+import yaml
 import zarr
 from helpers import assert_one_line_error, build_store, cli, group_states, sparse_acts, token_frame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from featstore.errors import FeatstoreError
 from featstore.store import spec
@@ -123,8 +130,6 @@ def test_odd_folder_names_are_not_shards(small_home, capsys):
 
 
 def test_zarr_json_is_no_shard_name(tmp_path, capsys):
-    import scipy.sparse as sp
-
     npz = tmp_path / "m.npz"
     sp.save_npz(npz, sparse_acts(5, 4))
     for bad in ("zarr.json", "ZARR.JSON", "s0\n", "../x", ""):
@@ -325,3 +330,155 @@ def test_a_new_token_table_takes_the_layers_it_leaves_out_of_line_with_it(small_
     meta = small_home / spec.ROOT / spec.activation_path(6, "s0") / "zarr.json"
     meta.write_text(meta.read_text().replace(store.tokens_hash("s0"), "0" * 32))
     assert any("out of line" in p for p in check_store(open_store(small_home)))
+
+
+# -- class 4: names and numbers are validated where they enter -------------------------------------
+
+
+def test_layers_counts_and_paths_are_refused_at_the_command_line(small_home, tmp_path, capsys):
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(fifo)
+    (tmp_path / "target.txt").write_text("keep")
+    link.symlink_to(tmp_path / "target.txt")
+    stats = ("stats", "--layer-a", "6", "--layer-b", "7", "--out")
+    for args, word in [
+        (("ingest", "x.npz", "--layer", "2147483648", "--shard", "s9"), "layer"),
+        (("ingest", "x.npz", "--layer", "-1", "--shard", "s9"), "layer"),
+        (("stats", "--layer-a", "6", "--layer-b", "nan", "--out", "o.parquet"), "layer"),
+        (("feature", "6:1", "--top", "0"), "--top"),
+        ((*stats, ""), "--out"),
+        ((*stats, str(fifo)), "not a regular file"),
+        ((*stats, str(link)), "not a regular file"),
+    ]:
+        status, _, err = cli(capsys, small_home, *args)
+        assert_one_line_error(status, err, word)
+    assert fifo.is_fifo() and link.is_symlink() and (tmp_path / "target.txt").read_text() == "keep"
+    status, _, err = cli(capsys, tmp_path / "target.txt", "info")  # a home that is a file
+    assert_one_line_error(status, err, "not a folder")
+
+
+def npz_file(path: Path, **arrays) -> str:
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_hostile_matrices_and_token_tables_are_refused_before_anything_is_written(tmp_path, capsys):
+    home = tmp_path / "new-home"
+    huge = npz_file(tmp_path / "huge.npz", format=b"coo", shape=np.array([10**12, 10**6]),
+                    row=np.array([0]), col=np.array([0]), data=np.array([1.0]))  # fmt: skip
+    bad_csr = npz_file(tmp_path / "csr.npz", format=b"csr", shape=np.array([2, 4]),
+                       indptr=np.array([0, 1, 2]), indices=np.array([1, 99]),
+                       data=np.array([1.0, 2.0]))  # fmt: skip
+    good = tmp_path / "good.npz"
+    sp.save_npz(good, sparse_acts(4, 8))
+    tables = {
+        "nan": pl.DataFrame({"seq": [0.0, 0, 1, 1], "pos": [0, 1, 0, 1],
+                             "token": [1.0, float("nan"), 2, 3]}),  # fmt: skip
+        "wide": pl.DataFrame({"seq": [0, 0, 1, 1], "pos": [0, 1, 0, 1],
+                              "token": [1, 2**31, 2, 3]}),  # fmt: skip
+    }
+    cases = [((huge,), "token rows"), ((bad_csr,), "malformed CSR")]
+    for name, table in tables.items():
+        table.write_parquet(tmp_path / f"{name}.parquet")
+        cases.append(((str(good), "--tokens", str(tmp_path / f"{name}.parquet")), "column"))
+    for args, word in cases:
+        status, _, err = cli(capsys, home, "ingest", *args, "--layer", "6", "--shard", "s0")
+        assert_one_line_error(status, err, word)
+        assert not home.exists(), "a failed ingest into a new home left something"
+
+
+def test_an_orphan_token_table_is_reported_and_does_not_block_a_retry(tmp_path, capsys):
+    home = tmp_path / "home"
+    store = open_store(home, create=True)
+    store.write_tokens("s0", token_frame(4))  # what a killed ingest left before spec version 3
+    assert any("orphan" in p for p in check_store(store))
+    good, tokens = tmp_path / "good.npz", tmp_path / "t.parquet"
+    sp.save_npz(good, sparse_acts(6, 8))
+    token_frame(6, seed=3).write_parquet(tokens)
+    status, _, err = cli(capsys, home, "ingest", str(good), "--layer", "6", "--shard", "s0",
+                         "--tokens", str(tokens))  # fmt: skip
+    assert status == 0, err
+    assert open_store(home).tokens("s0").height == 6 and check_store(open_store(home)) == []
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "", ".hidden", "x" * 65])
+def test_concept_names_that_would_leave_the_output_folder_are_refused(tmp_path, name):
+    from featstore.analysis.concepts import load_concepts
+
+    path = tmp_path / "set.yaml"
+    path.write_text(yaml.safe_dump({"concepts": {name: {"token": "x"}}}))
+    with pytest.raises(FeatstoreError, match="bad concept name"):
+        load_concepts(path)
+
+
+# -- property: whatever a store holds, readers refuse it in one line or read it soundly -----------
+
+ARRAYS = ("data", "indices", "indptr", "feature_count")
+ODD_VALUES = st.one_of(
+    st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=True, allow_infinity=True)
+)
+ODD_ATTRS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.text(max_size=5),
+    st.lists(st.integers(-5, 10**12), max_size=3),
+)  # fmt: skip
+
+
+def pristine(tmp: Path) -> Path:
+    home = tmp / "home"
+    build_store(home, {6: {"s0": sparse_acts(30, 12, seed=6)}, 7: {"s0": sparse_acts(30, 12)}})
+    return home
+
+
+def assert_refused_or_sound(home: Path) -> None:
+    """Every reader either raises FeatstoreError or gives values the spec allows."""
+    try:
+        store = open_store(home)
+        for layer in store.layers():
+            for shard in store.shards(layer):
+                m = store.read(layer, shard)
+                d = store.info(layer, shard)[spec.SHAPE][1]
+                assert m.nnz == 0 or (m.indices.min() >= 0 and m.indices.max() < d)
+                assert m.nnz == 0 or (np.isfinite(m.data).all() and m.data.min() > 0)
+                assert np.all(np.diff(m.indptr) >= 0)
+        for shard in store.token_shards():
+            store.tokens(shard)
+    except FeatstoreError:
+        pass
+    check_store(open_store(home)) if (home / spec.ROOT / "zarr.json").exists() else None
+
+
+@settings(max_examples=12, deadline=None)
+@given(array=st.sampled_from(ARRAYS), index=st.integers(0, 40), value=ODD_VALUES)
+def test_any_stored_value_is_refused_or_sound(tmp_path_factory, array, index, value):
+    home = pristine(tmp_path_factory.mktemp("h"))
+    target = zarr.open_array(home / spec.ROOT / "activations/layer_6/s0" / array, mode="r+")
+    with contextlib.suppress(ValueError, OverflowError, TypeError):
+        target[min(index, target.shape[0] - 1)] = value
+    assert_refused_or_sound(home)
+
+
+@settings(max_examples=12, deadline=None)
+@given(key=st.sampled_from([spec.SHAPE, "nnz", "d_sae", spec.ENCODING_VERSION, "n_tokens"]),
+       value=ODD_ATTRS, group=st.sampled_from(["activations/layer_6/s0", "tokens/s0"]))
+def test_any_stored_attribute_is_refused_or_sound(tmp_path_factory, key, value, group):
+    home = pristine(tmp_path_factory.mktemp("h"))
+    meta = home / spec.ROOT / group / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"][key] = value
+    meta.write_text(json.dumps(doc))
+    assert_refused_or_sound(home)
+
+
+@settings(max_examples=12, deadline=None)
+@given(names=st.lists(st.text(min_size=1, max_size=20).filter(
+    lambda n: "/" not in n and "\0" not in n and n not in (".", "..")), max_size=4))
+def test_any_folder_name_in_a_store_is_skipped_or_a_valid_shard(tmp_path_factory, names):
+    home = pristine(tmp_path_factory.mktemp("h"))
+    for name in names:
+        folder = home / spec.ROOT / spec.layer_group(6) / name
+        with contextlib.suppress(OSError):
+            folder.mkdir()
+            (folder / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    store = open_store(home)
+    assert all(spec.name_ok(s) for s in store.shards(6))
+    assert_refused_or_sound(home)

@@ -71,7 +71,16 @@ def load_concepts(name_or_path: str | Path) -> list[Concept]:
     return [_concept(path, name, entry) for name, entry in entries.items()]
 
 
+# A concept's name becomes a file name (`{name}.png`) and a column: no '/', no '..'.
+CONCEPT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 def _concept(path: Path, name: str, entry) -> Concept:
+    if not isinstance(name, str) or not CONCEPT_NAME.fullmatch(name):
+        raise FeatstoreError(
+            f"{path}: bad concept name {name!r}: letters, digits, '_', '-' (at most 64, first a "
+            "letter or digit)"
+        )
     rules = [r for r in RULES if isinstance(entry, dict) and r in entry]
     if len(rules) != 1:
         raise FeatstoreError(f"{path}: concept {name!r} needs exactly one of `token:` or `span:`")

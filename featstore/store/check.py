@@ -27,6 +27,12 @@ def check_store(store: Store) -> list[str]:
             problems += _guard(where, _check_csr, store, layer, shard, token_rows, d_saes)
         if len(d_saes) > 1:
             problems.append(f"layer {layer}: shards disagree on d_sae {sorted(d_saes)}")
+    used = {shard for layer in store.layers() for shard in store.shards(layer)}
+    problems += [
+        f"token table {shard}: no layer has shard {shard} (an orphan; `featstore ingest` of the "
+        f"shard replaces it)"
+        for shard in sorted(set(token_rows) - used)
+    ]
     for folder in store.children(spec.PAIRS):
         for shard in store.children(f"{spec.PAIRS}/{folder}"):
             where = f"pair sums {folder} shard {shard}"

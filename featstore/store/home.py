@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from featstore.errors import FeatstoreError
 from featstore.store import spec
 
 if TYPE_CHECKING:  # imported when a store is opened: `featstore sql` starts without zarr
@@ -32,6 +33,8 @@ def open_store(
     from featstore.store.url import UrlStore
 
     home_path = Path(home) if home is not None else default_home()
+    if not str(home_path).strip() or (home_path.exists() and not home_path.is_dir()):
+        raise FeatstoreError(f"store home {str(home_path)!r} is not a folder")
     url = url or os.environ.get(spec.STORE_URL_ENV) or None
     if url is not None and "://" in url and not url.startswith("file://"):
         return UrlStore(home_path, url, create=create)

@@ -10,8 +10,9 @@ import polars as pl
 import scipy.sparse as sp
 
 from featstore.errors import FeatstoreError
+from featstore.store import spec
 from featstore.store.home import open_store
-from featstore.store.local import Store, check_shard_name, validate_activations
+from featstore.store.local import Store, check_shard_name, token_columns, validate_activations
 
 
 def load_npz(path: str | Path) -> sp.csr_matrix:
@@ -45,6 +46,7 @@ def load_token_table(path: str | Path, n_rows: int) -> pl.DataFrame:
         ) from None
     if table.height != n_rows:
         raise FeatstoreError(f"{path}: {table.height} token rows, the activations have {n_rows}")
+    token_columns(table, str(path))  # integers in range, or a one-line error
     return table
 
 
@@ -87,16 +89,22 @@ def ingest_npz(
 ) -> str:
     """Validate everything first, then write; a bad file leaves the store as it was."""
     check_shard_name(shard)
-    if layer < 0:
-        raise FeatstoreError(f"layer must be non-negative, got {layer}")
+    if not (isinstance(layer, int) and 0 <= layer <= spec.MAX_LAYER):
+        raise FeatstoreError(f"layer must be an integer in 0 .. 2^31-1, got {layer}")
     matrix = load_npz(path)
-    store = open_store(home, create=True, url=url)
     tokens = load_token_table(tokens_file, matrix.shape[0]) if tokens_file else None
-    if tokens is not None and shard in store.token_shards():
+    store = open_store(home, create=True, url=url)
+    # A token table no layer uses (an orphan, e.g. of a killed ingest before spec version 3)
+    # is replaced; one in use is kept, and the matrix must fit it.
+    orphan = shard in store.token_shards() and not any(
+        shard in store.shards(other) for other in store.layers()
+    )
+    if tokens is not None and shard in store.token_shards() and not orphan:
         raise FeatstoreError(f"shard {shard} already has a token table; ingest without --tokens")
-    check_fits(store, layer, shard, matrix)
+    if not orphan:
+        check_fits(store, layer, shard, matrix)
     with store.transaction():  # the token table and the layer together, or neither
-        if shard not in store.token_shards():
+        if orphan or shard not in store.token_shards():
             table = tokens if tokens is not None else placeholder_tokens(matrix.shape[0])
             store.write_tokens(shard, table, {"source": "ingest"})
         store.write_activations(layer, shard, matrix, {"source": "ingest", "file": str(path)})

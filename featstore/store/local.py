@@ -512,10 +512,7 @@ class Store:
     ) -> None:
         """Store a shard's token table (columns seq, pos, token), one row per activation row."""
         check_shard_name(shard)
-        missing = {"seq", "pos", "token"} - set(table.columns)
-        if missing:
-            raise FeatstoreError(f"token table of shard {shard} lacks columns {sorted(missing)}")
-        columns = {c: table[c].to_numpy().astype(np.int32) for c in ("seq", "pos", "token")}
+        columns = token_columns(table, f"token table of shard {shard}")
         self.write_group(
             spec.tokens_path(shard),
             columns,
@@ -846,6 +843,24 @@ class ActivationWriter:
         )
 
 
+def token_columns(table: pl.DataFrame, what: str) -> dict[str, np.ndarray]:
+    """seq, pos, token as int32 arrays, or a one-line error: integers only (no NaN, no
+    fractions), within int32, seq and pos >= 0, token >= -1 (unknown)."""
+    missing = {"seq", "pos", "token"} - set(table.columns)
+    if missing:
+        raise FeatstoreError(f"{what} lacks columns {sorted(missing)}")
+    columns = {}
+    for name in ("seq", "pos", "token"):
+        values = table[name].to_numpy()
+        if values.dtype.kind not in "iu":
+            raise FeatstoreError(f"{what}: column {name} must hold integers, not {values.dtype}")
+        low = -1 if name == "token" else 0
+        if values.size and (values.min() < low or values.max() > 2**31 - 1):
+            raise FeatstoreError(f"{what}: column {name} outside {low} .. 2^31-1")
+        columns[name] = values.astype(np.int32)
+    return columns
+
+
 def validate_activations(matrix: Any, what: str) -> sp.csr_matrix:
     """A finite, non-negative 2-D sparse matrix as canonical CSR, or a one-line error."""
     if not sp.issparse(matrix):
@@ -856,6 +871,16 @@ def validate_activations(matrix: Any, what: str) -> sp.csr_matrix:
         raise FeatstoreError(f"{what}: activations must be numbers, got dtype {matrix.dtype}")
     if matrix.shape[1] >= 2**31:
         raise FeatstoreError(f"{what}: {matrix.shape[1]} features is more than int32 ids allow")
+    if matrix.shape[0] > spec.MAX_SHARD_TOKENS:  # before CSR allocates an indptr that long
+        raise FeatstoreError(
+            f"{what}: {matrix.shape[0]} token rows, more than a shard holds "
+            f"({spec.MAX_SHARD_TOKENS}); split it into shards"
+        )
+    if sp.issparse(matrix) and matrix.format in ("csr", "csc"):
+        try:
+            matrix.check_format(full_check=True)  # indices in range, indptr monotone
+        except ValueError as exc:
+            raise FeatstoreError(f"{what}: malformed {matrix.format.upper()} ({exc})") from None
     csr = sp.csr_matrix(matrix, dtype=np.float32)
     csr.sum_duplicates()
     csr.eliminate_zeros()

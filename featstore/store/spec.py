@@ -78,6 +78,7 @@ def group_path_ok(path: str) -> bool:
 
 LAYER_FOLDER = re.compile(r"layer_(0|[1-9][0-9]{0,9})")  # activations/layer_{L}
 MAX_LAYER = 2**31 - 1  # layers are int32 in SQL
+MAX_SHARD_TOKENS = 2**28  # token rows of one shard (its indptr: 2 GiB); split larger inputs
 
 
 def layer_group(layer: int) -> str:
