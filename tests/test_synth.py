@@ -199,4 +199,4 @@ def test_cli_writes_shards_and_planted_edges(tmp_path, capsys):
 
 def test_cli_rejects_zero_shards(tmp_path, capsys):
     assert main(["--home", str(tmp_path), "synth", "--tokens", "10", "--shards", "0"]) == 2
-    assert "at least one shard" in capsys.readouterr().err
+    assert "--shards: expected a positive integer, got 0" in capsys.readouterr().err
