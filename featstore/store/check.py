@@ -89,8 +89,8 @@ def _check_csr(
         yield f"{where}: data, indices and attrs disagree on nnz"
     if token_rows.get(shard) != n_tokens:
         yield f"{where}: {n_tokens} rows but token table has {token_rows.get(shard)}"
-    digest = attrs.get(spec.TOKENS_HASH)
-    if digest is not None and shard in token_rows and digest != store.tokens_hash(shard):
+    digest = attrs.get(spec.ROWS_HASH)
+    if digest is not None and shard in token_rows and digest != store.rows_hash(shard):
         yield f"{where}: written for another token table than tokens/{shard} (out of line)"
     counts = np.zeros(d_sae, np.int64)
     for _, block in store.iter_blocks(layer, shard):  # each block checked as it is read

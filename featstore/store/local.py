@@ -519,7 +519,7 @@ class Store:
             {
                 **dict(attrs or {}),
                 **encodings.stamp(spec.TOKEN_TABLE),
-                spec.TOKENS_HASH: tokens_digest(columns),
+                spec.ROWS_HASH: rows_digest(columns),
                 "n_tokens": table.height,
                 "shard": shard,
             },
@@ -527,18 +527,18 @@ class Store:
             lock_timeout=lock_timeout,
         )
 
-    def tokens_hash(self, shard: str) -> str | None:
-        """The hash of a shard's stored token table (`tokens_digest`); None if it has none."""
+    def rows_hash(self, shard: str) -> str | None:
+        """The rows hash of a shard's stored token table (`rows_digest`); None if it has none."""
         if shard not in self.token_shards():
             return None
         group = self.group(spec.tokens_path(shard), f"token table of shard {shard}")
         if spec.ENCODING_TYPE not in group.attrs:  # at a URL: a parent zarr made for a
             return None  # generation being written, nothing committed yet
-        digest = group.attrs.get(spec.TOKENS_HASH)
+        digest = group.attrs.get(spec.ROWS_HASH)
         if isinstance(digest, str):
             return digest
         table = self.tokens(shard)  # a table from before spec version 3
-        return tokens_digest({c: table[c].to_numpy() for c in ("seq", "pos", "token")})
+        return rows_digest({c: table[c].to_numpy() for c in ("seq", "pos")})
 
     def tokens(self, shard: str) -> pl.DataFrame:
         what = f"token table of shard {shard}"
@@ -593,10 +593,11 @@ class Store:
 DELETE = "-"  # a commit record's staging name for a group the commit deletes
 
 
-def tokens_digest(columns: Mapping[str, np.ndarray]) -> str:
-    """BLAKE2b of a token table's int32 columns: equal tables, equal digests."""
+def rows_digest(columns: Mapping[str, np.ndarray]) -> str:
+    """BLAKE2b of a token table's rows, (seq, pos) as int32: what a layer's rows are aligned
+    with. Token ids are left out: correcting them (e.g. for placeholders) keeps the rows."""
     digest = hashlib.blake2b(digest_size=16)
-    for name in ("seq", "pos", "token"):
+    for name in ("seq", "pos"):
         digest.update(np.ascontiguousarray(columns[name], dtype="<i4").tobytes())
     return digest.hexdigest()
 
@@ -690,8 +691,8 @@ class Transaction:
 
 
 def align_shards(store: Store, staged: Mapping[str, tuple[Any, GroupWriter]]) -> list[str]:
-    """Stamp each staged activation group with the hash of its shard's token table (staged
-    with it, or the stored one); returns the stored groups a new, different token table leaves
+    """Stamp each staged activation group with the rows hash of its shard's token table (staged
+    with it, or the stored one); returns the stored groups a token table of other rows leaves
     out of line (layers not written with it, and their pair sums), to delete in the same commit:
     rows of every layer and of the token table are the same tokens."""
     tables = {p.split("/")[1]: w for p, (_, w) in staged.items() if p.startswith(spec.TOKENS + "/")}
@@ -701,13 +702,13 @@ def align_shards(store: Store, staged: Mapping[str, tuple[Any, GroupWriter]]) ->
             continue
         shard = parts[2]
         table = tables.get(shard)
-        digest = table.attrs[spec.TOKENS_HASH] if table else store.tokens_hash(shard)
+        digest = table.attrs[spec.ROWS_HASH] if table else store.rows_hash(shard)
         if digest is not None:
-            writer.group.attrs.update({spec.TOKENS_HASH: digest})
+            writer.group.attrs.update({spec.ROWS_HASH: digest})
     removed: list[str] = []
     for shard, table in tables.items():
-        before = store.tokens_hash(shard)
-        if before is None or before == table.attrs[spec.TOKENS_HASH]:
+        before = store.rows_hash(shard)
+        if before is None or before == table.attrs[spec.ROWS_HASH]:
             continue
         left = {
             layer for layer in store.layers()

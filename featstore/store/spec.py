@@ -46,7 +46,7 @@ TRASH = "_trash"  # replaced groups wait here until the new one is in place
 COMMITS = "_commits"  # records of groups committed together (a shard across layers)
 STAGING_ENTRY = re.compile(r"[0-9a-f]{32}\.[A-Za-z0-9_.%-]{1,1024}")  # {hex}.{path, URL-quoted}
 PAIR_FOLDER = re.compile(r"(\d{1,10})-(\d{1,10})(?:\.|$)")  # pairs/{a}-{b}[.t{T}][.null]
-TOKENS_HASH = "featstore-tokens-hash"  # BLAKE2b of a token table; its layers carry it too
+ROWS_HASH = "featstore-rows-hash"  # BLAKE2b of a token table's (seq, pos); layers carry it
 
 # Chunking: nonzeros are scanned by token range, so chunk along the nonzero axis.
 NNZ_CHUNK = 1 << 18
