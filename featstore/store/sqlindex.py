@@ -209,27 +209,20 @@ def _table(store: Store, group: Group) -> pa.Table:
             f"layer {group.layer} shard {group.shard}: {matrix.shape[0]} token rows, but its "
             f"token table has {tokens.height}"
         )
-    row, feature, value = _by_feature(matrix, f"layer {group.layer} shard {group.shard}")
+    row, feature, value = _by_feature(matrix)
     return pa.table({"row": row, "feature": feature, "value": value,
                      **{c: v[row] for c, v in cols.items()}})  # fmt: skip
 
 
-def _by_feature(matrix: Any, what: str) -> tuple[Any, Any, Any]:
-    """Token row, feature and value of every nonzero, sorted by (feature, row); the arrays are
-    checked first (numpy only: scipy's compiled conversions trust them and can crash)."""
+def _by_feature(matrix: Any) -> tuple[Any, Any, Any]:
+    """Token row, feature and value of every nonzero, sorted by (feature, row) (`Store.read`
+    has checked the arrays)."""
     import numpy as np
 
-    indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
-    counts = np.diff(indptr)
-    if indptr[0] != 0 or (counts < 0).any() or indptr[-1] != indices.size:
-        raise FeatstoreError(f"{what}: indptr is not monotone from 0 to nnz {indices.size}")
-    if indices.size and (indices.min() < 0 or indices.max() >= matrix.shape[1]):
-        raise FeatstoreError(f"{what}: feature ids out of range [0, {matrix.shape[1]})")
-    if not np.isfinite(data).all() or (data <= 0).any():
-        raise FeatstoreError(f"{what}: NaN, infinite, zero or negative activation values")
+    counts = np.diff(matrix.indptr)
     row = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
-    order = np.argsort(indices, kind="stable")  # rows stay ascending within a feature
-    return row[order], indices[order].astype(np.int32), data[order].astype(np.float32)
+    order = np.argsort(matrix.indices, kind="stable")  # rows stay ascending within a feature
+    return row[order], matrix.indices[order].astype(np.int32), matrix.data[order].astype(np.float32)
 
 
 def _write(file: Path, group: Group, table: pa.Table, memory_limit: str, spill: Path) -> None:
