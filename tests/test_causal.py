@@ -67,6 +67,9 @@ def test_graph_sample_asks_every_correlation_edge_and_random_controls(store_run)
         assert set(control["feature_a"]) <= set(graph["feature_a"])
         assert asked.select("feature_a", "feature_b").is_unique().all()
     assert asked_edges(store, 6, 8, 64, cfg.edges) is None  # no statistics of 6-8
+    some = np.array(sorted(set(graph["feature_a"]))[:2])
+    only = asked_edges(store, a, b, 64, cfg.edges, sources=some)
+    assert set(only["feature_a"]) == set(some.tolist())
 
 
 def test_bins_sample_is_stratified(store_run):
