@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 EMBEDDED = Path(str(resources.files("featstore") / "embedded"))
+# Model and SAE kinds read from local folders: shipped in featstore/embedded, or generated on
+# first use into the cache (featstore.sources.generated).
+LOCAL_KINDS = ("embedded", "generated")
 
 
 @functools.cache
@@ -105,7 +108,7 @@ class Source:
     def load_model(self, device: str = "cpu") -> HookedTransformer:
         from transformer_lens import HookedTransformer
 
-        if self.model["kind"] == "embedded":
+        if self.model["kind"] in LOCAL_KINDS:
             from featstore.sources.tiny import load_model
 
             return load_model(self.embedded_model_folder(), device=device)
@@ -117,6 +120,11 @@ class Source:
         )
 
     def embedded_model_folder(self) -> Path:
+        """The model's folder: in featstore/embedded, or generated on first use into the cache."""
+        if self.model["kind"] == "generated":
+            from featstore.sources.generated import source_folder
+
+            return source_folder(self) / "model"
         folder = EMBEDDED / self.model["name"]
         if not (folder / "config.json").exists():
             raise FeatstoreError(
@@ -127,7 +135,7 @@ class Source:
 
     def load_tokenizer(self):
         """The model's tokenizer alone (a transformers tokenizer), without the weights."""
-        if self.model["kind"] == "embedded":
+        if self.model["kind"] in LOCAL_KINDS:
             from featstore.sources.tiny import load_tokenizer
 
             return load_tokenizer(self.embedded_model_folder())
@@ -141,8 +149,8 @@ class Source:
         from sae_lens import SAE
 
         self.check_layers([layer])
-        if self.sae["kind"] == "embedded":
-            path = EMBEDDED / self.model["name"].split("/")[0] / "saes" / self.sae_id(layer)
+        if self.sae["kind"] in LOCAL_KINDS:
+            path = self.embedded_model_folder().parent / "saes" / self.sae_id(layer)
             if not path.exists():
                 raise FeatstoreError(f"embedded SAE {self.sae_id(layer)} missing at {path}")
             return SAE.load_from_disk(path, device=device)
