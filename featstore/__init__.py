@@ -8,14 +8,15 @@ The package is a house with wings; imports flow one way, from the wings down:
 - `store/`: the on-disk format and everything that reads or writes it (spec, backends, check,
   ingest, SQL). Imports the ground floor.
 - `sources/`: where activations come from (the registry of sources, extraction, the embedded
-  model, synthetic data). Imports the ground floor and `store`.
+  model, sources generated on first use, synthetic data). Imports the ground floor and `store`.
 - `stats/`: exact cross-layer pair statistics (kernel, per-shard sums, scans, measures, the
   query). Imports the ground floor and `store`.
 - `analysis/`: what is built on them (graph, plots, patching and causal edges, comparison,
   concepts, erasure, cards). Imports everything below it.
 - `explorer/`: `featstore serve`, the feature explorer (a local web app and its static export);
   reads everything below it, writes nothing to the store.
-- `cli.py`: the command line, on top. Dagster lives outside, in `pipelines/`.
+- `cli.py`: the command line, and `stages.py`: every stage in order without Dagster (for
+  `bench/pipeline.py` and the end-to-end test), on top. Dagster lives outside, in `pipelines/`.
 
 Public API: `open_store`, `Store`, `connect` (read-only SQL), `FeatstoreError`; the CLI; the
 Dagster definitions. Names are imported on first use, so the CLI starts fast.

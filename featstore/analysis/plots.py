@@ -32,7 +32,7 @@ from featstore.analysis.graph import (
 )
 from featstore.errors import FeatstoreError
 from featstore.figures import PathLike, no_data, pair_label, save
-from featstore.stats.query import pair_stats, save_pair_table
+from featstore.stats.query import pair_stats, pair_stats_path, save_pair_table
 from featstore.store.local import Store
 
 # Tables of pairs by layer pair, in memory or lazy (a scan of a whole table on disk).
@@ -308,10 +308,13 @@ def plot_store(
     features: tuple[int, int] = (0, 100),
     n_edges: int = 60,
     engine: str = "sparse",
+    fresh_tables: bool = False,
 ) -> list[Path]:
     """All four figures of adjacent layer pairs into `out`; `threshold` is Pearson's and Jaccard's.
 
-    The feature range of the heatmap is cut to the smallest d_sae of the layers.
+    The feature range of the heatmap is cut to the smallest d_sae of the layers. The whole
+    tables are written first (`save_pair_table`), unless `fresh_tables` says the caller has
+    just written them (`pair_stats_path`), as the pipeline's statistics stage does.
     """
     check_metric("pearson", threshold)
     check_metric("agreement", agreement_threshold)
@@ -322,7 +325,8 @@ def plot_store(
         raise FeatstoreError(f"feature range {features[0]}:{features[1]} is outside 0:{block[1]}")
     # Every co-active pair is streamed to disk and read back lazily; only the pairs of the
     # drawn graph (Pearson >= threshold) are held.
-    full = {(a, b): pl.scan_parquet(save_pair_table(store, a, b, engine=engine).path)
+    full = {(a, b): pl.scan_parquet(pair_stats_path(store, a, b) if fresh_tables else
+                                    save_pair_table(store, a, b, engine=engine).path)
             for a, b in pairs}  # fmt: skip
     strong = {(a, b): pair_stats(store, a, b, engine=engine, min_pearson=threshold)
               for a, b in pairs}  # fmt: skip

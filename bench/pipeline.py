@@ -1,0 +1,148 @@
+"""Every stage of the pipeline at the users' size: wall time and peak memory per stage, projected.
+
+    flock /tmp/featstore-heavy.lock .venv/bin/python bench/pipeline.py --source gpt2-random \
+        --tokens 16384 32768
+
+For each token count N (tokens per layer), a fresh store is filled by `featstore.stages` in
+order (extraction, per-shard sums, statistics, graph, plots, decoder cosine, concepts,
+comparison, cards, causal edges, erasure); each stage runs in a fresh subprocess, so its peak
+resident memory (`getrusage(RUSAGE_SELF).ru_maxrss`, reported by the stage's own process) is its
+own. Text: Python's standard library sources (featstore.sources.train_tiny's corpus), cut into
+shards of `--shard-tokens` tokens each. With two token counts, each stage's time and memory are
+projected to 10^6 and 10^7 tokens by the power law through the two measurements
+(t = t1 * (N / N1)^k, k = log(t2 / t1) / log(N2 / N1)); a stage over 16 GB peak is marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from featstore.stages import STAGES, Plan
+
+LIMIT_GB = 16.0
+PROJECT = (10**6, 10**7)
+SEQ_LEN = 128
+
+
+def write_text(folder: Path, tokens: int, shard_tokens: int) -> int:
+    """Text shards of about `shard_tokens` tokens (tiny tokenizer: ~3 bytes a token) from the
+    stdlib corpus; returns the number of shards. Extraction then caps each at its sequences."""
+    from featstore.sources.train_tiny import build_corpus
+
+    corpus = build_corpus()
+    files = iter(sorted({**corpus.train, **corpus.heldout}.items()))
+    shards = math.ceil(tokens / shard_tokens)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(shards):
+        parts, size = [], 0
+        while size < 4 * shard_tokens:  # enough bytes for the shard's sequences, with room
+            text = next(files)[1]
+            parts.append(text)
+            size += len(text)
+        (folder / f"shard-{k:03d}.txt").write_text("\n\n".join(parts), encoding="utf-8")
+    return shards
+
+
+def run_stage(name: str, home: Path, plan: Plan) -> dict:
+    """One stage in a fresh process: its wall time, peak RSS and what it made."""
+    out = home / f".bench-{name}.json"
+    cmd = [sys.executable, __file__, "--stage", name, "--home", str(home),
+           "--plan", json.dumps(asdict(plan))]  # fmt: skip
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"stage": name, "seconds": seconds, "peak_gb": math.nan, "made": f"FAILED: {tail}"}
+    return {"stage": name, "seconds": seconds, **json.loads(out.read_text())}
+
+
+def stage_main(name: str, home: str, plan_json: str) -> None:
+    """Inside the stage's process: run it, write its peak RSS and description."""
+    from featstore.store.home import open_store
+
+    plan = Plan(**{**json.loads(plan_json), "layers": tuple(json.loads(plan_json)["layers"])})
+    made = STAGES[name](open_store(home, create=True), plan)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    Path(home, f".bench-{name}.json").write_text(json.dumps({"peak_gb": peak, "made": made}))
+
+
+def run_all(tokens: int, args: argparse.Namespace, root: Path) -> list[dict]:
+    text = root / f"text-{tokens}"
+    per_shard = min(tokens, args.shard_tokens)
+    write_text(text, tokens, per_shard)
+    plan = Plan(source=args.source, text_dir=str(text), max_sequences=per_shard // SEQ_LEN,
+                seq_len=SEQ_LEN, device=args.device)  # fmt: skip
+    home = root / f"home-{tokens}"
+    rows = []
+    for name in args.stages:
+        rows.append(run_stage(name, home, plan))
+        r = rows[-1]
+        print(f"  {tokens:>9,} {name:<15} {r['seconds']:8.1f} s {r['peak_gb']:6.2f} GB  "
+              f"{r['made']}",
+              flush=True)
+    return rows
+
+
+def projected(v1: float, v2: float, n1: int, n2: int, n: int) -> float:
+    """v at n on the power law through (n1, v1) and (n2, v2)."""
+    if not (v1 > 0 and v2 > 0):
+        return math.nan
+    return v1 * (n / n1) ** (math.log(v2 / v1) / math.log(n2 / n1))
+
+
+def table(runs: dict[int, list[dict]]) -> str:
+    counts = sorted(runs)
+    head = ["stage"] + [f"{n:,} tok: s / GB" for n in counts]
+    if len(counts) >= 2:
+        head += [f"10^{round(math.log10(n))} tok: s / GB (projected)" for n in PROJECT]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, name in enumerate(r["stage"] for r in runs[counts[0]]):
+        rows = [runs[n][i] for n in counts]
+        cells = [f"{r['seconds']:.1f} / {r['peak_gb']:.2f}" for r in rows]
+        if len(counts) >= 2:
+            (n1, a), (n2, b) = (counts[-2], rows[-2]), (counts[-1], rows[-1])
+            for n in PROJECT:
+                s = projected(a["seconds"], b["seconds"], n1, n2, n)
+                gb = projected(a["peak_gb"], b["peak_gb"], n1, n2, n)
+                mark = " (over 16 GB)" if gb > LIMIT_GB else ""
+                cells.append(f"{s:,.0f} / {gb:.1f}{mark}")
+        failed = [r["made"] for r in rows if r["made"].startswith("FAILED")]
+        lines.append(f"| {name} | " + " | ".join(cells) + (f" ({failed[0]})" if failed else "")
+                     + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--source", default="gpt2-random")
+    p.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768],
+                   help="tokens per layer; two or more for projections")
+    p.add_argument("--shard-tokens", type=int, default=8192)
+    p.add_argument("--device", default="cpu", help="of extraction, causal edges and erasure")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    p.add_argument("--work", default=None, help="folder for the stores (default: a temporary one)")
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--home", help=argparse.SUPPRESS)
+    p.add_argument("--plan", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.stage:
+        return stage_main(args.stage, args.home, args.plan)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    with tempfile.TemporaryDirectory(dir=args.work) as root:
+        runs = {n: run_all(n, args, Path(root)) for n in sorted(args.tokens)}
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Every stage of the pipeline over one store, one call each, in order, without Dagster: what the
+Dagster assets wire, as `bench/pipeline.py` times it and the end-to-end test runs it.
+
+Each stage is a function of (store, `Plan`) returning a short description of what it made; the
+stages read only what earlier ones wrote to the store home, so each can run in its own process.
+Top floor (beside `cli`): may import every wing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import networkx as nx
+import polars as pl
+
+from featstore.errors import FeatstoreError
+from featstore.store import spec
+from featstore.store.local import Store
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to run: the source, layers and text, and the sample sizes of the costly analyses."""
+
+    source: str = "gpt2-random"
+    layers: tuple[int, ...] = (6, 7, 8, 9)
+    text_dir: str | None = None
+    max_sequences: int | None = None  # per text shard at extraction
+    seq_len: int = 128
+    batch_size: int = 8
+    device: str = "cpu"  # of the model steps (extraction, causal edges, erasure)
+    threshold: float = 0.2  # Pearson of a graph edge
+    causal_sequences: int = 2  # per shard
+    causal_features: int | None = 16  # source features per layer; None: every active one
+    erasure_sequences: int = 8  # per shard
+    cards: int = 5
+    decoder_k: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+        if len(self.layers) < 2:
+            raise FeatstoreError(f"the pipeline needs two layers or more, got {list(self.layers)}")
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(a, b) for a, b in itertools.pairwise(self.layers) if b == a + 1]
+
+    def extract_config(self):
+        from featstore.sources.extract import ExtractConfig
+
+        return ExtractConfig(source=self.source, layers=self.layers, seq_len=self.seq_len,
+                             batch_size=self.batch_size, device=self.device,
+                             text_dir=self.text_dir,
+                             max_sequences=self.max_sequences)  # fmt: skip
+
+
+def extraction(store: Store, plan: Plan) -> str:
+    from featstore.sources.extract import extract_all
+
+    reports = list(extract_all(store, plan.extract_config()))
+    tokens = sum(r.n_tokens for r in reports)
+    l0 = {k: round(sum(r.nnz[k] for r in reports) / max(tokens, 1), 1) for k in plan.layers}
+    return f"{tokens} tokens per layer in {len(reports)} shards, L0 {l0}"
+
+
+def shard_sums(store: Store, plan: Plan) -> str:
+    from featstore.stats.shardsums import update_shard_pairs
+
+    pairs = sum(update_shard_pairs(store, a, b, shard).nnz
+                for a, b in plan.pairs for shard in store.shards(a))  # fmt: skip
+    return f"{pairs} co-active (pair, shard) sums"
+
+
+def statistics(store: Store, plan: Plan) -> str:
+    from featstore.stats.query import save_pair_table
+
+    rows = {f"{a}-{b}": save_pair_table(store, a, b).rows for a, b in plan.pairs}
+    return f"co-active pairs written {rows}"
+
+
+def graph(store: Store, plan: Plan) -> str:
+    from featstore.analysis.graph import export_graph
+
+    g, _ = export_graph(store, store.home / spec.GRAPH_DIR, layers=plan.layers,
+                        threshold=plan.threshold)  # fmt: skip
+    return f"{g.number_of_nodes()} nodes, {g.number_of_edges()} edges"
+
+
+def plots(store: Store, plan: Plan) -> str:
+    from featstore.analysis.plots import plot_store
+
+    paths = plot_store(store, store.home / spec.PLOTS_DIR, layers=plan.layers,
+                       threshold=plan.threshold, fresh_tables=True)  # fmt: skip
+    return f"{len(paths)} figures"
+
+
+def decoder_cosine(store: Store, plan: Plan) -> str:
+    """The data-free measure (as `featstore stats --decoder-cosine` joins it), not saved."""
+    from featstore.analysis.decoders import store_decoder_cosine
+
+    rows = sum(store_decoder_cosine(store, a, b, plan.decoder_k).height for a, b in plan.pairs)
+    return f"{rows} top-{plan.decoder_k} decoder cosines"
+
+
+def concepts(store: Store, plan: Plan) -> str:
+    from featstore.analysis.concepts import default_set, run_concepts
+
+    paths = run_concepts(store, default_set(plan.source), list(plan.layers), read_graph(store),
+                         store.home / spec.CONCEPTS_DIR)  # fmt: skip
+    return f"{len(paths)} files"
+
+
+def comparison(store: Store, plan: Plan) -> str:
+    from featstore.analysis.compare import CompareConfig, run_comparison
+
+    _, paths = run_comparison(store, CompareConfig(layers=plan.layers),
+                              store.home / spec.COMPARISON_DIR)  # fmt: skip
+    return f"{len(paths)} files"
+
+
+def cards(store: Store, plan: Plan) -> str:
+    from featstore.analysis.cards import busiest_features, write_cards
+    from featstore.analysis.graph import EDGES
+
+    edges = pl.read_parquet(store.home / spec.GRAPH_DIR / EDGES)
+    paths = write_cards(store, busiest_features(edges, plan.cards), store.home / spec.CARDS_DIR)
+    return f"{len(paths)} pages"
+
+
+def causal_edges(store: Store, plan: Plan) -> str:
+    from featstore.analysis.causal import CausalConfig, run_causal
+    from featstore.sources.extract import load_model_and_saes
+
+    model, saes = load_model_and_saes(plan.extract_config())
+    cfg = CausalConfig(layers=plan.layers, max_sequences=plan.causal_sequences,
+                       n_exact=plan.causal_features, min_pearson=plan.threshold)  # fmt: skip
+    paths = run_causal(store, model, saes, cfg)
+    return f"{len(paths)} files"
+
+
+def erasure(store: Store, plan: Plan) -> str:
+    from featstore.analysis.erasure import run_erasure
+    from featstore.analysis.graph import EDGES
+    from featstore.sources.extract import load_model_and_saes
+
+    model, saes = load_model_and_saes(plan.extract_config())
+    edges = pl.read_parquet(store.home / spec.GRAPH_DIR / EDGES)
+    paths = run_erasure(store, model, saes, edges, plan.layers,
+                        store.home / spec.ERASURE_DIR,
+                        max_sequences=plan.erasure_sequences)  # fmt: skip
+    return f"{len(paths)} files"
+
+
+def read_graph(store: Store) -> nx.DiGraph:
+    from featstore.analysis.graph import GRAPHML
+
+    path = store.home / spec.GRAPH_DIR / GRAPHML
+    if not path.exists():
+        raise FeatstoreError(f"no feature graph at {path}: run the graph stage first")
+    return nx.read_graphml(path)
+
+
+Stage = Callable[[Store, Plan], str]
+STAGES: dict[str, Stage] = {
+    "extraction": extraction,
+    "shard_sums": shard_sums,
+    "statistics": statistics,
+    "graph": graph,
+    "plots": plots,
+    "decoder_cosine": decoder_cosine,
+    "concepts": concepts,
+    "comparison": comparison,
+    "cards": cards,
+    "causal_edges": causal_edges,
+    "erasure": erasure,
+}
