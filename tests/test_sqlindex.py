@@ -269,3 +269,10 @@ def test_a_full_disk_while_indexing_is_one_line_and_leaves_no_file(store, capsys
     status, _, err = cli(capsys, store.home, "sql", "SELECT count(*) FROM activations")
     assert status == 2 and err.count("\n") == 1 and "No space left on device" in err
     assert not list((store.home / spec.SQL_INDEX_DIR).rglob("*.duckdb*"))
+
+
+def test_one_group_restamped_equals_its_stamp_in_the_catalog(store):
+    from featstore.store.sqlcatalog import restamp
+
+    groups = catalog(store.root_path)
+    assert len(groups) == 3 and [restamp(store, g) for g in groups] == groups

@@ -717,8 +717,10 @@ def align_shards(store: Store, staged: Mapping[str, tuple[Any, GroupWriter]]) ->
         removed += [spec.activation_path(layer, shard) for layer in sorted(left)]
         for folder in store.children(spec.PAIRS):
             pair = spec.PAIR_FOLDER.match(folder)
-            if pair and {int(pair[1]), int(pair[2])} & left and shard in store.children(
-                f"{spec.PAIRS}/{folder}"
+            if (
+                pair
+                and {int(pair[1]), int(pair[2])} & left
+                and shard in store.children(f"{spec.PAIRS}/{folder}")
             ):
                 removed.append(f"{spec.PAIRS}/{folder}/{shard}")
     return removed

@@ -127,6 +127,30 @@ def _digest(parts: list[bytes]) -> str:
     return h.hexdigest()
 
 
+def restamp(store: Store, group: Group) -> Group:
+    """`group` with its stamp as the store has it now (one group's files, not the catalog)."""
+    if not store.local:
+        found = [g for g in store_catalog(store) if _key(g) == _key(group)]
+        return found[0] if found else _gone(group)
+    root = store.root_path
+    vocab = _metadata(root, spec.VOCAB)[1] if (root / spec.VOCAB / "zarr.json").is_file() else []
+    if group.kind == "tokens":
+        return _group(root, "tokens", None, group.shard, vocab)[0]
+    tokens = root / spec.tokens_path(group.shard) / "zarr.json"
+    joined = _group(root, "tokens", None, group.shard, vocab)[1] if tokens.is_file() else []
+    return _group(root, "activations", group.layer, group.shard, joined or [b"no token table"])[0]
+
+
+def _key(group: Group) -> tuple:
+    return group.kind, group.layer, group.shard
+
+
+def _gone(group: Group) -> Group:
+    return Group(
+        group.kind, group.layer, group.shard, group.path, "", 0, f"{group.path} left the store"
+    )
+
+
 def plain(root: Path) -> bool:
     """Whether the local store at `root` can be listed from its files alone: a root this
     featstore reads and no `_staging`/`_trash`/`_commits` entries awaiting recovery (else open

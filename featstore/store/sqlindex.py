@@ -31,7 +31,7 @@ import duckdb
 
 from featstore.errors import FeatstoreError
 from featstore.store import spec
-from featstore.store.sqlcatalog import Group, store_catalog
+from featstore.store.sqlcatalog import Group, restamp, store_catalog
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -165,10 +165,10 @@ def build(store: Store, group: Group, memory_limit: str) -> Group:
 
 
 def _current(store: Store, group: Group) -> Group:
-    for now in store_catalog(store):
-        if (now.kind, now.layer, now.shard) == (group.kind, group.layer, group.shard):
-            return now
-    raise FeatstoreError(f"{group.path} left the store while it was indexed for SQL")
+    now = restamp(store, group)
+    if now.problem is not None:
+        raise FeatstoreError(now.problem)
+    return now
 
 
 def _fresh(file: Path, group: Group) -> bool:
