@@ -1,8 +1,11 @@
 """The store wing: the on-disk format and everything that reads or writes it.
 
 - `spec`: names, attribute keys and the format version (docs/STORE_FORMAT.md).
-- `local`: the `Store` on a local folder; `url`: the same on object storage (fsspec);
-  `home`: `open_store`, which picks one.
+- `encodings`: every on-disk encoding's stamp, attribute check and value checks, registered by
+  (encoding-type, encoding-version); readers dispatch on them.
+- `local`: the `Store` on a local folder (groups staged and committed together by
+  `Store.transaction`); `url`: the same on object storage (fsspec); `home`: `open_store`, which
+  picks one.
 - `blockpass`: compiled passes over a block of codes on its way in (dense to CSR; checks and
   per-feature sums in one pass); `chunks`: whole Zarr chunks written straight to the store.
 - `check`: verifying a whole store; `ingest`: importing activations computed elsewhere;

@@ -234,29 +234,35 @@ class Store:
         commit record listing them is written whole (the commit point), then each is swapped
         in, then the record is removed; a kill in between is rolled forward from the record by
         the next open (`_roll_forward`)."""
-        if len(entries) == 1 and entries[0][1] is not None:
-            try:
-                self._commit(*entries[0])
-            except BaseException:
-                self._discard(*entries[0])
-                raise
-            return
         if not entries:
             return
-        record = self._bookkeeping(spec.COMMITS) / f"{uuid.uuid4().hex}.json"
-        names = [[path, DELETE if st is None else Path(st).name] for path, st in entries]
+        single = len(entries) == 1 and entries[0][1] is not None
         try:
-            with atomic_file(record) as tmp:
-                tmp.write_text(json.dumps({"entries": names}))
-                with open(tmp) as fh:
-                    os.fsync(fh.fileno())
+            record = None if single else self._write_record(
+                [[path, DELETE if st is None else Path(st).name] for path, st in entries]
+            )
+            if single:
+                self._commit(*entries[0])
         except BaseException:  # not committed: nothing of it becomes visible
             for path, staging in entries:
                 if staging is not None:
                     self._discard(path, staging)
             raise
-        # Committed: what a failure from here leaves, the next open rolls forward.
-        self._apply(entries)
+        if record is not None:
+            # Committed: what a failure from here leaves, the next open rolls forward.
+            self._apply(entries)
+            self._remove_record(record)
+
+    def _write_record(self, entries: list[list[str]]) -> Any:
+        """Write a commit record whole (the commit point); returns what `_remove_record` takes."""
+        record = self._bookkeeping(spec.COMMITS) / f"{uuid.uuid4().hex}.json"
+        with atomic_file(record) as tmp:
+            tmp.write_text(json.dumps({"entries": entries}))
+            with open(tmp) as fh:
+                os.fsync(fh.fileno())
+        return record
+
+    def _remove_record(self, record: Any) -> None:
         record.unlink()
 
     def _apply(self, entries: list[tuple[str, Any]]) -> None:

@@ -125,31 +125,16 @@ class UrlStore(Store):
         )
         return entries if ok else None
 
-    def _commit_all(self, entries: list[tuple[str, Any]]) -> None:
-        """Several groups as one: a commit record (one PUT, the commit point) names each
-        group's new generation (or None: deleted), then each group is committed, then the record
-        is deleted; the next open rolls a left record forward (`_recover`)."""
-        if len(entries) == 1 and entries[0][1] is not None:
-            try:
-                self._commit(*entries[0])
-            except BaseException:
-                self._discard(*entries[0])
-                raise
-            return
-        if not entries:
-            return
+    def _write_record(self, entries: list[list[str]]) -> str:
+        """A commit record (`Store._commit_all`) in one PUT, the commit point: each group's new
+        generation, or "-" for a group deleted; the next open rolls a left one forward."""
         key = _key(spec.COMMITS, f"{uuid.uuid4().hex}.json")
-        body = json.dumps({"entries": [[p, DELETE if g is None else g] for p, g in entries]})
-        buffer = default_buffer_prototype().buffer.from_bytes(body.encode())
-        try:
-            _sync(self._zstore().set(key, buffer))
-        except BaseException:  # not committed: nothing of it becomes visible
-            for path, generation in entries:
-                if generation is not None:
-                    self._discard(path, generation)
-            raise
-        self._apply(entries)  # committed: what a failure from here leaves, `_recover` finishes
-        _sync(self._zstore().delete(key))
+        body = json.dumps({"entries": entries}).encode()
+        _sync(self._zstore().set(key, default_buffer_prototype().buffer.from_bytes(body)))
+        return key
+
+    def _remove_record(self, record: str) -> None:
+        _sync(self._zstore().delete(record))
 
     def _apply(self, entries: list[tuple[str, Any]]) -> None:
         """Point each group at its generation; delete the groups whose generation is None."""
