@@ -16,10 +16,10 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from featstore import FeatstoreError
 from featstore.sources.extract import dense_to_csr
-from featstore.store import blockpass
+from featstore.store import blockpass, encodings
 from featstore.store.chunks import ChunkWriter
 from featstore.store.home import open_store
-from featstore.store.local import CODEC, WRITE, FeatureStats, GroupWriter, validate_activations
+from featstore.store.local import CODECS, WRITE, FeatureStats, GroupWriter, validate_activations
 
 
 def codes(rows: int = 300, cols: int = 500, seed: int = 0) -> torch.Tensor:
@@ -115,7 +115,13 @@ def test_chunk_writer_writes_what_zarr_writes(tmp_path, dtype):
     assert writer.chunk_writers["x"] is not None  # the direct path, not zarr's
     theirs = zarr.open_group(zarr.storage.LocalStore(tmp_path / "theirs"), mode="w", zarr_format=3)
     array = theirs.create_array(
-        "x", shape=values.shape, dtype=dtype, chunks=(1024,), compressors=CODEC, config=WRITE
+        "x",
+        shape=values.shape,
+        dtype=dtype,
+        chunks=(1024,),
+        compressors=CODECS,
+        config=WRITE,
+        fill_value=encodings.fill_value(dtype),
     )
     array[:] = values
     np.testing.assert_array_equal(ours["x"][:], values)
