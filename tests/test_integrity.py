@@ -249,6 +249,7 @@ def synth_home(home: Path, *seeds: int) -> dict:
     return group_states(home)
 
 
+@pytest.mark.slow
 def test_a_killed_replace_of_a_shard_leaves_it_whole_old_or_whole_new(tmp_path):
     before = synth_home(tmp_path / "before", 0)
     after = synth_home(tmp_path / "after", 0, 1)
