@@ -1,20 +1,28 @@
 # make demo: install into .venv (first time) and materialise every asset for the tiny source.
+# make lock: pin every installed package in requirements.lock (after changing dependencies).
 # make ui:   browse the demo's runs and assets in the Dagster UI (http://127.0.0.1:3000).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LOCK := requirements.lock
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: venv demo test ui clean-demo
+.PHONY: venv lock demo test ui clean-demo
 
 venv: $(VENV)/.installed
 
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# Every version pinned by requirements.lock (torch's CPU build among them: an unpinned torch
+# pulls a multi-GB CUDA build), so pip resolves nothing and backtracks through nothing.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -c $(LOCK) -e '.[dev]'
 	touch $@
+
+# After changing dependencies in pyproject.toml: install them into .venv, run `make test`, then
+# pin what the tests ran with.
+lock: venv
+	{ sed -n '1,2p' $(LOCK); $(BIN)/pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 demo: venv
 	$(BIN)/python -m pipelines.demo

@@ -16,6 +16,7 @@ it). Rates are tokens per core-minute per pair: tokens x pairs over the process'
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -46,15 +47,21 @@ def synthetic_home(n_tokens: int, n_shards: int) -> Path:
 def measure(home: str, how: str) -> dict:
     """One measurement, in this process."""
     from featstore.stats import query
+    from featstore.stats.query import PairQuery
 
     store = open_store(Path(home))
     start, cpu = time.perf_counter(), time.process_time()
     if how == "alone":
-        rows = sum(query.pair_stats(store, a, b, min_pearson=MIN_PEARSON).height for a, b in PAIRS)
+        rows = sum(
+            query.pair_stats(store, PairQuery(a, b, min_pearson=MIN_PEARSON)).height
+            for a, b in PAIRS
+        )
     else:
         from featstore.stats import allpairs
 
-        found = allpairs.pair_reports(store, LAYERS, min_pearson=MIN_PEARSON)
+        found = allpairs.pair_reports(
+            store, LAYERS, functools.partial(PairQuery, min_pearson=MIN_PEARSON)
+        )
         rows = sum(frame.height for frame, _ in found.values())
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -35,14 +35,14 @@ def build(home: Path, tokens: int, shards: int, min_pearson: float) -> None:
     import polars as pl
 
     from featstore.files import write_parquet_atomic
-    from featstore.stats.query import pair_stats, pair_stats_path
+    from featstore.stats.query import PairQuery, pair_stats, pair_stats_path
     from featstore.store.sql import PAIR_STATS_SCHEMA
 
     for a, b in ((6, 7), (7, 8)):
         path = pair_stats_path(store, a, b)
         if not path.exists():
             start = time.perf_counter()
-            frame = pair_stats(store, a, b, min_pearson=min_pearson, save=False)
+            frame = pair_stats(store, PairQuery(a, b, min_pearson=min_pearson, save=False))
             layers = [pl.lit(a, pl.Int32).alias("layer_a"), pl.lit(b, pl.Int32).alias("layer_b")]
             frame = frame.sort("feature_a", "feature_b")
             write_parquet_atomic(frame.select(*layers, *PAIR_STATS_SCHEMA.names[2:]), path)

@@ -154,12 +154,10 @@ def query_kwargs(query: str) -> dict:
     """`pair_stats` arguments of a query: `pearson` (issue 3's), `all` (a threshold on every
     data measure, min_both and the 95% intervals: issue 7's), `null` (pearson on the null model:
     layer b's sequences deranged)."""
-    from featstore.stats.shardsums import Variant
-
     extra = {
         "pearson": {},
         "all": {"thresholds": ALL_MEASURES, "min_both": 1, "intervals": True},
-        "null": {"variant": Variant(null=True)},
+        "null": {"null": True},
     }
     return {"min_pearson": MIN_PEARSON, **extra[query]}
 
@@ -167,13 +165,13 @@ def query_kwargs(query: str) -> dict:
 def engine(home: str, name: str | None, query: str = "pearson") -> dict:
     """`featstore.stats.pair_stats` with one engine (None: its default) on a query (see
     `query_kwargs`), plus planted recall."""
-    from featstore.stats import query
+    from featstore.stats.query import PairQuery, pair_stats
 
     store = open_store(home)
     kwargs = query_kwargs(query) | ({} if name is None else {"engine": name})
     start = time.perf_counter()
     # recompute: never reuse the pair sums an earlier measurement saved in the store
-    found = query.pair_stats(store, *LAYERS, recompute=True, **kwargs)
+    found = pair_stats(store, PairQuery(*LAYERS, recompute=True, **kwargs))
     seconds = time.perf_counter() - start
     planted = pl.read_parquet(planted_path(home)).filter(
         (pl.col("kind") == "copy") & (pl.col("strength") >= 0.3)

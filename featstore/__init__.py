@@ -3,7 +3,10 @@
 The package is a house with wings; imports flow one way, from the wings down:
 
 - ground floor (this folder): `errors`, `files` (atomic writes), `figures` (saving PNGs),
-  `tables` (rendering a frame), `sequences` (whole sequences read back), `names` (feature ids).
+  `tables` (rendering a frame), `sequences` (whole sequences read back), `names` (feature ids),
+  `defaults` (every default: source, engines, thresholds, the pair table's schema; layers come
+  from `sources/sources.yaml`), `settings` (a config built in one call from CLI arguments or a
+  Dagster config).
   They import nothing of featstore but each other.
 - `store/`: the on-disk format and everything that reads or writes it (spec, backends, check,
   ingest, SQL). Imports the ground floor.

@@ -8,6 +8,15 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from featstore.defaults import (
+    AGREEMENT_THRESHOLD,
+    DEFAULT_ENGINE,
+    DEFAULT_SOURCE,
+    EDGE_THRESHOLD,
+    ENGINES,
+    MIN_BOTH,
+    MIN_EFFECT,
+)
 from featstore.errors import FeatstoreError
 
 if TYPE_CHECKING:  # each command imports what it needs, so `featstore sql` starts fast
@@ -17,6 +26,8 @@ if TYPE_CHECKING:
     from featstore.stats.shardsums import Variant
 
 Command = Callable[[argparse.Namespace], int]
+SOURCE_LAYERS = "default: the source's layers (sources.yaml)"
+STORE_LAYERS = "default: every layer in the store"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -105,14 +116,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from featstore.sources.synth import SynthConfig, generate_all, planted_path
 
-    cfg = SynthConfig(
-        d_sae=args.d_sae,
-        layers=tuple(args.layers),
-        n_tokens=args.tokens,
-        l0=args.l0,
-        n_planted=args.planted,
-        seed=args.seed,
-    )
+    cfg = SynthConfig.of(args)
     edges = generate_all(_open(args, create=True), cfg, args.shards, log=print)
     print(f"{edges.height} planted edges in {planted_path(args.home)}")
     return 0
@@ -195,41 +199,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     import polars as pl
 
+    from featstore import settings
     from featstore.analysis import decoders
     from featstore.files import write_parquet_atomic, write_parquet_frames
     from featstore.stats import measures, query
     from featstore.stats.shardsums import Variant
 
     store = _open(args)
-    variant = Variant(args.active_threshold, args.null, args.relative_threshold, not args.no_bos)
+    q = query.PairQuery.of(args, variant=settings.of(Variant, args))
     if args.never_coactive is not None:
-        shards = query.shards_of_pair(store, args.layer_a, args.layer_b, args.shards)
+        shards = query.shards_of_pair(store, *q.layers, q.shards)
         listed, total = measures.never_coactive_pairs(
-            store, args.layer_a, args.layer_b, *args.never_coactive, shards=shards, variant=variant
+            store, *q.layers, *args.never_coactive, shards=shards, variant=q.variant
         )
-        write_parquet_atomic(listed, args.out, variant_metadata(variant))
+        write_parquet_atomic(listed, args.out, variant_metadata(q.variant))
         print(f"{total} never-co-active pairs reach {'='.join(map(str, args.never_coactive))}")
         print(f"wrote {listed.height} pairs to {args.out}")
         return 0
-    blocks = query.pair_blocks(
-        store,
-        args.layer_a,
-        args.layer_b,
-        engine=args.engine,
-        shards=args.shards,
-        min_pearson=args.min_pearson,
-        min_jaccard=args.min_jaccard,
-        features_a=args.features_a,
-        features_b=args.features_b,
-        all_pairs=args.all_pairs,
-        thresholds=dict(args.min),
-        min_both=args.min_both,
-        variant=variant,
-        intervals=args.intervals,
-        save=args.save,
-    )
+    blocks = query.pair_blocks(store, q)
     cosines = (
-        decoders.store_decoder_cosine(store, args.layer_a, args.layer_b, args.decoder_cosine)
+        decoders.store_decoder_cosine(store, *q.layers, args.decoder_cosine)
         if args.decoder_cosine
         else None
     )
@@ -242,12 +231,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 cosines, on=["feature_a", "feature_b"], how="left"
             )
 
-    rows = write_parquet_frames(frames(), args.out, variant_metadata(variant))
-    print(
-        query.describe_counts(
-            counts, args.min_pearson, args.min_jaccard, dict(args.min), args.min_both
-        )
-    )
+    rows = write_parquet_frames(frames(), args.out, variant_metadata(q.variant))
+    print(query.describe_counts(counts, q))
     print(f"wrote {rows} pairs to {args.out}")
     return 0
 
@@ -255,10 +240,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_graph(args: argparse.Namespace) -> int:
     from featstore.analysis.graph import export_graph
 
+    store = _open(args)
     graph, summary = export_graph(
-        _open(args),
+        store,
         args.out,
-        layers=args.layers,
+        layers=args.layers or store.layers(),
         metric=args.metric,
         threshold=args.threshold,
         engine=args.engine,
@@ -273,10 +259,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_plots(args: argparse.Namespace) -> int:
     from featstore.analysis.plots import plot_store
 
+    store = _open(args)
     paths = plot_store(
-        _open(args),
+        store,
         args.out,
-        layers=args.layers,
+        layers=args.layers or store.layers(),
         threshold=args.threshold,
         agreement_threshold=args.agreement_threshold,
         features=args.features,
@@ -304,6 +291,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
 
     from featstore.analysis.asked import EdgeChoice
     from featstore.analysis.causal import CausalConfig, run_causal
+    from featstore.sources.registry import default_layers
     from featstore.tables import render
 
     choice = EdgeChoice(
@@ -316,7 +304,7 @@ def cmd_patch(args: argparse.Namespace) -> int:
         random_pairs=args.random_pairs,
     )
     cfg = CausalConfig(
-        layers=tuple(args.layers),
+        layers=tuple(args.layers or default_layers(args.source)),
         shards=tuple(args.shards) if args.shards else None,
         max_sequences=args.max_sequences,
         features=tuple(args.features) if args.features else None,
@@ -349,7 +337,7 @@ def cmd_concepts(args: argparse.Namespace) -> int:
     from featstore.analysis.graph import build_graph, store_pair_frames
 
     store = _open(args)
-    layers = sorted(args.layers)
+    layers = sorted(args.layers or store.layers())
     concept_set = args.set or default_set(store_source(store, layers[0]))
     frames = store_pair_frames(store, layers, metric=args.metric, threshold=args.threshold)
     graph = build_graph(frames, args.metric, args.threshold)
@@ -457,8 +445,8 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("extract", help="run the model and SAEs over text shards")
-    p.add_argument("--source", default="tiny")
-    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--source", default=DEFAULT_SOURCE)
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=SOURCE_LAYERS)
     p.add_argument("--seq-len", type=positive, default=128)
     p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument("--device", default="cpu")
@@ -471,13 +459,15 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("synth", help="write synthetic activations with planted relations")
-    p.add_argument("--tokens", type=positive, required=True, help="tokens per shard")
-    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
-    p.add_argument("--d-sae", type=positive, default=24576)
+    p.add_argument("--tokens", dest="n_tokens", type=positive, required=True,
+                   help="tokens per shard")  # fmt: skip
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=SOURCE_LAYERS)
+    p.add_argument("--d-sae", type=positive, default=None, help="default: GPT-2 small's width")
     p.add_argument("--shards", type=positive, default=1, help="number of shards (synth-000, ...)")
-    p.add_argument("--l0", type=float, default=50.0, help="mean active features per token")
-    p.add_argument("--planted", type=int, default=512, help="relations per layer pair")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--l0", type=float, default=None, help="mean active features per token")
+    p.add_argument("--planted", dest="n_planted", type=int, default=None,
+                   help="relations per layer pair")  # fmt: skip
+    p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("check", help="verify a whole store; exit 1 listing every problem")
@@ -508,7 +498,7 @@ def build_parser() -> ArgumentParser:
     p = sub.add_parser("stats", help="exact pair statistics of two layers' features")
     p.add_argument("--layer-a", type=layer_number, required=True)
     p.add_argument("--layer-b", type=layer_number, required=True)
-    p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
     p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
     p.add_argument("--min-pearson", type=float, default=None)
     p.add_argument("--min-jaccard", type=float, default=None)
@@ -517,6 +507,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--all-pairs", action="store_true", help="also never-co-active pairs")
     p.add_argument(
         "--min",
+        dest="thresholds",
         type=measure_value,
         action="append",
         default=[],
@@ -533,7 +524,8 @@ def build_parser() -> ArgumentParser:
         metavar="R",
         help="active means > R x the feature's maximum over the shards (spar-2024: 0.2)",
     )
-    p.add_argument("--no-bos", action="store_true", help="leave out each sequence's first position")
+    p.add_argument("--no-bos", dest="bos", action="store_false",
+                   help="leave out each sequence's first position")  # fmt: skip
     p.add_argument("--null", action="store_true", help="null model: b's sequences deranged")
     p.add_argument(
         "--decoder-cosine",
@@ -560,28 +552,30 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("graph", help="cross-layer feature graph: GraphML, Parquet edges, summary")
-    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=STORE_LAYERS)
     p.add_argument("--metric", type=metric_name, default="pearson", help="any measure")
-    p.add_argument("--threshold", type=float, default=0.2, help="edges where metric >= this")
-    p.add_argument("--min-both", type=int, default=None, help="edges co-active on >= N tokens")
-    p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
+    p.add_argument("--threshold", type=float, default=EDGE_THRESHOLD,
+                   help="edges where metric >= this")  # fmt: skip
+    p.add_argument("--min-both", type=int, default=MIN_BOTH, help="edges co-active on >= N tokens")
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
     p.add_argument("--out", type=out_path, required=True,
                    help="folder for graph.graphml, edges.parquet, ...")  # fmt: skip
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("plots", help="PNG figures of the pair statistics of adjacent layers")
-    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
-    p.add_argument("--threshold", type=float, default=0.2, help="for Pearson and Jaccard")
-    p.add_argument("--agreement-threshold", type=float, default=0.99)
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=STORE_LAYERS)
+    p.add_argument("--threshold", type=float, default=EDGE_THRESHOLD, help="Pearson, Jaccard")
+    p.add_argument("--agreement-threshold", type=float, default=AGREEMENT_THRESHOLD)
     p.add_argument("--features", type=feature_range, default=(0, 100), metavar="LO:HI")
     p.add_argument("--edges", type=positive, default=60, help="strongest edges in graph.png")
-    p.add_argument("--engine", choices=("sparse", "duckdb", "polars"), default="sparse")
+    p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
     p.add_argument("--out", type=out_path, required=True, help="folder for the PNG files")
     p.set_defaults(func=cmd_plots)
 
     p = sub.add_parser("patch", help="causal edges by activation patching, vs correlation")
-    p.add_argument("--source", default="tiny", help="the model and SAEs the store was made with")
-    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--source", default=DEFAULT_SOURCE,
+                   help="the model and SAEs the store was made with")  # fmt: skip
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=SOURCE_LAYERS)
     p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
     p.add_argument("--max-sequences", type=positive, default=16, help="per shard")
     p.add_argument("--features", type=int, nargs="+", default=None, help="source features")
@@ -595,19 +589,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--random-pairs", type=int, default=100, help="random control pairs a pair")
     p.add_argument("--no-attribution", action="store_true", help="exact patching only")
     p.add_argument("--value", type=float, default=0.0, help="0 ablates; else clamp to this")
-    p.add_argument("--min-effect", type=float, default=0.1, help="|relative effect| of an edge")
+    p.add_argument("--min-effect", type=float, default=MIN_EFFECT,
+                   help="|relative effect| of an edge")  # fmt: skip
     p.add_argument("--min-tokens", type=int, default=5, help="patched tokens of a causal edge")
-    p.add_argument("--min-pearson", type=float, default=0.2, help="a correlation edge")
+    p.add_argument("--min-pearson", type=float, default=EDGE_THRESHOLD, help="a correlation edge")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_patch)
 
     p = sub.add_parser("concepts", help="features detecting token-level concepts, traced by layer")
     p.add_argument("--set", default=None, help="concept set name or YAML (default: the source's)")
-    p.add_argument("--layers", type=layer_number, nargs="+", default=[6, 7, 8, 9])
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=STORE_LAYERS)
     p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
     p.add_argument("--max-sequences", type=positive, default=None, help="per shard")
     p.add_argument("--metric", choices=("pearson", "agreement", "jaccard"), default="pearson")
-    p.add_argument("--threshold", type=float, default=0.2, help="feature graph edges")
+    p.add_argument("--threshold", type=float, default=EDGE_THRESHOLD, help="feature graph edges")
     p.add_argument("--top", type=positive, default=5,
                    help="best features kept per concept and layer")  # fmt: skip
     p.add_argument("--beam", type=positive, default=3, help="features followed per layer")
@@ -620,7 +615,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--partners", type=positive, default=10,
                    help="predecessors and successors shown")  # fmt: skip
     p.add_argument("--sort-by", default="pearson", help="measure ranking the partners")
-    p.add_argument("--min-both", type=int, default=None, help="partners co-active >= N")
+    p.add_argument("--min-both", type=int, default=MIN_BOTH, help="partners co-active >= N")
     p.add_argument("--html", type=out_path, default=None,
                    help="also write the card as a self-contained page")  # fmt: skip
     p.set_defaults(func=cmd_feature)
@@ -631,7 +626,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--targets", type=int, nargs="*", default=[], help="later layers reported")
     p.add_argument("--top", type=int, default=10, help="tokens and features reported")
     p.add_argument("--max-sequences", type=int, default=8, help="per shard")
-    p.add_argument("--source", default="tiny", help="the model and SAEs the store was made with")
+    p.add_argument("--source", default=DEFAULT_SOURCE,
+                   help="the model and SAEs the store was made with")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_steer)
 
@@ -662,10 +658,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from featstore.store.home import default_home
 
             args.home = str(default_home())
-        if getattr(args, "min_both", 0) is None:  # graph, feature: the measures' default
-            from featstore.stats.measures import MIN_BOTH
-
-            args.min_both = MIN_BOTH
         return args.func(args)
     except FeatstoreError as exc:
         print(f"featstore: error: {exc}", file=sys.stderr)

@@ -74,9 +74,9 @@ def shard_sums(store: Store, plan: Plan) -> str:
 
 
 def statistics(store: Store, plan: Plan) -> str:
-    from featstore.stats.query import save_pair_table
+    from featstore.stats.query import PairQuery, save_pair_table
 
-    rows = {f"{a}-{b}": save_pair_table(store, a, b).rows for a, b in plan.pairs}
+    rows = {f"{a}-{b}": save_pair_table(store, PairQuery(a, b)).rows for a, b in plan.pairs}
     return f"co-active pairs written {rows}"
 
 

@@ -12,7 +12,7 @@ from pipelines.assets.findings import findings_assets
 from pipelines.assets.statistics import statistics_assets
 from pipelines.execution import executor
 from pipelines.removal import merge_after_removal
-from pipelines.resources import FeatstoreResource
+from pipelines.resources import FeatstoreResource, from_env
 from pipelines.sensors import automation, new_text_shards
 
 
@@ -36,4 +36,4 @@ def build_defs(featstore: FeatstoreResource) -> dg.Definitions:
     )
 
 
-defs = build_defs(FeatstoreResource())
+defs = build_defs(from_env())  # FEATSTORE_HOME, _SOURCE, _TEXT_DIR, _LAYERS, ... (README)

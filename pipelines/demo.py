@@ -45,7 +45,7 @@ from pipelines.partitions import (
     range_tags,
     shard_partitions,
 )
-from pipelines.resources import FeatstoreResource
+from pipelines.resources import FeatstoreResource, from_env
 
 # INFO keeps the progress lines of the assets and drops Dagster's per-step DEBUG events.
 RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -142,9 +142,11 @@ def box_tags(shards: tuple[str, str], dimension: str, keys: tuple[str, str]) -> 
     )
 
 
-def run_extraction(instance: dg.DagsterInstance, location: dg.Definitions) -> list[str]:
-    """Tokens, then activations of every shard (one forward pass per shard for all layers)."""
-    featstore: FeatstoreResource = location.resources["featstore"]
+def run_extraction(
+    instance: dg.DagsterInstance, location: dg.Definitions, featstore: FeatstoreResource
+) -> list[str]:
+    """Tokens, then activations of every shard (one forward pass per shard for all layers);
+    `featstore`: the location's resource, its environment variables resolved."""
     shards = list_shards(featstore.extract_config())
     if not shards:
         raise FeatstoreError(f"no *.txt shards in {featstore.text_folder()}")
@@ -161,10 +163,13 @@ def run_extraction(instance: dg.DagsterInstance, location: dg.Definitions) -> li
 
 
 def run_statistics(
-    instance: dg.DagsterInstance, location: dg.Definitions, shards: Sequence[str]
+    instance: dg.DagsterInstance,
+    location: dg.Definitions,
+    shards: Sequence[str],
+    layers: Sequence[int],
 ) -> None:
     """Pair sums per shard, merged pair statistics, then the graph and the plots."""
-    pairs = pair_range(location.resources["featstore"].layers)
+    pairs = pair_range(layers)
     if pairs is None:
         print("fewer than two adjacent layers configured: no pair statistics")
         return
@@ -241,14 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     dagster_home()
     try:
-        featstore = FeatstoreResource(max_sequences=args.max_sequences, text_dir=args.text_dir)
+        text_dir = {"text_dir": args.text_dir} if args.text_dir else {}  # else FEATSTORE_TEXT_DIR
+        featstore = from_env(max_sequences=args.max_sequences, **text_dir)
         location = build_defs(featstore)
+        resolved = featstore.process_config_and_initialize()  # the environment's values
         instance = dg.DagsterInstance.get()
-        shards = run_extraction(instance, location)
-        run_statistics(instance, location, shards)
+        shards = run_extraction(instance, location, resolved)
+        run_statistics(instance, location, shards, resolved.layers)
         run_research(instance, location)
         seconds = time.perf_counter() - start
-        print(report(featstore.open(), featstore.layers, shards, seconds))
+        print(report(resolved.open(), resolved.layers, shards, seconds))
     except FeatstoreError as exc:
         print(f"featstore demo: {exc}", file=sys.stderr)
         return 2

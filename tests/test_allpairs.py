@@ -4,6 +4,8 @@ shards added in order."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -11,6 +13,7 @@ from helpers import build_store, sparse_acts
 
 from featstore.errors import FeatstoreError
 from featstore.stats import allpairs, kernel, query, scan, shardsums
+from featstore.stats.query import PairQuery
 from featstore.store.local import Store
 
 LAYERS = (6, 7, 8, 9)
@@ -54,12 +57,12 @@ def test_segments_sum_each_shard_alone_then_add_in_order(store):
 
 def test_in_memory_sums_equal_saved_shard_sums_merged_bit_for_bit(store):
     kwargs = {"min_pearson": -0.2, "min_jaccard": 0.02}
-    in_memory = query.pair_report(store, 6, 8, **kwargs)
+    in_memory = query.pair_report(store, PairQuery(6, 8, **kwargs))
     for shard in ("s0", "s2"):  # some shards saved, the others computed
         shardsums.update_shard_pairs(store, 6, 8, shard)
-    mixed = query.pair_report(store, 6, 8, **kwargs)
+    mixed = query.pair_report(store, PairQuery(6, 8, **kwargs))
     shardsums.update_shard_pairs(store, 6, 8, "s1")
-    saved = query.pair_report(store, 6, 8, **kwargs)
+    saved = query.pair_report(store, PairQuery(6, 8, **kwargs))
     for other in (mixed, saved):
         assert other[0].equals(in_memory[0]) and other[1] == in_memory[1]
 
@@ -77,20 +80,20 @@ def test_every_pair_in_one_pass_equals_each_pair_alone(store, monkeypatch, query
     original = store.read
     monkeypatch.setattr(store, "read", lambda layer, shard, *r: reads.append(layer)
                         or original(layer, shard, *r))  # fmt: skip
-    together = allpairs.pair_reports(store, LAYERS, **query_kwargs)
+    together = allpairs.pair_reports(store, LAYERS, functools.partial(PairQuery, **query_kwargs))
     assert sorted(together) == [(6, 7), (6, 8), (6, 9), (7, 8), (7, 9), (8, 9)]
     if "variant" not in query_kwargs:  # the null model keys layer b apart: read again
         assert sorted(reads) == sorted(LAYERS * len(SHARDS))  # each (layer, shard) once
     for (a, b), (frame, counts) in together.items():
-        alone = query.pair_report(store, a, b, **query_kwargs)
+        alone = query.pair_report(store, PairQuery(a, b, **query_kwargs))
         assert frame.height > 0
         assert frame.equals(alone[0]) and counts == alone[1]
 
 
 def test_max_distance_picks_the_near_pairs(store):
     assert allpairs.layer_pairs(LAYERS, max_distance=1) == [(6, 7), (7, 8), (8, 9)]
-    assert sorted(allpairs.pair_reports(store, (9, 7, 8), min_pearson=0.3)) == [
-        (7, 8), (7, 9), (8, 9)]  # fmt: skip
+    ask = functools.partial(PairQuery, min_pearson=0.3)
+    assert sorted(allpairs.pair_reports(store, (9, 7, 8), ask)) == [(7, 8), (7, 9), (8, 9)]
     with pytest.raises(FeatstoreError, match="two distinct layers"):
         allpairs.layer_pairs([7, 7])
 

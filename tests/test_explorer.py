@@ -20,11 +20,11 @@ import pytest
 import scipy.sparse as sp
 from helpers import assert_one_line_error, build_store, cli, correlated_layers, table_measures
 
+from featstore.defaults import MIN_BOTH
 from featstore.explorer import app, reads, summary
 from featstore.explorer.graphview import neighbourhood
 from featstore.explorer.text import esc
-from featstore.stats.measures import MIN_BOTH
-from featstore.stats.query import pair_stats
+from featstore.stats.query import PairQuery, pair_stats
 from featstore.store import spec
 from featstore.store.sql import CAUSAL_EDGES_SCHEMA
 
@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
     }
     store = build_store(tmp_path_factory.mktemp("explorer"), halves, vocab=VOCAB)
     for a, b in ((6, 7), (7, 8)):
-        pair_stats(store, a, b, save=True)
+        pair_stats(store, PairQuery(a, b, save=True))
     concepts = store.home / spec.CONCEPTS_DIR
     concepts.mkdir()
     pl.DataFrame({"concept": ["<b>bold</b>", "digits"], "layer": [7, 8], "feature": [2, 4],

@@ -15,6 +15,7 @@ from featstore.analysis.graph import build_graph
 from featstore.cli import main
 from featstore.errors import FeatstoreError
 from featstore.stats import finish, measures, query, shardsums
+from featstore.stats.query import PairQuery
 from featstore.stats.shardsums import Variant
 from featstore.store import spec
 
@@ -43,7 +44,9 @@ def edge_store(tmp_path):
 
 def test_table_measures_match_direct_definitions_on_every_pair(edge_store):
     store, x, y = edge_store
-    frame = query.pair_stats(store, 6, 7, all_pairs=True, features_a=(0, 9), features_b=(0, 7))
+    frame = query.pair_stats(
+        store, PairQuery(6, 7, all_pairs=True, features_a=(0, 9), features_b=(0, 7))
+    )
     ref = table_reference(x, y)
     fa, fb = frame["feature_a"].to_numpy(), frame["feature_b"].to_numpy()
     for name in measures.NEW_COLUMNS:
@@ -78,7 +81,7 @@ def test_wilson_interval_matches_scipy(k, m):
 
 def test_interval_columns_match_scipy(edge_store):
     store, x, y = edge_store
-    frame = query.pair_stats(store, 6, 7, intervals=True)
+    frame = query.pair_stats(store, PairQuery(6, 7, intervals=True))
     assert set(measures.INTERVAL_COLUMNS) <= set(frame.columns)
     for row in frame.filter(pl.col("pearson").is_not_null()).head(12).iter_rows(named=True):
         i, j = row["feature_a"], row["feature_b"]
@@ -89,7 +92,9 @@ def test_interval_columns_match_scipy(edge_store):
         assert (row["sufficiency_lo"], row["sufficiency_hi"]) == pytest.approx((ci.low, ci.high))
         ci = scipy.stats.binomtest(row["n_both"], row["n_either"]).proportion_ci(method="wilson")
         assert (row["jaccard_lo"], row["jaccard_hi"]) == pytest.approx((ci.low, ci.high))
-    assert query.pair_stats(store, 6, 7).columns == list(finish.SCHEMA)  # no bounds unasked
+    assert query.pair_stats(store, PairQuery(6, 7)).columns == list(
+        finish.SCHEMA
+    )  # no bounds unasked
 
 
 # -- thresholds, support and never-co-active pairs ------------------------------------------------
@@ -97,7 +102,9 @@ def test_interval_columns_match_scipy(edge_store):
 
 def test_thresholds_on_any_measure_with_min_both(edge_store):
     store, x, y = edge_store
-    frame = query.pair_stats(store, 6, 7, thresholds={"sufficiency": 0.4, "pmi": 0.01}, min_both=3)
+    frame = query.pair_stats(
+        store, PairQuery(6, 7, thresholds={"sufficiency": 0.4, "pmi": 0.01}, min_both=3)
+    )
     ref = table_reference(x, y)
     both = (x > 0).astype(int).T @ (y > 0).astype(int)
     with np.errstate(invalid="ignore"):
@@ -121,7 +128,9 @@ def test_threshold_counts_of_any_measure_cover_never_coactive_pairs(
     edge_store, thresholds, min_both
 ):
     store, x, y = edge_store
-    frame, counts = query.pair_report(store, 6, 7, thresholds=thresholds, min_both=min_both)
+    frame, counts = query.pair_report(
+        store, PairQuery(6, 7, thresholds=thresholds, min_both=min_both)
+    )
     ref = table_reference(x, y)
     with np.errstate(invalid="ignore"):
         ref["pearson"] = np.corrcoef(x.T, y.T)[:9, 9:]
@@ -159,20 +168,24 @@ def test_never_coactive_pairs_lists_exactly_the_high_ones(edge_store):
 
 def test_active_threshold_equals_statistics_of_thresholded_activations(tmp_path, edge_store):
     store, x, y = edge_store
-    got = query.pair_stats(store, 6, 7, variant=Variant(active_threshold=0.8))
+    got = query.pair_stats(store, PairQuery(6, 7, variant=Variant(active_threshold=0.8)))
     cut = {k: {"s": sp.csr_matrix(np.where(m > 0.8, m, 0.0))} for k, m in ((6, x), (7, y))}
-    want = query.pair_stats(build_store(tmp_path / "cut", cut), 6, 7)
+    want = query.pair_stats(build_store(tmp_path / "cut", cut), PairQuery(6, 7))
     assert got.select("feature_a", "feature_b", "n_both").equals(
         want.select("feature_a", "feature_b", "n_both")
     )
     for col in ("pearson", "sufficiency", "mutual_information"):
         np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=1e-9)
     assert store.children(spec.PAIRS) == []  # a query computes the variant in memory
-    saved = query.pair_stats(store, 6, 7, variant=Variant(active_threshold=0.8), save=True)
+    saved = query.pair_stats(
+        store, PairQuery(6, 7, variant=Variant(active_threshold=0.8), save=True)
+    )
     assert store.children(spec.PAIRS) == ["6-7.t0.8"]  # its own record, the plain one untouched
     assert saved.equals(got)
-    assert query.pair_stats(store, 6, 7, variant=Variant(active_threshold=0.8)).equals(got)
-    plain = query.pair_stats(store, 6, 7)
+    assert query.pair_stats(store, PairQuery(6, 7, variant=Variant(active_threshold=0.8))).equals(
+        got
+    )
+    plain = query.pair_stats(store, PairQuery(6, 7))
     assert plain.height > got.height
 
 
@@ -191,28 +204,30 @@ def test_null_rows_pair_each_sequence_with_another_at_the_same_position():
 
 def test_null_model_is_the_same_engine_on_deranged_sequences(tmp_path, edge_store):
     store, x, y = edge_store
-    got = query.pair_stats(store, 6, 7, variant=Variant(null=True))
+    got = query.pair_stats(store, PairQuery(6, 7, variant=Variant(null=True)))
     # build_store's token table: sequences of 8 tokens; the null pairs sequence i with i + 1.
     shift = np.roll(np.arange(x.shape[0]).reshape(-1, 8), -1, axis=0).ravel()
     moved = {6: {"s": sp.csr_matrix(x)}, 7: {"s": sp.csr_matrix(y[shift])}}
-    want = query.pair_stats(build_store(tmp_path / "moved", moved), 6, 7)
+    want = query.pair_stats(build_store(tmp_path / "moved", moved), PairQuery(6, 7))
     assert got.select("feature_a", "feature_b", "n_both").equals(
         want.select("feature_a", "feature_b", "n_both")
     )
     np.testing.assert_allclose(got["pearson"].to_numpy(), want["pearson"].to_numpy(), rtol=1e-9)
     # Computed in memory (a query) or saved and read back: the same table, bit for bit.
-    screened = query.pair_stats(store, 6, 7, min_pearson=0.05, variant=Variant(null=True))
+    screened = query.pair_stats(
+        store, PairQuery(6, 7, min_pearson=0.05, variant=Variant(null=True))
+    )
     assert not store.children(spec.PAIRS)
-    saved = query.pair_stats(store, 6, 7, variant=Variant(null=True), save=True)
+    saved = query.pair_stats(store, PairQuery(6, 7, variant=Variant(null=True), save=True))
     assert store.children(spec.PAIRS) == ["6-7.null"] and saved.equals(got)
-    reused = query.pair_stats(store, 6, 7, min_pearson=0.05, variant=Variant(null=True))
+    reused = query.pair_stats(store, PairQuery(6, 7, min_pearson=0.05, variant=Variant(null=True)))
     assert reused.equals(screened) and screened.equals(got.filter(pl.col("pearson") >= 0.05))
 
 
 def test_variant_with_duckdb_engine_is_refused(edge_store):
     store, _, _ = edge_store
     with pytest.raises(FeatstoreError, match="plain sums"):
-        query.pair_stats(store, 6, 7, engine="duckdb", variant=Variant(null=True))
+        query.pair_stats(store, PairQuery(6, 7, engine="duckdb", variant=Variant(null=True)))
     with pytest.raises(FeatstoreError, match="active_threshold"):
         Variant(active_threshold=-1)
 
@@ -238,7 +253,7 @@ def test_decoder_cosine_keeps_the_top_k_of_each_row_and_column():
 
 def test_graph_on_a_new_measure_and_on_decoder_cosine(edge_store):
     store, _, _ = edge_store
-    frame = query.pair_stats(store, 6, 7)
+    frame = query.pair_stats(store, PairQuery(6, 7))
     graph = build_graph({(6, 7): frame}, metric="necessity", threshold=0.5, min_both=4)
     want = frame.filter((pl.col("necessity") >= 0.5) & (pl.col("n_both") >= 4))
     assert graph.number_of_edges() == want.height > 0
@@ -266,10 +281,15 @@ def test_stats_cli_new_options(edge_store, tmp_path, capsys):
     ]
     extra = ["--min", "sufficiency=0.3", "--min-both", "2", "--intervals", "--null"]
     assert main([*argv, *extra]) == 0
-    want = query.pair_stats(
-        store, 6, 7, thresholds={"sufficiency": 0.3}, min_both=2, intervals=True,
+    asked = PairQuery(
+        6,
+        7,
+        thresholds={"sufficiency": 0.3},
+        min_both=2,
+        intervals=True,
         variant=Variant(null=True),
-    )  # fmt: skip
+    )
+    want = query.pair_stats(store, asked)
     assert pl.read_parquet(out).equals(want)
     assert "sufficiency >= 0.3" in capsys.readouterr().out
     assert main([*argv, "--never-coactive", "mutual_information=0.05"]) == 0

@@ -11,7 +11,7 @@ from helpers import correlated_layers
 
 from featstore import FeatstoreError, open_store
 from featstore.sources.extract import token_table
-from featstore.stats.query import pair_stats
+from featstore.stats.query import PairQuery, pair_stats
 from featstore.stats.shardsums import update_shard_pairs
 from featstore.store import spec
 from featstore.store.check import check_store
@@ -127,7 +127,10 @@ def test_statistics_from_s3_equal_a_local_store(s3, tmp_path):
         for shard in ("s0", "s1"):
             update_shard_pairs(store, 6, 7, shard)
     assert any("pairs/6-7/s1/" in k for k in s3.keys())
-    frames = [pair_stats(store, 6, 7).sort("feature_a", "feature_b") for store in (local, remote)]
+    frames = [
+        pair_stats(store, PairQuery(6, 7)).sort("feature_a", "feature_b")
+        for store in (local, remote)
+    ]
     assert frames[0].height > 0
     assert frames[0].equals(frames[1])
     assert pl.read_parquet(tmp_path / "remote" / "pair_stats" / "6-7.parquet").height > 0

@@ -138,10 +138,10 @@ def test_connection_can_touch_no_file(store, tmp_path):
 
 
 def test_pair_stats_table_reads_saved_results(store):
-    from featstore.stats.query import pair_stats
+    from featstore.stats.query import PairQuery, pair_stats
 
     assert sql.query(store, "SELECT count(*) AS n FROM pair_stats")["n"][0] == 0
-    frame = pair_stats(store, 6, 7)
+    frame = pair_stats(store, PairQuery(6, 7))
     got = sql.query(store, "SELECT * EXCLUDE (layer_a, layer_b) FROM pair_stats ORDER BY ALL")
     assert got.equals(frame.sort(frame.columns))
 

@@ -21,6 +21,7 @@ from featstore.stats import (
     query,
     shardsums,
 )
+from featstore.stats.query import PairQuery
 from featstore.store import spec
 from featstore.store.local import FeatureStats
 
@@ -107,7 +108,9 @@ def test_engines_match_numpy(tmp_path, engine, n, d_a, d_b, density, seed):
 def test_edge_cases_match_corrcoef_and_scipy(tmp_path):
     a, b = edge_matrices()
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
-    frames = [query.pair_stats(store, 6, 7, engine=e, recompute=True) for e in query.ENGINES]
+    frames = [
+        query.pair_stats(store, PairQuery(6, 7, engine=e, recompute=True)) for e in query.ENGINES
+    ]
     for frame in frames[1:]:
         assert frame.select("feature_a", "feature_b", "n_both", "n_either").equals(
             frames[0].select("feature_a", "feature_b", "n_both", "n_either")
@@ -130,7 +133,7 @@ def test_constant_feature_has_no_pearson_despite_rounding(tmp_path):
     x = sparse_acts(1000, 3, 0.2, seed=5).toarray()
     x[:, 0] = 0.7  # n*sumsq - sum^2 rounds to about 1e-8 here, not 0
     store = build_store(tmp_path, {6: {"s": sp.csr_matrix(x)}, 7: {"s": sparse_acts(1000, 4, 0.3)}})
-    frame = query.pair_stats(store, 6, 7)
+    frame = query.pair_stats(store, PairQuery(6, 7))
     assert frame.filter(pl.col("feature_a") == 0)["pearson"].null_count() == 4
     assert frame.filter(pl.col("feature_a") == 1)["pearson"].null_count() == 0
 
@@ -168,9 +171,9 @@ def test_blocks_and_pure_function_agree(tmp_path):
 
 def test_two_shards_merged_equal_one_shard_of_both(tmp_path, two_shards):
     store, acts = two_shards
-    merged = query.pair_stats(store, 6, 7)
+    merged = query.pair_stats(store, PairQuery(6, 7))
     joined = {layer: {"all": sp.vstack([m["s0"], m["s1"]]).tocsr()} for layer, m in acts.items()}
-    one = query.pair_stats(build_store(tmp_path / "one", joined), 6, 7)
+    one = query.pair_stats(build_store(tmp_path / "one", joined), PairQuery(6, 7))
     assert merged.select("feature_a", "feature_b", "n_both").equals(
         one.select("feature_a", "feature_b", "n_both")
     )
@@ -184,7 +187,7 @@ def test_two_shards_merged_equal_one_shard_of_both(tmp_path, two_shards):
 
 def test_shard_sums_are_saved_reused_and_a_new_shard_costs_its_own(two_shards, monkeypatch):
     store, acts = two_shards
-    first = query.pair_stats(store, 6, 7)
+    first = query.pair_stats(store, PairQuery(6, 7))
     attrs = dict(store.group(spec.pairs_path(6, 7, "s0"), "pairs").attrs)
     assert attrs[spec.ENCODING_TYPE] == "pair_stats_coo" and attrs["layers"] == [6, 7]
     assert attrs["n_tokens"] == 70 and (attrs["d_a"], attrs["d_b"]) == (12, 15)
@@ -195,29 +198,31 @@ def test_shard_sums_are_saved_reused_and_a_new_shard_costs_its_own(two_shards, m
         "iter_shard_pair_counts",
         lambda st, a, b, s, e: computed.append(s) or original(st, a, b, s, e),
     )
-    assert query.pair_stats(store, 6, 7).equals(first)
+    assert query.pair_stats(store, PairQuery(6, 7)).equals(first)
     assert computed == []
     store.write_activations(6, "s2", sparse_acts(30, 12, 0.25, seed=5))
     store.write_activations(7, "s2", sparse_acts(30, 15, 0.25, seed=6))
-    query.pair_stats(store, 6, 7)
+    query.pair_stats(store, PairQuery(6, 7))
     assert computed == ["s2"]
     store.write_activations(7, "s1", sparse_acts(45, 15, 0.3, seed=9))  # stale sums
-    query.pair_stats(store, 6, 7)
+    query.pair_stats(store, PairQuery(6, 7))
     assert computed == ["s2", "s1"]
     same_pattern = store.read(6, "s0")
     same_pattern.data *= 2  # new values, same nonzeros
     store.write_activations(6, "s0", same_pattern)
-    query.pair_stats(store, 6, 7)
+    query.pair_stats(store, PairQuery(6, 7))
     assert computed == ["s2", "s1", "s0"]
 
 
 def test_small_feature_blocks_give_the_same_table_and_counts(two_shards):
     store, _ = two_shards
     kwargs = {"min_pearson": -0.1, "min_jaccard": 0.05}
-    streamed = query.pair_report(store, 6, 7, **kwargs)  # computed in memory
-    query.pair_stats(store, 6, 7, save=True)  # saved sums: read in blocks of max_block_pairs
-    whole, whole_counts = query.pair_report(store, 6, 7, **kwargs)
-    blocked, blocked_counts = query.pair_report(store, 6, 7, max_block_pairs=7, **kwargs)
+    streamed = query.pair_report(store, PairQuery(6, 7, **kwargs))  # computed in memory
+    query.pair_stats(
+        store, PairQuery(6, 7, save=True)
+    )  # saved sums: read in blocks of max_block_pairs
+    whole, whole_counts = query.pair_report(store, PairQuery(6, 7, **kwargs))
+    blocked, blocked_counts = query.pair_report(store, PairQuery(6, 7, max_block_pairs=7, **kwargs))
     assert blocked.equals(whole) and blocked_counts == whole_counts
     assert streamed[0].equals(whole) and streamed[1] == whole_counts
     assert len(shardsums.feature_blocks(store, 6, 7, ["s0", "s1"], (0, 12), 7)) > 5
@@ -226,9 +231,9 @@ def test_small_feature_blocks_give_the_same_table_and_counts(two_shards):
 def test_merged_table_is_saved_for_sql(two_shards):
     store, _ = two_shards
     path = query.pair_stats_path(store, 6, 7)
-    frame = query.pair_stats(store, 6, 7, min_pearson=0.3)
+    frame = query.pair_stats(store, PairQuery(6, 7, min_pearson=0.3))
     assert not path.exists()  # a thresholded query writes no table unasked
-    assert query.pair_stats(store, 6, 7, min_pearson=0.3, save=True).equals(frame)
+    assert query.pair_stats(store, PairQuery(6, 7, min_pearson=0.3, save=True)).equals(frame)
     saved = pl.read_parquet(path)
     assert saved["layer_a"].unique().to_list() == [6] and saved["layer_b"].unique().to_list() == [7]
     assert saved.filter(pl.col("pearson") >= 0.3).drop("layer_a", "layer_b").equals(frame)
@@ -236,14 +241,16 @@ def test_merged_table_is_saved_for_sql(two_shards):
 
 def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkeypatch):
     store, acts = two_shards
-    query.pair_stats(store, 6, 7, shards=["s0"], save=True)  # s0 saved, s1 not
+    query.pair_stats(store, PairQuery(6, 7, shards=["s0"], save=True))  # s0 saved, s1 not
     monkeypatch.setattr(kernel, "MAX_BLOCK_WORK", 40)  # many blocks per shard
     assert len(list(shardsums.iter_sparse_pair_counts(acts[6]["s1"], acts[7]["s1"]))) > 3
     kwargs = {"min_pearson": 0.05, "min_both": 2}
-    got, counts = query.pair_report(store, 6, 7, **kwargs)
+    got, counts = query.pair_report(store, PairQuery(6, 7, **kwargs))
     assert store.children(spec.PAIRS + "/6-7") == ["s0"]  # a query saves nothing
     assert not query.pair_stats_path(store, 6, 7).exists()
-    again, counts_again = query.pair_report(store, 6, 7, max_block_pairs=9, save=True, **kwargs)
+    again, counts_again = query.pair_report(
+        store, PairQuery(6, 7, max_block_pairs=9, save=True, **kwargs)
+    )
     assert store.children(spec.PAIRS + "/6-7") == ["s0", "s1"]
     assert got.equals(again) and counts == counts_again
     joined = [sp.vstack([m["s0"], m["s1"]]).tocsr() for m in acts.values()]
@@ -253,7 +260,7 @@ def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkey
     pairs_wanted = set(zip(*np.nonzero(want), strict=True))
     assert set(got.select("feature_a", "feature_b").iter_rows()) == pairs_wanted
     assert_matches(got, ref)
-    unfiltered = query.pair_stats(store, 6, 7, recompute=True)
+    unfiltered = query.pair_stats(store, PairQuery(6, 7, recompute=True))
     keep = query.passes(0.05) & (pl.col("n_both") >= 2)
     assert unfiltered.filter(keep).equals(got)
 
@@ -264,12 +271,14 @@ def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkey
 def test_all_pairs_reproduce_the_dense_table_for_a_10x10_range(tmp_path):
     a, b = sparse_acts(80, 30, 0.08, 21), sparse_acts(80, 25, 0.08, 22)
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
-    frame = query.pair_stats(store, 6, 7, features_a=(5, 15), features_b=(10, 20), all_pairs=True)
+    frame = query.pair_stats(
+        store, PairQuery(6, 7, features_a=(5, 15), features_b=(10, 20), all_pairs=True)
+    )
     assert frame.height == 100
     assert (frame["n_both"] == 0).sum() > 0  # some pairs are never co-active
     ref = reference(dense(a)[:, 5:15], dense(b)[:, 10:20])
     assert_matches(frame, ref, offset=(5, 10))
-    co_active = query.pair_stats(store, 6, 7, features_a=(5, 15), features_b=(10, 20))
+    co_active = query.pair_stats(store, PairQuery(6, 7, features_a=(5, 15), features_b=(10, 20)))
     assert co_active.equals(frame.filter(pl.col("n_both") > 0))
 
 
@@ -284,7 +293,7 @@ def test_threshold_counts_match_brute_force(tmp_path, min_pearson, min_jaccard, 
     a, b = sp.hstack([x, more_a]).tocsr(), sp.hstack([y, more_b]).tocsr()
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
     ra, rb = ranges
-    frame = query.pair_stats(store, 6, 7, features_a=ra, features_b=rb)
+    frame = query.pair_stats(store, PairQuery(6, 7, features_a=ra, features_b=rb))
     got = query.threshold_counts(
         frame,
         store.feature_stats(6, "s"),
@@ -336,14 +345,14 @@ def test_threshold_counts_for_big_d_need_no_dense_array():
 def test_bad_arguments_are_one_line_errors(two_shards, kwargs, message):
     store, _ = two_shards
     with pytest.raises(FeatstoreError, match=message):
-        query.pair_stats(store, 6, 7, recompute=True, **kwargs)
+        query.pair_stats(store, PairQuery(6, 7, recompute=True, **kwargs))
 
 
 def test_layers_with_different_token_counts_are_refused(tmp_path):
     store = build_store(tmp_path, {6: {"s": sparse_acts(10, 4)}, 7: {"s": sparse_acts(10, 4)}})
     store.write_activations(7, "s", sparse_acts(11, 4))
     with pytest.raises(FeatstoreError, match="layer 6 has 10 tokens, layer 7 has 11"):
-        query.pair_stats(store, 6, 7)
+        query.pair_stats(store, PairQuery(6, 7))
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -355,7 +364,7 @@ def test_cli_writes_the_passing_pairs(two_shards, tmp_path, capsys):
     argv = ["--home", str(store.home), "stats", "--layer-a", "6", "--layer-b", "7"]
     argv += ["--min-pearson", "0.2", "--min-jaccard", "0.1", "--out", str(out)]
     assert main(argv) == 0
-    want = query.pair_stats(store, 6, 7, min_pearson=0.2, min_jaccard=0.1)
+    want = query.pair_stats(store, PairQuery(6, 7, min_pearson=0.2, min_jaccard=0.1))
     assert pl.read_parquet(out).equals(want)
     printed = capsys.readouterr().out
     assert f"wrote {want.height} pairs" in printed and "pearson >= 0.2" in printed
@@ -531,10 +540,12 @@ def test_pipelined_keeps_the_order_of_the_items():
 def test_screened_queries_in_small_blocks_match_numpy(tmp_path, monkeypatch, kwargs):
     a, b = sparse_acts(250, 40, 0.08, 47), sparse_acts(250, 30, 0.08, 48)
     store = build_store(tmp_path, {6: {"s": a}, 7: {"s": b}})
-    whole = query.pair_stats(store, 6, 7, save=False)  # every co-active pair, every measure
+    whole = query.pair_stats(
+        store, PairQuery(6, 7, save=False)
+    )  # every co-active pair, every measure
     monkeypatch.setattr(kernel, "MAX_BLOCK_WORK", 60)  # many blocks, pipelined
     monkeypatch.setattr(finish, "CHUNK_PAIRS", 16)
-    got = query.pair_stats(store, 6, 7, **kwargs)
+    got = query.pair_stats(store, PairQuery(6, 7, **kwargs))
     assert not store.children(spec.PAIRS)  # a query saves nothing
     ra, rb = kwargs.get("features_a", (0, 40)), kwargs.get("features_b", (0, 30))
     ref = reference(dense(a)[:, slice(*ra)], dense(b)[:, slice(*rb)])

@@ -118,7 +118,7 @@ def test_planted_copies_correlate_and_random_pairs_do_not(synth):
 def test_pair_stats_finds_planted_copies(synth):
     stats = pytest.importorskip("featstore.stats.query")
     store, edges = synth
-    found = stats.pair_stats(store, 6, 7, min_pearson=0.2)
+    found = stats.pair_stats(store, stats.PairQuery(6, 7, min_pearson=0.2))
     copies = edges.filter(
         (pl.col("layer_a") == 6) & (pl.col("kind") == "copy") & (pl.col("strength") >= 0.3)
     )

@@ -21,11 +21,12 @@ import numpy as np
 import polars as pl
 
 from featstore.analysis.logits import read_logit_effects
+from featstore.defaults import MIN_BOTH
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
 from featstore.stats.finish import finish_stats
 from featstore.stats.kernel import sparse_pair_counts
-from featstore.stats.measures import DATA_FREE, MIN_BOTH, RANGES, with_intervals
+from featstore.stats.measures import DATA_FREE, RANGES, with_intervals
 from featstore.stats.shardsums import (
     BLOCK_TOKENS,
     PairCounts,

@@ -27,9 +27,11 @@ import polars as pl
 from featstore.analysis.asked import PAIR, EdgeChoice, asked_edges
 from featstore.analysis.attribution import edge_attribution
 from featstore.analysis.patching import Edges, EdgeSums, PatchConfig, edge_effects
+from featstore.defaults import MIN_EFFECT
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
 from featstore.sequences import stacked_codes, store_sequences
+from featstore.sources.registry import default_layers
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store import spec
 from featstore.store.local import Store
@@ -44,7 +46,7 @@ SCHEMA = pl.from_arrow(CAUSAL_EDGES_SCHEMA.empty_table()).schema
 class CausalConfig:
     """What to patch and when a patching effect counts as a causal edge."""
 
-    layers: tuple[int, ...] = (6, 7, 8, 9)
+    layers: tuple[int, ...] = field(default_factory=default_layers)
     shards: tuple[str, ...] | None = None  # default: every shard of the first layer
     max_sequences: int | None = 16  # per shard; None: all
     features: tuple[int, ...] | None = None  # source features considered; None: all asked
@@ -52,7 +54,7 @@ class CausalConfig:
     attribution: bool = True  # also the first-order estimate of each asked edge
     value: float = 0.0  # 0 ablates; else clamp
     batch_rows: int = 64
-    min_effect: float = 0.1  # |relative_effect| of a causal edge
+    min_effect: float = MIN_EFFECT  # |relative_effect| of a causal edge
     min_tokens: int = 5
 
     def __post_init__(self) -> None:

@@ -24,10 +24,12 @@ from matplotlib.figure import Figure
 
 from featstore.analysis.decoders import decoder_cosine, store_decoders
 from featstore.analysis.graph import build_graph
+from featstore.defaults import DEFAULT_ENGINE, EDGE_THRESHOLD, MEASURE_THRESHOLDS, MIN_BOTH
 from featstore.errors import FeatstoreError
 from featstore.figures import no_data, pair_label, save
 from featstore.files import write_parquet_atomic
-from featstore.stats.measures import DATA_FREE, MIN_BOTH, check_measure, passing
+from featstore.sources.registry import default_layers
+from featstore.stats.measures import DATA_FREE, check_measure, passing
 from featstore.stats.scan import PairScan
 from featstore.stats.shardsums import Variant, merged_feature_stats
 from featstore.store import spec
@@ -35,30 +37,22 @@ from featstore.store.local import Store
 
 KEYS = ["feature_a", "feature_b"]
 CAUSAL = "causal"  # the method name of the patching effect |relative_effect|
-DEFAULT_THRESHOLDS = {
-    "pearson": 0.2,
-    "jaccard": 0.1,
-    "sufficiency": 0.5,
-    "necessity": 0.5,
-    "mutual_information": 0.01,
-    "pmi": 2.0,
-}
 
 
 @dataclass(frozen=True)
 class CompareConfig:
     """What to compare: data measures with their thresholds, support, null quantile, ..."""
 
-    layers: tuple[int, ...] = (6, 7, 8, 9)
-    thresholds: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    layers: tuple[int, ...] = field(default_factory=default_layers)
+    thresholds: Mapping[str, float] = field(default_factory=lambda: dict(MEASURE_THRESHOLDS))
     min_both: int = MIN_BOTH
     distances: tuple[int, ...] = (1, 2, 3)
     null_quantile: float = 0.95  # corrected threshold: this quantile of the null's best scores
     decoder_k: int = 10  # decoder cosines kept per feature; 0: no decoder_cosine method
     community_metric: str = "pearson"
-    community_threshold: float = 0.2
+    community_threshold: float = EDGE_THRESHOLD
     seed: int = 0
-    engine: str = "sparse"
+    engine: str = DEFAULT_ENGINE
 
     def __post_init__(self) -> None:
         for measure, threshold in self.thresholds.items():

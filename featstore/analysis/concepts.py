@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import networkx as nx
@@ -24,7 +25,8 @@ from featstore.errors import FeatstoreError
 from featstore.names import node_id
 from featstore.store.local import Store
 
-CONCEPTS_DIR = Path(__file__).resolve().parents[2] / "concepts"
+# The concept sets: the repo's top-level concepts/, carried in the package as featstore/_data.
+CONCEPTS_DIR = Path(str(resources.files("featstore") / "_data" / "concepts"))
 RULES = ("token", "span")
 
 

@@ -18,7 +18,7 @@ import polars as pl
 
 from featstore.figures import no_data, pair_label, save
 from featstore.files import write_parquet_atomic
-from featstore.stats.query import pair_stats
+from featstore.stats.query import PairQuery, pair_stats
 from featstore.stats.shardsums import ensure_shard_pairs, shards_of_pair
 from featstore.store.local import Store
 
@@ -36,7 +36,10 @@ def prefixes(shards: Sequence[str], fractions: Sequence[float]) -> list[list[str
 
 def _above(store, a, b, shards, measure, threshold, min_both) -> pl.DataFrame:
     frame = pair_stats(
-        store, a, b, shards=shards, thresholds={measure: threshold}, min_both=min_both, save=False
+        store,
+        PairQuery(
+            a, b, shards=shards, thresholds={measure: threshold}, min_both=min_both, save=False
+        ),
     )
     return frame.select("feature_a", "feature_b", "n_tokens", measure)
 

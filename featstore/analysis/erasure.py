@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from featstore.analysis.graph import edge_list
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
-from featstore.stats.query import pair_blocks
+from featstore.stats.query import PairQuery, pair_blocks
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store.local import Store
 
@@ -102,9 +102,9 @@ def unlinked(graph: Graph, layer: int, other: int, alive: np.ndarray, out: bool)
     """Alive features of `layer` with no graph edge to (`out`) or from `other`."""
     edges = graph if isinstance(graph, pl.DataFrame) else edge_list(graph)
     here, there = ("a", "b") if out else ("b", "a")
-    linked = edges.filter(
-        (pl.col(f"layer_{here}") == layer) & (pl.col(f"layer_{there}") == other)
-    )[f"feature_{here}"].to_numpy()
+    linked = edges.filter((pl.col(f"layer_{here}") == layer) & (pl.col(f"layer_{there}") == other))[
+        f"feature_{here}"
+    ].to_numpy()
     return np.setdiff1d(np.asarray(alive, dtype=np.int64), linked.astype(np.int64))
 
 
@@ -171,7 +171,7 @@ def best_cosine(w_a, w_b, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
 def best_pearson(store: Store, a: int, b: int, shards: Sequence[str] | None) -> pl.DataFrame:
     """`feature, best_pearson`: each co-active feature of `a`'s largest Pearson with a feature of
     `b`, block by block of `a` (`pair_blocks`): no table of all pairs is held or saved."""
-    blocks = pair_blocks(store, a, b, shards=shards, save=False, count=False)
+    blocks = pair_blocks(store, PairQuery(a, b, shards=shards, save=False), count=False)
     best = [
         frame.group_by("feature_a").agg(best_pearson=pl.col("pearson").max()) for frame, _ in blocks
     ]

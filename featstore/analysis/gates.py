@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from featstore.files import write_parquet_atomic
-from featstore.stats.query import pair_stats
+from featstore.stats.query import PairQuery, pair_stats
 from featstore.stats.shardsums import Variant
 from featstore.store.local import Store
 
@@ -47,9 +47,17 @@ def parent_sets(
     parts = [pl.DataFrame(schema=PARENT_SCHEMA)]
     for kind, measure in KIND_MEASURE.items():
         frame = pair_stats(
-            store, a, b, shards=shards, thresholds={measure: threshold}, min_both=min_both,
-            variant=variant, save=False,
-        )  # fmt: skip
+            store,
+            PairQuery(
+                a,
+                b,
+                shards=shards,
+                thresholds={measure: threshold},
+                min_both=min_both,
+                variant=variant,
+                save=False,
+            ),
+        )
         grouped = frame.group_by("feature_b").agg(
             parents=pl.col("feature_a").sort(), n_parents=pl.len()
         )

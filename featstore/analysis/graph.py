@@ -21,26 +21,19 @@ import numpy as np
 import polars as pl
 
 from featstore.analysis.decoders import decoder_cosine, store_decoders
+from featstore.defaults import DEFAULT_ENGINE, EDGE_THRESHOLD, MIN_BOTH, PAIR_SUMS, pair_schema
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file, write_parquet_atomic
 from featstore.names import node_id
-from featstore.stats.measures import DATA_FREE, MIN_BOTH, above, check_measure, passing
+from featstore.stats.measures import DATA_FREE, above, check_measure, passing
 from featstore.stats.measures import RANGES as METRICS  # measures an edge can be thresholded on
-from featstore.stats.query import merged_feature_stats, pair_stats
+from featstore.stats.query import PairQuery, merged_feature_stats, pair_stats
 from featstore.store.local import Store
 
 __all__ = ["METRICS", "MIN_BOTH", "above", "build_graph", "check_metric", "export_graph"]
 KEYS = ("feature_a", "feature_b")
 # Statistic columns of `pair_stats`, typed so that an empty edge list keeps its schema.
-STAT_SCHEMA: dict[str, pl.DataType] = {
-    "n_tokens": pl.Int64(),
-    "n_both": pl.Int64(),
-    "n_either": pl.Int64(),
-    "sum_xy": pl.Float64(),
-    "pearson": pl.Float64(),
-    "agreement": pl.Float64(),
-    "jaccard": pl.Float64(),
-}
+STAT_SCHEMA: dict[str, pl.DataType] = pair_schema((*PAIR_SUMS, "pearson", "agreement", "jaccard"))
 EDGE_KEYS: dict[str, pl.DataType] = {
     "layer_a": pl.Int64(),
     "feature_a": pl.Int64(),
@@ -74,7 +67,7 @@ def check_pair_frame(pair: tuple[int, int], frame: pl.DataFrame, metric: str, mi
 def build_graph(
     pair_frames: PairFrames,
     metric: str = "pearson",
-    threshold: float = 0.2,
+    threshold: float = EDGE_THRESHOLD,
     min_both: int | None = None,
 ) -> nx.DiGraph:
     """Directed graph of feature pairs with `metric >= threshold` (and, for a data measure,
@@ -240,7 +233,7 @@ def store_pair_frames(
     *,
     metric: str,
     threshold: float,
-    engine: str = "sparse",
+    engine: str = DEFAULT_ENGINE,
     min_both: int = MIN_BOTH,
     top_k: int = 10,
 ) -> dict[tuple[int, int], pl.DataFrame]:
@@ -256,7 +249,7 @@ def store_pair_frames(
         }
     return {
         (a, b): pair_stats(
-            store, a, b, engine=engine, thresholds={metric: threshold}, min_both=min_both
+            store, PairQuery(a, b, engine=engine, thresholds={metric: threshold}, min_both=min_both)
         )
         for a, b in adjacent_pairs(layers)
     }
@@ -280,8 +273,8 @@ def export_graph(
     *,
     layers: Sequence[int],
     metric: str = "pearson",
-    threshold: float = 0.2,
-    engine: str = "sparse",
+    threshold: float = EDGE_THRESHOLD,
+    engine: str = DEFAULT_ENGINE,
     min_both: int = MIN_BOTH,
 ) -> tuple[nx.DiGraph, dict[str, Any]]:
     """Build the graph of adjacent layers and write graph.graphml, edges.parquet, summary.json."""

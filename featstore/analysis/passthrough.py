@@ -16,7 +16,7 @@ import polars as pl
 
 from featstore.figures import no_data, save
 from featstore.files import write_parquet_atomic
-from featstore.stats.query import pair_stats
+from featstore.stats.query import PairQuery, pair_stats
 from featstore.stats.shardsums import Variant, merged_feature_stats
 from featstore.store.local import Store
 
@@ -53,7 +53,8 @@ def pass_through_links(
     parts = [pl.DataFrame(schema=LINK_SCHEMA)]
     for a, b in zip(layers[:-1], layers[1:], strict=True):
         frame = pair_stats(
-            store, a, b, shards=shards, min_pearson=min_pearson, variant=variant, save=False
+            store,
+            PairQuery(a, b, shards=shards, min_pearson=min_pearson, variant=variant, save=False),
         )
         best = mutual_best(frame.select("feature_a", "feature_b", "pearson"), "pearson")
         parts.append(

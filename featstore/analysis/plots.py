@@ -30,9 +30,10 @@ from featstore.analysis.graph import (
     layer_sizes,
     strongest_subgraph,
 )
+from featstore.defaults import AGREEMENT_THRESHOLD, DEFAULT_ENGINE, EDGE_THRESHOLD
 from featstore.errors import FeatstoreError
 from featstore.figures import PathLike, no_data, pair_label, save
-from featstore.stats.query import pair_stats, pair_stats_path, save_pair_table
+from featstore.stats.query import PairQuery, pair_stats, pair_stats_path, save_pair_table
 from featstore.store.local import Store
 
 # Tables of pairs by layer pair, in memory or lazy (a scan of a whole table on disk).
@@ -57,7 +58,7 @@ def block_heatmap(
     *,
     title_context: str,
     features: tuple[int, int] = (0, 100),
-    threshold: float = 0.2,
+    threshold: float = EDGE_THRESHOLD,
     metric: str = "pearson",
 ) -> Path:
     """One block per layer pair, side by side: `metric` between the features of the range.
@@ -303,11 +304,11 @@ def plot_store(
     out: PathLike,
     *,
     layers: Sequence[int],
-    threshold: float = 0.2,
-    agreement_threshold: float = 0.99,
+    threshold: float = EDGE_THRESHOLD,
+    agreement_threshold: float = AGREEMENT_THRESHOLD,
     features: tuple[int, int] = (0, 100),
     n_edges: int = 60,
-    engine: str = "sparse",
+    engine: str = DEFAULT_ENGINE,
     fresh_tables: bool = False,
 ) -> list[Path]:
     """All four figures of adjacent layer pairs into `out`; `threshold` is Pearson's and Jaccard's.
@@ -326,13 +327,14 @@ def plot_store(
     # Every co-active pair is streamed to disk and read back lazily; only the pairs of the
     # drawn graph (Pearson >= threshold) are held.
     full = {(a, b): pl.scan_parquet(pair_stats_path(store, a, b) if fresh_tables else
-                                    save_pair_table(store, a, b, engine=engine).path)
+                                    save_pair_table(store, PairQuery(a, b, engine=engine)).path)
             for a, b in pairs}  # fmt: skip
-    strong = {(a, b): pair_stats(store, a, b, engine=engine, min_pearson=threshold)
+    strong = {(a, b): pair_stats(store, PairQuery(a, b, engine=engine, min_pearson=threshold))
               for a, b in pairs}  # fmt: skip
     ranged = {
         (a, b): pair_stats(
-            store, a, b, engine=engine, features_a=block, features_b=block, all_pairs=True
+            store,
+            PairQuery(a, b, engine=engine, features_a=block, features_b=block, all_pairs=True),
         )
         for a, b in pairs
     }

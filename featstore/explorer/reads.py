@@ -22,11 +22,12 @@ import polars as pl
 
 from featstore.analysis.cards import check_feature
 from featstore.analysis.logits import read_logit_effects
+from featstore.defaults import MIN_BOTH
 from featstore.errors import FeatstoreError
 from featstore.explorer.summary import HIST_EDGES, LayerSummary, summarise_layer
 from featstore.stats.finish import finish_stats
 from featstore.stats.kernel import PairCounts
-from featstore.stats.measures import MIN_BOTH, with_intervals
+from featstore.stats.measures import with_intervals
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store import spec
 from featstore.store.local import FeatureStats, Store

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import time
@@ -16,6 +15,8 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from featstore import settings
+from featstore.defaults import DEFAULT_SOURCE
 from featstore.errors import FeatstoreError
 from featstore.sources.registry import Source, get_source
 from featstore.store import blockpass, spec
@@ -32,21 +33,21 @@ Logger = Callable[[str], None]
 class ExtractConfig:
     """What to extract: source, layers, sequence shape and where the text comes from."""
 
-    source: str = "tiny"
-    layers: tuple[int, ...] = (6, 7, 8, 9)
+    source: str = DEFAULT_SOURCE
+    layers: tuple[int, ...] | None = None  # None: every layer of the source (sources.yaml)
     seq_len: int = 128
     batch_size: int = 32
     device: str = "cpu"
     text_dir: str | None = None
     max_sequences: int | None = None  # per shard; None takes the whole shard
 
-    @classmethod
-    def of(cls, settings: Any) -> ExtractConfig:
-        """From any object carrying these fields as attributes (CLI arguments, a resource)."""
-        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+    of = classmethod(settings.of)  # from CLI arguments or a resource, in one call
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(self.layers))
+        source = get_source(self.source)
+        object.__setattr__(
+            self, "layers", source.layers if self.layers is None else tuple(self.layers)
+        )
         if not self.layers:
             raise FeatstoreError("no layers given")
         if self.seq_len < 2:
@@ -57,7 +58,6 @@ class ExtractConfig:
             raise FeatstoreError(f"batch_size must be positive, got {self.batch_size}")
         if self.max_sequences is not None and self.max_sequences < 1:
             raise FeatstoreError(f"max_sequences must be positive, got {self.max_sequences}")
-        source = get_source(self.source)
         source.check_layers(self.layers)
         source.check_seq_len(self.seq_len)
 

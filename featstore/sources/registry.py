@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from featstore.defaults import DEFAULT_SOURCE
 from featstore.errors import FeatstoreError
 
 if TYPE_CHECKING:
@@ -236,3 +237,8 @@ def get_source(name: str, text_dir: str | Path | None = None) -> Source:
         text=e["text"],
         text_dir=Path(text_dir) if text_dir is not None else None,
     )
+
+
+def default_layers(source: str = DEFAULT_SOURCE) -> tuple[int, ...]:
+    """The layers a source has SAEs for (its `sources.yaml` entry): every layer default."""
+    return get_source(source).layers

@@ -16,7 +16,7 @@ import contextlib
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +24,12 @@ import polars as pl
 import scipy.sparse as sp
 from scipy.optimize import brentq
 
+from featstore import settings
+from featstore.defaults import SYNTH_SOURCE
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
 from featstore.sources import planted as planting
+from featstore.sources.registry import default_layers, get_source
 from featstore.store.local import Store
 
 VOCAB_SIZE = 50257  # GPT-2's vocabulary
@@ -46,8 +49,8 @@ EDGE_SCHEMA = {
 class SynthConfig:
     """Shape, sparsity and planted structure of a synthetic store; `n_tokens` is per shard."""
 
-    d_sae: int = 24576
-    layers: tuple[int, ...] = (6, 7, 8, 9)
+    d_sae: int = field(default_factory=lambda: get_source(SYNTH_SOURCE).d_sae)
+    layers: tuple[int, ...] = field(default_factory=lambda: default_layers(SYNTH_SOURCE))
     n_tokens: int = 100_000
     l0: float = 50.0  # expected active features per token, every layer
     zipf: float = 0.9  # feature frequency ~ rank ** -zipf
@@ -65,6 +68,8 @@ class SynthConfig:
     n_chains: int = 0  # pass-through chains through every layer (`planted`)
     n_gates: int = 0  # AND gates and OR gates, each, per pair of successive layers
     n_vanishing: int = 0  # features per layer (but the last) that nothing follows
+
+    of = classmethod(settings.of)  # from CLI arguments
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))

@@ -18,7 +18,6 @@ MODEL_NAME = "featstore-tiny"
 SPECIAL = "<|endoftext|>"
 CTX = 128
 VOCAB = 2048
-LAYERS = (6, 7, 8, 9)
 D_SAE = 512
 SEED = 0
 MODEL_CONFIG: dict[str, Any] = {

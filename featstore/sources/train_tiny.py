@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
+from featstore.sources.registry import default_layers
 from featstore.sources.tiny import (
     CTX,
     D_SAE,
-    LAYERS,
     MODEL_CONFIG,
     MODEL_NAME,
     SEED,
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerFast
 
+LAYERS = default_layers("tiny")  # the layers SAEs are trained for: sources.yaml
 HELDOUT_EVERY = 20  # every 20th file (5%) is held out from all training
 SKIP_PARTS = {
     "site-packages",

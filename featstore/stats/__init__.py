@@ -6,6 +6,8 @@ From the bottom up:
 - `scan`: scanning a layer pair's shards block by block.
 - `finish`: turning sums into statistics and applying a query's threshold rules.
 - `measures`: every measure's definition, ranges and intervals.
+- `pairquery`: `PairQuery`, the frozen question (layers, shards, features, thresholds, variant,
+  engine, saving) that `query` answers; the CLI and Dagster build it in one call.
 - `query`: `pair_stats`/`pair_report`, the public entry points.
 - `best`: each feature's best partner by one measure, block by block (no features x features).
 - `allpairs`: `pair_reports`, every pair among some layers in one pass over the shards.

@@ -1,21 +1,21 @@
 """Every pair among some layers in one pass over the shards (layers 6-9: 6 pairs).
 
-`pair_reports` runs `pair_report` for each pair inside `scan.one_pass`: each layer's shards are
-read, checked and stacked once and kept while a later pair still needs them, so 4 layers cost 4
-reads instead of 12. The sums of each pair are those `pair_report` computes alone, bit for bit
+`pair_reports` runs `pair_report` (a `PairQuery` per pair) for each pair inside
+`scan.one_pass`: each layer's shards are read, checked and stacked once and kept while a later
+pair still needs them, so 4 layers cost 4 reads instead of 12. The sums of each pair are those
+`pair_report` computes alone, bit for bit
 (the same stacked matrices, the same kernel).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import polars as pl
 
 from featstore.errors import FeatstoreError
-from featstore.stats.query import pair_report
+from featstore.stats.query import PairQuery, pair_report
 from featstore.stats.scan import one_pass
 from featstore.store.local import Store
 
@@ -32,15 +32,20 @@ def layer_pairs(layers: Sequence[int], max_distance: int | None = None) -> list[
 
 
 def pair_reports(
-    store: Store, layers: Sequence[int], *, max_distance: int | None = None, **query: Any
+    store: Store,
+    layers: Sequence[int],
+    ask: Callable[[int, int], PairQuery] = PairQuery,
+    *,
+    max_distance: int | None = None,
 ) -> dict[Pair, tuple[pl.DataFrame, dict[str, int]]]:
-    """`pair_report(store, a, b, **query)` of every pair of `layers_pairs(layers, max_distance)`,
-    reading each layer once; a layer no later pair needs is dropped from memory."""
+    """`pair_report(store, ask(a, b))` of every pair of `layers_pairs(layers, max_distance)`,
+    reading each layer once; a layer no later pair needs is dropped from memory. `ask` makes
+    each pair's query, e.g. `functools.partial(PairQuery, min_pearson=0.2)`."""
     pairs = layer_pairs(layers, max_distance)
     out = {}
     with one_pass() as kept:
         for k, (a, b) in enumerate(pairs):
-            out[(a, b)] = pair_report(store, a, b, **query)
+            out[(a, b)] = pair_report(store, ask(a, b))
             needed = {layer for pair in pairs[k + 1 :] for layer in pair}
             for key in [key for key in kept if key[0] not in needed]:
                 del kept[key]

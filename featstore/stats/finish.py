@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import polars as pl
 
+from featstore.defaults import pair_schema
 from featstore.errors import FeatstoreError
 from featstore.stats import measures
 from featstore.stats.measures import Spread
@@ -20,19 +21,7 @@ from featstore.stats.shardsums import PairCounts, Screen
 from featstore.store.local import FeatureStats
 
 CHUNK_PAIRS = 1 << 15  # pairs tested at once (`passing_rows`): their temporaries stay in cache
-SCHEMA = {
-    "feature_a": pl.Int32,
-    "feature_b": pl.Int32,
-    "n_tokens": pl.Int64,
-    "n_both": pl.Int64,
-    "n_either": pl.Int64,
-    "sum_xy": pl.Float64,
-    "pearson": pl.Float64,
-    "agreement": pl.Float64,
-    "jaccard": pl.Float64,
-    **dict.fromkeys(measures.NEW_COLUMNS, pl.Float64),
-    "cosine": pl.Float64,
-}
+SCHEMA = pair_schema()  # the pair table's columns (featstore.defaults)
 TABLE_COLUMNS = ("agreement", "jaccard", *measures.NEW_COLUMNS)  # from the 2 x 2 table
 MEASURE_COLUMNS = (*measures.SUM_COLUMNS, *TABLE_COLUMNS)  # every data measure of a pair
 

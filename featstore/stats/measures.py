@@ -31,7 +31,6 @@ from featstore.store.local import FeatureStats, Store
 
 FLAT_VARIANCE = 1e-9  # n*Q - S^2 below this share of n*Q is rounding: the feature never varies
 Z95 = float(ndtri(0.975))  # the normal quantile of a two-sided 95% interval
-MIN_BOTH = 2  # default support of an edge: a pair seen together once is no edge
 # Every measure an edge can be thresholded on, with the range a threshold must lie in.
 RANGES: dict[str, tuple[float, float]] = {
     "pearson": (-1.0, 1.0),

@@ -17,9 +17,10 @@ other pass), 95% intervals on request, thresholds on any measure with a minimum 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +30,12 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
 from featstore.stats import measures
 from featstore.stats.finish import (
     Conditions,
     check_threshold,
-    conditions,
     finish_stats,
     passing_rows,
     pearson_screen,
@@ -42,12 +43,12 @@ from featstore.stats.finish import (
 )
 from featstore.stats.kernel import run_ahead
 from featstore.stats.measures import FLAT_VARIANCE, Spread
-from featstore.stats.scan import MAX_BLOCK_PAIRS, PairScan, check_range
+from featstore.stats.pairquery import PairQuery
+from featstore.stats.scan import PairScan, check_range
 from featstore.stats.shardsums import (
     ENGINES,
     PairCounts,
     Range,
-    Variant,
     merged_feature_stats,
     merged_pair_counts,
     save_shard_pairs,
@@ -65,6 +66,7 @@ __all__ = [
     "FLAT_VARIANCE",
     "Spread",
     "PairCounts",
+    "PairQuery",
     "finish_stats",
     "merged_feature_stats",
     "merged_pair_counts",
@@ -190,144 +192,60 @@ def threshold_counts(
 # -- the whole table ------------------------------------------------------------------------------
 
 
-def pair_stats(
-    store: Store,
-    a: int,
-    b: int,
-    *,
-    engine: str = "sparse",
-    shards: Sequence[str] | None = None,
-    min_pearson: float | None = None,
-    min_jaccard: float | None = None,
-    features_a: Range | None = None,
-    features_b: Range | None = None,
-    all_pairs: bool = False,
-    recompute: bool = False,
-    thresholds: Mapping[str, float] | None = None,
-    min_both: int = 0,
-    variant: Variant | None = None,
-    intervals: bool = False,
-    save: bool | None = None,
-) -> pl.DataFrame:
+def pair_stats(store: Store, query: PairQuery) -> pl.DataFrame:
     """Statistics of the co-active pairs (every pair of the ranges with `all_pairs`) passing
-    the thresholds, over `shards` (default all); see `pair_report`."""
-    return pair_report(
-        store,
-        a,
-        b,
-        engine=engine,
-        shards=shards,
-        min_pearson=min_pearson,
-        min_jaccard=min_jaccard,
-        features_a=features_a,
-        features_b=features_b,
-        all_pairs=all_pairs,
-        recompute=recompute,
-        thresholds=thresholds,
-        min_both=min_both,
-        variant=variant,
-        intervals=intervals,
-        save=save,
-        count=False,
-    )[0]
+    the query's thresholds; see `pair_blocks`."""
+    return pair_report(store, query, count=False)[0]
 
 
 def pair_report(
-    store: Store,
-    a: int,
-    b: int,
-    *,
-    engine: str = "sparse",
-    shards: Sequence[str] | None = None,
-    min_pearson: float | None = None,
-    min_jaccard: float | None = None,
-    features_a: Range | None = None,
-    features_b: Range | None = None,
-    all_pairs: bool = False,
-    recompute: bool = False,
-    max_block_pairs: int = MAX_BLOCK_PAIRS,
-    thresholds: Mapping[str, float] | None = None,
-    min_both: int = 0,
-    variant: Variant | None = None,
-    intervals: bool = False,
-    save: bool | None = None,
-    count: bool = True,
+    store: Store, query: PairQuery, *, count: bool = True
 ) -> tuple[pl.DataFrame, dict[str, int]]:
-    """The pairs passing the thresholds, and `threshold_counts` over all pairs of the ranges:
-    `pair_blocks` gathered (all its rows held at once; stream `pair_blocks` where they may be
-    many, e.g. the whole table of GPT-2-sized layers)."""
+    """The pairs passing the query's thresholds, and `threshold_counts` over all pairs of its
+    ranges: `pair_blocks` gathered (all its rows held at once; stream `pair_blocks` where they
+    may be many, e.g. the whole table of GPT-2-sized layers)."""
     kept, counts = [], Counter[str]()
-    blocks = pair_blocks(
-        store, a, b, engine=engine, shards=shards, min_pearson=min_pearson,
-        min_jaccard=min_jaccard, features_a=features_a, features_b=features_b,
-        all_pairs=all_pairs, recompute=recompute, max_block_pairs=max_block_pairs,
-        thresholds=thresholds, min_both=min_both, variant=variant, intervals=intervals,
-        save=save, count=count,
-    )  # fmt: skip
-    for frame, block_counts in blocks:
+    for frame, block_counts in pair_blocks(store, query, count=count):
         kept.append(frame)
         counts.update(block_counts)
     return pl.concat(kept), dict(counts)
 
 
 def pair_blocks(
-    store: Store,
-    a: int,
-    b: int,
-    *,
-    engine: str = "sparse",
-    shards: Sequence[str] | None = None,
-    min_pearson: float | None = None,
-    min_jaccard: float | None = None,
-    features_a: Range | None = None,
-    features_b: Range | None = None,
-    all_pairs: bool = False,
-    recompute: bool = False,
-    max_block_pairs: int = MAX_BLOCK_PAIRS,
-    thresholds: Mapping[str, float] | None = None,
-    min_both: int = 0,
-    variant: Variant | None = None,
-    intervals: bool = False,
-    save: bool | None = None,
-    count: bool = True,
+    store: Store, query: PairQuery, *, count: bool = True
 ) -> Iterator[tuple[pl.DataFrame, dict[str, int]]]:
-    """Per block of feature_a, in order: the pairs passing the thresholds, and the block's
-    `threshold_counts` over all its pairs; memory is bounded by a block, however many rows.
+    """Per block of feature_a, in order: the pairs passing the query's thresholds, and the
+    block's `threshold_counts` over all its pairs (without `count`, empty dicts); memory is
+    bounded by a block, however many rows.
 
-    `thresholds` maps any measure of `measures.RANGES` (data ones) to its minimum; `min_both`
-    is the least number of tokens a pair must be active together on; `intervals` adds 95%
-    bounds to the rows returned. Shard sums are reused when saved and fresh, else computed by
-    `engine`. The work goes by blocks of feature_a (`PairScan.sums`); the thresholds are tested
-    first, on only the measures they name, and the other measures computed for the rows that
-    pass. With `save`, the shard sums computed are saved (for later calls) and, when the call
-    covers the full plain table (all shards, no ranges or all_pairs, no variant; thresholds
-    aside), that table is written to `{home}/pair_stats/{a}-{b}.parquet` for the `pair_stats`
-    SQL table (complete once the last block is yielded). `save=None` saves when the call asks
-    for that table whole (no thresholds either), not for a query. Without `count` the counts
-    are not made (empty dicts).
+    Shard sums are reused when saved and fresh, else computed by the query's engine. The work
+    goes by blocks of feature_a (`PairScan.sums`); the thresholds are tested first, on only the
+    measures they name, and the other measures computed for the rows that pass. When the query
+    saves (`PairQuery.saves`), the shard sums computed are saved (for later calls) and, when it
+    covers the whole plain table (`PairQuery.whole_table`; thresholds aside), that table is
+    written to `{home}/pair_stats/{a}-{b}.parquet` for the `pair_stats` SQL table (complete
+    once the last block is yielded).
     """
-    thresholds = dict(thresholds or {})
-    rules = conditions(min_pearson, min_jaccard, thresholds)
-    full = shards is None and features_a is None and features_b is None and not all_pairs
-    full = full and (variant is None or variant.plain)
-    if save is None:
-        save = full and not rules and min_both <= 0
+    q = query
+    a, b = q.layers
+    rules, save = q.rules, q.saves
     scan = PairScan.open(
-        store, a, b, engine=engine, shards=shards, features_a=features_a,
-        features_b=features_b, recompute=recompute, variant=variant, save=save,
+        store, a, b, engine=q.engine, shards=q.shards, features_a=q.features_a,
+        features_b=q.features_b, recompute=q.recompute, variant=q.variant, save=save,
     )  # fmt: skip
-    write_table = save and full
+    write_table = save and q.whole_table
     # Counts over all pairs and the whole table need every pair; a query only those that may pass.
     screen = None if count or write_table else pearson_screen(scan.stats, rules)
     finish = functools.partial(
-        _query_block, scan, rules=rules, min_both=min_both, whole_table=write_table,
-        intervals=intervals, count=(min_pearson, min_jaccard, thresholds) if count else None,
+        _query_block, scan, rules=rules, min_both=q.min_both, whole_table=write_table,
+        intervals=q.intervals,
+        count=(q.min_pearson, q.min_jaccard, q.thresholds) if count else None,
     )  # fmt: skip
     with (
         _table_writer(store if write_table else None, a, b) as write,
         ThreadPoolExecutor(max_workers=PIPELINE_WORKERS) as pool,
     ):
-        blocks = scan.sums(all_pairs, max_block_pairs, False, screen)
+        blocks = scan.sums(q.all_pairs, q.max_block_pairs, False, screen)
         for whole, frame, block_counts in _pipelined(pool, finish, blocks, PIPELINE_WORKERS):
             if whole is not None:
                 write(whole)
@@ -344,12 +262,17 @@ class SavedTable:
     top: pl.DataFrame
 
 
-def save_pair_table(store: Store, a: int, b: int, *, engine: str = "sparse", top: int = 10
-                    ) -> SavedTable:
-    """Write the table of every co-active pair of (a, b) over all shards to `pair_stats_path`,
-    block by block (`pair_blocks`): only a block and the `top` rows by Pearson are held."""
+def save_pair_table(store: Store, query: PairQuery, *, top: int = 10) -> SavedTable:
+    """Write the table of every co-active pair of the query's layers over all shards to
+    `pair_stats_path`, block by block (`pair_blocks`): only a block and the `top` rows by
+    Pearson are held. The query asks for the whole plain table (`PairQuery.whole_table`;
+    its engine and `recompute` apply)."""
+    if not query.whole_table or query.rules or query.min_both > 0:
+        raise FeatstoreError(f"save_pair_table takes the whole plain table, not {query}")
+    a, b = query.layers
     rows, n_tokens, best = 0, 0, pl.DataFrame()
-    for frame, _ in pair_blocks(store, a, b, engine=engine, save=True, count=False):
+    whole = dataclasses.replace(query, save=True, intervals=False)
+    for frame, _ in pair_blocks(store, whole, count=False):
         rows += frame.height
         n_tokens = int(frame["n_tokens"][0]) if frame.height else n_tokens
         best = pl.concat([best, frame.top_k(top, by="pearson")]) if best.height else frame
@@ -453,20 +376,12 @@ def _table_writer(store: Store | None, a: int, b: int) -> Iterator[Callable[[pl.
             )
 
 
-def describe_counts(
-    counts: dict[str, int],
-    min_pearson: float | None,
-    min_jaccard: float | None,
-    thresholds: Mapping[str, float] | None = None,
-    min_both: int = 0,
-) -> str:
-    """One line: how many of all pairs pass each threshold."""
+def describe_counts(counts: dict[str, int], query: PairQuery) -> str:
+    """One line: how many of all pairs pass each threshold of the query."""
     parts = [f"{counts['pairs']} pairs, {counts['co_active']} co-active"]
-    named = {"pearson": min_pearson, "jaccard": min_jaccard, **(thresholds or {})}
-    for measure, threshold in named.items():
-        if threshold is not None:
-            parts.append(f"{measure} >= {threshold}: {counts[measure]}")
-    if min_both > 0:
-        parts.append(f"(n_both >= {min_both})")
+    for measure, threshold in query.rules:
+        parts.append(f"{measure} >= {threshold}: {counts[measure]}")
+    if query.min_both > 0:
+        parts.append(f"(n_both >= {query.min_both})")
     parts.append(f"all thresholds: {counts['all']}")
     return "; ".join(parts)

@@ -22,6 +22,7 @@ import polars as pl
 import scipy.sparse as sp
 import zarr
 
+from featstore.defaults import DEFAULT_ENGINE
 from featstore.errors import FeatstoreError
 from featstore.stats import shardsums
 from featstore.stats.finish import finish_stats
@@ -95,7 +96,7 @@ class PairScan:
     range_b: Range
     stats_a: FeatureStats
     stats_b: FeatureStats
-    engine: str = "sparse"
+    engine: str = DEFAULT_ENGINE
     saved: Mapping[str, Any] = field(default_factory=dict)  # shard -> its saved zarr group
     todo: tuple[str, ...] = ()
 
@@ -105,7 +106,7 @@ class PairScan:
         a: int,
         b: int,
         *,
-        engine: str = "sparse",
+        engine: str = DEFAULT_ENGINE,
         shards: Sequence[str] | None = None,
         features_a: Range | None = None,
         features_b: Range | None = None,
@@ -178,7 +179,7 @@ def merged_blocks(
     todo: Sequence[str],
     features_a: Range,
     *,
-    engine: str = "sparse",
+    engine: str = DEFAULT_ENGINE,
     max_pairs: int,
     sort: bool = True,
     screen: Screen | None = None,

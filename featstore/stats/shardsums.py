@@ -35,6 +35,7 @@ import polars as pl
 import scipy.sparse as sp
 import zarr
 
+from featstore import defaults
 from featstore.errors import FeatstoreError
 from featstore.stats.kernel import (
     PAIR_ARRAYS,
@@ -49,7 +50,7 @@ from featstore.stats.kernel import (
 from featstore.store import encodings, spec
 from featstore.store.local import FeatureStats, Store
 
-ENGINES = ("sparse", "duckdb", "polars")
+ENGINES = defaults.ENGINES  # re-exported: featstore.defaults is the one place
 # Tokens per block: the sparse engine holds a block of both layers (~0.6 GB per 1M tokens at
 # L0 50); the polars engine holds every co-activation of a block.
 BLOCK_TOKENS = {"sparse": 1 << 20, "polars": 1 << 16}
@@ -264,7 +265,7 @@ def iter_shard_pair_counts(
     a: int,
     b: int,
     shard: str,
-    engine: str = "sparse",
+    engine: str = defaults.DEFAULT_ENGINE,
     block_tokens: int = 0,
     sort: bool = True,
     screen: Screen | None = None,
@@ -303,7 +304,12 @@ def iter_shard_pair_counts(
 
 
 def shard_pair_counts(
-    store: Store, a: int, b: int, shard: str, engine: str = "sparse", block_tokens: int = 0
+    store: Store,
+    a: int,
+    b: int,
+    shard: str,
+    engine: str = defaults.DEFAULT_ENGINE,
+    block_tokens: int = 0,
 ) -> PairCounts:
     """Pair sums of one shard, computed by `engine` over blocks of tokens (0: its default)."""
     parts = list(iter_shard_pair_counts(store, a, b, shard, engine, block_tokens))
@@ -405,7 +411,12 @@ def save_shard_pairs(
 
 
 def update_shard_pairs(
-    store: Store, a: int, b: int, shard: str, engine: str = "sparse", variant: Variant = PLAIN
+    store: Store,
+    a: int,
+    b: int,
+    shard: str,
+    engine: str = defaults.DEFAULT_ENGINE,
+    variant: Variant = PLAIN,
 ) -> SavedPairs:
     """Compute one shard's pair sums and save them, block by block where the engine allows.
 
@@ -454,7 +465,7 @@ def ensure_shard_pairs(
     a: int,
     b: int,
     shards: Sequence[str],
-    engine: str = "sparse",
+    engine: str = defaults.DEFAULT_ENGINE,
     recompute: bool = False,
     variant: Variant = PLAIN,
 ) -> list[str]:
@@ -525,7 +536,7 @@ def merged_pair_counts(
     b: int,
     shards: Sequence[str] | None = None,
     *,
-    engine: str = "sparse",
+    engine: str = defaults.DEFAULT_ENGINE,
     features_a: Range | None = None,
     recompute: bool = False,
 ) -> PairCounts:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
 
     from featstore.store.local import Store
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+# The named queries: the repo's top-level sql/, carried in the package as featstore/_data/sql.
+SQL_DIR = Path(str(resources.files("featstore") / "_data" / "sql"))
 INDEXED = ("activations", "tokens")  # from the SQL index
 FILES = ("pair_stats", "causal_edges", "logit_effects", "findings")  # sqlfiles.TABLES
 VIEWS = INDEXED + FILES

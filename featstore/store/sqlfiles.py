@@ -11,27 +11,12 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from featstore.defaults import PAIR_COLUMNS, PAIR_LAYERS
 from featstore.store import spec
 
+# The pair table's columns (featstore.defaults; polars type names are pyarrow's, capitalised).
 PAIR_STATS_SCHEMA = pa.schema(
-    [
-        ("layer_a", pa.int32()),
-        ("layer_b", pa.int32()),
-        ("feature_a", pa.int32()),
-        ("feature_b", pa.int32()),
-        ("n_tokens", pa.int64()),
-        ("n_both", pa.int64()),
-        ("n_either", pa.int64()),
-        ("sum_xy", pa.float64()),
-        ("pearson", pa.float64()),
-        ("agreement", pa.float64()),
-        ("jaccard", pa.float64()),
-        ("sufficiency", pa.float64()),  # featstore.measures
-        ("necessity", pa.float64()),
-        ("mutual_information", pa.float64()),
-        ("pmi", pa.float64()),
-        ("cosine", pa.float64()),  # uncentred activation cosine
-    ]
+    [(k, getattr(pa, t.lower())()) for k, t in (PAIR_LAYERS | PAIR_COLUMNS).items()]
 )
 CAUSAL_EDGES_SCHEMA = pa.schema(  # featstore.causal writes it
     [

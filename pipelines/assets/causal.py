@@ -15,6 +15,7 @@ from featstore.analysis.concepts import default_set, run_concepts
 from featstore.analysis.erasure import run_erasure
 from featstore.analysis.graph import GRAPHML
 from featstore.analysis.steering import SteerConfig, run_steering
+from featstore.defaults import MIN_EFFECT
 from featstore.errors import FeatstoreError
 from featstore.sources.extract import load_model_and_saes
 from featstore.store.spec import CONCEPTS_DIR, ERASURE_DIR
@@ -36,7 +37,7 @@ class CausalEdgesConfig(dg.Config):
     random_pairs: int = 100  # random control pairs per layer pair
     attribution: bool = True  # also the first-order estimate of each edge
     value: float = 0.0  # 0 ablates; another value clamps
-    min_effect: float = 0.1  # |relative effect| of a causal edge
+    min_effect: float = MIN_EFFECT  # |relative effect| of a causal edge
     min_tokens: int = 5
 
 

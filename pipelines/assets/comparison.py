@@ -8,11 +8,11 @@ import dagster as dg
 import polars as pl
 
 from featstore.analysis.cards import busiest_features, write_cards
-from featstore.analysis.compare import DEFAULT_THRESHOLDS, CompareConfig, run_comparison
+from featstore.analysis.compare import CompareConfig, run_comparison
 from featstore.analysis.graph import EDGES
 from featstore.analysis.logits import store_logit_effects, write_logit_effects
+from featstore.defaults import DEFAULT_ENGINE, EDGE_THRESHOLD, MEASURE_THRESHOLDS, MIN_BOTH
 from featstore.errors import FeatstoreError
-from featstore.stats.measures import MIN_BOTH
 from featstore.store.spec import CARDS_DIR, COMPARISON_DIR
 from pipelines.assets.extraction import activations, encoder_config
 from pipelines.assets.statistics import GRAPH_DIR, feature_graph, inline_png, markdown, pair_stats
@@ -22,15 +22,15 @@ COMPARISON_VERSION = "1"
 
 
 class MethodComparisonConfig(dg.Config):
-    thresholds: dict[str, float] = dict(DEFAULT_THRESHOLDS)  # data measure -> its threshold
+    thresholds: dict[str, float] = dict(MEASURE_THRESHOLDS)  # data measure -> its threshold
     min_both: int = MIN_BOTH  # pairs co-active on fewer tokens are no candidates
     distances: list[int] = [1, 2, 3]  # layer gaps of the best-match score distributions
     null_quantile: float = 0.95  # null-corrected threshold: this quantile of null best scores
     decoder_k: int = 10  # decoder cosines kept per feature (0: no decoder_cosine method)
     community_metric: str = "pearson"
-    community_threshold: float = 0.2
+    community_threshold: float = EDGE_THRESHOLD
     seed: int = 0  # Louvain's
-    engine: str = "sparse"
+    engine: str = DEFAULT_ENGINE
 
 
 class FeatureCardsConfig(dg.Config):

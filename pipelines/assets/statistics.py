@@ -11,7 +11,8 @@ import polars as pl
 
 from featstore.analysis import graph as fgraph
 from featstore.analysis import plots as fplots
-from featstore.stats.query import save_pair_table
+from featstore.defaults import AGREEMENT_THRESHOLD, DEFAULT_ENGINE, EDGE_THRESHOLD
+from featstore.stats.query import PairQuery, save_pair_table
 from featstore.stats.shardsums import update_shard_pairs
 from featstore.store.spec import GRAPH_DIR, PLOTS_DIR
 from pipelines.assets.extraction import activations
@@ -31,17 +32,17 @@ EAGER = dg.AutomationCondition.eager()
 
 
 class PairSumsConfig(dg.Config):
-    engine: str = "sparse"  # sparse, polars or duckdb (featstore.pairs.ENGINES): same sums
+    engine: str = DEFAULT_ENGINE  # featstore.defaults.ENGINES: the same sums, computed apart
 
 
 class GraphConfig(PairSumsConfig):
     metric: str = "pearson"  # an edge needs metric >= threshold
-    threshold: float = 0.2
+    threshold: float = EDGE_THRESHOLD
 
 
 class PlotsConfig(PairSumsConfig):
-    threshold: float = 0.2  # Pearson's and Jaccard's bar (the graph's default)
-    agreement_threshold: float = 0.99
+    threshold: float = EDGE_THRESHOLD  # Pearson's and Jaccard's bar (the graph's default)
+    agreement_threshold: float = AGREEMENT_THRESHOLD
     first_feature: int = 0  # the heatmap shows features [first, first + n_features)
     n_features: int = 100
     n_edges: int = 60  # strongest edges in the layered drawing
@@ -61,7 +62,7 @@ def shard_pair_stats(
 ) -> None:
     """Co-activation counts and sums of products of every co-active feature pair, per shard.
 
-    `featstore.pairs.update_shard_pairs`: additive sufficient statistics, saved at
+    `featstore.stats.shardsums.update_shard_pairs`: additive sufficient statistics, saved at
     `pairs/{a}-{b}/{shard}` so adding a shard never recomputes the others.
     """
     store = featstore.open()
@@ -84,16 +85,20 @@ def shard_pair_stats(
     group_name="statistics",
     kinds={"polars", "parquet"},
 )
-def pair_stats(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> None:
-    """Pearson, agreement and Jaccard of each co-active feature pair, merged over all shards.
+def pair_stats(
+    context: dg.AssetExecutionContext, config: PairSumsConfig, featstore: FeatstoreResource
+) -> None:
+    """Every measure of each co-active feature pair, merged over all shards.
 
-    `featstore.stats.pair_stats`: saved as `{home}/pair_stats/{a}-{b}.parquet`, the `pair_stats`
+    `featstore.stats.query.pair_stats` of the whole table (`PairQuery`): saved as
+    `{home}/pair_stats/{a}-{b}.parquet`, the `pair_stats`
     table of `featstore sql`.
     """
     store = featstore.open()
     for pair in context.partition_keys:
         a, b = parse_pair(pair)
-        saved = save_pair_table(store, a, b)  # streamed to disk: the table is never held
+        # Streamed to disk: the table is never held.
+        saved = save_pair_table(store, PairQuery.of(config, layer_a=a, layer_b=b))
         context.add_asset_metadata(
             {
                 "tokens": saved.n_tokens,
@@ -117,7 +122,7 @@ def pair_stats(context: dg.AssetExecutionContext, featstore: FeatstoreResource) 
 def feature_graph(config: GraphConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
     """Directed graph of feature pairs of adjacent layers with metric >= threshold.
 
-    `featstore.graph.export_graph`: GraphML, a Parquet edge list and summary.json under
+    `featstore.analysis.graph.export_graph`: GraphML, a Parquet edge list and summary.json under
     `{home}/graph/`; metadata: edges per layer pair, degree distributions, share of active
     features with a successor in the next layer.
     """
@@ -158,7 +163,7 @@ def plots(config: PlotsConfig, featstore: FeatstoreResource) -> dg.MaterializeRe
     features per layer pair, co-occurrence histograms, pairs above threshold per layer pair, and
     a layered drawing of the strongest edges.
 
-    `featstore.plots.plot_store`.
+    `featstore.analysis.plots.plot_store`.
     """
     out = featstore.home_path() / PLOTS_DIR
     paths = fplots.plot_store(
