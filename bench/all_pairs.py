@@ -5,12 +5,12 @@
 
 Data: a `featstore.sources.synth` store of layers 6-9, 24,576 features (L0 ~49), `--shards`
 shards of `--tokens` tokens, cached under `bench/out/`. Each measurement runs in a fresh process
-(peak RSS its own): `alone` runs `pair_stats(store, a, b, min_pearson=0.2)` for the 6 pairs one
-after the other (what a caller did before `featstore.stats.allpairs`); `one pass` runs
-`allpairs.pair_reports(store, (6, 7, 8, 9), min_pearson=0.2)` (where the code under test has
-it). Rates are tokens per core-minute per pair: tokens x pairs over the process's CPU time
-(all its threads), which a shared machine's load inflates less than wall time. Run it once with
-`PYTHONPATH` at a worktree of the baseline commit and once at this one; bench/RESULTS.md.
+(peak RSS its own): `alone` runs `pair_stats(store, PairQuery(a, b, min_pearson=0.2))` for the 6
+pairs one after the other (what a caller did before `featstore.stats.allpairs`); `one pass` runs
+`allpairs.pair_reports(store, (6, 7, 8, 9), partial(PairQuery, min_pearson=0.2))` (where the code
+under test has it). Rates are tokens per core-minute per pair: tokens x pairs over the process's
+CPU time (all its threads), which a shared machine's load inflates less than wall time. Run it
+once with `PYTHONPATH` at a worktree of the baseline commit and once at this one; bench/RESULTS.md.
 """
 
 from __future__ import annotations

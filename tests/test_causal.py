@@ -19,7 +19,7 @@ from featstore.analysis.causal import (
 )
 from featstore.cli import main
 from featstore.errors import FeatstoreError
-from featstore.stats.query import pair_stats
+from featstore.stats.query import PairQuery, pair_stats
 from featstore.store import spec
 
 PAIRS = ((6, 7), (7, 8), (8, 9))
@@ -37,7 +37,7 @@ def store_run(tmp_path_factory):
     saes = random_saes(model, random_tokens(n_seq=6, seq_len=12))
     store = model_store(tmp_path_factory.mktemp("causal"), model, saes, random_tokens(8, 12, 1))
     for a, b in PAIRS:
-        pair_stats(store, a, b)  # writes pair_stats/{a}-{b}.parquet: the correlation graph
+        pair_stats(store, PairQuery(a, b))  # writes pair_stats/{a}-{b}.parquet: correlation edges
     choice = EdgeChoice(min_pearson=0.1, random_pairs=30)
     cfg = CausalConfig(max_sequences=4, min_effect=0.2, min_tokens=3, edges=choice)
     return store, model, saes, cfg
