@@ -22,8 +22,9 @@ class Ticker:
         self.done = 0
         self.start = self.last = time.monotonic()
 
-    def step(self, note: str = "") -> None:
-        self.done += 1
+    def step(self, n: int = 1, note: str = "") -> None:
+        """`n` more steps done; `note` goes after the count."""
+        self.done += n
         now = time.monotonic()
         if self.progress is None or (now - self.last < self.every and self.done < self.total):
             return

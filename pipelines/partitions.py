@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import dagster as dg
 
 from featstore.sources.registry import registry
+from pipelines import beta
 
 # Every layer some source of sources.yaml has SAEs for: the space layer partitions live in. Which
 # of them a run extracts is configuration (FeatstoreResource.layers).
@@ -66,7 +67,7 @@ def range_tags(first: str, last: str) -> dict[str, str]:
 def layers_to_pairs() -> dg.MultiPartitionMapping:
     """(shard, layer) -> (shard, pair): a shard's pair a-b reads layers a and b of that shard."""
     pairs_of = {layer: [p for p in PAIRS if layer in p.split("-")] for layer in LAYERS}
-    return dg.MultiPartitionMapping(
+    return beta.multi_partition_mapping(
         {
             SHARD: dg.DimensionPartitionMapping(SHARD, dg.IdentityPartitionMapping()),
             LAYER: dg.DimensionPartitionMapping(PAIR, dg.StaticPartitionMapping(pairs_of)),

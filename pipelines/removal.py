@@ -41,8 +41,7 @@ def removal_request(shards: list[str]) -> dg.RunRequest:
 # The graph and the plots follow pair_stats through their eager automation conditions.
 merged_statistics = dg.define_asset_job(
     "merged_statistics",
-    selection=[pair_stats],
-    partitions_def=pair_stats.partitions_def,
+    selection=[pair_stats],  # partitioned as pair_stats (Dagster infers it)
     description="Pair statistics merged over the stored shards.",
 )
 

@@ -17,9 +17,7 @@ from pipelines.removal import removal_request, remove_shards
 from pipelines.resources import FeatstoreResource
 from pipelines.versions import file_digest
 
-tokenize_shards = dg.define_asset_job(
-    "tokenize_shards", selection=[tokens], partitions_def=shard_partitions
-)
+tokenize_shards = dg.define_asset_job("tokenize_shards", selection=[tokens])  # by text shard
 
 
 @dg.sensor(

@@ -24,6 +24,7 @@ from featstore.analysis.logits import read_logit_effects
 from featstore.defaults import MIN_BOTH
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
+from featstore.progress import Progress, Ticker
 from featstore.stats.finish import finish_stats
 from featstore.stats.kernel import sparse_pair_counts
 from featstore.stats.measures import DATA_FREE, RANGES, with_intervals
@@ -209,9 +210,11 @@ def feature_cards(
     partners: int = 10,
     sort_by: str = "pearson",
     min_both: int = MIN_BOTH,
+    progress: Progress | None = None,
 ) -> list[FeatureCard]:
     """The cards of `keys`, partners from the neighbouring layers of the store; per layer one
-    pass for the contexts and one per neighbouring layer for the partners."""
+    pass for the contexts and one per neighbouring layer for the partners (`progress` hears
+    each layer done)."""
     if sort_by not in RANGES or sort_by in DATA_FREE:
         data = [m for m in RANGES if m not in DATA_FREE]
         raise FeatstoreError(f"cards sort partners by a data measure ({', '.join(data)}), "
@@ -219,7 +222,9 @@ def feature_cards(
     for layer, feature in keys:
         check_feature(store, layer, feature)
     layers, cards = store.layers(), {}
-    for layer in sorted({k[0] for k in keys}):
+    chosen = sorted({k[0] for k in keys})
+    ticker = Ticker(progress, f"feature cards ({len(keys)}), layers", len(chosen), every=0)
+    for layer in chosen:
         mine = sorted({f for lay, f in keys if lay == layer})
         stats = merged_feature_stats(store, layer, store.shards(layer))
         below = [x for x in layers if x < layer][-1:]
@@ -240,6 +245,7 @@ def feature_cards(
                 contexts.filter(pl.col("feature") == f).drop("feature"),
                 near(preds, "b"), near(succs, "a"), read_logit_effects(store, layer, f),
             )  # fmt: skip
+        ticker.step(note=f" (layer {layer} done)")
     return [cards[k] for k in keys]
 
 
@@ -366,12 +372,14 @@ def write_cards(
     partners: int = 10,
     sort_by: str = "pearson",
     min_both: int = MIN_BOTH,
+    progress: Progress | None = None,
 ) -> list[Path]:
     """One page per feature plus index.html into `out`; pages link to each other."""
     out = Path(out)
     cards = feature_cards(
-        store, keys, top=top, partners=partners, sort_by=sort_by, min_both=min_both
-    )
+        store, keys, top=top, partners=partners, sort_by=sort_by, min_both=min_both,
+        progress=progress,
+    )  # fmt: skip
     paths = [out / "index.html"]
     for key, card in zip(keys, cards, strict=True):
         paths.append(out / card_filename(key))

@@ -28,6 +28,7 @@ from featstore.defaults import DEFAULT_ENGINE, EDGE_THRESHOLD, MEASURE_THRESHOLD
 from featstore.errors import FeatstoreError
 from featstore.figures import no_data, pair_label, save
 from featstore.files import write_parquet_atomic
+from featstore.progress import Progress, Ticker
 from featstore.sources.registry import default_layers
 from featstore.stats.measures import DATA_FREE, check_measure, passing
 from featstore.stats.scan import PairScan
@@ -336,15 +337,20 @@ def _tag(frame: pl.DataFrame, **constants: int) -> pl.DataFrame:
 
 
 def compare_methods(
-    store: Store, cfg: CompareConfig, decoders: Mapping[int, np.ndarray] | None = None
+    store: Store,
+    cfg: CompareConfig,
+    decoders: Mapping[int, np.ndarray] | None = None,
+    progress: Progress | None = None,
 ) -> Comparison:
-    """All tables; `decoders` (W_dec per layer) replace loading the SAEs of the store's source."""
+    """All tables; `decoders` (W_dec per layer) replace loading the SAEs of the store's source;
+    `progress` hears each layer pair done."""
     layers = sorted(cfg.layers)
     cosine, why = decoder_scores(store, layers, cfg.decoder_k, decoders)
     causal = causal_scores(store)
     notes = [f"no decoder_cosine: {why}"] if why else []
     notes += [] if causal else ["no causal table: no causal method"]
     best_rows, agree, nulls, nowhere, edges, summaries = [], [], [], [], {}, {}
+    ticker = Ticker(progress, "comparison, layer pairs (data and null)", len(layers) - 1, every=0)
     for a, b in itertools.pairwise(layers):
         extra = {
             name: frames[(a, b)]
@@ -361,6 +367,7 @@ def compare_methods(
         count = merged_feature_stats(store, b, store.shards(b)).count
         nowhere.append(from_nowhere(b, np.flatnonzero(count > 0), data, null, cfg))
         edges[(a, b)] = data.edges
+        ticker.step(note=f" ({a}-{b} done)")
     distance = []
     for d in cfg.distances:
         for a in (x for x in layers if x + d in layers):
@@ -450,10 +457,11 @@ def run_comparison(
     cfg: CompareConfig,
     out: str | Path,
     decoders: Mapping[int, np.ndarray] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Comparison, dict[str, Path]]:
     """`compare_methods`, written to `out`: one Parquet file per table (members as lists) and
     agreement.png, distances.png, null_counts.png."""
-    result = compare_methods(store, cfg, decoders)
+    result = compare_methods(store, cfg, decoders, progress)
     out = Path(out)
     paths = {
         name: write_parquet_atomic(frame, out / f"{name}.parquet")

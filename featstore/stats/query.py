@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
+from featstore.progress import Progress, Ticker
 from featstore.stats import measures
 from featstore.stats.finish import (
     Conditions,
@@ -212,7 +213,7 @@ def pair_report(
 
 
 def pair_blocks(
-    store: Store, query: PairQuery, *, count: bool = True
+    store: Store, query: PairQuery, *, count: bool = True, progress: Progress | None = None
 ) -> Iterator[tuple[pl.DataFrame, dict[str, int]]]:
     """Per block of feature_a, in order: the pairs passing the query's thresholds, and the
     block's `threshold_counts` over all its pairs (without `count`, empty dicts); memory is
@@ -224,7 +225,7 @@ def pair_blocks(
     saves (`PairQuery.saves`), the shard sums computed are saved (for later calls) and, when it
     covers the whole plain table (`PairQuery.whole_table`; thresholds aside), that table is
     written to `{home}/pair_stats/{a}-{b}.parquet` for the `pair_stats` SQL table (complete
-    once the last block is yielded).
+    once the last block is yielded). `progress` hears how many features of layer a are done.
     """
     q = query
     a, b = q.layers
@@ -246,6 +247,7 @@ def pair_blocks(
         ThreadPoolExecutor(max_workers=PIPELINE_WORKERS) as pool,
     ):
         blocks = scan.sums(q.all_pairs, q.max_block_pairs, False, screen)
+        blocks = _ticking(blocks, Ticker(progress, f"pair statistics {a}-{b}", _width(scan)))
         for whole, frame, block_counts in _pipelined(pool, finish, blocks, PIPELINE_WORKERS):
             if whole is not None:
                 write(whole)
@@ -262,7 +264,9 @@ class SavedTable:
     top: pl.DataFrame
 
 
-def save_pair_table(store: Store, query: PairQuery, *, top: int = 10) -> SavedTable:
+def save_pair_table(
+    store: Store, query: PairQuery, *, top: int = 10, progress: Progress | None = None
+) -> SavedTable:
     """Write the table of every co-active pair of the query's layers over all shards to
     `pair_stats_path`, block by block (`pair_blocks`): only a block and the `top` rows by
     Pearson are held. The query asks for the whole plain table (`PairQuery.whole_table`;
@@ -272,7 +276,7 @@ def save_pair_table(store: Store, query: PairQuery, *, top: int = 10) -> SavedTa
     a, b = query.layers
     rows, n_tokens, best = 0, 0, pl.DataFrame()
     whole = dataclasses.replace(query, save=True, intervals=False)
-    for frame, _ in pair_blocks(store, whole, count=False):
+    for frame, _ in pair_blocks(store, whole, count=False, progress=progress):
         rows += frame.height
         n_tokens = int(frame["n_tokens"][0]) if frame.height else n_tokens
         best = pl.concat([best, frame.top_k(top, by="pearson")]) if best.height else frame
@@ -312,6 +316,19 @@ def _query_block(
         features_b=scan.range_b, thresholds=thresholds, min_both=min_both,
     )  # fmt: skip
     return whole, frame, counted
+
+
+def _width(scan: PairScan) -> int:
+    return scan.range_a[1] - scan.range_a[0]
+
+
+def _ticking(
+    blocks: Iterable[tuple[Range, PairCounts]], ticker: Ticker
+) -> Iterator[tuple[Range, PairCounts]]:
+    """The blocks, counting the features of layer a each covers."""
+    for block, sums in blocks:
+        ticker.step(block[1] - block[0], " features of layer a")
+        yield block, sums
 
 
 def _pipelined(

@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from featstore import settings
 from featstore.analysis.cards import busiest_features, write_cards
 from featstore.analysis.compare import CompareConfig, run_comparison
 from featstore.analysis.graph import EDGES
@@ -53,7 +54,7 @@ class LogitEffectsConfig(dg.Config):
     kinds={"polars", "networkx", "matplotlib"},
 )
 def method_comparison(
-    config: MethodComparisonConfig, featstore: FeatstoreResource
+    context: dg.AssetExecutionContext, config: MethodComparisonConfig, featstore: FeatstoreResource
 ) -> dg.MaterializeResult:
     """Cross-layer measures and methods compared on the same tokens and SAEs.
 
@@ -64,20 +65,11 @@ def method_comparison(
     correction; best-match scores by layer distance; Louvain communities. Files under
     `{home}/comparison/`.
     """
-    cfg = CompareConfig(
-        layers=tuple(featstore.layers),
-        thresholds=dict(config.thresholds),
-        min_both=config.min_both,
-        distances=tuple(config.distances),
-        null_quantile=config.null_quantile,
-        decoder_k=config.decoder_k,
-        community_metric=config.community_metric,
-        community_threshold=config.community_threshold,
-        seed=config.seed,
-        engine=config.engine,
+    cfg = settings.of(
+        CompareConfig, config, layers=tuple(featstore.layers), distances=tuple(config.distances)
     )
     out = featstore.home_path() / COMPARISON_DIR
-    result, paths = run_comparison(featstore.open(), cfg, out)
+    result, paths = run_comparison(featstore.open(), cfg, out, progress=context.log.info)
     metadata: dict[str, Any] = {
         name: inline_png(path) for name, path in paths.items() if path.suffix == ".png"
     }
@@ -123,7 +115,9 @@ def logit_effects(config: LogitEffectsConfig, featstore: FeatstoreResource) -> d
     group_name="comparison",
     kinds={"html"},
 )
-def feature_cards(config: FeatureCardsConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+def feature_cards(
+    context: dg.AssetExecutionContext, config: FeatureCardsConfig, featstore: FeatstoreResource
+) -> dg.MaterializeResult:
     """A static HTML page per busiest feature of the graph (most edges), linked to each other.
 
     `featstore.cards.write_cards`: activation frequency and mean, top-activating contexts, and
@@ -144,6 +138,7 @@ def feature_cards(config: FeatureCardsConfig, featstore: FeatstoreResource) -> d
         partners=config.partners,
         sort_by=config.sort_by,
         min_both=config.min_both,
+        progress=context.log.info,
     )
     return dg.MaterializeResult(
         metadata={

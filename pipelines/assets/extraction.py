@@ -10,6 +10,7 @@ import dagster as dg
 from featstore.sources.extract import ExtractReport, extract_shard, tokenize_shard
 from featstore.store import spec
 from featstore.store.local import Store
+from pipelines import beta
 from pipelines.execution import MODEL_STEP
 from pipelines.partitions import (
     LAYER,
@@ -38,7 +39,7 @@ OBSERVE = dg.AutomationCondition.on_cron("* * * * *")
 # automation sensor every minute) gives a new data version when the resource's configuration or
 # sources.yaml changed, and Dagster marks what reads it stale. The tokenizer's part feeds
 # `tokens`, the encoder's part only `activations`, so swapping an SAE leaves the tokens fresh.
-@dg.observable_source_asset(
+@beta.observable_source_asset(
     group_name="extraction",
     automation_condition=OBSERVE,
     description="What tokenisation depends on: source, model (its tokenizer), sequence shape.",
@@ -47,7 +48,7 @@ def tokenizer_config(featstore: FeatstoreResource) -> dg.DataVersion:
     return dg.DataVersion(digest(tokens_config(featstore)))
 
 
-@dg.observable_source_asset(
+@beta.observable_source_asset(
     group_name="extraction",
     automation_condition=OBSERVE,
     description="What encoding depends on besides the tokens: model, SAE release and ids, "
@@ -57,10 +58,9 @@ def encoder_config(featstore: FeatstoreResource) -> dg.DataVersion:
     return dg.DataVersion(digest(encoder_settings(featstore)))
 
 
-@dg.asset(
+@beta.single_run_asset(
     partitions_def=shard_partitions,
     deps=[tokenizer_config],
-    backfill_policy=dg.BackfillPolicy.single_run(),
     code_version=EXTRACTION_VERSION,
     group_name="extraction",
     kinds={"zarr"},
@@ -89,10 +89,9 @@ def tokens(context: dg.AssetExecutionContext, featstore: FeatstoreResource) -> d
     )
 
 
-@dg.asset(
+@beta.single_run_asset(
     partitions_def=shard_layer_partitions,
     deps=[tokens, encoder_config],  # Dagster maps (shard, layer) to the shard's tokens
-    backfill_policy=dg.BackfillPolicy.single_run(),
     automation_condition=dg.AutomationCondition.eager(),
     code_version=EXTRACTION_VERSION,
     group_name="extraction",

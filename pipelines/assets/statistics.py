@@ -3,6 +3,7 @@
 # No `from __future__ import annotations`: Dagster reads the context, config and resource
 # annotations at definition time and needs the real classes, not strings.
 import base64
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from featstore.defaults import AGREEMENT_THRESHOLD, DEFAULT_ENGINE, EDGE_THRESHO
 from featstore.stats.query import PairQuery, save_pair_table
 from featstore.stats.shardsums import update_shard_pairs
 from featstore.store.spec import GRAPH_DIR, PLOTS_DIR
+from pipelines import beta
 from pipelines.assets.extraction import activations
 from pipelines.partitions import (
     PAIR,
@@ -48,10 +50,9 @@ class PlotsConfig(PairSumsConfig):
     n_edges: int = 60  # strongest edges in the layered drawing
 
 
-@dg.asset(
+@beta.single_run_asset(
     partitions_def=shard_pair_partitions,
     deps=[dg.AssetDep(activations, partition_mapping=layers_to_pairs())],
-    backfill_policy=dg.BackfillPolicy.single_run(),
     automation_condition=EAGER,
     code_version=STATISTICS_VERSION,
     group_name="statistics",
@@ -69,17 +70,21 @@ def shard_pair_stats(
     by_shard = group_by_shard(shard_pair_partitions, context.partition_keys, PAIR)
     for shard, pairs in by_shard.items():
         for pair in pairs:
+            start = time.perf_counter()
             counts = update_shard_pairs(store, *parse_pair(pair), shard, config.engine)
+            context.log.info(
+                f"pair sums {pair} of {shard}: {counts.nnz} co-active pairs over "
+                f"{counts.n_tokens} tokens ({time.perf_counter() - start:.0f}s)"
+            )
             context.add_asset_metadata(
                 {"tokens": counts.n_tokens, "co_active_pairs": counts.nnz},
                 partition_key=multi_key(shard, **{PAIR: pair}),
             )
 
 
-@dg.asset(
+@beta.single_run_asset(
     partitions_def=pair_partitions,
     deps=[shard_pair_stats],  # Dagster maps a pair to that pair of every shard on its own
-    backfill_policy=dg.BackfillPolicy.single_run(),
     automation_condition=EAGER,
     code_version=STATISTICS_VERSION,
     group_name="statistics",
@@ -98,7 +103,8 @@ def pair_stats(
     for pair in context.partition_keys:
         a, b = parse_pair(pair)
         # Streamed to disk: the table is never held.
-        saved = save_pair_table(store, PairQuery.of(config, layer_a=a, layer_b=b))
+        query = PairQuery.of(config, layer_a=a, layer_b=b)
+        saved = save_pair_table(store, query, progress=context.log.info)
         context.add_asset_metadata(
             {
                 "tokens": saved.n_tokens,
