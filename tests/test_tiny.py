@@ -61,7 +61,7 @@ def test_model_predicts_heldout_text(model, sample, metrics):
     assert abs(loss - metrics["model"]["heldout_loss"]) < 0.5
 
 
-@pytest.mark.parametrize("layer", train_tiny.LAYERS)
+@pytest.mark.parametrize("layer", train_train_tiny.LAYERS)
 def test_sae_loads_and_matches_metrics(layer, model, acts, metrics):
     from sae_lens import SAE
 
@@ -82,9 +82,9 @@ def test_sae_loads_and_matches_metrics(layer, model, acts, metrics):
 def test_sae_reads_the_hooked_run(model, sample):
     from sae_lens import SAE
 
-    sae = SAE.load_from_disk(TINY / "saes" / tiny.hook_name(tiny.LAYERS[0]))
-    _, cache = model.run_with_cache(sample[:2], names_filter=tiny.hook_name(tiny.LAYERS[0]))
-    feats = sae.encode(cache[tiny.hook_name(tiny.LAYERS[0])][:, 1:])
+    sae = SAE.load_from_disk(TINY / "saes" / tiny.hook_name(train_tiny.LAYERS[0]))
+    _, cache = model.run_with_cache(sample[:2], names_filter=tiny.hook_name(train_tiny.LAYERS[0]))
+    feats = sae.encode(cache[tiny.hook_name(train_tiny.LAYERS[0])][:, 1:])
     assert feats.shape == (2, tiny.CTX - 1, tiny.D_SAE)
     l0 = (feats > 0).sum(-1).float().mean().item()
     assert 5 <= l0 <= 100
