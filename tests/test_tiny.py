@@ -61,7 +61,7 @@ def test_model_predicts_heldout_text(model, sample, metrics):
     assert abs(loss - metrics["model"]["heldout_loss"]) < 0.5
 
 
-@pytest.mark.parametrize("layer", train_train_tiny.LAYERS)
+@pytest.mark.parametrize("layer", train_tiny.LAYERS)
 def test_sae_loads_and_matches_metrics(layer, model, acts, metrics):
     from sae_lens import SAE
 
