@@ -132,11 +132,6 @@ def test_checks_pass_on_sound_activations(tmp_path):
         ),
         pytest.param(lambda s: fake_shard(s, "b", density=0.001), "l0_in_range", id="dead-sae"),
         pytest.param(lambda s: fake_shard(s, "b", d_sae=300), "shape_matches_source", id="d_sae"),
-        pytest.param(
-            lambda s: s.write_tokens("b", token_table(np.zeros((2, 16), np.int32)), {}),
-            "shape_matches_source",
-            id="rows",
-        ),
     ],
 )
 def test_checks_fail_on_damaged_activations(tmp_path, damage, failing):
@@ -145,6 +140,18 @@ def test_checks_fail_on_damaged_activations(tmp_path, damage, failing):
     fake_shard(store, "b")
     damage(store)
     assert run_checks(tmp_path) == {**ALL_PASS, failing: False}
+
+
+def test_a_token_table_of_other_rows_drops_the_layers_it_no_longer_fits(tmp_path):
+    # Layers out of line with their token table cannot be written any more (spec 3): the new
+    # table's commit drops them, and the checks see only shards whose rows agree.
+    store = open_store(tmp_path, create=True)
+    fake_shard(store, "a")
+    fake_shard(store, "b")
+    store.write_tokens("b", token_table(np.zeros((2, 16), np.int32)), {})
+    assert "b" not in store.shards(6) and "b" not in store.shards(7)
+    assert store.tokens("b").height == 2 * 16
+    assert run_checks(tmp_path) == ALL_PASS
 
 
 def test_checks_fail_on_an_empty_store(tmp_path):
