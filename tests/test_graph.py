@@ -242,7 +242,7 @@ def test_graph_command_matches_numpy_correlations(tmp_path: Path):
         pytest.param(["--layers", "6"], "at least two layers", id="one-layer"),
         pytest.param(["--layers", "6", "12"], "layer 12", id="missing-layer"),
         pytest.param(["--threshold", "2"], "[-1.0, 1.0]", id="threshold"),
-        pytest.param(["--metric", "cosinus"], "invalid choice", id="metric"),
+        pytest.param(["--metric", "cosinus"], "unknown metric 'cosinus'", id="metric"),
     ],
 )
 def test_graph_command_reports_bad_input_in_one_line(tmp_path: Path, capsys, args, message):
