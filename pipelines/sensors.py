@@ -40,7 +40,7 @@ def new_text_shards(
     except FeatstoreError as exc:  # a streaming source, or no text folder: nothing to watch
         return dg.SensorResult(skip_reason=str(exc))
     known = set(context.instance.get_dynamic_partitions(shard_partitions.name))
-    valid = [s for s in shards if spec.SHARD_NAME.match(s)]
+    valid = [s for s in shards if spec.name_ok(s)]
     for bad in sorted(set(shards) - set(valid)):
         context.log.warning(f"ignoring {bad}.txt: shard names use letters, digits, '_', '.', '-'")
     folder = featstore.text_folder()

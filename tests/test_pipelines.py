@@ -168,7 +168,8 @@ def evaluate_sensor(instance: dg.DagsterInstance, resource: FeatstoreResource) -
 
 
 def test_sensor_registers_only_new_text_files(tmp_path):
-    for name in ("old", "new1", "new2", "bad name"):
+    # "evil\n" passed `re.match` (its `$` matches before a final newline); zarr.json is reserved
+    for name in ("old", "new1", "new2", "bad name", "evil\n", "zarr.json"):
         (tmp_path / f"{name}.txt").write_text("some text\n")
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(shard_partitions.name, ["old"])
