@@ -2,10 +2,12 @@
 
 # No `from __future__ import annotations`: Dagster reads the context, config and resource
 # annotations at definition time and needs the real classes, not strings.
+import dataclasses
 from typing import Any
 
 import dagster as dg
 
+from featstore import settings
 from featstore.analysis.findings import FindingsConfig, run_findings, source_of
 from featstore.errors import FeatstoreError
 from featstore.sources.extract import load_model_and_saes
@@ -17,15 +19,19 @@ from pipelines.resources import FeatstoreResource
 FINDINGS_VERSION = "1"
 
 
+# The library's defaults, named once (FindingsConfig); the asset only exposes them.
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(FindingsConfig)}
+
+
 class FindingsAssetConfig(dg.Config):
-    gate_threshold: float = 0.999  # necessity / sufficiency of a gate partner (spar-2024)
-    gate_min_both: int = 10  # tokens a gate partner must share with the later feature
-    pass_pearson: float = 0.95  # pass-through: mutual best match at or above this
-    vanishing_necessity: float = 0.4  # vanishing: best necessity at or below this
-    n_boot: int = 1000  # bootstrap resamples of each interval
-    max_sequences: int = 16  # per shard, for C3a's forward passes
-    max_features: int = 200  # vanishing features and controls each, for C3a
-    seed: int = 0
+    gate_threshold: float = _DEFAULT["gate_threshold"]  # necessity / sufficiency of a partner
+    gate_min_both: int = _DEFAULT["gate_min_both"]  # tokens a gate partner shares with it
+    pass_pearson: float = _DEFAULT["pass_pearson"]  # pass-through: mutual best match at least
+    vanishing_necessity: float = _DEFAULT["vanishing_necessity"]  # vanishing: best necessity
+    n_boot: int = _DEFAULT["n_boot"]  # bootstrap resamples of each interval
+    max_sequences: int = _DEFAULT["max_sequences"]  # per shard, for C3a's forward passes
+    max_features: int = _DEFAULT["max_features"]  # vanishing features and controls, for C3a
+    seed: int = _DEFAULT["seed"]
 
 
 @dg.asset(
@@ -43,17 +49,7 @@ def findings(config: FindingsAssetConfig, featstore: FeatstoreResource) -> dg.Ma
     (on `tiny`: about tiny, not GPT-2). `featstore.analysis.findings.run_findings`: the table
     (the `findings` SQL view), the page and the PNGs under `{home}/findings/`.
     """
-    cfg = FindingsConfig(
-        layers=tuple(featstore.layers),
-        gate_threshold=config.gate_threshold,
-        gate_min_both=config.gate_min_both,
-        pass_pearson=config.pass_pearson,
-        vanishing_necessity=config.vanishing_necessity,
-        n_boot=config.n_boot,
-        seed=config.seed,
-        max_sequences=config.max_sequences,
-        max_features=config.max_features,
-    )
+    cfg = settings.of(FindingsConfig, config, layers=tuple(featstore.layers))
     store = featstore.open()
     model, saes = None, None  # C3a says when it has no model to run
     if source_of(store, cfg.layers[0]) == featstore.source:  # the model the store came from
