@@ -80,14 +80,30 @@ def test_every_pair_in_one_pass_equals_each_pair_alone(store, monkeypatch, query
     original = store.read
     monkeypatch.setattr(store, "read", lambda layer, shard, *r: reads.append(layer)
                         or original(layer, shard, *r))  # fmt: skip
-    together = allpairs.pair_reports(store, LAYERS, functools.partial(PairQuery, **query_kwargs))
+    ask = functools.partial(PairQuery, **query_kwargs)
+    together = allpairs.pair_reports(store, LAYERS, ask, count=True)
     assert sorted(together) == [(6, 7), (6, 8), (6, 9), (7, 8), (7, 9), (8, 9)]
     if "variant" not in query_kwargs:  # the null model keys layer b apart: read again
         assert sorted(reads) == sorted(LAYERS * len(SHARDS))  # each (layer, shard) once
+    uncounted = allpairs.pair_reports(store, LAYERS, ask)  # the default: the screen stays on
     for (a, b), (frame, counts) in together.items():
         alone = query.pair_report(store, PairQuery(a, b, **query_kwargs))
         assert frame.height > 0
-        assert frame.equals(alone[0]) and counts == alone[1]
+        assert frame.equals(alone[0]) and counts == alone[1] and counts
+        assert uncounted[(a, b)][0].equals(frame) and uncounted[(a, b)][1] == {}
+
+
+def test_every_pair_uses_the_pearson_screen_unless_counting(store, monkeypatch):
+    """Issue 12's leftover: counting every pair turns the kernel's Pearson screen off, so the
+    one-pass reports leave counting off unless asked (as `pair_stats`)."""
+    screens = []
+    original = query.pearson_screen
+    monkeypatch.setattr(query, "pearson_screen", lambda *a: screens.append(1) or original(*a))
+    ask = functools.partial(PairQuery, min_pearson=0.1)
+    allpairs.pair_reports(store, (6, 7), ask)
+    assert screens == [1]
+    allpairs.pair_reports(store, (6, 7), ask, count=True)
+    assert screens == [1]
 
 
 def test_max_distance_picks_the_near_pairs(store):

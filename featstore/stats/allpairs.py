@@ -37,15 +37,19 @@ def pair_reports(
     ask: Callable[[int, int], PairQuery] = PairQuery,
     *,
     max_distance: int | None = None,
+    count: bool = False,
 ) -> dict[Pair, tuple[pl.DataFrame, dict[str, int]]]:
-    """`pair_report(store, ask(a, b))` of every pair of `layers_pairs(layers, max_distance)`,
-    reading each layer once; a layer no later pair needs is dropped from memory. `ask` makes
-    each pair's query, e.g. `functools.partial(PairQuery, min_pearson=0.2)`."""
+    """`pair_report(store, ask(a, b), count=count)` of every pair of
+    `layers_pairs(layers, max_distance)`, reading each layer once; a layer no later pair needs is
+    dropped from memory. `ask` makes each pair's query, e.g.
+    `functools.partial(PairQuery, min_pearson=0.2)`. `count` as `pair_report`'s, but off by
+    default (as `pair_stats`): counting every pair over the thresholds turns the kernel's Pearson
+    screen off; without it each pair's counts are an empty dict."""
     pairs = layer_pairs(layers, max_distance)
     out = {}
     with one_pass() as kept:
         for k, (a, b) in enumerate(pairs):
-            out[(a, b)] = pair_report(store, ask(a, b))
+            out[(a, b)] = pair_report(store, ask(a, b), count=count)
             needed = {layer for pair in pairs[k + 1 :] for layer in pair}
             for key in [key for key in kept if key[0] not in needed]:
                 del kept[key]
