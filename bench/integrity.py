@@ -37,7 +37,7 @@ import numpy as np
 
 from featstore.sources.synth import SynthConfig, build_world, generate_block, token_table
 from featstore.stats.shardsums import update_shard_pairs
-from featstore.store import encodings, local
+from featstore.store import encodings, writers
 from featstore.store.home import open_store
 
 LAYERS = (6, 7)
@@ -46,16 +46,16 @@ LAYERS = (6, 7)
 @contextlib.contextmanager
 def checks(on: bool) -> Iterator[None]:
     """featstore as it is (on), or with its integrity checks replaced by no-ops (off)."""
-    saved = (local.CODECS, encodings.check_read, encodings.csr_problem, encodings.fill_value)
+    saved = (writers.CODECS, encodings.check_read, encodings.csr_problem, encodings.fill_value)
     if not on:
-        local.CODECS = local.CODECS[:1]
+        writers.CODECS = writers.CODECS[:1]
         encodings.check_read = lambda *_: None
         encodings.csr_problem = lambda *_: None
         encodings.fill_value = lambda _dtype: 0
     try:
         yield
     finally:
-        local.CODECS, encodings.check_read, encodings.csr_problem, encodings.fill_value = saved
+        writers.CODECS, encodings.check_read, encodings.csr_problem, encodings.fill_value = saved
 
 
 def measure(home: Path, acts: dict, tokens, on: bool) -> tuple[float, float]:

@@ -3,9 +3,11 @@
 - `spec`: names, attribute keys and the format version (docs/STORE_FORMAT.md).
 - `encodings`: every on-disk encoding's stamp, attribute check and value checks, registered by
   (encoding-type, encoding-version); readers dispatch on them.
-- `local`: the `Store` on a local folder (groups staged and committed together by
-  `Store.transaction`); `url`: the same on object storage (fsspec); `home`: `open_store`, which
-  picks one.
+- `local`: the `Store` on a local folder (its reads, and its writes as whole groups); `url`: the
+  same on object storage (fsspec); `home`: `open_store`, which picks one.
+- `transaction`: groups staged and committed together (`Store.transaction`, commit records,
+  recovery of what a killed writer left); `writers`: how a group's arrays are written and the
+  values that may enter them (`GroupWriter`, `ActivationWriter`, `FeatureStats`).
 - `blockpass`: compiled passes over a block of codes on its way in (dense to CSR; checks and
   per-feature sums in one pass); `chunks`: whole Zarr chunks written straight to the store.
 - `check`: verifying a whole store; `ingest`: importing activations computed elsewhere;

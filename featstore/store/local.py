@@ -1,20 +1,17 @@
-"""The activation store: sparse SAE activations per (layer, shard) in Zarr v3."""
+"""The activation store: sparse SAE activations per (layer, shard) in Zarr v3.
+
+`Store` reads and writes the groups of docs/STORE_FORMAT.md on a local folder; how groups are
+committed together and recovered lives in `featstore.store.transaction` (`Committing`), how
+their arrays are written in `featstore.store.writers`.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
-import hashlib
-import json
-import os
-import shutil
 import threading
 import time
-import urllib.parse
-import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +19,27 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 import zarr
-import zarr.core.sync
 import zarr.storage
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from featstore.errors import FeatstoreError, StoreBusyError
-from featstore.files import atomic_file, writing
-from featstore.store import blockpass, encodings, spec
-from featstore.store.chunks import ChunkWriter
+from featstore.store import encodings, spec
+from featstore.store.transaction import DELETE, Committing, Transaction, finish_pending_writes
+from featstore.store.writers import (
+    CODECS,
+    WRITE,
+    ActivationWriter,
+    FeatureStats,
+    GroupWriter,
+    rows_digest,
+    token_columns,
+    validate_activations,
+)
+
+__all__ = [  # what other modules take from here (the writers' names re-exported)
+    "CODECS", "DELETE", "WRITE", "ActivationWriter", "FeatureStats", "GroupWriter", "Store",
+    "Transaction", "check_shard_name", "finish_pending_writes", "rows_digest", "token_columns",
+    "validate_activations",
+]  # fmt: skip
 
 
 def check_shard_name(shard: str) -> str:
@@ -41,37 +51,7 @@ def check_shard_name(shard: str) -> str:
     return shard
 
 
-@dataclass(frozen=True)
-class FeatureStats:
-    """Additive per-feature sufficient statistics of one (layer, shard)."""
-
-    n_tokens: int
-    count: np.ndarray  # (d_sae,) int64: tokens where the feature is > 0
-    total: np.ndarray  # (d_sae,) float64: sum of activations
-    sumsq: np.ndarray  # (d_sae,) float64: sum of squared activations
-
-    @staticmethod
-    def of(matrix: sp.csr_matrix) -> FeatureStats:
-        d = matrix.shape[1]
-        idx, val = matrix.indices, matrix.data.astype(np.float64)
-        pos = val > 0
-        return FeatureStats(
-            n_tokens=matrix.shape[0],
-            count=np.bincount(idx[pos], minlength=d).astype(np.int64),
-            total=np.bincount(idx, weights=val, minlength=d),
-            sumsq=np.bincount(idx, weights=val * val, minlength=d),
-        )
-
-    def __add__(self, other: FeatureStats) -> FeatureStats:
-        return FeatureStats(
-            self.n_tokens + other.n_tokens,
-            self.count + other.count,
-            self.total + other.total,
-            self.sumsq + other.sumsq,
-        )
-
-
-class Store:
+class Store(Committing):
     """A featstore home: `store.zarr` plus lock files; safe against crashes mid-write."""
 
     local = True  # the Zarr hierarchy is a folder (UrlStore: at an fsspec URL)
@@ -119,42 +99,6 @@ class Store:
         except Exception as exc:  # a corrupt root zarr.json
             raise FeatstoreError(f"corrupt store root {self.where}/zarr.json: {exc}") from None
 
-    def _recover(self) -> None:
-        """Undo what killed writers left: put back a group parked in the trash between the two
-        renames of a replace, and drop half-written staging folders. An entry whose group lock
-        is held belongs to a live writer and is left alone. Every path read from the store's
-        own bookkeeping is validated (`inside_path`): nothing outside the store is touched."""
-        self._roll_forward()
-        for folder in (spec.TRASH, spec.STAGING):
-            base = self.root_path / folder
-            if base.is_symlink() or not base.is_dir():
-                continue  # a symlinked _trash could lead anywhere: never walked
-            for entry in sorted(base.iterdir()):
-                if entry.is_symlink() or not entry.is_dir():
-                    continue  # not written by featstore; `featstore check` reports it
-                path = self.inside_path(_entry_path(entry))
-                if path is None:  # no owner to ask: a trash entry is dropped, staging kept
-                    if folder == spec.TRASH:
-                        shutil.rmtree(entry, ignore_errors=True)
-                    continue
-                with contextlib.suppress(StoreBusyError), self.lock(path):
-                    target = self.root_path / path
-                    parked = folder == spec.TRASH and (entry / "zarr.json").exists()
-                    if parked and not target.exists() and not target.is_symlink():
-                        (entry / ".target").unlink(missing_ok=True)
-                        os.rename(entry, target)
-                    else:
-                        shutil.rmtree(entry, ignore_errors=True)
-
-    def inside_path(self, path: str | None) -> str | None:
-        """`path` if it names a group inside the store (`spec.group_path_ok`, no symlinked
-        folder on the way out of the root), else None."""
-        if path is None or not spec.group_path_ok(path):
-            return None
-        root = self.root_path.resolve()
-        parent = (self.root_path / path).parent.resolve()
-        return path if parent == root or parent.is_relative_to(root) else None
-
     def _exists(self, path: str) -> bool:
         """Whether the group at `path` ("" for the root) is there, i.e. has its zarr.json."""
         return (self.root_path / path / "zarr.json").exists()
@@ -181,136 +125,6 @@ class Store:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    @contextlib.contextmanager
-    def transaction(self, lock_timeout: float = 0.0) -> Iterator[Transaction]:
-        """Groups written in this block become visible together when it ends, or not at all.
-
-        Every write of the store (`staged` and the methods built on it) inside the block, in
-        this thread, is staged and committed with the others (`Transaction.commit`); an error
-        or a kill before the commit record is written leaves every group as it was.
-        """
-        if getattr(self._local, "txn", None) is not None:  # nested: part of the outer one
-            yield self._local.txn
-            return
-        with contextlib.ExitStack() as locks:
-            txn = Transaction(self, locks, lock_timeout)
-            self._local.txn = txn
-            try:
-                yield txn
-                txn.commit()
-            except BaseException:
-                txn.discard()
-                raise
-            finally:
-                self._local.txn = None
-
-    @contextlib.contextmanager
-    def staged(self, path: str, lock_timeout: float = 0.0) -> Iterator[GroupWriter]:
-        """A group written aside (`_open_staging`) and put in place at `path` (`_commit`) only
-        when complete, with the rest of the current transaction; a failed write leaves nothing
-        (`_discard`)."""
-        with self.transaction(lock_timeout) as txn, txn.staged(path) as writer:
-            yield writer
-
-    def _new_staging(self, path: str) -> Any:
-        """Where a new version of the group at `path` is written: a `_staging` folder."""
-        return self._bookkeeping(spec.STAGING) / _entry_name(path)
-
-    def _bookkeeping(self, folder: str) -> Path:
-        """The `_staging` or `_trash` folder, refused if it is a link (it could lead outside)."""
-        base = self.root_path / folder
-        if base.is_symlink() or (base.exists() and not base.is_dir()):
-            raise FeatstoreError(f"{base} is not a folder of this store: remove it")
-        return base
-
-    def _open_staging(self, path: str, staging: Path) -> zarr.Group:
-        return zarr.open_group(zarr.storage.LocalStore(staging), mode="w", zarr_format=3)
-
-    def _commit(self, path: str, staging: Path) -> None:
-        self._swap_in(staging, path)
-
-    def _commit_all(self, entries: list[tuple[str, Any]]) -> None:
-        """Put several staged groups in place (and delete those with staging None) as one: a
-        commit record listing them is written whole (the commit point), then each is swapped
-        in, then the record is removed; a kill in between is rolled forward from the record by
-        the next open (`_roll_forward`)."""
-        if not entries:
-            return
-        single = len(entries) == 1 and entries[0][1] is not None
-        try:
-            record = None if single else self._write_record(
-                [[path, DELETE if st is None else Path(st).name] for path, st in entries]
-            )
-            if single:
-                self._commit(*entries[0])
-        except BaseException:  # not committed: nothing of it becomes visible
-            for path, staging in entries:
-                if staging is not None:
-                    self._discard(path, staging)
-            raise
-        if record is not None:
-            # Committed: what a failure from here leaves, the next open rolls forward.
-            self._apply(entries)
-            self._remove_record(record)
-
-    def _write_record(self, entries: list[list[str]]) -> Any:
-        """Write a commit record whole (the commit point); returns what `_remove_record` takes."""
-        record = self._bookkeeping(spec.COMMITS) / f"{uuid.uuid4().hex}.json"
-        with atomic_file(record) as tmp:
-            tmp.write_text(json.dumps({"entries": entries}))
-            with open(tmp) as fh:
-                os.fsync(fh.fileno())
-        return record
-
-    def _remove_record(self, record: Any) -> None:
-        record.unlink()
-
-    def _apply(self, entries: list[tuple[str, Any]]) -> None:
-        """Swap in each staged group, delete each group whose staging is None (locks held)."""
-        for path, staging in entries:
-            if staging is not None:
-                self._commit(path, staging)
-            elif self._exists(path):
-                gone = self._bookkeeping(spec.STAGING) / _entry_name(path)
-                os.rename(self.root_path / path, gone)
-                shutil.rmtree(gone, ignore_errors=True)
-
-    def _roll_forward(self) -> None:
-        """Finish the commits a killed writer recorded (`_commit_all`); a record whose groups
-        are locked belongs to a live writer and is left alone."""
-        base = self.root_path / spec.COMMITS
-        if base.is_symlink() or not base.is_dir():
-            return
-        for record in sorted(base.glob("*.json")):
-            entries = self._record_entries(record)
-            if entries is None:
-                record.unlink(missing_ok=True)
-                continue
-            with contextlib.suppress(StoreBusyError), contextlib.ExitStack() as locks:
-                for path, _ in entries:
-                    locks.enter_context(self.lock(path))
-                todo = [(p, None if n == DELETE else self.root_path / spec.STAGING / n)
-                        for p, n in entries]  # fmt: skip
-                self._apply([(p, st) for p, st in todo if st is None or st.is_dir()])
-                record.unlink()
-
-    def _record_entries(self, record: Path) -> list[tuple[str, str]] | None:
-        """The (group path, staging name) pairs of a commit record, each validated, else None."""
-        try:
-            raw = json.loads(record.read_text(encoding="utf-8"))["entries"]
-            entries = [(str(path), str(name)) for path, name in raw]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        ok = all(
-            self.inside_path(path) == path
-            and (name == DELETE or spec.STAGING_ENTRY.fullmatch(name) and _named_path(name) == path)
-            for path, name in entries
-        )  # fmt: skip
-        return entries if ok else None
-
-    def _discard(self, path: str, staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
-
     def write_group(
         self,
         path: str,
@@ -333,35 +147,6 @@ class Store:
             if not self._exists(sub):  # a store of its own: zarr leaves the ancestors alone
                 local = zarr.storage.LocalStore(self.root_path / sub)
                 zarr.open_group(local, mode="a", zarr_format=3)
-
-    def _swap_in(self, staging: Path, path: str) -> None:
-        target = self.root_path / path
-        if not target.exists():
-            os.rename(staging, target)
-            return
-        # The trash entry's name records its target, so no moment leaves the old group
-        # without its way back (`_recover`).
-        parked = self._bookkeeping(spec.TRASH) / _entry_name(path)
-        parked.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(target, parked)
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(parked, target)
-            raise
-        shutil.rmtree(parked, ignore_errors=True)
-
-    def delete_group(self, path: str, lock_timeout: float = 0.0) -> bool:
-        """Remove a group whole (renamed away first, so it is never seen half-deleted)."""
-        target = self.root_path / path
-        if not target.exists():
-            return False
-        with self.lock(path, lock_timeout):
-            gone = self._bookkeeping(spec.STAGING) / _entry_name(path)
-            gone.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(target, gone)
-            shutil.rmtree(gone, ignore_errors=True)
-        return True
 
     def group(self, path: str, what: str) -> zarr.Group:
         """The group at `path` to read; a committed generation where the group names one."""
@@ -594,308 +379,3 @@ class Store:
             if self.delete_group(path):
                 removed.append(path)
         return removed
-
-
-DELETE = "-"  # a commit record's staging name for a group the commit deletes
-
-
-def rows_digest(columns: Mapping[str, np.ndarray]) -> str:
-    """BLAKE2b of a token table's rows, (seq, pos) as int32: what a layer's rows are aligned
-    with. Token ids are left out: correcting them (e.g. for placeholders) keeps the rows."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in ("seq", "pos"):
-        digest.update(np.ascontiguousarray(columns[name], dtype="<i4").tobytes())
-    return digest.hexdigest()
-
-
-def _entry_name(path: str) -> str:
-    """A unique `_staging`/`_trash` folder name that records the group it belongs to."""
-    return f"{uuid.uuid4().hex}.{urllib.parse.quote(path, safe='')}"
-
-
-def _entry_path(entry: Path) -> str | None:
-    """The group a `_staging`/`_trash` folder belongs to (None if it does not say)."""
-    marker = entry / ".target"  # how trash entries of earlier writers named their group
-    if marker.is_file() and not marker.is_symlink():
-        try:
-            return marker.read_text(encoding="utf-8")[:4096]
-        except (OSError, UnicodeDecodeError):
-            return None
-    return _named_path(entry.name)
-
-
-def _named_path(name: str) -> str | None:
-    """The group path a `{hex}.{path, URL-quoted}` entry name records (None if none)."""
-    _, sep, quoted = name.partition(".")
-    return urllib.parse.unquote(quoted) if sep else None
-
-
-def finish_pending_writes() -> None:
-    """Wait for zarr's writes still running: when one write of a batch fails, zarr raises at
-    once and leaves its siblings (e.g. the metadata of parent groups) running."""
-
-    async def others() -> None:
-        tasks = asyncio.all_tasks() - {asyncio.current_task()}
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    zarr.core.sync.sync(others())
-
-
-# Every array featstore writes: 3x faster to write and read than zarr's default zstd, and smaller;
-# then a CRC-32C of each chunk, so a damaged chunk is an error, not other numbers.
-CODECS = (BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec())
-# Chunks are written whole, never tested for being all zeros first (a third of zarr's write time).
-WRITE = {"write_empty_chunks": True}
-
-
-class Transaction:
-    """The groups staged in one `Store.transaction`: each under its group lock until the end."""
-
-    def __init__(self, store: Store, locks: contextlib.ExitStack, lock_timeout: float) -> None:
-        self.store, self.locks, self.lock_timeout = store, locks, lock_timeout
-        self.staged_groups: dict[str, tuple[Any, GroupWriter]] = {}
-        self.entries: list[tuple[str, Any]] = []  # everything staged, for `discard`
-
-    @contextlib.contextmanager
-    def staged(self, path: str) -> Iterator[GroupWriter]:
-        """Stage the group at `path`: written whole here, put in place by `commit`."""
-        store = self.store
-        if path in self.staged_groups:
-            raise FeatstoreError(f"{path} is written twice in one operation")
-        self.locks.enter_context(store.lock(path, self.lock_timeout))
-        staging = store._new_staging(path)
-        self.entries.append((path, staging))
-        with writing(path):
-            group = store._open_staging(path, staging)
-        writer = GroupWriter(group, path)
-        with writing(path):  # also what the caller writes to `writer.group` itself
-            yield writer
-        with writing(path):
-            writer.flush()
-        self.staged_groups[path] = (staging, writer)
-
-    def commit(self) -> None:
-        store = self.store
-        with writing(", ".join(self.staged_groups) or "nothing"):
-            for _, writer in self.staged_groups.values():
-                # Attributes last: their presence is part of what makes a group complete.
-                writer.group.attrs.update(writer.attrs)
-            removed = align_shards(store, self.staged_groups)
-            for path in removed:
-                self.locks.enter_context(store.lock(path, self.lock_timeout))
-            for path in self.staged_groups:
-                # Parents only now: a write that fails leaves no empty group behind.
-                store._ensure_parents(path)
-            entries = [(path, st) for path, (st, _) in self.staged_groups.items()]
-            self.entries = []  # from here on `_commit_all` owns them: it discards or commits
-            store._commit_all(entries + [(path, None) for path in removed])
-
-    def discard(self) -> None:
-        finish_pending_writes()  # else they could write into the staging place again
-        for path, staging in self.entries:
-            self.store._discard(path, staging)
-
-
-def align_shards(store: Store, staged: Mapping[str, tuple[Any, GroupWriter]]) -> list[str]:
-    """Stamp each staged activation group with the rows hash of its shard's token table (staged
-    with it, or the stored one); returns the stored groups a token table of other rows leaves
-    out of line (layers not written with it, and their pair sums), to delete in the same commit:
-    rows of every layer and of the token table are the same tokens."""
-    tables = {p.split("/")[1]: w for p, (_, w) in staged.items() if p.startswith(spec.TOKENS + "/")}
-    for path, (_, writer) in staged.items():
-        parts = path.split("/")
-        if parts[0] != spec.ACTIVATIONS:
-            continue
-        shard = parts[2]
-        table = tables.get(shard)
-        digest = table.attrs[spec.ROWS_HASH] if table else store.rows_hash(shard)
-        if digest is not None:
-            writer.group.attrs.update({spec.ROWS_HASH: digest})
-    removed: list[str] = []
-    for shard, table in tables.items():
-        before = store.rows_hash(shard)
-        if before is None or before == table.attrs[spec.ROWS_HASH]:
-            continue
-        left = {
-            layer for layer in store.layers()
-            if shard in store.shards(layer) and spec.activation_path(layer, shard) not in staged
-        }  # fmt: skip
-        removed += [spec.activation_path(layer, shard) for layer in sorted(left)]
-        for folder in store.children(spec.PAIRS):
-            pair = spec.PAIR_FOLDER.match(folder)
-            if (
-                pair
-                and {int(pair[1]), int(pair[2])} & left
-                and shard in store.children(f"{spec.PAIRS}/{folder}")
-            ):
-                removed.append(f"{spec.PAIRS}/{folder}/{shard}")
-    return removed
-
-
-class GroupWriter:
-    """Appends 1-D arrays to a staged group; attributes are written when it is swapped in.
-
-    Appends are buffered and written in whole chunks: a zarr append of a part chunk rewrites
-    that chunk and the array's metadata each time, which made storing codes slower than the
-    GPU that makes them.
-    """
-
-    def __init__(self, group: zarr.Group, path: str = "") -> None:
-        self.group, self.path = group, path
-        self.attrs: dict[str, Any] = {}
-        self.pending: dict[str, list[np.ndarray]] = {}
-        self.arrays: dict[str, zarr.Array] = {}
-        self.chunk_writers: dict[str, ChunkWriter | None] = {}
-        self.written: dict[str, int] = {}  # elements written, the array's shape may lag behind
-
-    def create(self, name: str, dtype: np.dtype, chunk: int = spec.NNZ_CHUNK) -> None:
-        """An empty 1-D array, there even when nothing is appended to it."""
-        with writing(f"{self.path}/{name}"):
-            array = self.group.create_array(
-                name,
-                shape=(0,),
-                dtype=dtype,
-                chunks=(chunk,),
-                compressors=CODECS,
-                fill_value=encodings.fill_value(dtype),  # what a deleted chunk reads as
-                config=WRITE,
-            )
-        self.pending[name] = []
-        self.arrays[name], self.chunk_writers[name] = array, ChunkWriter.of(array)
-        self.written[name] = 0
-
-    def append(self, name: str, values: np.ndarray, chunk: int = spec.NNZ_CHUNK) -> None:
-        values = np.ascontiguousarray(values)
-        if name not in self.pending:
-            self.create(name, values.dtype, chunk)
-        if values.size:
-            self.pending[name].append(values)
-            self._write(name, whole_chunks=True)
-
-    def flush(self) -> None:
-        """Write what is still buffered, and every array's shape."""
-        for name in self.pending:
-            self._write(name, whole_chunks=False)
-            if self.arrays[name].shape[0] != self.written[name]:
-                with writing(f"{self.path}/{name}"):
-                    self.arrays[name].resize((self.written[name],))
-
-    def _write(self, name: str, whole_chunks: bool) -> None:
-        """Write the buffered values: whole chunks by the array's `ChunkWriter` where it has
-        one (the shape is set once the rest comes), a part chunk (at the end) by zarr."""
-        array, parts, done = self.arrays[name], self.pending[name], self.written[name]
-        size, chunk = sum(len(p) for p in parts), array.chunks[0]
-        cut = size - size % chunk if whole_chunks else size
-        if not cut:
-            return
-        values = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        fast = self.chunk_writers[name]
-        whole = cut - cut % chunk if fast is not None and done % chunk == 0 else 0
-        with writing(f"{self.path}/{name}"):
-            if whole:
-                fast.write(done // chunk, values[:whole].astype(array.dtype, copy=False))
-            if whole < cut:
-                if array.shape[0] != done + whole:
-                    array.resize((done + whole,))
-                array.append(values[whole:cut])
-        self.written[name] = done + cut
-        self.pending[name] = [values[cut:]] if cut < size else []
-
-
-class ActivationWriter:
-    """Appends CSR row blocks of one (layer, shard) and keeps its feature statistics."""
-
-    def __init__(self, group: GroupWriter, layer: int, shard: str, d_sae: int) -> None:
-        self.group, self.layer, self.shard, self.d_sae = group, layer, shard, d_sae
-        self.stats = FeatureStats(
-            0, *(np.zeros(d_sae, dt) for dt in (np.int64, np.float64, np.float64))
-        )
-        self.nnz = 0
-        group.append("indptr", np.zeros(1, np.int64), spec.TOKEN_CHUNK)
-
-    def append(self, block: sp.spmatrix) -> None:
-        """Append token rows; `block` is validated (finite, non-negative, d_sae wide): by one
-        compiled pass (`blockpass`) where it comes canonical, else by `validate_activations`."""
-        checked = blockpass.fast_block(block, self.d_sae)
-        if checked is None:
-            what = f"layer {self.layer} shard {self.shard}"
-            csr = validate_activations(block, what)
-            if csr.shape[1] != self.d_sae:
-                raise FeatstoreError(
-                    f"{what}: {csr.shape[1]} features, expected d_sae {self.d_sae}"
-                )
-            checked = blockpass.fast_block(csr, self.d_sae)
-            assert checked is not None, "a validated block is canonical"
-        self.group.append("data", checked.data)
-        self.group.append("indices", checked.indices)
-        self.group.append("indptr", checked.indptr[1:] + self.nnz, spec.TOKEN_CHUNK)
-        self.nnz += checked.indices.size
-        sums = FeatureStats(checked.n_rows, checked.count, checked.total, checked.sumsq)
-        self.stats = self.stats + sums
-
-    def finish(self, attrs: Mapping[str, Any]) -> None:
-        for name, dtype in (("data", np.float32), ("indices", np.int32)):
-            self.group.append(name, np.zeros(0, dtype))
-        self.group.append("feature_count", self.stats.count)
-        self.group.append("feature_sum", self.stats.total)
-        self.group.append("feature_sumsq", self.stats.sumsq)
-        self.group.attrs.update(
-            {
-                **dict(attrs),
-                **encodings.stamp(spec.CSR),
-                spec.SHAPE: [self.stats.n_tokens, self.d_sae],
-                "layer": int(self.layer),
-                "shard": self.shard,
-                "d_sae": int(self.d_sae),
-                "nnz": int(self.nnz),
-            }
-        )
-
-
-def token_columns(table: pl.DataFrame, what: str) -> dict[str, np.ndarray]:
-    """seq, pos, token as int32 arrays, or a one-line error: integers only (no NaN, no
-    fractions), within int32, seq and pos >= 0, token >= -1 (unknown)."""
-    missing = {"seq", "pos", "token"} - set(table.columns)
-    if missing:
-        raise FeatstoreError(f"{what} lacks columns {sorted(missing)}")
-    columns = {}
-    for name in ("seq", "pos", "token"):
-        values = table[name].to_numpy()
-        if values.dtype.kind not in "iu":
-            raise FeatstoreError(f"{what}: column {name} must hold integers, not {values.dtype}")
-        low = -1 if name == "token" else 0
-        if values.size and (values.min() < low or values.max() > 2**31 - 1):
-            raise FeatstoreError(f"{what}: column {name} outside {low} .. 2^31-1")
-        columns[name] = values.astype(np.int32)
-    return columns
-
-
-def validate_activations(matrix: Any, what: str) -> sp.csr_matrix:
-    """A finite, non-negative 2-D sparse matrix as canonical CSR, or a one-line error."""
-    if not sp.issparse(matrix):
-        raise FeatstoreError(f"{what}: expected a scipy sparse matrix, got {type(matrix).__name__}")
-    if matrix.ndim != 2:
-        raise FeatstoreError(f"{what}: expected 2-D tokens x features, got {matrix.ndim}-D")
-    if not (np.issubdtype(matrix.dtype, np.floating) or np.issubdtype(matrix.dtype, np.integer)):
-        raise FeatstoreError(f"{what}: activations must be numbers, got dtype {matrix.dtype}")
-    if matrix.shape[1] >= 2**31:
-        raise FeatstoreError(f"{what}: {matrix.shape[1]} features is more than int32 ids allow")
-    if matrix.shape[0] > spec.MAX_SHARD_TOKENS:  # before CSR allocates an indptr that long
-        raise FeatstoreError(
-            f"{what}: {matrix.shape[0]} token rows, more than a shard holds "
-            f"({spec.MAX_SHARD_TOKENS}); split it into shards"
-        )
-    if sp.issparse(matrix) and matrix.format in ("csr", "csc"):
-        try:
-            matrix.check_format(full_check=True)  # indices in range, indptr monotone
-        except ValueError as exc:
-            raise FeatstoreError(f"{what}: malformed {matrix.format.upper()} ({exc})") from None
-    csr = sp.csr_matrix(matrix, dtype=np.float32)
-    csr.sum_duplicates()
-    csr.eliminate_zeros()
-    if not np.all(np.isfinite(csr.data)):
-        raise FeatstoreError(f"{what}: activations contain NaN or infinite values")
-    if csr.nnz and csr.data.min() < 0:
-        raise FeatstoreError(f"{what}: activations must be non-negative (min {csr.data.min()})")
-    csr.sort_indices()
-    return csr
