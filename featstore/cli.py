@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from featstore.defaults import (
     AGREEMENT_THRESHOLD,
+    CAUSAL_SEQUENCES,
     DEFAULT_ENGINE,
     DEFAULT_SOURCE,
     EDGE_THRESHOLD,
@@ -35,6 +36,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise FeatstoreError(f"{self.prog}: {message}")
+
+
+def progress(line: str) -> None:
+    """Long steps report here (stderr, so stdout stays the command's result)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def layer_number(text: str) -> int:
@@ -216,7 +222,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"{total} never-co-active pairs reach {'='.join(map(str, args.never_coactive))}")
         print(f"wrote {listed.height} pairs to {args.out}")
         return 0
-    blocks = query.pair_blocks(store, q)
+    blocks = query.pair_blocks(store, q, progress=progress)
     cosines = (
         decoders.store_decoder_cosine(store, *q.layers, args.decoder_cosine)
         if args.decoder_cosine
@@ -289,34 +295,23 @@ def load_model_and_saes(source: str, layers: Sequence[int], device: str):
 def cmd_patch(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from featstore import settings
     from featstore.analysis.asked import EdgeChoice
     from featstore.analysis.causal import CausalConfig, run_causal
     from featstore.sources.registry import default_layers
     from featstore.tables import render
 
-    choice = EdgeChoice(
-        sample=args.sample,
-        min_pearson=args.min_pearson,
-        max_edges=args.max_edges,
-        measure=args.measure,
-        **({"bins": tuple(args.bins)} if args.bins else {}),
-        per_bin=args.per_bin,
-        random_pairs=args.random_pairs,
-    )
-    cfg = CausalConfig(
+    choice = settings.of(EdgeChoice, args)
+    cfg = settings.of(
+        CausalConfig,
+        args,
         layers=tuple(args.layers or default_layers(args.source)),
-        shards=tuple(args.shards) if args.shards else None,
-        max_sequences=args.max_sequences,
-        features=tuple(args.features) if args.features else None,
         edges=choice,
         attribution=not args.no_attribution,
-        value=args.value,
-        min_effect=args.min_effect,
-        min_tokens=args.min_tokens,
     )
     store = _open(args)
     model, saes = load_model_and_saes(args.source, cfg.layers, args.device)
-    paths = run_causal(store, model, saes, cfg)
+    paths = run_causal(store, model, saes, cfg, progress=progress)
     print(render(pl.read_parquet(paths["comparison"])))
     for path in paths.values():
         print(f"wrote {path}")
@@ -577,7 +572,7 @@ def build_parser() -> ArgumentParser:
                    help="the model and SAEs the store was made with")  # fmt: skip
     p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=SOURCE_LAYERS)
     p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
-    p.add_argument("--max-sequences", type=positive, default=16, help="per shard")
+    p.add_argument("--max-sequences", type=positive, default=CAUSAL_SEQUENCES, help="per shard")
     p.add_argument("--features", type=int, nargs="+", default=None, help="source features")
     p.add_argument("--sample", choices=("graph", "bins"), default="graph",
                    help="measure the correlation graph's edges, or pairs stratified by bins")

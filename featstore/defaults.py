@@ -20,6 +20,7 @@ EDGE_THRESHOLD = 0.2  # Pearson (or Jaccard) of a feature-graph edge and a corre
 AGREEMENT_THRESHOLD = 0.99  # agreement is near 1 for most pairs of sparse features
 MIN_BOTH = 2  # default support of an edge: a pair seen together once is no edge
 MIN_EFFECT = 0.1  # |relative effect| of a causal edge
+CAUSAL_SEQUENCES = 16  # sequences per shard patched for causal edges
 # Each data measure's threshold where measures are compared (`featstore.analysis.compare`).
 MEASURE_THRESHOLDS = {
     "pearson": EDGE_THRESHOLD,

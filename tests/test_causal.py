@@ -3,6 +3,8 @@ ablation effect by similarity bin, against set arithmetic, numpy and plain hook 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
@@ -190,8 +192,15 @@ def test_cli_patch_prints_the_comparison(store_run, capsys, monkeypatch):
     monkeypatch.setattr("featstore.cli.load_model_and_saes", lambda *args: (model, saes))
     argv = ["--home", str(store.home), "patch", "--layers", "6", "7", "--max-sequences", "2"]
     assert main([*argv, "--min-pearson", "0.1", "--sample", "bins", "--per-bin", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "correlation_edges_causal" in out and "ablation_by_bin.parquet" in out
+    captured = capsys.readouterr()
+    assert "correlation_edges_causal" in captured.out and "ablation_by_bin.parquet" in captured.out
+    # Progress on stderr: the edges asked (as many as the table's rows), then the patched rows
+    # and the attributed sequences, each ending at its total.
+    edges = pl.read_parquet(store.home / spec.CAUSAL_DIR / spec.CAUSAL_EDGES_FILE)
+    assert f"causal edges from layer 6: {edges.height} edges asked" in captured.err
+    for what in ("patching layer 6 -> 7, rows", "attribution layer 6 -> 7, sequences"):
+        done = re.search(re.escape(what) + r": (\d+)/(\d+)", captured.err)
+        assert done and done[1] == done[2] and int(done[1]) > 0, captured.err
 
 
 def test_causal_assets_materialise(store_run, monkeypatch):

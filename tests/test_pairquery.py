@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
 from importlib import resources
 
 import pytest
@@ -122,3 +124,38 @@ def test_the_pair_table_has_one_schema():
     assert list(finish.SCHEMA) == list(defaults.PAIR_COLUMNS)
     assert PAIR_STATS_SCHEMA.names == [*defaults.PAIR_LAYERS, *defaults.PAIR_COLUMNS]
     assert [str(t) for t in PAIR_STATS_SCHEMA.types[:4]] == ["int32"] * 4
+
+
+def test_settings_of_gives_a_frozen_config_tuples_for_lists():
+    args = argparse.Namespace(layers=[6, 7], features=[3, 1], shards=None, max_sequences=2)
+    cfg = settings.of(CausalConfig, args)
+    assert cfg.layers == (6, 7) and cfg.features == (3, 1) and cfg.max_sequences == 2
+    assert cfg.shards is None and cfg.min_tokens == settings.defaults(CausalConfig)["min_tokens"]
+    hash(cfg)  # frozen and hashable: no list inside
+
+
+@pytest.mark.parametrize(
+    ("asset_config", "library"),
+    [
+        ("pipelines.assets.causal:CausalEdgesConfig",
+         ["featstore.analysis.asked:EdgeChoice", "featstore.analysis.causal:CausalConfig"]),
+        ("pipelines.assets.findings:FindingsAssetConfig",
+         ["featstore.analysis.findings:FindingsConfig"]),
+    ],
+)  # fmt: skip
+def test_asset_configs_show_the_library_defaults(asset_config, library):
+    def load(name):
+        module, attr = name.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    expect = {}
+    for cls in map(load, library):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                expect[f.name] = f.default
+    fields = load(asset_config).model_fields
+    shared = [name for name in fields if name in expect]
+    assert len(shared) >= 5
+    for name in shared:
+        default = fields[name].default
+        assert default is None or default == expect[name], name

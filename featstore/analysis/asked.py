@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from featstore.defaults import EDGE_THRESHOLD
 from featstore.errors import FeatstoreError
 from featstore.stats.measures import above, check_measure
 from featstore.stats.query import pair_stats_path
@@ -42,7 +43,7 @@ class EdgeChoice:
     """How the measured edges of each layer pair are chosen."""
 
     sample: str = "graph"
-    min_pearson: float = 0.2  # a correlation-graph edge
+    min_pearson: float = EDGE_THRESHOLD  # a correlation-graph edge
     max_edges: int | None = None  # graph: at most this many per layer pair (a seeded sample)
     measure: str = "jaccard"  # bins: the binned measure
     bins: tuple[float, ...] = tuple(np.linspace(0.01, 1.0, 11).round(4).tolist())

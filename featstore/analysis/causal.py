@@ -27,9 +27,10 @@ import polars as pl
 from featstore.analysis.asked import PAIR, EdgeChoice, asked_edges
 from featstore.analysis.attribution import edge_attribution
 from featstore.analysis.patching import Edges, EdgeSums, PatchConfig, edge_effects
-from featstore.defaults import MIN_EFFECT
+from featstore.defaults import CAUSAL_SEQUENCES, MIN_EFFECT
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
+from featstore.progress import Progress, say
 from featstore.sequences import stacked_codes, store_sequences
 from featstore.sources.registry import default_layers
 from featstore.stats.shardsums import merged_feature_stats
@@ -48,7 +49,7 @@ class CausalConfig:
 
     layers: tuple[int, ...] = field(default_factory=default_layers)
     shards: tuple[str, ...] | None = None  # default: every shard of the first layer
-    max_sequences: int | None = 16  # per shard; None: all
+    max_sequences: int | None = CAUSAL_SEQUENCES  # per shard; None: all
     features: tuple[int, ...] | None = None  # source features considered; None: all asked
     edges: EdgeChoice = field(default_factory=EdgeChoice)
     attribution: bool = True  # also the first-order estimate of each asked edge
@@ -84,7 +85,14 @@ def mean_active(store: Store, layers, shards: list[str]) -> dict[int, np.ndarray
 
 
 def layer_frames(
-    store: Store, model, saes: dict, cfg: CausalConfig, layer: int, shards: list[str], scale: dict
+    store: Store,
+    model,
+    saes: dict,
+    cfg: CausalConfig,
+    layer: int,
+    shards: list[str],
+    scale: dict,
+    progress: Progress | None = None,
 ) -> list[pl.DataFrame]:
     """The rows of every asked edge from `layer` to each later layer with pair statistics."""
     sources = None if cfg.features is None else np.asarray(cfg.features, np.int64)
@@ -101,9 +109,11 @@ def layer_frames(
     codes = stacked_codes(store, layer, shards, sequences)
     tokens = np.concatenate(sequences)
     patch = PatchConfig(layer, cfg.value, cfg.batch_rows)
-    sums = edge_effects(model, saes, tokens, codes, patch, edges)
-    attr = (edge_attribution(model, saes, tokens, codes, patch, edges) if cfg.attribution
-            else [None] * len(edges))
+    say(progress, f"causal edges from layer {layer}: {sum(map(len, edges))} edges asked, "
+        f"{len(sequences)} sequences")  # fmt: skip
+    sums = edge_effects(model, saes, tokens, codes, patch, edges, progress)
+    attr = (edge_attribution(model, saes, tokens, codes, patch, edges, progress=progress)
+            if cfg.attribution else [None] * len(edges))
     return [
         edge_frame(layer, e.target, asked[e.target], s, at, scale[e.target][e.feature_b])
         for e, s, at in zip(edges, sums, attr, strict=True)
@@ -142,15 +152,21 @@ def edge_frame(
     return frame.select(SCHEMA.names()).cast(SCHEMA)
 
 
-def causal_edge_frame(store: Store, model, saes: dict, cfg: CausalConfig) -> pl.DataFrame:
-    """All layer pairs' rows for the configured layers and shards."""
+def causal_edge_frame(
+    store: Store, model, saes: dict, cfg: CausalConfig, progress: Progress | None = None
+) -> pl.DataFrame:
+    """All layer pairs' rows for the configured layers and shards (`progress` hears each
+    source layer and the patched rows)."""
     layers = sorted(set(cfg.layers))
     shards = list(cfg.shards or store.shards(layers[0]))
     if not shards:
         raise FeatstoreError(f"layer {layers[0]} has no activations in store {store.home}")
     scale = mean_active(store, layers, shards)
-    parts = [f for layer in layers[:-1] for f in layer_frames(store, model, saes, cfg, layer,
-                                                                shards, scale)]
+    parts = [
+        f
+        for layer in layers[:-1]
+        for f in layer_frames(store, model, saes, cfg, layer, shards, scale, progress)
+    ]
     return pl.concat(parts) if parts else SCHEMA.to_frame()
 
 
@@ -216,11 +232,13 @@ def ablation_by_bin(frame: pl.DataFrame, cfg: CausalConfig) -> pl.DataFrame:
     ).sort("layer_a", "layer_b", "bin")
 
 
-def run_causal(store: Store, model, saes: dict, cfg: CausalConfig) -> dict[str, Path]:
+def run_causal(
+    store: Store, model, saes: dict, cfg: CausalConfig, progress: Progress | None = None
+) -> dict[str, Path]:
     """Compute, save (`causal/`: edges, comparison, ablation by bin, PNGs) and return the paths."""
     from featstore.analysis.causal_plots import plot_attribution, plot_bins, plot_comparison
 
-    frame = causal_edge_frame(store, model, saes, cfg)
+    frame = causal_edge_frame(store, model, saes, cfg, progress)
     comparison = compare(frame, cfg)
     folder = causal_dir(store)
     paths = {

@@ -30,6 +30,7 @@ import scipy.sparse as sp
 
 from featstore.analysis.columns import check_columnwise, encode_columns
 from featstore.errors import FeatstoreError
+from featstore.progress import Progress, Ticker
 
 if TYPE_CHECKING:
     import torch
@@ -218,11 +219,12 @@ def edge_effects(
     codes: sp.csr_matrix,
     cfg: PatchConfig,
     edges: Sequence[Edges],
+    progress: Progress | None = None,
 ) -> list[EdgeSums]:
     """Exact patching effects of each asked edge from `cfg.layer` (one `EdgeSums` per `Edges`).
 
     `sequences` (n_seq, seq_len) are token ids; `codes` the clean layer-L SAE codes of their
-    tokens in row-major order (as `Store.read` gives them).
+    tokens in row-major order (as `Store.read` gives them). `progress` hears the patched rows.
     """
     import torch
 
@@ -239,9 +241,12 @@ def edge_effects(
     sources = np.unique(np.concatenate([e.feature_a for e in edges] or [np.zeros(0, np.int64)]))
     seqs, feats = patch_jobs(codes.tocsr(), sequences.shape[1], sources, cfg.skip_positions)
     widths = sum(np.bincount(e.of_rows(feats)[0], minlength=len(feats)) for e in edges)
+    targets = ", ".join(str(e.target) for e in edges)
+    ticker = Ticker(progress, f"patching layer {cfg.layer} -> {targets}, rows", len(seqs))
     with torch.inference_mode():
         for part in row_batches(np.asarray(widths), sequences.shape[1], cfg):
             _patch_rows(model, saes, sequences, codes, cfg, seqs[part], feats[part], edges, sums)
+            ticker.step(part.stop - part.start)
     return sums
 
 

@@ -8,6 +8,7 @@ import dagster as dg
 import networkx as nx
 import polars as pl
 
+from featstore import settings
 from featstore.analysis.asked import EdgeChoice
 from featstore.analysis.cards import parse_key
 from featstore.analysis.causal import CausalConfig, causal_dir, run_causal
@@ -15,7 +16,6 @@ from featstore.analysis.concepts import default_set, run_concepts
 from featstore.analysis.erasure import run_erasure
 from featstore.analysis.graph import GRAPHML
 from featstore.analysis.steering import SteerConfig, run_steering
-from featstore.defaults import MIN_EFFECT
 from featstore.errors import FeatstoreError
 from featstore.sources.extract import load_model_and_saes
 from featstore.store.spec import CONCEPTS_DIR, ERASURE_DIR
@@ -27,18 +27,23 @@ from pipelines.resources import FeatstoreResource
 CAUSAL_VERSION = "2"
 
 
+# The library's defaults, named once (EdgeChoice, CausalConfig); the asset only exposes them.
+_EDGES = settings.defaults(EdgeChoice)
+_CAUSAL = settings.defaults(CausalConfig)
+
+
 class CausalEdgesConfig(dg.Config):
-    max_sequences: int = 16  # per shard
-    sample: str = "graph"  # graph: the correlation graph's edges; bins: stratified by bins
-    max_edges: int | None = None  # graph: at most this many per layer pair (seeded sample)
-    measure: str = "jaccard"  # bins: the binned measure
-    bins: list[float] | None = None  # bins: the bin edges; None: 10 bins from 0.01 to 1.0
-    per_bin: int = 10  # bins: pairs per bin
-    random_pairs: int = 100  # random control pairs per layer pair
-    attribution: bool = True  # also the first-order estimate of each edge
-    value: float = 0.0  # 0 ablates; another value clamps
-    min_effect: float = MIN_EFFECT  # |relative effect| of a causal edge
-    min_tokens: int = 5
+    max_sequences: int = _CAUSAL["max_sequences"]  # per shard
+    sample: str = _EDGES["sample"]  # graph: the correlation graph's edges; bins: by bins
+    max_edges: int | None = _EDGES["max_edges"]  # graph: at most this many per layer pair
+    measure: str = _EDGES["measure"]  # bins: the binned measure
+    bins: list[float] | None = None  # bins: the bin edges; None: EdgeChoice's
+    per_bin: int = _EDGES["per_bin"]  # bins: pairs per bin
+    random_pairs: int = _EDGES["random_pairs"]  # random control pairs per layer pair
+    attribution: bool = _CAUSAL["attribution"]  # also the first-order estimate of each edge
+    value: float = _CAUSAL["value"]  # 0 ablates; another value clamps
+    min_effect: float = _CAUSAL["min_effect"]  # |relative effect| of a causal edge
+    min_tokens: int = _CAUSAL["min_tokens"]
 
 
 class ConceptTracesConfig(dg.Config):
@@ -74,7 +79,9 @@ def files_metadata(paths: dict[str, Path]) -> dict:
     kinds={"pytorch", "parquet"},
     **MODEL_STEP,  # loads the model, as extraction
 )
-def causal_edges(config: CausalEdgesConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
+def causal_edges(
+    context: dg.AssetExecutionContext, config: CausalEdgesConfig, featstore: FeatstoreResource
+) -> dg.MaterializeResult:
     """Effect of ablating the source feature of each asked edge on its target (exact patching,
     and its attribution-patching estimate): every correlation-graph edge (`sample: graph`) or
     pairs stratified by a measure's bins (`sample: bins`, with the ablation effect per bin),
@@ -85,26 +92,10 @@ def causal_edges(config: CausalEdgesConfig, featstore: FeatstoreResource) -> dg.
     """
     store = featstore.open()
     graph = read_graph(featstore)
-    choice = EdgeChoice(
-        sample=config.sample,
-        min_pearson=float(graph.graph["threshold"]),
-        max_edges=config.max_edges,
-        measure=config.measure,
-        **({"bins": tuple(config.bins)} if config.bins else {}),
-        per_bin=config.per_bin,
-        random_pairs=config.random_pairs,
-    )
-    cfg = CausalConfig(
-        layers=tuple(featstore.layers),
-        max_sequences=config.max_sequences,
-        edges=choice,
-        attribution=config.attribution,
-        value=config.value,
-        min_effect=config.min_effect,
-        min_tokens=config.min_tokens,
-    )
+    choice = settings.of(EdgeChoice, config, min_pearson=float(graph.graph["threshold"]))
+    cfg = settings.of(CausalConfig, config, layers=tuple(featstore.layers), edges=choice)
     model, saes = load_model_and_saes(featstore.extract_config())
-    paths = run_causal(store, model, saes, cfg)
+    paths = run_causal(store, model, saes, cfg, progress=context.log.info)
     comparison = pl.read_parquet(paths["comparison"])
     tables = {"comparison": dg.MetadataValue.md(markdown(comparison))}
     if "ablation_by_bin" in paths:

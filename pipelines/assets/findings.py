@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations`: Dagster reads the context, config and resource
 # annotations at definition time and needs the real classes, not strings.
-import dataclasses
 from typing import Any
 
 import dagster as dg
@@ -20,7 +19,7 @@ FINDINGS_VERSION = "1"
 
 
 # The library's defaults, named once (FindingsConfig); the asset only exposes them.
-_DEFAULT = {f.name: f.default for f in dataclasses.fields(FindingsConfig)}
+_DEFAULT = settings.defaults(FindingsConfig)
 
 
 class FindingsAssetConfig(dg.Config):
