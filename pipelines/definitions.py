@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from pipelines import beta
 from pipelines.assets.causal import causal_assets
 from pipelines.assets.checks import activation_checks
 from pipelines.assets.comparison import comparison_assets
@@ -18,7 +19,7 @@ from pipelines.sensors import automation, new_text_shards
 
 def build_defs(featstore: FeatstoreResource) -> dg.Definitions:
     """The code location around one store and extraction configuration."""
-    return dg.Definitions(
+    defs = dg.Definitions(
         assets=[
             tokenizer_config,
             encoder_config,
@@ -35,5 +36,10 @@ def build_defs(featstore: FeatstoreResource) -> dg.Definitions:
         executor=executor(),
     )
 
+    # Dagster builds the repository lazily and, doing so, passes a sensor's beta `owners` to
+    # itself (a BetaWarning no user can act on): built here, once (it is cached), without it.
+    with beta.on_purpose():
+        defs.get_repository_def()
+    return defs
 
 defs = build_defs(from_env())  # FEATSTORE_HOME, _SOURCE, _TEXT_DIR, _LAYERS, ... (README)

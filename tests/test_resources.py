@@ -71,3 +71,27 @@ def test_a_bad_variable_is_one_line_naming_it(env, named):
     with pytest.raises(FeatstoreError) as exc:
         from_env(env)
     assert named in str(exc.value) and "\n" not in str(exc.value)
+
+
+LOAD_QUIETLY = """
+import warnings
+import dagster as dg
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    from pipelines.definitions import defs
+    defs.get_repository_def()
+    defs.resolve_implicit_global_asset_job_def()
+beta = [str(w.message) for w in seen if issubclass(w.category, dg.BetaWarning)]
+print(beta)
+"""
+
+
+def test_loading_the_definitions_prints_no_beta_warning(tmp_path):
+    """A user cannot act on Dagster's beta warnings about featstore's own use of beta APIs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEATSTORE_")}
+    env |= {"PYTHONPATH": str(REPO), "FEATSTORE_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_QUIETLY], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[]"
