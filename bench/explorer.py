@@ -1,15 +1,17 @@
 """Feature pages at GPT-2 size: `featstore serve`'s per-feature reads on a synthetic store with
-24,576 features a layer and 10^6 tokens, against the feature card's way (partners and contexts
-straight from the activations, `featstore.analysis.cards.feature_card`) measured in the same run.
+24,576 features a layer and 10^6 tokens.
 
     flock /tmp/featstore-heavy.lock .venv/bin/python bench/explorer.py [--tokens 250000]
-        [--shards 4] [--features 20] [--home DIR]
+        [--shards 4] [--features 20] [--layers 6,7,8,9] [--home DIR] [--build-only] [--card]
 
-Builds (once, kept in --home) a `featstore synth` store of layers 6-8 and the merged pair
-statistics of 6-7 and 7-8 above --min-pearson (the explorer reads whatever `pair_stats/` holds;
-the whole co-active table at 10^6 tokens would be ~10^8 rows). Then times: the one-pass layer
-summary (once per layer per server), a feature page (every read plus the HTML) for --features
-random active features of layer 7, a graph page, and the card of one feature as the baseline.
+Builds (once, kept in --home) a `featstore synth` store of --layers, the merged pair statistics
+of successive layers above --min-pearson (the explorer reads whatever `pair_stats/` holds; the
+whole co-active table at 10^6 tokens would be ~3 x 10^8 rows a layer pair) and the SQL index.
+Then, in one process: the first feature page after start (opening the store and the index
+included), the feature page (every read plus the HTML: histogram, contexts, label, partners in
+every layer with intervals and the null model, causal, logits) of --features random active
+features of --layer and of its 5 densest features, pages ordered by other measures, graph pages,
+a token search, and with --card the feature card of one feature (from the activations).
 """
 
 from __future__ import annotations
@@ -22,32 +24,41 @@ from pathlib import Path
 import numpy as np
 
 
-def build(home: Path, tokens: int, shards: int, min_pearson: float) -> None:
+def build(
+    home: Path, tokens: int, shards: int, min_pearson: float, layers: tuple[int, ...],
+    wide: str | None = None, min_both: int = 30,
+) -> None:  # fmt: skip
     from featstore.sources.synth import SynthConfig, generate_all
+    from featstore.store import sql
     from featstore.store.home import open_store
 
     store = open_store(home, create=True)
     if not store.layers():
         start = time.perf_counter()
-        generate_all(store, SynthConfig(layers=(6, 7, 8), n_tokens=tokens), shards)
+        generate_all(store, SynthConfig(layers=layers, n_tokens=tokens), shards, log=print)
         seconds = time.perf_counter() - start
-        print(f"synth: {shards} x {tokens} tokens, layers 6-8 in {seconds:.0f}s")
+        print(f"synth: {shards} x {tokens} tokens, layers {layers} in {seconds:.0f}s", flush=True)
     import polars as pl
 
     from featstore.files import write_parquet_atomic
     from featstore.stats.query import PairQuery, pair_stats, pair_stats_path
     from featstore.store.sql import PAIR_STATS_SCHEMA
 
-    for a, b in ((6, 7), (7, 8)):
+    for a, b in zip(layers, layers[1:], strict=False):
         path = pair_stats_path(store, a, b)
         if not path.exists():
             start = time.perf_counter()
-            frame = pair_stats(store, PairQuery(a, b, min_pearson=min_pearson, save=False))
+            screen = ({"min_both": min_both} if f"{a}-{b}" == wide else
+                      {"min_pearson": min_pearson})  # fmt: skip
+            frame = pair_stats(store, PairQuery(a, b, save=False, **screen))
             layers = [pl.lit(a, pl.Int32).alias("layer_a"), pl.lit(b, pl.Int32).alias("layer_b")]
             frame = frame.sort("feature_a", "feature_b")
             write_parquet_atomic(frame.select(*layers, *PAIR_STATS_SCHEMA.names[2:]), path)
-            print(f"pair_stats {a}-{b}: {frame.height} pairs with Pearson >= {min_pearson} "
-                  f"in {time.perf_counter() - start:.0f}s")  # fmt: skip
+            print(f"pair_stats {a}-{b}: {frame.height} pairs with {screen} "
+                  f"in {time.perf_counter() - start:.0f}s", flush=True)  # fmt: skip
+    start = time.perf_counter()
+    sql.connect(store).close()  # builds the SQL index (what the first query after a change pays)
+    print(f"SQL index: {time.perf_counter() - start:.0f}s", flush=True)
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:
@@ -63,40 +74,76 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--features", type=int, default=20, help="feature pages timed")
     parser.add_argument("--min-pearson", type=float, default=0.05)
+    parser.add_argument("--layers", default="6,7,8", help="layers of the synthetic store")
+    parser.add_argument("--layer", type=int, default=7, help="layer whose pages are timed")
+    parser.add_argument("--wide", default=None, metavar="A-B",
+                        help="this layer pair's table keeps every pair co-active on >= "
+                        "--min-both tokens instead of the Pearson screen")  # fmt: skip
+    parser.add_argument("--min-both", type=int, default=30)
+    parser.add_argument("--build-only", action="store_true")
+    parser.add_argument("--card", action="store_true", help="also time the feature card")
     args = parser.parse_args()
-    build(Path(args.home), args.tokens, args.shards, args.min_pearson)
+    layers = tuple(int(x) for x in args.layers.split(","))
+    build(Path(args.home), args.tokens, args.shards, args.min_pearson, layers, args.wide,
+          args.min_both)  # fmt: skip
+    if args.build_only:
+        return
 
     from featstore.analysis.cards import feature_card
     from featstore.explorer import pages
     from featstore.explorer.graphview import neighbourhood
-    from featstore.explorer.reads import Explorer, labeller
+    from featstore.explorer.reads import TOKEN_QUERY, Explorer, Search, labeller
     from featstore.store.home import open_store
 
+    start = time.perf_counter()
     store = open_store(args.home)
     ex = Explorer(store)
-    for layer in (6, 7, 8):
-        seconds, s = timed(ex.summary, layer)
-        print(f"summary of layer {layer} ({s.d_sae} features, {ex.stats(layer).n_tokens} tokens):"
-              f" {seconds:.2f}s, once per layer per server")  # fmt: skip
     site = pages.Site(labels=labeller(ex))
+    x = args.layer
+
+    def page(f: int, measure: str = "pearson") -> float:
+        seconds, view = timed(ex.feature, x, f, measure)
+        return seconds + timed(pages.feature_page, view, measure, site)[0]
+
+    count = ex.stats(x).count
     rng = np.random.default_rng(0)
-    active = np.flatnonzero(ex.stats(7).count > 0)
-    chosen = rng.choice(active, args.features, replace=False)
-    page_s, graph_s = [], []
-    for f in chosen.tolist():
-        seconds, view = timed(ex.feature, 7, f)
-        page_s.append(seconds + timed(pages.feature_page, view, "pearson", site)[0])
-    for f in chosen[:5].tolist():
-        seconds, nb = timed(neighbourhood, ex, 7, f)
+    active = np.flatnonzero(count > 0)
+    chosen = rng.choice(active, args.features + 1, replace=False).tolist()
+    first = page(chosen[0])
+    print(f"first page after start (open, index check, stats, token tables, page): "
+          f"{time.perf_counter() - start:.3f}s (the page alone {first:.3f}s)", flush=True)
+    page_s = [page(f) for f in chosen[1:]]
+    densest = np.argsort(-count, kind="stable")[:5].tolist()
+    dense_s = [page(f) for f in densest]
+    measure_s = [page(f, m) for f, m in zip(chosen[1:6], ("jaccard", "sufficiency", "pmi",
+                                                          "cosine", "necessity"), strict=True)]
+    graph_s = []
+    for f in chosen[1:6]:
+        seconds, nb = timed(neighbourhood, ex, x, f)
         graph_s.append(seconds + timed(pages.graph_page, nb, site)[0])
-    card_s, _ = timed(feature_card, store, 7, int(chosen[0]))
-    median = statistics.median(page_s)
-    print("\n| what | seconds | vs the card |\n|---|---|---|")
-    print(f"| card of one feature (baseline: from the activations) | {card_s:.2f} | 1.00 |")
-    print(f"| feature page, median of {len(page_s)} | {median:.3f} | {card_s / median:.1f}x |")
-    print(f"| feature page, slowest | {max(page_s):.3f} | {card_s / max(page_s):.1f}x |")
-    print(f"| graph page, median of {len(graph_s)} | {statistics.median(graph_s):.3f} | "
-          f"{card_s / statistics.median(graph_s):.1f}x |")  # fmt: skip
+    token = int(ex.hits(x, chosen[1]).token[0])
+    if store.vocab() is not None:
+        search_s, found = timed(Search(ex), ex.text(token))
+    else:  # synthetic stores have no vocabulary: the query a token search runs
+        search_s, found = timed(ex._run, ex.index().duckdb, TOKEN_QUERY,
+                                {"ids": [token], "limit": 50})  # fmt: skip
+        found = found["n"]
+    hits = [int(count[f]) for f in chosen[1:]]
+    print(f"\nlayer {x}: {count.size} features, {ex.stats(x).n_tokens} tokens; timed features "
+          f"active on {min(hits)}-{max(hits)} tokens (median {int(np.median(hits))}), the densest "
+          f"on {int(count[densest[-1]])}-{int(count[densest[0]])}")  # fmt: skip
+    print("\n| what | seconds |\n|---|---|")
+    print(f"| feature page, median of {len(page_s)} random active features | "
+          f"{statistics.median(page_s):.3f} |")
+    print(f"| feature page, slowest of those | {max(page_s):.3f} |")
+    print(f"| feature page, the 5 densest features: median / slowest | "
+          f"{statistics.median(dense_s):.3f} / {max(dense_s):.3f} |")
+    print(f"| feature page by another measure, median of 5 | {statistics.median(measure_s):.3f} |")
+    print(f"| graph page, median of {len(graph_s)} | {statistics.median(graph_s):.3f} |")
+    print(f"| token search ({len(found)} features) | {search_s:.3f} |")
+    if args.card:
+        card_s, _ = timed(feature_card, store, x, int(chosen[1]))
+        print(f"| feature card of one feature (from the activations) | {card_s:.2f} |")
 
 
 if __name__ == "__main__":

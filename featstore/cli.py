@@ -12,6 +12,7 @@ from featstore.defaults import (
     AGREEMENT_THRESHOLD,
     CAUSAL_SEQUENCES,
     DEFAULT_ENGINE,
+    DEFAULT_MEASURE,
     DEFAULT_SOURCE,
     EDGE_THRESHOLD,
     ENGINES,
@@ -389,12 +390,14 @@ def cmd_steer(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from featstore.analysis.cards import parse_key
     from featstore.explorer import app
+    from featstore.explorer.reads import check_measure_name
 
     app.check_port(args.port)
+    check_measure_name(args.measure)
     keys = [parse_key(k) for k in args.features or []]
     store = _open(args)
     if args.export:
-        paths = app.export(store, args.export, keys, n=args.n)
+        paths = app.export(store, args.export, keys, n=args.n, measure=args.measure)
         print(f"wrote {len(paths)} pages to {args.export} (open index.html)")
         return 0
     print(f"featstore explorer on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
@@ -634,6 +637,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--features", nargs="+", default=None, metavar="LAYER:ID",
                    help="features to export (default: the --n busiest of the graph)")  # fmt: skip
     p.add_argument("--n", type=positive, default=50, help="features exported by default")
+    p.add_argument("--measure", default=DEFAULT_MEASURE,
+                   help="--export: the pair_stats column that orders partners and colours the "
+                   "graph (the server lets the reader choose)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("logits", help="logit effects of every feature (top promoted/suppressed)")

@@ -21,6 +21,8 @@ AGREEMENT_THRESHOLD = 0.99  # agreement is near 1 for most pairs of sparse featu
 MIN_BOTH = 2  # default support of an edge: a pair seen together once is no edge
 MIN_EFFECT = 0.1  # |relative effect| of a causal edge
 CAUSAL_SEQUENCES = 16  # sequences per shard patched for causal edges
+DEFAULT_MEASURE = "pearson"  # orders a feature page's partners (`featstore serve`)
+NULL_SHIFTS = 20  # alignments of a pair's null model on a feature page (`featstore.stats.shifted`)
 # Each data measure's threshold where measures are compared (`featstore.analysis.compare`).
 MEASURE_THRESHOLDS = {
     "pearson": EDGE_THRESHOLD,

@@ -19,12 +19,14 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 from helpers import assert_one_line_error, build_store, cli, correlated_layers, table_measures
+from test_shifted import reference_rows
 
 from featstore.defaults import MIN_BOTH
-from featstore.explorer import app, reads, summary
+from featstore.explorer import app, reads
 from featstore.explorer.graphview import neighbourhood
 from featstore.explorer.text import esc
 from featstore.stats.query import PairQuery, pair_stats
+from featstore.stats.shardsums import Variant
 from featstore.store import spec
 from featstore.store.sql import CAUSAL_EDGES_SCHEMA
 
@@ -65,20 +67,24 @@ def top_rows(x: np.ndarray, n: int) -> np.ndarray:
     return order[x[order] > 0]
 
 
-def test_layer_summary_equals_numpy(setup):
+def test_hits_histogram_and_label_tokens_equal_numpy(setup):
     store, acts, tokens = setup
-    s = summary.summarise_layer(store, 7, top=5)
+    ex = reads.Explorer(store)
     for f in range(10):
         x = acts[7][:, f]
-        hits = s.top(f)
+        hits = ex.hits(7, f)
         rows = hits.row + np.where(hits.shard == 1, SIZES["s0"], 0)
-        np.testing.assert_array_equal(rows, top_rows(x, 5))
+        np.testing.assert_array_equal(rows, np.flatnonzero(x))
         np.testing.assert_allclose(hits.value, x[rows], rtol=1e-6)
-        np.testing.assert_array_equal(s.top_tokens(f), tokens[rows])
-        bins = np.searchsorted(summary.HIST_EDGES, x[x > 0].astype(np.float32), side="right")
+        np.testing.assert_array_equal(hits.token, tokens[rows])
+        bins = np.searchsorted(reads.HIST_EDGES, x[x > 0].astype(np.float32), side="right")
         np.testing.assert_array_equal(
-            s.histogram[f], np.bincount(bins, minlength=s.histogram.shape[1])
+            hits.histogram(), np.bincount(bins, minlength=reads.HIST_EDGES.size + 1)
         )
+        top = tokens[top_rows(x, reads.LABEL_HITS)]
+        ids, counts = np.unique(top, return_counts=True)
+        want = sorted(zip(-counts, ids, strict=True))[:5]
+        assert ex.top_tokens(7, f) == [(VOCAB[i], -c) for c, i in want]
 
 
 def test_feature_view_equals_store(setup):
@@ -112,6 +118,55 @@ def test_feature_view_equals_store(setup):
         assert frame["jaccard"].to_list() == sorted(frame["jaccard"], reverse=True)
 
 
+def null_reference(store, acts, a, b, fa, fb, measure, shifts):
+    """`measure` of (a:fa, b:fb) with layer b's rows realigned by each shift, by numpy."""
+    values = []
+    for k in range(1, shifts + 1):
+        perm, start = [], 0
+        for shard in ("s0", "s1"):
+            t = store.tokens(shard)
+            perm.append(start + reference_rows(t["seq"].to_numpy(), t["pos"].to_numpy(), k))
+            start += t.height
+        y = acts[b][np.concatenate(perm)]
+        values.append(table_measures(acts[a][:, [fa]], y[:, [fb]])[measure][0, 0])
+    return np.array(values)
+
+
+@pytest.mark.parametrize("measure", ["pearson", "jaccard"])
+def test_partners_against_the_null_model_equal_numpy(setup, measure):
+    store, acts, _ = setup
+    ex = reads.Explorer(store, null_shifts=6)
+    view = ex.feature(7, 2, measure, n=3)
+    assert view.partners
+    for p in view.partners:
+        for row in p.frame.iter_rows(named=True):
+            a, b = sorted((7, p.layer))
+            fa, fb = (row["feature"], 2) if p.layer < 7 else (2, row["feature"])
+            null = null_reference(store, acts, a, b, fa, fb, measure, 6)
+            value = table_measures(acts[a][:, [fa]], acts[b][:, [fb]])[measure][0, 0]
+            assert row[measure] == pytest.approx(value, rel=1e-9)
+            assert row["null_mean"] == pytest.approx(null.mean(), rel=1e-9, abs=1e-12)
+            assert row["null_sd"] == pytest.approx(null.std(ddof=1), rel=1e-9, abs=1e-12)
+            if null.std() > 0:
+                z = (value - null.mean()) / null.std(ddof=1)
+                assert row["null_z"] == pytest.approx(z, rel=1e-6)
+            assert row["null_p"] == pytest.approx((1 + (null >= value - 1e-12).sum()) / 7)
+
+
+def test_shift_one_is_the_stores_null_model(setup):
+    store, _, _ = setup
+    ex = reads.Explorer(store, null_shifts=3)
+    hits = ex.hits(7, 2)
+    got = ex.null_values(7, 2, hits, 8, list(range(10))).filter(pl.col("shift") == 1)
+    want = pair_stats(store, PairQuery(7, 8, features_a=(2, 3), all_pairs=True,
+                                       variant=Variant(null=True)))  # fmt: skip
+    got, want = (f.sort("feature_b") for f in (got, want))
+    assert got["feature_b"].to_list() == want["feature_b"].to_list()
+    np.testing.assert_array_equal(got["n_both"], want["n_both"])
+    np.testing.assert_allclose(got["sum_xy"], want["sum_xy"], rtol=1e-12)
+    np.testing.assert_allclose(got["pearson"], want["pearson"], rtol=1e-9)
+
+
 def test_causal_effects_of_and_on_the_feature_strongest_first(setup):
     store, _, _ = setup
     frame = reads.Explorer(store).causal(7, 2)
@@ -129,11 +184,11 @@ def test_search_by_id_token_and_concept(setup):
     assert [n for n, _ in search("4")] == [(6, 4), (7, 4), (8, 4)]
     assert search("9:1") == [] and search("7:99") == []
     assert search("BOLD")[0][0] == (7, 2)
-    found = {n for n, _ in search("w5")}
-    s = summary.summarise_layer(store, 8)
-    assert {(8, int(f)) for f in np.unique(s.hits.feature[s.tokens == 5])} == {
-        n for n in found if n[0] == 8
-    }
+    found = search("w5")
+    want = sorted((-int(((acts[x][:, f] > 0) & (tokens == 5)).sum()), x, f)
+                  for x in (6, 7, 8) for f in range(10))  # fmt: skip
+    want = [((x, f), f"active {-n} times on 'w5'") for n, x, f in want if n < 0]
+    assert found == want and found
 
 
 def test_neighbourhood_follows_the_strongest_partners(setup):
@@ -200,6 +255,27 @@ def test_damaged_chunk_is_reported_not_shown_as_zeros(setup, tmp_path):
     assert "Traceback" not in got.text and len(got.text.splitlines()) == 1
 
 
+def test_export_takes_the_measure(setup, capsys, tmp_path):
+    store, acts, _ = setup
+    status, out, _ = cli(capsys, store.home, "serve", "--export", str(tmp_path / "site"),
+                         "--features", "7:2", "--measure", "jaccard")  # fmt: skip
+    assert status == 0 and "wrote" in out
+    dom = Dom((tmp_path / "site" / "features" / "7" / "2.html").read_text())
+    ref = table_measures(acts[7], acts[8])
+    succ = [r for r in dom.partner_rows if r["layer"] == 8]
+    want = sorted((f for f in range(10) if ref["n_both"][2, f] >= MIN_BOTH),
+                  key=lambda f: (-ref["jaccard"][2, f], f))  # fmt: skip
+    assert [r["feature"] for r in succ] == want[: len(succ)] and succ
+    for r in succ:
+        assert r["value"] == pytest.approx(ref["jaccard"][2, r["feature"]], rel=1e-9)
+    assert "<option selected>jaccard</option>" in (tmp_path / "site" / "graph" / "7" /
+                                                     "2.html").read_text()  # fmt: skip
+    status, _, err = cli(capsys, store.home, "serve", "--export", str(tmp_path / "bad"),
+                         "--measure", "drop table")  # fmt: skip
+    assert_one_line_error(status, err, "unknown measure 'drop table'")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_refuses_bad_port_and_missing_store(capsys, tmp_path):
     assert_one_line_error(*cli(capsys, tmp_path, "serve", "--port", "70000")[::2], "port")
     status, _, err = cli(capsys, tmp_path / "none", "serve", "--export", str(tmp_path / "o"))
@@ -214,6 +290,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 class Dom(HTMLParser):
     """Text by id, the rows of tables, links: enough of the rendered DOM to compare."""
+
+    CELLS = ("value", "null-mean", "null-z", "null-p")
 
     def __init__(self, text: str) -> None:
         super().__init__()
@@ -235,6 +313,9 @@ class Dom(HTMLParser):
             self.partner_rows.append(
                 {"layer": int(a["data-layer"]), "feature": int(a["data-feature"])}
             )
+        if tag == "td" and self.partner_rows and a.get("class") in self.CELLS:
+            value = a.get("data-value")
+            self.partner_rows[-1][a["class"]] = float(value) if value else None
         if tag == "span" and "data-value" in a:
             self.spans.append("")
 
@@ -310,6 +391,13 @@ def test_browser_shows_the_store(setup, server):
         key=lambda f: -ref["pearson"][2, f],
     )
     assert [r["feature"] for r in succ] == want[: len(succ)] and succ
+    shifts = reads.Explorer(store).ks.size
+    for r in succ[:3]:  # each partner against the null model, as numpy computes it
+        null = null_reference(store, acts, 7, 8, 2, r["feature"], "pearson", shifts)
+        assert r["value"] == pytest.approx(ref["pearson"][2, r["feature"]], rel=1e-9)
+        assert r["null-mean"] == pytest.approx(null.mean(), rel=1e-9, abs=1e-12)
+        assert r["null-p"] == pytest.approx((1 + (null >= r["value"] - 1e-12).sum()) / (shifts + 1))
+    assert "realigned" in dom.ids["null-note"]
     link = next(h for h in dom.links if h.endswith(f"/8/{succ[0]['feature']}"))
     target = urllib.parse.urljoin(f"{server}/features/7/2", link)
     dom8 = Dom(dump_dom(target))

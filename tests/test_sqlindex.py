@@ -195,6 +195,10 @@ def test_a_damaged_group_fails_only_the_queries_that_read_it(store, capsys):
     status, _, err = cli(capsys, store.home, "sql", "SELECT max(value) FROM activations")
     assert status == 2 and err.count("\n") == 1 and "layer 7 shard s0" in err
     assert not (store.home / spec.SQL_INDEX_DIR / "layer_7" / "s0.duckdb").exists()
+    for where in ("feature = 2", "layer = 7 AND feature = 2", "row = 3 AND value > 0"):
+        status, _, err = cli(capsys, store.home, "sql",
+                             f"SELECT count(*) FROM activations WHERE {where}")  # fmt: skip
+        assert status == 2 and "layer 7 shard s0" in err, where  # never read as no rows
 
 
 def test_a_group_whose_metadata_is_garbage_is_one_line(store, capsys):

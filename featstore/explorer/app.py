@@ -23,6 +23,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from featstore.analysis.cards import busiest_features
+from featstore.defaults import DEFAULT_MEASURE
 from featstore.errors import FeatstoreError
 from featstore.explorer import pages
 from featstore.explorer.graphview import neighbourhood
@@ -65,7 +66,7 @@ def by_layer(nodes: Sequence[Node]) -> dict[int, list[Node]]:
 
 
 def _measure(request: Request) -> str:
-    measure = request.query_params.get("measure", "pearson")
+    measure = request.query_params.get("measure", DEFAULT_MEASURE)
     check_measure_name(measure)
     return measure
 
@@ -86,11 +87,12 @@ def _html(body: str, status: int = 200) -> HTMLResponse:
 
 
 def create_app(store: Store, n_index: int = 40, warm: bool = False) -> Starlette:
-    """The explorer over `store` (read only); `warm`: summarise every layer in the background
-    from the start, so that no reader waits for a layer's first pass."""
+    """The explorer over `store` (read only); `warm`: bring the SQL index in step with the
+    store in the background from the start (after an extraction it is rebuilt), so that the
+    first reader waits less."""
     ex = Explorer(store)
     if warm:
-        threading.Thread(target=lambda: [ex.summary(x) for x in ex.layers], daemon=True).start()
+        threading.Thread(target=ex.warm, daemon=True).start()
     site = pages.Site(labels=labeller(ex))
     search = Search(ex)
 
@@ -154,8 +156,10 @@ def _write(path: Path, text: str) -> Path:
 
 
 def export(store: Store, out: str | os.PathLike[str], features: Sequence[Node] | None = None,
-           n: int = 50) -> list[Path]:  # fmt: skip
-    """Write the pages of `features` (default: the `n` busiest) as a static site into `out`."""
+           n: int = 50, measure: str = DEFAULT_MEASURE) -> list[Path]:  # fmt: skip
+    """Write the pages of `features` (default: the `n` busiest) as a static site into `out`,
+    partners ordered and the graph coloured by `measure` (a `pair_stats` column)."""
+    check_measure_name(measure)
     ex = Explorer(store)
     keys = list(dict.fromkeys(features)) if features else home_features(ex, n)
     for key in keys:
@@ -164,10 +168,10 @@ def export(store: Store, out: str | os.PathLike[str], features: Sequence[Node] |
     site = pages.Site(".html", lambda node: node in chosen, labeller(ex))
     written = [_write(out / "index.html", pages.index_page(by_layer(keys), site))]
     for layer, feature in keys:
-        view = ex.feature(layer, feature)
+        view = ex.feature(layer, feature, measure)
         written.append(_write(out / "features" / str(layer) / f"{feature}.html",
-                              pages.feature_page(view, "pearson", site)))  # fmt: skip
-        nb = neighbourhood(ex, layer, feature, "pearson", DEFAULT_THRESHOLD)
+                              pages.feature_page(view, measure, site)))  # fmt: skip
+        nb = neighbourhood(ex, layer, feature, measure, DEFAULT_THRESHOLD)
         written.append(_write(out / "graph" / str(layer) / f"{feature}.html",
                               pages.graph_page(nb, site)))  # fmt: skip
     table = json.dumps([[x, f, site.labels((x, f))] for x, f in keys]).replace("<", "\\u003c")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from featstore.defaults import DEFAULT_MEASURE
 from featstore.explorer.reads import MEASURES, Explorer, check_measure_name
 
 Node = tuple[int, int]
@@ -33,7 +34,7 @@ def _step(ex: Explorer, node: Node, other: int, measure: str, threshold: float, 
 
 
 def neighbourhood(
-    ex: Explorer, layer: int, feature: int, measure: str = "pearson", threshold: float = 0.1,
+    ex: Explorer, layer: int, feature: int, measure: str = DEFAULT_MEASURE, threshold: float = 0.1,
     k: int = 4, per_layer: int = 8,
 ) -> Neighbourhood:  # fmt: skip
     """The centre's neighbourhood over the store's layers (see module doc)."""

@@ -124,20 +124,41 @@ def partner_table(frame: pl.DataFrame, measure: str, root: str, site: Site) -> s
         return "<p class=muted>none</p>"
     shown = [m for m in MEASURES if m in frame.columns and m != measure]
     head = (f"<tr><th>feature</th><th class=l>label</th><th>{esc(measure)}</th><th>95% interval"
-            f"</th>{''.join(f'<th>{esc(m)}</th>' for m in shown)}</tr>")  # fmt: skip
+            "</th><th title='mean and sd of the null model&#39;s values of this pair'>null mean"
+            " ± sd</th><th>z vs null</th><th title='(1 + #null values >= this) / (K + 1)'>p vs "
+            f"null</th>{''.join(f'<th>{esc(m)}</th>' for m in shown)}</tr>")  # fmt: skip
     rows = []
     for r in frame.iter_rows(named=True):
         node = (int(r["layer"]), int(r["feature"]))
         lo, hi = r.get(f"{measure}_lo"), r.get(f"{measure}_hi")
         interval = f"[{esc(lo)}, {esc(hi)}]" if lo is not None else ""
+        sd = f" ± {esc(r.get('null_sd'))}" if r.get("null_sd") is not None else ""
+        null = (f"<td class=null-mean data-value=\"{_attr(r.get('null_mean'))}\">"
+                f"{esc(r.get('null_mean'))}{sd}</td>"
+                f"<td class=null-z data-value=\"{_attr(r.get('null_z'))}\">{esc(r.get('null_z'))}"
+                f"</td><td class=null-p data-value=\"{_attr(r.get('null_p'))}\">"
+                f"{esc(r.get('null_p'))}</td>")  # fmt: skip
         rows.append(
             f'<tr class=partner data-layer="{node[0]}" data-feature="{node[1]}">'
             f"<td>{site.feature_link(root, node)}</td><td class='l lab'>{esc(site.labels(node))}"
-            f"</td><td class=value>{esc(r[measure])}</td><td>{interval}</td>"
+            f'</td><td class=value data-value="{_attr(r[measure])}">{esc(r[measure])}</td>'
+            f"<td>{interval}</td>{null}"
             + "".join(f"<td>{esc(r[m])}</td>" for m in shown)
             + "</tr>"
         )
     return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _attr(value: object) -> str:
+    """A number in full precision for a data- attribute (what a test reads back)."""
+    return "" if value is None else esc(repr(value) if isinstance(value, float) else value)
+
+
+def null_note(shifts: int) -> str:
+    return (f"<p class=muted id=null-note>null: the same pair's statistic with the later layer's"
+            f" sequences realigned {shifts} ways (each sequence against the k-th next one of its "
+            "length, k = 1..K; k = 1 is the null model of <code>featstore stats --null</code>); "
+            "z = (value − null mean) / null sd; p = (1 + #null values ≥ value) / (K + 1)</p>")
 
 
 def causal_table(frame: pl.DataFrame, node: Node, root: str, site: Site) -> str:
@@ -199,6 +220,7 @@ def feature_page(view: FeatureView, measure: str, site: Site) -> str:
         f"{tokens or 'none'}</span></p></div></div>",
         "<h2>Top-activating contexts</h2>", contexts_table(view.contexts),
         "<h2>Partners</h2>", measure_form(f"{view.feature}{site.ext}", measure),
+        null_note(view.null_shifts),
     ]  # fmt: skip
     for p in view.partners:
         parts.append(f"<h3>{p.side} in layer {p.layer}</h3><div id=partners-{p.layer}>"

@@ -236,9 +236,11 @@ def _branch(group: Group, failure: str | None) -> str:
         columns = ", ".join(_OUT[group.kind])
         return f"SELECT {keys}, {columns} FROM {sqlindex.alias(group)}.{group.kind}"
     types = sqlindex.COLUMNS[group.kind]
-    nulls = ", ".join(f"NULL::{types[c]} AS {c}" for c in _OUT[group.kind])
     fail = f"error({sqlindex.literal(failure)})"
-    return f"SELECT {keys}, {nulls} FROM range(1) WHERE {fail} IS NULL"
+    # Every column raises too: a constant NULL column would let a filter on it (`feature = 2`)
+    # fold the branch away unread, and the damaged group would read as holding no such rows.
+    raising = ", ".join(f"{fail}::{types[c]} AS {c}" for c in _OUT[group.kind])
+    return f"SELECT {keys}, {raising} FROM range(1) WHERE {fail} IS NULL"
 
 
 def _union(branches: list[str]) -> str:
