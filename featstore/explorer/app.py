@@ -118,7 +118,9 @@ def create_app(store: Store, n_index: int = 40, warm: bool = False) -> Starlette
         return pages.search_page(query, search(query), site)
 
     def index(request: Request) -> str:
-        return pages.index_page(by_layer(home_features(ex, n_index)), site)
+        keys = home_features(ex, n_index)
+        ex.label_tokens(keys)
+        return pages.index_page(by_layer(keys), site)
 
     def route(path: str, make) -> Route:
         return Route(path, lambda request: answer(make, request))

@@ -60,6 +60,7 @@ def neighbourhood(
     frame = pl.concat([e.select("layer_a", "feature_a", "layer_b", "feature_b", *MEASURES)
                        for e in edges]) if edges else pl.DataFrame()  # fmt: skip
     order = [(x, f) for x in sorted(nodes) for f in nodes[x]]
+    ex.label_tokens(order)  # every node's label in one query a layer
     return Neighbourhood(
         (layer, feature), measure, threshold, order, frame.unique(maintain_order=True)
     )

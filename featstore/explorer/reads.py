@@ -154,7 +154,7 @@ class Explorer:
         self.ks = np.arange(1, null_shifts + 1)
         self.layers = store.layers()
         self._shards = {x: tuple(store.shards(x)) for x in self.layers}
-        self._lock = threading.Lock()
+        self._lock, self._index_lock = threading.Lock(), threading.Lock()
         self._stats: dict[int, FeatureStats] = {}
         self._vocab = store.vocab()
         self._index: store_sql.Connection | None = None
@@ -167,7 +167,7 @@ class Explorer:
 
     def index(self) -> store_sql.Connection:
         """The SQL index's `activations` view (built or refreshed once, on first use)."""
-        with self._lock:
+        with self._index_lock:  # its own lock: a build never holds up the other caches
             if self._index is None:
                 self._index = store_sql.connect(self.store, views=("activations",))
             return self._index
