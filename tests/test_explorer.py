@@ -87,6 +87,15 @@ def test_hits_histogram_and_label_tokens_equal_numpy(setup):
         assert ex.top_tokens(7, f) == [(VOCAB[i], -c) for c, i in want]
 
 
+def test_strongest_is_a_stable_sort_by_value():
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        values = rng.integers(0, 5, size=rng.integers(0, 30)).astype(np.float32)
+        n = int(rng.integers(0, 35))
+        want = np.argsort(-values, kind="stable")[:n]
+        np.testing.assert_array_equal(reads.strongest(values, min(n, values.size)), want)
+
+
 def test_feature_view_equals_store(setup):
     store, acts, tokens = setup
     ex = reads.Explorer(store, top=4)

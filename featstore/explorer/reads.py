@@ -77,9 +77,12 @@ class Hits:
         value = np.asarray(columns["value"], np.float32)
         return Hits(shard[order], row[order], value[order], token[order])
 
-    def strongest(self, n: int) -> np.ndarray:
-        """Positions of the `n` largest values (ties: earlier shard, then row)."""
-        return np.argsort(-self.value, kind="stable")[:n]
+    def strongest(self, n: int, among: np.ndarray | None = None) -> np.ndarray:
+        """Positions of the `n` largest values (ties: earlier shard, then row), `among` those
+        positions only (a boolean mask) if given."""
+        if among is None:
+            return strongest(self.value, min(n, self.value.size))
+        return strongest(np.where(among, self.value, -np.inf), min(n, int(among.sum())))
 
     def in_shard(self, i: int) -> slice:
         lo, hi = np.searchsorted(self.shard, [i, i + 1])
@@ -89,6 +92,19 @@ class Hits:
         """Counts below the first edge, in each bin of `HIST_EDGES`, above the last."""
         bins = np.searchsorted(HIST_EDGES, self.value[self.value > 0], side="right")
         return np.bincount(bins, minlength=HIST_EDGES.size + 1)
+
+
+def strongest(values: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the `n` largest `values`, largest first, ties in position order (a partial
+    sort: a dense feature has ~10^5 values)."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    if n < values.size:
+        least = np.partition(values, values.size - n)[values.size - n]
+        candidates = np.flatnonzero(values >= least)
+    else:
+        candidates = np.arange(values.size)
+    return candidates[np.argsort(-values[candidates], kind="stable")][:n]
 
 
 @dataclass(frozen=True)
@@ -243,8 +259,9 @@ class Explorer:
         hits = self.hits(layer, feature) if hits is None else hits
         shards = self._shards[layer]
         have = set(self.store.token_shards())
-        chosen = [i for i in hits.strongest(len(hits.value)) if shards[hits.shard[i]] in have]
-        return [self._context(hits, shards, int(i)) for i in chosen[: self.top]]
+        with_tokens = np.isin(hits.shard, [i for i, s in enumerate(shards) if s in have])
+        chosen = hits.strongest(self.top, with_tokens)
+        return [self._context(hits, shards, int(i)) for i in chosen]
 
     def _context(self, hits: Hits, shards: tuple[str, ...], i: int) -> Context:
         before, after = self.context
