@@ -466,6 +466,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--planted", dest="n_planted", type=int, default=None,
                    help="relations per layer pair")  # fmt: skip
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chains", dest="n_chains", type=int, default=None,
+                   help="pass-through chains through every layer (planted)")  # fmt: skip
+    p.add_argument("--gates", dest="n_gates", type=int, default=None,
+                   help="AND gates and OR gates, each, per layer pair (planted)")  # fmt: skip
+    p.add_argument("--vanishing", dest="n_vanishing", type=int, default=None,
+                   help="features per layer (not the last) nothing follows")  # fmt: skip
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("check", help="verify a whole store; exit 1 listing every problem")

@@ -11,7 +11,7 @@ from helpers import build_store, sparse_acts
 
 from featstore.analysis import convergence, gates, passthrough, vanishing
 from featstore.sources.synth import SynthConfig, generate, planted_structures, shard_names
-from featstore.stats import shardsums
+from featstore.stats import best, shardsums
 from featstore.stats.best import best_partners
 from featstore.store.home import open_store
 
@@ -144,3 +144,14 @@ def test_convergence_figure_is_written(planted, tmp_path):
     paths = convergence.run_convergence(store, (6, 7), tmp_path, thresholds={"pearson": 0.5})
     assert pl.read_parquet(paths["convergence"]).height == 3
     assert paths["convergence_plot"].stat().st_size > 1000
+
+
+@pytest.mark.parametrize("measure", ["pearson", "cosine", "necessity", "sufficiency"])
+def test_compiled_best_partners_equal_the_scan_of_every_pair(planted, monkeypatch, measure):
+    store, _ = planted
+    fast = {side: best_partners(store, 6, 7, measure, side=side, min_both=3) for side in "ab"}
+    monkeypatch.setattr(best, "COMPILED", ())  # the general path: every co-active pair finished
+    for side in "ab":
+        slow = best_partners(store, 6, 7, measure, side=side, min_both=3)
+        assert fast[side].height > 100
+        assert fast[side].equals(slow)

@@ -185,7 +185,7 @@ def _before(p: PairCounts, q: PairCounts) -> bool:
 # -- engines: each gives the same PairCounts for one block of tokens ------------------------------
 
 
-def _pattern(matrix: sp.csr_matrix, dtype: type) -> sp.csr_matrix:
+def pattern(matrix: sp.csr_matrix, dtype: type) -> sp.csr_matrix:
     """`matrix` with every stored value replaced by one (values are > 0: zeros are not stored)."""
     return sp.csr_matrix((np.ones(matrix.nnz, dtype), matrix.indices, matrix.indptr), matrix.shape)
 
@@ -251,6 +251,49 @@ def _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt):
     return kt
 
 
+@numba.njit(nogil=True, cache=True)
+def _accumulators(d_b, seg):
+    """The dense accumulators `_gather` fills: sums, counts and touched features of one
+    segment, and their totals over segments (empty where there is one segment)."""
+    acc = np.zeros(d_b, np.float64)
+    cnt = np.zeros(d_b, np.int64)
+    touched = np.empty(d_b + 1, np.int32)  # + 1: the branch-free append writes one past
+    width = d_b if seg.size > 2 else 0
+    tot, tcnt = np.zeros(width, np.float64), np.zeros(width, np.int64)
+    ttouched = np.empty(width + 1, np.int32)
+    return acc, cnt, touched, tot, tcnt, ttouched
+
+
+@numba.njit(nogil=True, cache=True)
+def _gather(i, a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, seg, acc, cnt, touched, tot, tcnt,
+            ttouched):  # fmt: skip
+    """(k, sums, counts, found): the sums and counts of feature i of A with each co-active
+    feature of B, at `found[:k]` of the dense `sums` and `counts` (the caller clears them).
+
+    One pass over i's tokens, as scipy's product does it (the same sums in the same order).
+    `seg` cuts the tokens into segments (0 = seg[0] < ... < seg[-1] = tokens): each pair's sum
+    over each segment is taken alone, in token order, and the segments' sums are added in
+    order, exactly as adding the sums of separate shards (`PairCounts.total`) does."""
+    segments = seg.size > 2
+    k = kt = s = 0
+    for p in range(a_ptr[i], a_ptr[i + 1]):
+        t, x = a_tok[p], a_val[p]
+        if segments and t >= seg[s + 1]:  # a new segment: fold the last one into the totals
+            kt = _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt)
+            k = 0
+            while t >= seg[s + 1]:
+                s += 1
+        for q in range(b_ptr[t], b_ptr[t + 1]):
+            j = b_feat[q]
+            touched[k] = j  # kept where j is new; branch-free, as j is new too often to predict
+            k += cnt[j] == 0
+            cnt[j] += 1
+            acc[j] += x * b_val[q]
+    if segments:
+        return _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt), tot, tcnt, ttouched
+    return k, acc, cnt, touched
+
+
 # Eagerly compiled (and cached next to this file): no call pays compilation.
 @numba.njit(
     "Tuple((int32[::1], int32[::1], int64[::1], float64[::1], int64))(int64[::1], int32[::1],"
@@ -268,46 +311,23 @@ def coactive_block(
     feature_a's pairs together and, with `sort`, sorted by feature_b; the arrays' first `pairs`
     entries hold them (`capacity`: their first size).
 
-    One pass per feature of A, as scipy's product does it (the same sums in the same order):
-    a dense accumulator over B's features gathers the sums and counts of its co-active pairs,
-    the screen runs on them there, and only the pairs passing are written out. `seg` cuts the
-    tokens into segments (0 = seg[0] < ... < seg[-1] = tokens): each pair's sum over each
-    segment is taken alone, in token order, and the segments' sums are added in order, exactly
-    as adding the sums of separate shards (`PairCounts.total`) does."""
+    One pass per feature of A (`_gather`): a dense accumulator over B's features gathers the
+    sums and counts of its co-active pairs, the screen runs on them there, and only the pairs
+    passing are written out. `seg`: token segments summed apart (`_gather`)."""
     d_b = col.size
     passes = 1
     while d_b > 256**passes:
         passes += 1
-    acc = np.zeros(d_b, np.float64)
-    cnt = np.zeros(d_b, np.int64)
-    touched = np.empty(d_b + 1, np.int32)  # + 1: the branch-free append writes one past
+    acc, cnt, touched, tot, tcnt, ttouched = _accumulators(d_b, seg)
     spare = np.empty(d_b + 1, np.int32)
-    segments = seg.size > 2
-    width = d_b if segments else 0  # the totals over segments, where there are several
-    tot, tcnt = np.zeros(width, np.float64), np.zeros(width, np.int64)
-    ttouched = np.empty(width + 1, np.int32)
     out_a = np.empty(max(capacity, 1), np.int32)
     out_b, out_n, out_s = np.empty_like(out_a), np.empty(out_a.size, np.int64), np.empty(out_a.size)
     m = 0
     for i in range(lo, hi):
-        k = kt = s = 0
-        for p in range(a_ptr[i], a_ptr[i + 1]):
-            t, x = a_tok[p], a_val[p]
-            if segments and t >= seg[s + 1]:  # a new segment: fold the last one into the totals
-                kt = _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt)
-                k = 0
-                while t >= seg[s + 1]:
-                    s += 1
-            for q in range(b_ptr[t], b_ptr[t + 1]):
-                j = b_feat[q]
-                touched[k] = j  # kept where j is new; branch-free, as j is new too often to predict
-                k += cnt[j] == 0
-                cnt[j] += 1
-                acc[j] += x * b_val[q]
-        sums, counts, found = acc, cnt, touched
-        if segments:
-            k = _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt)
-            sums, counts, found = tot, tcnt, ttouched
+        k, sums, counts, found = _gather(
+            i, a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, seg, acc, cnt, touched, tot, tcnt,
+            ttouched,
+        )  # fmt: skip
         kept = 0
         for r in range(k):  # the screen: the passing features move to the front of `found`
             j = found[r]
@@ -331,7 +351,60 @@ def coactive_block(
     return out_a, out_b, out_n, out_s, m
 
 
-def _kernel_arrays(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+# How `best_block` turns a pair's sums into its value (the formulas of `finish.measure_values`,
+# in their order of operations, so the values are theirs bit for bit):
+SUM_FORM = 0  # sums * scale * row[i] * col[j] - row_u[i] * col_u[j]  (pearson)
+COUNT_RATIO = 1  # counts / (row[i] * col[j])  (necessity, sufficiency)
+SUM_OVER_ROOT = 2  # sums / sqrt(row[i] * col[j])  (cosine; NaN where that is 0)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def best_block(
+    a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, seg, form, scale, row, col, row_u, col_u,
+    clip_lo, clip_hi, min_both,
+):  # fmt: skip
+    """Each feature's best partner by one measure among its co-active pairs (on >= `min_both`
+    tokens) of features lo..hi-1 of A and every feature of B, without writing the pairs out:
+    (value, partner) of each of lo..hi-1 (-inf, -1 where none) and of each feature of B over
+    these features of A. Ties go to the lower partner; NaN values never count. `form` and its
+    factors say how sums become the measure (`SUM_FORM`, ...); values are clipped to
+    [`clip_lo`, `clip_hi`]. Sums as `coactive_block`'s (`_gather`)."""
+    d_b = col.size
+    acc, cnt, touched, tot, tcnt, ttouched = _accumulators(d_b, seg)
+    best_a = np.full(hi - lo, -np.inf)
+    part_a = np.full(hi - lo, -1, np.int32)
+    best_b = np.full(d_b, -np.inf)
+    part_b = np.full(d_b, -1, np.int32)
+    for i in range(lo, hi):
+        k, sums, counts, found = _gather(
+            i, a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, seg, acc, cnt, touched, tot, tcnt,
+            ttouched,
+        )  # fmt: skip
+        for r in range(k):
+            j = found[r]
+            if counts[j] >= min_both:
+                if form == SUM_FORM:
+                    v = sums[j] * scale
+                    v *= row[i]
+                    v *= col[j]
+                    v -= row_u[i] * col_u[j]
+                elif form == COUNT_RATIO:
+                    v = counts[j] / (row[i] * col[j])
+                else:
+                    norm = np.sqrt(row[i] * col[j])
+                    v = sums[j] / norm if norm > 0 else np.nan
+                if v == v:  # not NaN
+                    v = min(max(v, clip_lo), clip_hi)
+                    if v > best_a[i - lo] or (v == best_a[i - lo] and j < part_a[i - lo]):
+                        best_a[i - lo], part_a[i - lo] = v, j
+                    if v > best_b[j]:  # i rises: on a tie the lower one stays
+                        best_b[j], part_b[j] = v, i
+            sums[j] = 0.0
+            counts[j] = 0
+    return best_a, part_a, best_b, part_b
+
+
+def kernel_arrays(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indptr, indices, data) of a canonical CSR matrix in `coactive_block`'s types."""
     return matrix.indptr.astype(np.int64), matrix.indices.astype(np.int32, copy=False), matrix.data
 
@@ -340,7 +413,7 @@ def _start_block(
     pool: ThreadPoolExecutor, shape: tuple[int, int, int], arrays: tuple, features: Range,
     screen: Screen, capacity: int, sort: bool, seg: np.ndarray,
 ) -> Callable[[], PairCounts]:  # fmt: skip
-    """Start `coactive_block` of `features` of A on `pool` (`arrays`: `_kernel_arrays` of A.T
+    """Start `coactive_block` of `features` of A on `pool` (`arrays`: `kernel_arrays` of A.T
     and of B; `shape`: tokens, d_a, d_b); the function returned waits for its pairs."""
     job = pool.submit(
         coactive_block, *arrays, *features, screen.row, screen.col, screen.floor, capacity, sort,
@@ -379,7 +452,7 @@ def iter_sparse_pair_counts(
     a_t = canonical_input(A).T.tocsr()  # d_a x tokens
     b = canonical_input(B)
     shape = (a_t.shape[1], a_t.shape[0], b.shape[1])
-    work = _pattern(a_t, np.int64) @ np.diff(b.indptr)  # multiply-adds per feature of A
+    work = pattern(a_t, np.int64) @ np.diff(b.indptr)  # multiply-adds per feature of A
     limit = max_work or min(MAX_BLOCK_WORK, -(-int(work.sum()) // PIPELINE_BLOCKS))
     blocks = balanced_ranges(work, max(limit, 1))
     if screen is None:  # every co-active pair: at most one per multiply-add, room made at once
@@ -388,7 +461,7 @@ def iter_sparse_pair_counts(
     else:  # few pass: the output grows as needed
         screen, sort = screen.checked(*shape[1:]), True
         capacities = [SCREENED_CAPACITY] * len(blocks)
-    arrays = _kernel_arrays(a_t) + _kernel_arrays(b)
+    arrays = kernel_arrays(a_t) + kernel_arrays(b)
     with ThreadPoolExecutor(max_workers=2) as pool:
         starts = (
             functools.partial(_start_block, pool, shape, arrays, r, screen, room, sort, seg)
