@@ -3,6 +3,8 @@ planted in synthetic activations; best partners and decoder survival against num
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import polars as pl
 import pytest
@@ -10,6 +12,7 @@ import scipy.sparse as sp
 from helpers import build_store, sparse_acts
 
 from featstore.analysis import convergence, gates, passthrough, vanishing
+from featstore.errors import FeatstoreError
 from featstore.sources.synth import SynthConfig, generate, planted_structures, shard_names
 from featstore.stats import best, shardsums
 from featstore.stats.best import best_partners
@@ -116,27 +119,61 @@ def test_survival_is_the_share_of_the_direction_left_in_the_error():
     np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
 
 
-def test_convergence_merges_saved_shard_sums_and_counts_like_numpy(planted, monkeypatch):
+def _dense(store, layer, shards):
+    return sp.vstack([store.read(layer, s) for s in shards]).toarray().astype(np.float64)
+
+
+def test_convergence_counts_every_prefix_in_one_pass_like_numpy(planted, monkeypatch):
     store, _ = planted
-    shardsums.ensure_shard_pairs(store, 6, 7, SHARDS)
+    passes = []
+    stacked = best.stacked_matrices
+    monkeypatch.setattr(best, "stacked_matrices", lambda *a: passes.append(a) or stacked(*a))
+    monkeypatch.setattr(shardsums, "update_shard_pairs", None)  # no saved sums: no pair state
+    thresholds = {"jaccard": 0.3, "pearson": 0.4, "necessity": 0.8}
+    frame = convergence.convergence(store, 6, 7, thresholds=thresholds, min_both=2)
+    assert len(passes) == 1  # one pass over the shards for every fraction and measure
+    assert frame.filter(pl.col("measure") == "jaccard")["shards"].to_list() == [1, 2, 4]
+    assert frame["token_share"].to_list()[:3] == [0.25, 0.5, 1.0]
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a fraction passed over the activations")
-
-    monkeypatch.setattr(shardsums, "update_shard_pairs", refuse)
-    monkeypatch.setattr(shardsums, "iter_shard_pair_counts", refuse)
-    frame = convergence.convergence(store, 6, 7, thresholds={"jaccard": 0.3}, min_both=2)
-    assert frame["shards"].to_list() == [1, 2, 4]  # 1/8 and 1/4 of 4 shards: one shard
-    assert frame["token_share"].to_list() == [0.25, 0.5, 1.0]
-    last = frame.row(-1, named=True)
-    assert last["recovered"] == last["stable"] == 1.0 and last["mean_abs_change"] == 0.0
-    for n_shards, above in zip(frame["shards"], frame["pairs_above"], strict=True):
-        xa = sp.vstack([store.read(6, s) for s in SHARDS[:n_shards]]).toarray() > 0
-        xb = sp.vstack([store.read(7, s) for s in SHARDS[:n_shards]]).toarray() > 0
-        both = xa.T.astype(np.float64) @ xb.astype(np.float64)  # BLAS: exact counts
-        either = xa.sum(0)[:, None] + xb.sum(0)[None, :] - both
+    def values(n_shards):
+        xa, xb = _dense(store, 6, SHARDS[:n_shards]), _dense(store, 7, SHARDS[:n_shards])
+        both = (xa > 0).T @ (xb > 0).astype(np.float64)  # BLAS: exact counts
+        ca, cb = (xa > 0).sum(0), (xb > 0).sum(0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            assert above == int(((both / either >= 0.3) & (both >= 2)).sum())
+            out = {
+                "jaccard": both / (ca[:, None] + cb[None, :] - both),
+                "pearson": np.corrcoef(xa.T, xb.T)[: xa.shape[1], xa.shape[1] :],
+                "necessity": both / cb[None, :],
+            }
+        return {m: np.where(both >= 2, v, np.nan) for m, v in out.items()}
+
+    full = values(4)
+    for n_shards in (1, 2, 4):
+        part = values(n_shards)
+        for measure, threshold in thresholds.items():
+            row = frame.filter((pl.col("measure") == measure) & (pl.col("shards") == n_shards))
+            row = row.row(0, named=True)
+            with np.errstate(invalid="ignore"):
+                here, there = part[measure] >= threshold, full[measure] >= threshold
+            both = here & there
+            assert row["pairs_above"] == here.sum() > 0
+            assert row["stable"] == pytest.approx(both.sum() / here.sum())
+            assert row["recovered"] == pytest.approx(both.sum() / there.sum())
+            change = np.abs(part[measure] - full[measure])[both].mean()
+            assert row["mean_abs_change"] == pytest.approx(change, rel=1e-6, abs=1e-12)
+    last = frame.filter(pl.col("shards") == 4)
+    assert (last["recovered"] == 1.0).all() and (last["mean_abs_change"] == 0.0).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [({"thresholds": {"pmi": 1.0}}, "not 'pmi'"), ({"thresholds": {"jaccard": 2.0}}, "[0.0, 1.0]"),
+     ({"fractions": [0.0, 1.0]}, "fractions"), ({"shards": ["nope"]}, "nope")],
+)  # fmt: skip
+def test_convergence_refuses_bad_arguments_in_one_line(planted, kwargs, words):
+    store, _ = planted
+    with pytest.raises(FeatstoreError, match=re.escape(words)):
+        convergence.convergence(store, 6, 7, **kwargs)
 
 
 def test_convergence_figure_is_written(planted, tmp_path):

@@ -1,11 +1,14 @@
 """Convergence with tokens: how the statistics, and the number of pairs above a threshold,
 change as shards are added (1/8, 1/4, 1/2, all of the tokens).
 
-The statistics state is additive per shard, so each fraction is a sum of saved per-shard sums
-(`featstore.stats.shardsums`): the shards' sums are computed and saved once, and every fraction
-merges a prefix of them, with no pass over the activations per fraction. A fraction is a prefix
-of the shards in name order, so it is as fine as the shards are: with fewer than 8 shards the
-smallest fractions merge (the table gives each point's actual share of the tokens).
+The statistics are sums over tokens added shard by shard in name order (the canonical order,
+docs/STORE_FORMAT.md), so the running sums after the first k shards are the statistics of those
+k shards: one compiled pass over all the shards (`featstore.stats.best.prefix_counts`) tests
+every threshold at each prefix as it goes, with no pass per fraction and no pair state (neither
+saved per-shard sums, which grow with pairs x shards, nor a table per fraction). A fraction is a
+prefix of the shards in name order, so it is as fine as the shards are: with fewer than 8 shards
+the smallest fractions merge (the table gives each point's actual share of the tokens).
+Measures: pearson, cosine, jaccard, necessity, sufficiency (`featstore.stats.best.FORMS`).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from pathlib import Path
 
 import polars as pl
 
+from featstore.errors import FeatstoreError
 from featstore.figures import no_data, pair_label, save
 from featstore.files import write_parquet_atomic
-from featstore.stats.query import PairQuery, pair_stats
-from featstore.stats.shardsums import ensure_shard_pairs, shards_of_pair
+from featstore.stats.best import FORMS, prefix_counts
+from featstore.stats.measures import check_measure
+from featstore.stats.shardsums import shards_of_pair
 from featstore.store.local import Store
 
 FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
@@ -34,54 +39,41 @@ def prefixes(shards: Sequence[str], fractions: Sequence[float]) -> list[list[str
     return [ordered[:n] for n in sizes]
 
 
-def _above(store, a, b, shards, measure, threshold, min_both) -> pl.DataFrame:
-    frame = pair_stats(
-        store,
-        PairQuery(
-            a, b, shards=shards, thresholds={measure: threshold}, min_both=min_both, save=False
-        ),
-    )
-    return frame.select("feature_a", "feature_b", "n_tokens", measure)
-
-
 def convergence(
     store: Store, a: int, b: int, *, fractions: Sequence[float] = FRACTIONS,
     thresholds: Mapping[str, float] | None = None, min_both: int = MIN_BOTH,
     shards: Sequence[str] | None = None,
 ) -> pl.DataFrame:  # fmt: skip
-    """Per fraction and measure: shards, tokens, pairs above the threshold, the share of them
-    still above it with all tokens (`stable`), the share of all-token pairs already found
-    (`recovered`), and the mean |change| of the measure on the pairs found in both."""
-    chosen = shards_of_pair(store, a, b, shards)
-    ensure_shard_pairs(store, a, b, chosen)  # once: every fraction merges saved sums
+    """Per fraction and measure: shards, tokens, pairs above the threshold (co-active on
+    >= `min_both` tokens), the share of them still above it with all tokens (`stable`), the
+    share of all-token pairs already found (`recovered`), and the mean |change| of the measure
+    on the pairs found in both."""
+    thresholds = dict(thresholds or THRESHOLDS)
+    for measure, threshold in thresholds.items():
+        check_measure(measure, threshold)
+        if measure not in FORMS:
+            raise FeatstoreError(
+                f"convergence counts {', '.join(FORMS)}, not {measure!r}"
+            )
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise FeatstoreError(f"fractions must be in (0, 1], got {list(fractions)}")
+    chosen = sorted(shards_of_pair(store, a, b, shards))
+    ends = [len(p) for p in prefixes(chosen, [*fractions, 1.0])]
+    got = prefix_counts(store, a, b, chosen, ends, thresholds, min_both)
     rows = []
-    for measure, threshold in (thresholds or THRESHOLDS).items():
-        full = _above(store, a, b, chosen, measure, threshold, min_both)
-        for part in prefixes(chosen, fractions):
-            got = full if len(part) == len(chosen) else _above(
-                store, a, b, part, measure, threshold, min_both)  # fmt: skip
-            both = got.join(full, on=["feature_a", "feature_b"], suffix="_all")
-            change = (both[measure] - both[f"{measure}_all"]).abs()
-            n_tokens = int(got["n_tokens"][0]) if got.height else _tokens(store, a, part)
+    for m, (measure, threshold) in enumerate(thresholds.items()):
+        full = int(got["above"][-1, m])
+        for p, n_shards in enumerate(ends):
+            above, stable = int(got["above"][p, m]), int(got["stable"][p, m])
             rows.append((
-                a, b, measure, threshold, len(part), n_tokens, got.height,
-                both.height / got.height if got.height else math.nan,
-                both.height / full.height if full.height else math.nan,
-                float(change.mean()) if both.height else math.nan,
+                a, b, measure, threshold, n_shards, int(got["n_tokens"][p]), above,
+                stable / above if above else math.nan, stable / full if full else math.nan,
+                float(got["change"][p, m]) / stable if stable else math.nan,
             ))  # fmt: skip
     cols = ["layer_a", "layer_b", "measure", "threshold", "shards", "n_tokens", "pairs_above",
             "stable", "recovered", "mean_abs_change"]  # fmt: skip
     frame = pl.DataFrame(rows, schema=cols, orient="row")
-    total = frame.group_by("measure").agg(pl.col("n_tokens").max().alias("all_tokens"))
-    return (
-        frame.join(total, on="measure")
-        .with_columns(token_share=pl.col("n_tokens") / pl.col("all_tokens"))
-        .drop("all_tokens")
-    )
-
-
-def _tokens(store: Store, layer: int, shards: Sequence[str]) -> int:
-    return sum(int(store.info(layer, s)["shape"][0]) for s in shards)
+    return frame.with_columns(token_share=pl.col("n_tokens") / pl.col("n_tokens").max())
 
 
 def convergence_figure(frame: pl.DataFrame, path: Path) -> Path:

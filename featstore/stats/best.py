@@ -22,8 +22,8 @@ from featstore.stats import kernel
 from featstore.stats.finish import MEASURE_COLUMNS, measure_values
 from featstore.stats.measures import Spread
 from featstore.stats.scan import PairScan, stacked_matrices
-from featstore.stats.shardsums import Variant
-from featstore.store.local import Store
+from featstore.stats.shardsums import Variant, merged_feature_stats
+from featstore.store.local import FeatureStats, Store
 
 SCHEMA = {"feature": pl.Int32, "partner": pl.Int32, "value": pl.Float64}
 
@@ -81,11 +81,10 @@ def best_partners(
 COMPILED = ("pearson", "cosine", "necessity", "sufficiency")  # measures `best_block` computes
 
 
-def _form(scan: PairScan, measure: str) -> tuple:
-    """`kernel.best_block`'s (form, scale, row, col, row_u, col_u, clip_lo, clip_hi) for
-    `measure`: `finish.measure_values`' formula, in its order of operations."""
-    sa, sb = scan.stats
-    ones_a, ones_b = np.ones(sa.count.size), np.ones(sb.count.size)
+def form_of(measure: str, sa: FeatureStats, sb: FeatureStats) -> tuple:
+    """The compiled kernels' (form, scale, row, col, row_u, col_u, clip_lo, clip_hi) for
+    `measure` over per-feature sums `sa`, `sb`: `finish.measure_values`' formula, in its order
+    of operations (so the values are its values, bit for bit)."""
     zero_a, zero_b = np.zeros(sa.count.size), np.zeros(sb.count.size)
     if measure == "pearson":
         pa, pb = Spread.of(sa), Spread.of(sb)
@@ -94,8 +93,26 @@ def _form(scan: PairScan, measure: str) -> tuple:
         qa, qb = (np.asarray(x, np.float64) for x in (sa.sumsq, sb.sumsq))
         return kernel.SUM_OVER_ROOT, 1.0, qa, qb, zero_a, zero_b, 0.0, 1.0
     count_a, count_b = (np.asarray(x, np.float64) for x in (sa.count, sb.count))
-    row, col = (ones_a, count_b) if measure == "necessity" else (count_a, ones_b)
+    if measure == "jaccard":
+        return kernel.COUNT_JACCARD, 1.0, count_a, count_b, zero_a, zero_b, -np.inf, np.inf
+    if measure not in ("necessity", "sufficiency"):
+        raise FeatstoreError(f"{measure!r} has no compiled form: use one of {', '.join(FORMS)}")
+    row, col = (np.ones_like(count_a), count_b) if measure == "necessity" else (
+        count_a, np.ones_like(count_b))  # fmt: skip
     return kernel.COUNT_RATIO, 1.0, row, col, zero_a, zero_b, -np.inf, np.inf
+
+
+FORMS = (*COMPILED, "jaccard")  # measures `form_of` gives
+
+
+def kernel_inputs(m_a, m_b) -> tuple[tuple, list[tuple[int, int]]]:
+    """The compiled kernels' matrix arrays for stacked layers, and blocks of A's features of
+    about equal work (~`kernel.PIPELINE_BLOCKS`, for two threads)."""
+    a_t = m_a.T.tocsr()
+    arrays = kernel.kernel_arrays(a_t) + kernel.kernel_arrays(m_b)
+    work = kernel.pattern(a_t, np.int64) @ np.diff(m_b.indptr)
+    limit = -(-int(work.sum()) // kernel.PIPELINE_BLOCKS)
+    return arrays, kernel.balanced_ranges(work, max(limit, 1))
 
 
 def compiled_best(scan: PairScan, measure: str, min_both: int) -> dict[str, tuple]:
@@ -104,13 +121,9 @@ def compiled_best(scan: PairScan, measure: str, min_both: int) -> dict[str, tupl
     from concurrent.futures import ThreadPoolExecutor
 
     m_a, m_b, cuts = stacked_matrices(scan.store, scan.a, scan.b, scan.shards, scan.variant)
-    a_t = m_a.T.tocsr()
-    arrays = kernel.kernel_arrays(a_t) + kernel.kernel_arrays(m_b)
-    form = _form(scan, measure)
+    arrays, blocks = kernel_inputs(m_a, m_b)
+    form = form_of(measure, *scan.stats)
     factors = [np.ascontiguousarray(x, np.float64) for x in form[2:6]]
-    work = kernel.pattern(a_t, np.int64) @ np.diff(m_b.indptr)
-    limit = -(-int(work.sum()) // kernel.PIPELINE_BLOCKS)
-    blocks = kernel.balanced_ranges(work, max(limit, 1))
     d_a, d_b = m_a.shape[1], m_b.shape[1]
     value_a, part_a = np.full(d_a, -np.inf), np.full(d_a, -1, np.int64)
     value_b, part_b = np.full(d_b, -np.inf), np.full(d_b, -1, np.int64)
@@ -127,3 +140,45 @@ def compiled_best(scan: PairScan, measure: str, min_both: int) -> dict[str, tupl
             better = best_b > value_b
             value_b[better], part_b[better] = best_b[better], p_b[better]
     return {"a": (value_a, part_a), "b": (value_b, part_b)}
+
+
+def prefix_counts(
+    store: Store, a: int, b: int, shards: Sequence[str], ends: Sequence[int],
+    thresholds: dict[str, float], min_both: int,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Pairs above each threshold over the prefixes `shards[:e]` (e in `ends`, rising, the last
+    all of them), in one compiled pass over all the shards (`kernel.prefix_block`: the running
+    sums after each shard are the prefix's sums; nothing per pair is kept): per prefix and
+    measure (in `thresholds`' order) `above`, `stable` (also above over all shards), `change`
+    (sum of |value - value over all| on the stable ones), and `n_tokens` per prefix."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ends = [int(e) for e in ends]
+    if not ends or ends != sorted(set(ends)) or ends[0] < 1 or ends[-1] != len(shards):
+        raise FeatstoreError(f"prefix ends must rise from 1 to {len(shards)}, got {ends}")
+    names = list(thresholds)
+    m_a, m_b, cuts = stacked_matrices(store, a, b, list(shards))
+    forms = []
+    for e in ends:
+        stats = [merged_feature_stats(store, layer, shards[:e]) for layer in (a, b)]
+        forms.append([form_of(m, *stats) for m in names])
+    kind = np.array([f[0] for f in forms[0]], np.int64)
+    scale = np.array([[f[1] for f in per] for per in forms])
+    factors = [np.ascontiguousarray([[f[k] for f in per] for per in forms], np.float64)
+               for k in range(2, 6)]  # fmt: skip
+    clips = [np.array([f[k] for f in forms[0]], np.float64) for k in (6, 7)]
+    floor = np.array([thresholds[m] for m in names], np.float64)
+    arrays, blocks = kernel_inputs(m_a, m_b)
+    seg = np.asarray(cuts, np.int64)
+    out = {k: np.zeros((len(ends), len(names)), t) for k, t in
+           (("above", np.int64), ("stable", np.int64), ("change", np.float64))}  # fmt: skip
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [
+            pool.submit(kernel.prefix_block, *arrays, lo, hi, seg, np.asarray(ends, np.int64),
+                        kind, scale, *factors, *clips, floor, int(min_both))  # fmt: skip
+            for lo, hi in blocks
+        ]
+        for job in jobs:
+            for key, part in zip(("above", "stable", "change"), job.result(), strict=True):
+                out[key] += part
+    return {**out, "n_tokens": seg[ends]}

@@ -265,6 +265,29 @@ def _accumulators(d_b, seg):
 
 
 @numba.njit(nogil=True, cache=True)
+def _add_tokens(start, end, a_tok, a_val, b_ptr, b_feat, b_val, acc, cnt, touched, k):
+    """Add the pairs of A's entries start..end-1 (one feature's tokens) with B's features on
+    those tokens to `acc` and `cnt`, appending new features to `touched[k:]`; returns the new k."""
+    for p in range(start, end):
+        t, x = a_tok[p], a_val[p]
+        for q in range(b_ptr[t], b_ptr[t + 1]):
+            j = b_feat[q]
+            touched[k] = j  # kept where j is new; branch-free, as j is new too often to predict
+            k += cnt[j] == 0
+            cnt[j] += 1
+            acc[j] += x * b_val[q]
+    return k
+
+
+@numba.njit(nogil=True, cache=True)
+def _segment_end(p, end, a_tok, limit):
+    """The first position from p (before `end`) whose token is >= `limit`."""
+    while p < end and a_tok[p] < limit:
+        p += 1
+    return p
+
+
+@numba.njit(nogil=True, cache=True)
 def _gather(i, a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, seg, acc, cnt, touched, tot, tcnt,
             ttouched):  # fmt: skip
     """(k, sums, counts, found): the sums and counts of feature i of A with each co-active
@@ -274,24 +297,17 @@ def _gather(i, a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, seg, acc, cnt, touched
     `seg` cuts the tokens into segments (0 = seg[0] < ... < seg[-1] = tokens): each pair's sum
     over each segment is taken alone, in token order, and the segments' sums are added in
     order, exactly as adding the sums of separate shards (`PairCounts.total`) does."""
-    segments = seg.size > 2
-    k = kt = s = 0
-    for p in range(a_ptr[i], a_ptr[i + 1]):
-        t, x = a_tok[p], a_val[p]
-        if segments and t >= seg[s + 1]:  # a new segment: fold the last one into the totals
-            kt = _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt)
-            k = 0
-            while t >= seg[s + 1]:
-                s += 1
-        for q in range(b_ptr[t], b_ptr[t + 1]):
-            j = b_feat[q]
-            touched[k] = j  # kept where j is new; branch-free, as j is new too often to predict
-            k += cnt[j] == 0
-            cnt[j] += 1
-            acc[j] += x * b_val[q]
-    if segments:
-        return _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt), tot, tcnt, ttouched
-    return k, acc, cnt, touched
+    p, end = a_ptr[i], a_ptr[i + 1]
+    if seg.size <= 2:
+        k = _add_tokens(p, end, a_tok, a_val, b_ptr, b_feat, b_val, acc, cnt, touched, 0)
+        return k, acc, cnt, touched
+    kt = 0
+    for s in range(seg.size - 1):
+        q = _segment_end(p, end, a_tok, seg[s + 1])
+        k = _add_tokens(p, q, a_tok, a_val, b_ptr, b_feat, b_val, acc, cnt, touched, 0)
+        kt = _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt)
+        p = q
+    return kt, tot, tcnt, ttouched
 
 
 # Eagerly compiled (and cached next to this file): no call pays compilation.
@@ -356,6 +372,24 @@ def coactive_block(
 SUM_FORM = 0  # sums * scale * row[i] * col[j] - row_u[i] * col_u[j]  (pearson)
 COUNT_RATIO = 1  # counts / (row[i] * col[j])  (necessity, sufficiency)
 SUM_OVER_ROOT = 2  # sums / sqrt(row[i] * col[j])  (cosine; NaN where that is 0)
+COUNT_JACCARD = 3  # counts / (row[i] + col[j] - counts)  (jaccard: row, col the counts)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _value(form, s, c, r, q, uu, scale):
+    """One pair's measure from its sum `s` and count `c`, the factors `r` (its feature of A),
+    `q` (of B) and `uu` (row_u * col_u), by `form`."""
+    if form == SUM_FORM:
+        v = s * scale
+        v *= r
+        v *= q
+        return v - uu
+    if form == COUNT_RATIO:
+        return c / (r * q)
+    if form == COUNT_JACCARD:
+        return c / (r + q - c)
+    norm = np.sqrt(r * q)
+    return s / norm if norm > 0 else np.nan
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -383,18 +417,9 @@ def best_block(
         for r in range(k):
             j = found[r]
             if counts[j] >= min_both:
-                if form == SUM_FORM:
-                    v = sums[j] * scale
-                    v *= row[i]
-                    v *= col[j]
-                    v -= row_u[i] * col_u[j]
-                elif form == COUNT_RATIO:
-                    v = counts[j] / (row[i] * col[j])
-                else:
-                    norm = np.sqrt(row[i] * col[j])
-                    v = sums[j] / norm if norm > 0 else np.nan
+                v = _value(form, sums[j], counts[j], row[i], col[j], row_u[i] * col_u[j], scale)
                 if v == v:  # not NaN
-                    v = min(max(v, clip_lo), clip_hi)
+                    v = min(max(v, clip_lo), clip_hi)  # as finish's np.clip
                     if v > best_a[i - lo] or (v == best_a[i - lo] and j < part_a[i - lo]):
                         best_a[i - lo], part_a[i - lo] = v, j
                     if v > best_b[j]:  # i rises: on a tie the lower one stays
@@ -402,6 +427,66 @@ def best_block(
             sums[j] = 0.0
             counts[j] = 0
     return best_a, part_a, best_b, part_b
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def prefix_block(
+    a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, seg, ends, forms, scale, row, col, row_u,
+    col_u, clip_lo, clip_hi, floor, min_both,
+):  # fmt: skip
+    """Pairs above thresholds over growing prefixes of the segments, in one pass: for features
+    lo..hi-1 of A with every feature of B, per prefix p (the first `ends[p]` segments;
+    `ends[-1]` all of them) and measure m: (above, stable, change) (P, M) arrays: the pairs
+    co-active on >= `min_both` tokens whose measure reaches `floor[m]` over prefix p, those of
+    them that also reach it over all segments, and the sum of |value over p - value over all|
+    on those. Per prefix and measure, `forms[m]` with factors `scale[p, m]`, `row[p, m]`,
+    `col[p, m]`, `row_u[p, m]`, `col_u[p, m]` (the per-feature sums of that prefix) and clip
+    [`clip_lo[m]`, `clip_hi[m]`], as `best_block`. The running sums after each segment are
+    the prefix sums themselves (`_gather`'s order): no pair is written out, nothing is kept
+    across features but P x M numbers."""
+    d_b = col.shape[2]
+    n_p, n_m = row.shape[0], row.shape[1]
+    acc, cnt, touched, tot, tcnt, ttouched = _accumulators(d_b, np.zeros(3, np.int64))
+    flag = np.zeros((n_p, n_m, d_b), np.bool_)
+    val = np.zeros((n_p, n_m, d_b))
+    above = np.zeros((n_p, n_m), np.int64)
+    stable = np.zeros((n_p, n_m), np.int64)
+    change = np.zeros((n_p, n_m))
+    for i in range(lo, hi):
+        p, end = a_ptr[i], a_ptr[i + 1]
+        kt, pe = 0, 0
+        for s in range(seg.size - 1):
+            q = _segment_end(p, end, a_tok, seg[s + 1])
+            k = _add_tokens(p, q, a_tok, a_val, b_ptr, b_feat, b_val, acc, cnt, touched, 0)
+            kt = _fold(touched, k, acc, cnt, ttouched, kt, tot, tcnt)
+            p = q
+            if s + 1 == ends[pe]:  # the prefix's sums are complete: test them
+                for r in range(kt):
+                    j = ttouched[r]
+                    if tcnt[j] < min_both:
+                        continue
+                    for m in range(n_m):
+                        v = _value(forms[m], tot[j], tcnt[j], row[pe, m, i], col[pe, m, j],
+                                   row_u[pe, m, i] * col_u[pe, m, j], scale[pe, m])  # fmt: skip
+                        if v == v:
+                            v = min(max(v, clip_lo[m]), clip_hi[m])
+                            if v >= floor[m]:
+                                flag[pe, m, j], val[pe, m, j] = True, v
+                pe += 1
+        last = n_p - 1
+        for r in range(kt):
+            j = ttouched[r]
+            for m in range(n_m):
+                for pp in range(n_p):
+                    if flag[pp, m, j]:
+                        above[pp, m] += 1
+                        if flag[last, m, j]:
+                            stable[pp, m] += 1
+                            change[pp, m] += abs(val[pp, m, j] - val[last, m, j])
+                        flag[pp, m, j] = False
+            tot[j] = 0.0
+            tcnt[j] = 0
+    return above, stable, change
 
 
 def kernel_arrays(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
