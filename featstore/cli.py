@@ -16,6 +16,7 @@ from featstore.defaults import (
     DEFAULT_SOURCE,
     EDGE_THRESHOLD,
     ENGINES,
+    GRAPHML_MAX_EDGES,
     MIN_BOTH,
     MIN_EFFECT,
 )
@@ -248,7 +249,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from featstore.analysis.graph import export_graph
 
     store = _open(args)
-    graph, summary = export_graph(
+    summary = export_graph(
         store,
         args.out,
         layers=args.layers or store.layers(),
@@ -256,10 +257,14 @@ def cmd_graph(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         engine=args.engine,
         min_both=args.min_both,
+        graphml_max_edges=args.graphml_max_edges,
     )
     pairs = ", ".join(f"{k}: {n}" for k, n in summary["edges_per_pair"].items())
-    print(f"{graph.number_of_edges()} edges ({pairs or 'none'}), {graph.number_of_nodes()} nodes")
-    print(f"wrote graph.graphml, edges.parquet and summary.json to {args.out}")
+    print(f"{summary['edges']} edges ({pairs or 'none'}), {summary['nodes']} nodes")
+    held = summary["graphml"]
+    if held["strongest_only"]:
+        print(f"graph.graphml holds the {held['edges']} strongest edges (--graphml-max-edges)")
+    print(f"wrote edges.parquet, nodes.parquet, summary.json and graph.graphml to {args.out}")
     return 0
 
 
@@ -329,14 +334,17 @@ def store_source(store, layer: int) -> str:
 def cmd_concepts(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import polars as pl
+
     from featstore.analysis.concepts import default_set, run_concepts
-    from featstore.analysis.graph import build_graph, store_pair_frames
+    from featstore.analysis.graph import EDGE_KEYS, store_edge_blocks
 
     store = _open(args)
     layers = sorted(args.layers or store.layers())
     concept_set = args.set or default_set(store_source(store, layers[0]))
-    frames = store_pair_frames(store, layers, metric=args.metric, threshold=args.threshold)
-    graph = build_graph(frames, args.metric, args.threshold)
+    # Only the edges' four key columns are held, block by block as the statistics yield them.
+    blocks = store_edge_blocks(store, layers, metric=args.metric, threshold=args.threshold)
+    graph = pl.concat([block.select(list(EDGE_KEYS)) for block in blocks])
     out = Path(args.out) if args.out else store.home / "concepts"
     paths = run_concepts(
         store, concept_set, layers, graph, out, shards=args.shards,
@@ -562,8 +570,10 @@ def build_parser() -> ArgumentParser:
                    help="edges where metric >= this")  # fmt: skip
     p.add_argument("--min-both", type=int, default=MIN_BOTH, help="edges co-active on >= N tokens")
     p.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
+    p.add_argument("--graphml-max-edges", type=positive, default=GRAPHML_MAX_EDGES,
+                   help="graph.graphml holds the N strongest edges at most (edges.parquet all)")
     p.add_argument("--out", type=out_path, required=True,
-                   help="folder for graph.graphml, edges.parquet, ...")  # fmt: skip
+                   help="folder for edges.parquet, nodes.parquet, graph.graphml, ...")  # fmt: skip
     p.set_defaults(func=cmd_graph)
 
     p = sub.add_parser("plots", help="PNG figures of the pair statistics of adjacent layers")

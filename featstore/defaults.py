@@ -23,6 +23,9 @@ MIN_EFFECT = 0.1  # |relative effect| of a causal edge
 CAUSAL_SEQUENCES = 16  # sequences per shard patched for causal edges
 DEFAULT_MEASURE = "pearson"  # orders a feature page's partners (`featstore serve`)
 NULL_SHIFTS = 20  # alignments of a pair's null model on a feature page (`featstore.stats.shifted`)
+# graph.graphml holds at most this many edges (the strongest by |metric|); edges.parquet holds
+# all. GraphML readers (networkx, Gephi) hold the whole graph: ~1M edges is a few GB there.
+GRAPHML_MAX_EDGES = 1_000_000
 # Each data measure's threshold where measures are compared (`featstore.analysis.compare`).
 MEASURE_THRESHOLDS = {
     "pearson": EDGE_THRESHOLD,

@@ -12,7 +12,6 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import networkx as nx
 import polars as pl
 
 from featstore.errors import FeatstoreError
@@ -33,7 +32,8 @@ class Plan:
     device: str = "cpu"  # of the model steps (extraction, causal edges, erasure)
     threshold: float = 0.2  # Pearson of a graph edge
     causal_sequences: int = 2  # per shard
-    causal_features: int | None = 16  # source features per layer; None: every active one
+    causal_edges: int | None = 100  # graph edges measured per layer pair (a seeded sample)
+    causal_random: int = 100  # random control pairs per layer pair
     erasure_sequences: int = 8  # per shard
     cards: int = 5
     decoder_k: int = 10
@@ -83,9 +83,9 @@ def statistics(store: Store, plan: Plan) -> str:
 def graph(store: Store, plan: Plan) -> str:
     from featstore.analysis.graph import export_graph
 
-    g, _ = export_graph(store, store.home / spec.GRAPH_DIR, layers=plan.layers,
-                        threshold=plan.threshold)  # fmt: skip
-    return f"{g.number_of_nodes()} nodes, {g.number_of_edges()} edges"
+    summary = export_graph(store, store.home / spec.GRAPH_DIR, layers=plan.layers,
+                           threshold=plan.threshold)  # fmt: skip
+    return f"{summary['nodes']} nodes, {summary['edges']} edges"
 
 
 def plots(store: Store, plan: Plan) -> str:
@@ -107,7 +107,7 @@ def decoder_cosine(store: Store, plan: Plan) -> str:
 def concepts(store: Store, plan: Plan) -> str:
     from featstore.analysis.concepts import default_set, run_concepts
 
-    paths = run_concepts(store, default_set(plan.source), list(plan.layers), read_graph(store),
+    paths = run_concepts(store, default_set(plan.source), list(plan.layers), graph_edges(store),
                          store.home / spec.CONCEPTS_DIR)  # fmt: skip
     return f"{len(paths)} files"
 
@@ -122,44 +122,41 @@ def comparison(store: Store, plan: Plan) -> str:
 
 def cards(store: Store, plan: Plan) -> str:
     from featstore.analysis.cards import busiest_features, write_cards
-    from featstore.analysis.graph import EDGES
 
-    edges = pl.read_parquet(store.home / spec.GRAPH_DIR / EDGES)
-    paths = write_cards(store, busiest_features(edges, plan.cards), store.home / spec.CARDS_DIR)
+    keys = busiest_features(graph_edges(store), plan.cards)
+    paths = write_cards(store, keys, store.home / spec.CARDS_DIR)
     return f"{len(paths)} pages"
 
 
 def causal_edges(store: Store, plan: Plan) -> str:
+    from featstore.analysis.asked import EdgeChoice
     from featstore.analysis.causal import CausalConfig, run_causal
     from featstore.sources.extract import load_model_and_saes
 
     model, saes = load_model_and_saes(plan.extract_config())
-    cfg = CausalConfig(layers=plan.layers, max_sequences=plan.causal_sequences,
-                       n_exact=plan.causal_features, min_pearson=plan.threshold)  # fmt: skip
+    choice = EdgeChoice(sample="graph", min_pearson=plan.threshold, max_edges=plan.causal_edges,
+                        random_pairs=plan.causal_random)  # fmt: skip
+    cfg = CausalConfig(layers=plan.layers, max_sequences=plan.causal_sequences, edges=choice)
     paths = run_causal(store, model, saes, cfg)
     return f"{len(paths)} files"
 
 
 def erasure(store: Store, plan: Plan) -> str:
     from featstore.analysis.erasure import run_erasure
-    from featstore.analysis.graph import EDGES
     from featstore.sources.extract import load_model_and_saes
 
     model, saes = load_model_and_saes(plan.extract_config())
-    edges = pl.read_parquet(store.home / spec.GRAPH_DIR / EDGES)
-    paths = run_erasure(store, model, saes, edges, plan.layers,
+    paths = run_erasure(store, model, saes, graph_edges(store), plan.layers,
                         store.home / spec.ERASURE_DIR,
                         max_sequences=plan.erasure_sequences)  # fmt: skip
     return f"{len(paths)} files"
 
 
-def read_graph(store: Store) -> nx.DiGraph:
-    from featstore.analysis.graph import GRAPHML
+def graph_edges(store: Store) -> pl.LazyFrame:
+    """The graph stage's edge table, lazily (each consumer filters it before reading)."""
+    from featstore.analysis.graph import read_edges
 
-    path = store.home / spec.GRAPH_DIR / GRAPHML
-    if not path.exists():
-        raise FeatstoreError(f"no feature graph at {path}: run the graph stage first")
-    return nx.read_graphml(path)
+    return read_edges(store.home / spec.GRAPH_DIR)
 
 
 Stage = Callable[[Store, Plan], str]

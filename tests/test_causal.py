@@ -206,13 +206,12 @@ def test_cli_patch_prints_the_comparison(store_run, capsys, monkeypatch):
 def test_causal_assets_materialise(store_run, monkeypatch):
     import dagster as dg
 
-    from featstore.analysis.graph import GRAPHML, build_graph, store_pair_frames, write_graphml
+    from featstore.analysis.graph import export_graph
     from pipelines.assets import causal as assets
     from pipelines.resources import FeatstoreResource
 
     store, model, saes, _ = store_run
-    frames = store_pair_frames(store, [6, 7], metric="pearson", threshold=0.1)
-    write_graphml(build_graph(frames, "pearson", 0.1), store.home / spec.GRAPH_DIR / GRAPHML)
+    export_graph(store, store.home / spec.GRAPH_DIR, layers=[6, 7], threshold=0.1)
     monkeypatch.setattr(assets, "load_model_and_saes", lambda cfg: (model, saes))
     resource = FeatstoreResource(home=str(store.home), layers=[6, 7])
     bins = {"max_sequences": 3, "sample": "bins", "per_bin": 2, "bins": [0.0, 0.2, 1.0]}

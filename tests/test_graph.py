@@ -253,3 +253,152 @@ def test_graph_command_reports_bad_input_in_one_line(tmp_path: Path, capsys, arg
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+# -- the edge table: written block by block, GraphML streamed from it ----------------------------
+
+
+@pytest.fixture(scope="module")
+def graph_store(tmp_path_factory):
+    """Three layers of correlated features in two shards; the dense activations for numpy."""
+    acts = {k: x.astype(np.float32) for k, x in correlated_layers((6, 7, 8), d=32).items()}
+    halves = {
+        k: {"s0": sp.csr_matrix(x[:150]), "s1": sp.csr_matrix(x[150:])} for k, x in acts.items()
+    }
+    return build_store(tmp_path_factory.mktemp("graph") / "home", halves), acts
+
+
+def small_blocks(monkeypatch):
+    """Statistics in blocks of at most 40 pairs, so that the table is written in many blocks."""
+    import functools
+
+    from featstore.analysis import graph as fgraph
+    from featstore.files import write_parquet_frames
+
+    blocks = []
+    monkeypatch.setattr(fgraph, "PairQuery", functools.partial(fgraph.PairQuery,
+                                                                max_block_pairs=40))  # fmt: skip
+
+    def counting(frames, *args, **kwargs):
+        def seen():
+            for frame in frames:
+                blocks.append(frame.height)
+                yield frame
+
+        return write_parquet_frames(seen(), *args, **kwargs)
+
+    monkeypatch.setattr(fgraph, "write_parquet_frames", counting)
+    return blocks
+
+
+def test_export_writes_the_edge_table_block_by_block_and_graphml_from_it(
+    graph_store, tmp_path, monkeypatch
+):
+    from featstore.analysis.graph import export_graph, graph_settings, store_pair_frames
+
+    store, acts = graph_store
+    blocks = small_blocks(monkeypatch)
+    summary = export_graph(store, tmp_path, layers=[6, 7, 8], threshold=0.1, min_both=2)
+    edges = pl.read_parquet(tmp_path / "edges.parquet")
+    assert len(blocks) > 2 and sum(blocks) == edges.height > 0  # many blocks, none held together
+    # The in-memory reference: networkx's graph of the same frames.
+    frames = store_pair_frames(store, [6, 7, 8], metric="pearson", threshold=0.1)
+    reference = build_graph(frames, metric="pearson", threshold=0.1, min_both=2)
+    assert_frame_equal(edges.sort("layer_a", "feature_a", "layer_b", "feature_b"),
+                       edge_list(reference))  # fmt: skip
+    # Independent check of the edges: numpy's correlations and co-activity counts.
+    for a, b in [(6, 7), (7, 8)]:
+        r = np.corrcoef(acts[a], acts[b], rowvar=False)[:32, 32:]
+        both = (acts[a] > 0).astype(int).T @ (acts[b] > 0).astype(int)
+        clear = np.abs(r - 0.1) > 1e-6
+        want = {(i, j) for i, j in zip(*np.nonzero((r >= 0.1) & (both >= 2) & clear), strict=True)}
+        got = edges.filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b))
+        assert {(i, j) for i, j in got.select("feature_a", "feature_b").iter_rows()
+                if clear[i, j]} == want  # fmt: skip
+    # GraphML, streamed: networkx reads back exactly the reference graph.
+    back = nx.read_graphml(tmp_path / "graph.graphml")
+    assert {k: back.graph[k] for k in ("metric", "threshold")} == reference.graph
+    assert dict(back.nodes(data=True)) == dict(reference.nodes(data=True))
+    assert set(back.edges) == set(reference.edges)
+    for u, v, attrs in reference.edges(data=True):
+        assert back.edges[u, v] == attrs  # exact: numbers are written in round-trip form
+    # Nodes with their degrees, against counts of the edge table by numpy.
+    nodes = pl.read_parquet(tmp_path / "nodes.parquet")
+    assert nodes["node"].to_list() == [f"L{x}:{f}" for x, f in nodes.select("layer", "feature")
+                                       .iter_rows()]  # fmt: skip
+    assert set(nodes["node"]) == set(reference.nodes)
+    for row in nodes.iter_rows(named=True):
+        assert row["out_degree"] == reference.out_degree(row["node"])
+        assert row["in_degree"] == reference.in_degree(row["node"])
+    # The summary from the table on disk equals the in-memory graph's.
+    expected = graph_summary(reference, [6, 7, 8], *fgraph_sizes(store))
+    assert {k: summary[k] for k in expected} == expected
+    assert summary["graphml"] == {"max_edges": 1_000_000, "edges": edges.height,
+                                  "strongest_only": False}  # fmt: skip
+    assert graph_settings(tmp_path) == {"metric": "pearson", "threshold": 0.1, "min_both": 2}
+
+
+def fgraph_sizes(store):
+    from featstore.analysis.graph import layer_sizes
+
+    return layer_sizes(store, [6, 7, 8])
+
+
+def test_graphml_over_the_cap_holds_the_strongest_edges(graph_store, tmp_path, capsys):
+    store, _ = graph_store
+    argv = ["--home", str(store.home), "graph", "--layers", "6", "7", "8", "--threshold", "0.1",
+            "--graphml-max-edges", "7", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert "holds the 7 strongest edges" in capsys.readouterr().out
+    edges = pl.read_parquet(tmp_path / "edges.parquet")
+    assert edges.height > 7
+    strongest = np.sort(np.abs(edges["pearson"].to_numpy()))[::-1]
+    back = nx.read_graphml(tmp_path / "graph.graphml")
+    assert back.number_of_edges() == 7
+    kept = sorted((abs(w) for _, _, w in back.edges(data="pearson")), reverse=True)
+    np.testing.assert_array_equal(kept, strongest[:7])
+    assert set(back.nodes) == {n for e in back.edges for n in e}  # only the kept edges' nodes
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["edges"] == edges.height
+    assert summary["graphml"] == {"max_edges": 7, "edges": 7, "strongest_only": True}
+
+
+def test_an_empty_graph_keeps_its_schema_on_disk(graph_store, tmp_path):
+    from featstore.analysis.graph import export_graph, read_edges
+
+    store, _ = graph_store
+    summary = export_graph(store, tmp_path, layers=[6, 7], threshold=1.0)
+    assert summary["edges"] == 0 and summary["nodes"] == 0
+    edges = read_edges(tmp_path).collect()
+    assert edges.height == 0 and edges.columns[:4] == ["layer_a", "feature_a", "layer_b",
+                                                       "feature_b"]  # fmt: skip
+    assert nx.read_graphml(tmp_path / "graph.graphml").number_of_edges() == 0
+
+
+def test_consumers_read_the_edge_table_lazily(graph_store, tmp_path):
+    """Concept traces, erasure's unlinked features and the busiest features give the same from a
+    scan of edges.parquet as from the networkx graph."""
+    from featstore.analysis.cards import busiest_features
+    from featstore.analysis.concepts import successors
+    from featstore.analysis.erasure import unlinked
+    from featstore.analysis.graph import export_graph, read_edges
+
+    store, _ = graph_store
+    export_graph(store, tmp_path, layers=[6, 7, 8], threshold=0.1)
+    scan = read_edges(tmp_path)
+    graph = nx.read_graphml(tmp_path / "graph.graphml")
+    table = pl.read_parquet(tmp_path / "edges.parquet")
+    assert busiest_features(scan, 5) == busiest_features(table, 5)
+    alive = np.arange(32)
+    for layer, other, out in ((6, 7, True), (7, 6, False), (7, 8, True)):
+        linked = {graph.nodes[u if out else v]["feature"] for u, v in graph.edges
+                  if graph.nodes[u]["layer"] == min(layer, other)
+                  and graph.nodes[v]["layer"] == max(layer, other)}  # fmt: skip
+        np.testing.assert_array_equal(unlinked(scan, layer, other, alive, out),
+                                      sorted(set(range(32)) - linked))  # fmt: skip
+    features = [3, 0, 17]
+    want: dict[int, int] = {}
+    for f in features:
+        for v in sorted(graph.successors(f"L6:{f}"), key=lambda n: graph.nodes[n]["feature"]):
+            want.setdefault(graph.nodes[v]["feature"], f)
+    assert successors(scan, 6, features, 7) == want

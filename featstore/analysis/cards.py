@@ -352,15 +352,17 @@ def _logits_table(logits: pl.DataFrame | None) -> str:
     return f"<h2>Logit effects</h2><table id=logits>{head}{rows}</table>"
 
 
-def busiest_features(edges: pl.DataFrame, n: int) -> list[Key]:
-    """The `n` features with the most edges (in + out) of a graph edge list, busiest first."""
+def busiest_features(edges: pl.DataFrame | pl.LazyFrame, n: int) -> list[Key]:
+    """The `n` features with the most edges (in + out) of a graph edge table, busiest first (a
+    lazy scan of edges.parquet is read for its four key columns, never held whole)."""
+    lazy = edges.lazy()
     ends = pl.concat([
-        edges.select(pl.col("layer_a").alias("layer"), pl.col("feature_a").alias("feature")),
-        edges.select(pl.col("layer_b").alias("layer"), pl.col("feature_b").alias("feature")),
+        lazy.select(pl.col("layer_a").alias("layer"), pl.col("feature_a").alias("feature")),
+        lazy.select(pl.col("layer_b").alias("layer"), pl.col("feature_b").alias("feature")),
     ])  # fmt: skip
     degree = ends.group_by("layer", "feature").len().sort(
-        "len", "layer", "feature", descending=[True, False, False])  # fmt: skip
-    return [(int(x), int(f)) for x, f, _ in degree.head(n).iter_rows()]
+        "len", "layer", "feature", descending=[True, False, False]).head(n)  # fmt: skip
+    return [(int(x), int(f)) for x, f, _ in degree.collect(engine="streaming").iter_rows()]
 
 
 def write_cards(

@@ -6,6 +6,8 @@ feature f for concept c over the scored tokens (every position but the first):
 AUROC of the activation as a detector of c (a Mann-Whitney statistic: zeros tie at the bottom,
 ties share their mean rank), and precision / recall / F1 of "f fires" (activation > 0, the SAE's
 own threshold). All are computed for every (concept, feature) at once from the sparse codes.
+Traces follow the graph's edge table (`graph/edges.parquet`, read lazily with filters: only the
+successors of the traced features are loaded), or a networkx graph of a few edges.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import networkx as nx
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 import yaml
 
+from featstore.analysis.graph import Graph, as_edges
 from featstore.errors import FeatstoreError
-from featstore.names import node_id
 from featstore.store.local import Store
 
 # The concept sets: the repo's top-level concepts/, carried in the package as featstore/_data.
@@ -232,12 +233,12 @@ def best_features(scores: pl.DataFrame, top: int = 5, min_fire: int = 1) -> pl.D
 
 
 def trace_concept(
-    scores: pl.DataFrame, graph: nx.DiGraph, layers: list[int], beam: int = 3
+    scores: pl.DataFrame, graph: Graph, layers: list[int], beam: int = 3
 ) -> pl.DataFrame:
     """A concept's path: its `beam` best features at the first layer, then at each next layer the
     `beam` best (by AUROC) among the graph successors of the previous layer's; where none has a
     successor the path restarts from the layer's best (`reached` false)."""
-    rows, current, prev = [], [], None
+    rows, current, prev, graph = [], [], None, as_edges(graph)
     for layer in sorted(layers):
         here = scores.filter(pl.col("layer") == layer)
         here = here.sort("auroc", descending=True, nulls_last=True)
@@ -275,23 +276,27 @@ def trace_concept(
     return pl.DataFrame(rows, schema=schema)
 
 
-def successors(graph: nx.DiGraph, layer: int | None, features: list[int], nxt: int) -> dict:
-    """Features of layer `nxt` linked from `features` of `layer` -> the first linking feature."""
+def successors(graph: Graph, layer: int | None, features: list[int], nxt: int) -> dict:
+    """Features of layer `nxt` linked from `features` of `layer` -> the first linking feature
+    (in the order of `features`)."""
+    if layer is None or not features:
+        return {}
+    linked = as_edges(graph).lazy().filter(
+        (pl.col("layer_a") == layer) & (pl.col("layer_b") == nxt)
+        & pl.col("feature_a").is_in([int(f) for f in features])
+    ).select("feature_a", "feature_b").collect()  # fmt: skip
+    order = {int(f): k for k, f in enumerate(features)}
     out: dict[int, int] = {}
-    for f in features:
-        node = node_id(layer, f) if layer is not None else None
-        if node is None or node not in graph:
-            continue
-        for v in graph.successors(node):
-            if int(graph.nodes[v]["layer"]) == nxt:
-                out.setdefault(int(graph.nodes[v]["feature"]), f)
+    for fa, fb in sorted(linked.iter_rows(), key=lambda r: (order[r[0]], r[1])):
+        out.setdefault(int(fb), int(fa))
     return out
 
 
 def concept_traces(
-    scores: pl.DataFrame, graph: nx.DiGraph, layers: list[int], beam: int = 3
+    scores: pl.DataFrame, graph: Graph, layers: list[int], beam: int = 3
 ) -> pl.DataFrame:
     """`trace_concept` of every concept in `scores`, stacked with a `concept` column."""
+    graph = as_edges(graph)
     parts = [
         trace_concept(part, graph, layers, beam).select(pl.lit(name).alias("concept"), pl.all())
         for (name,), part in scores.group_by("concept", maintain_order=True)
@@ -351,7 +356,7 @@ def run_concepts(
     store: Store,
     concept_set: str | Path,
     layers: list[int],
-    graph: nx.DiGraph,
+    graph: Graph,
     out: Path,
     *,
     shards: list[str] | None = None,

@@ -17,21 +17,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import networkx as nx
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from featstore.analysis.graph import edge_list
+from featstore.analysis.graph import Graph, as_edges
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
 from featstore.stats.query import PairQuery, pair_blocks
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store.local import Store
-
-# The feature graph, or its edge list (`layer_a, feature_a, layer_b, feature_b`, as in
-# graph/edges.parquet): the list is how a GPT-2-sized graph is read, without networkx.
-Graph = nx.DiGraph | pl.DataFrame
 
 
 def component_names(model) -> list[str]:
@@ -100,11 +95,12 @@ def component_sums(
 
 def unlinked(graph: Graph, layer: int, other: int, alive: np.ndarray, out: bool) -> np.ndarray:
     """Alive features of `layer` with no graph edge to (`out`) or from `other`."""
-    edges = graph if isinstance(graph, pl.DataFrame) else edge_list(graph)
     here, there = ("a", "b") if out else ("b", "a")
-    linked = edges.filter((pl.col(f"layer_{here}") == layer) & (pl.col(f"layer_{there}") == other))[
-        f"feature_{here}"
-    ].to_numpy()
+    # The feature graph: a networkx graph or its edge table, in memory or lazy (a scan of
+    # graph/edges.parquet: only this layer pair's linked features are read).
+    step = (pl.col(f"layer_{here}") == layer) & (pl.col(f"layer_{there}") == other)
+    linked = as_edges(graph).lazy().filter(step).select(f"feature_{here}").unique().collect()
+    linked = linked.to_series().to_numpy()
     return np.setdiff1d(np.asarray(alive, dtype=np.int64), linked.astype(np.int64))
 
 

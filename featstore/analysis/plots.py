@@ -22,17 +22,20 @@ from matplotlib.figure import Figure
 
 from featstore.analysis.graph import (
     METRICS,
+    MIN_BOTH,
     PairFrames,
     above,
     adjacent_pairs,
-    build_graph,
     check_metric,
+    edges_graph,
     layer_sizes,
+    strongest_edges,
     strongest_subgraph,
 )
 from featstore.defaults import AGREEMENT_THRESHOLD, DEFAULT_ENGINE, EDGE_THRESHOLD
 from featstore.errors import FeatstoreError
 from featstore.figures import PathLike, no_data, pair_label, save
+from featstore.stats.measures import passing
 from featstore.stats.query import PairQuery, pair_stats, pair_stats_path, save_pair_table
 from featstore.store.local import Store
 
@@ -324,13 +327,19 @@ def plot_store(
     block = (features[0], min(features[1], *d_sae.values()))
     if block[0] >= block[1]:
         raise FeatstoreError(f"feature range {features[0]}:{features[1]} is outside 0:{block[1]}")
-    # Every co-active pair is streamed to disk and read back lazily; only the pairs of the
-    # drawn graph (Pearson >= threshold) are held.
+    # Every co-active pair is streamed to disk and read back lazily; only the `n_edges` drawn
+    # (the strongest graph edges: Pearson >= threshold, co-active on MIN_BOTH tokens) are held.
     full = {(a, b): pl.scan_parquet(pair_stats_path(store, a, b) if fresh_tables else
                                     save_pair_table(store, PairQuery(a, b, engine=engine)).path)
             for a, b in pairs}  # fmt: skip
-    strong = {(a, b): pair_stats(store, PairQuery(a, b, engine=engine, min_pearson=threshold))
-              for a, b in pairs}  # fmt: skip
+    edge = passing({"pearson": threshold}, MIN_BOTH)
+    graph_edges = pl.concat(
+        [t.filter(edge).with_columns(layer_a=pl.lit(a, pl.Int64), layer_b=pl.lit(b, pl.Int64))
+         .select("layer_a", pl.col("feature_a").cast(pl.Int64), "layer_b",
+                 pl.col("feature_b").cast(pl.Int64), "pearson", "n_both")
+         for (a, b), t in full.items()]
+    )  # fmt: skip
+    strongest = strongest_edges(graph_edges, "pearson", n_edges)
     ranged = {
         (a, b): pair_stats(
             store,
@@ -362,7 +371,7 @@ def plot_store(
             population=population,
         ),
         layered_drawing(
-            build_graph(strong, "pearson", threshold),
+            edges_graph(strongest, "pearson", threshold),
             out / "graph.png",
             title_context=context,
             n_edges=n_edges,

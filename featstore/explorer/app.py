@@ -50,8 +50,7 @@ def home_features(ex: Explorer, n: int) -> list[Node]:
     """The `n` busiest features of the graph, else the first features of each layer."""
     path = ex.store.home / spec.GRAPH_DIR / "edges.parquet"
     if path.exists():
-        edges = pl.read_parquet(path, columns=["layer_a", "feature_a", "layer_b", "feature_b"])
-        keys = busiest_features(edges, n)
+        keys = busiest_features(pl.scan_parquet(path), n)
         if keys:
             return keys
     per = max(n // max(len(ex.layers), 1), 1)

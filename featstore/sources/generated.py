@@ -81,7 +81,7 @@ def _generate_into(source: Source, final: Path) -> None:
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
     try:
         model = _write_model(source, tmp / "model")
-        residuals = _calibration_residuals(source, model)
+        residuals = calibration_residuals(source, model)
         for layer, x in residuals.items():
             _write_sae(source, x, layer, tmp / "saes" / source.sae_id(layer))
         (tmp / DONE).write_text(json.dumps({"source": source.name, "format": FORMAT}) + "\n")
@@ -99,19 +99,36 @@ def model_config(source: Source) -> dict[str, Any]:
             "model_name": source.model["name"], "seed": int(source.model["seed"])}
 
 
-def _write_model(source: Source, folder: Path) -> HookedTransformer:
+def make_model(source: Source, n_layers: int | None = None) -> HookedTransformer:
+    """The source's model with its seeded random weights, in memory (with its tokenizer).
+
+    `n_layers`: only that many blocks, for a rehearsal that never runs the rest (seeded the same,
+    but its weights need not equal the full model's)."""
     import torch
-    from safetensors.torch import save_file
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from featstore.sources.registry import EMBEDDED
     from featstore.sources.tiny import load_tokenizer
 
     cfg = model_config(source)
+    if n_layers is not None:
+        cfg["n_layers"] = int(n_layers)
     torch.manual_seed(cfg["seed"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         model = HookedTransformer(HookedTransformerConfig(**cfg)).eval()
+    model.set_tokenizer(load_tokenizer(EMBEDDED / source.model["tokenizer"]),
+                        default_padding_side="right")  # fmt: skip
+    return model
+
+
+def _write_model(source: Source, folder: Path) -> HookedTransformer:
+    from safetensors.torch import save_file
+
+    from featstore.sources.registry import EMBEDDED
+
+    cfg = model_config(source)
+    model = make_model(source)
     folder.mkdir(parents=True)
     # Loading needs no random init: the weights are read over it.
     (folder / "config.json").write_text(json.dumps({**cfg, "init_weights": False}, indent=2))
@@ -119,12 +136,11 @@ def _write_model(source: Source, folder: Path) -> HookedTransformer:
               folder / "model.safetensors")
     tokenizer = EMBEDDED / source.model["tokenizer"] / "tokenizer.json"
     shutil.copyfile(tokenizer, folder / "tokenizer.json")
-    model.set_tokenizer(load_tokenizer(folder), default_padding_side="right")
     return model
 
 
-def _calibration_tokens(source: Source) -> torch.Tensor:
-    """The first CALIBRATION_SEQUENCES sequences of each of the source's text shards.
+def _calibration_tokens(source: Source, sequences: int = CALIBRATION_SEQUENCES) -> torch.Tensor:
+    """The first `sequences` sequences of each of the source's text shards.
 
     A random model's residual mostly says which token it is at: calibrating on one shard's few
     thousand tokens made the SAEs fire half as often again on other text (L0 96 for 60).
@@ -140,25 +156,35 @@ def _calibration_tokens(source: Source) -> torch.Tensor:
     for shard in source.shard_names():
         texts = source.load_texts(shard)
         docs = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
-        rows.append(pack_sequences(docs, CALIBRATION_SEQ_LEN, tokenizer.bos_token_id,
-                                   CALIBRATION_SEQUENCES))
+        rows.append(pack_sequences(docs, CALIBRATION_SEQ_LEN, tokenizer.bos_token_id, sequences))
     return torch.as_tensor(np.concatenate(rows), dtype=torch.long)
 
 
-def _calibration_residuals(source: Source, model: HookedTransformer) -> dict[int, torch.Tensor]:
-    """Each layer's (tokens, d_model) residual at its hook on the calibration text, BOS
-    excluded (as SAEs are trained): one forward pass for all layers."""
+def calibration_residuals(
+    source: Source, model: HookedTransformer, sequences: int = CALIBRATION_SEQUENCES
+) -> dict[int, torch.Tensor]:
+    """Each layer's (tokens, d_model) residual at its hook on the calibration text (the first
+    `sequences` sequences of each text shard), BOS excluded (as SAEs are trained): one forward
+    pass for all layers."""
     import torch
 
     hooks = {layer: source.hook_name(layer) for layer in source.layers}
     with torch.inference_mode():
-        _, cache = model.run_with_cache(_calibration_tokens(source), names_filter=list(
+        _, cache = model.run_with_cache(_calibration_tokens(source, sequences), names_filter=list(
             hooks.values()), stop_at_layer=max(hooks) + 1)  # fmt: skip
     return {layer: cache[h][:, 1:].reshape(-1, model.cfg.d_model).clone()
             for layer, h in hooks.items()}  # fmt: skip
 
 
 def _write_sae(source: Source, x: torch.Tensor, layer: int, folder: Path) -> None:
+    sae = make_sae(source, x, layer)
+    folder.mkdir(parents=True)
+    sae.save_model(folder)
+
+
+def make_sae(source: Source, x: torch.Tensor, layer: int):
+    """The layer's seeded random SAE (a SAELens StandardSAE), in memory, its encoder biases set so
+    that each feature fires on `sae.l0 / d_sae` of the calibration residuals `x`."""
     import torch
     from sae_lens import StandardSAE, StandardSAEConfig
 
@@ -178,5 +204,4 @@ def _write_sae(source: Source, x: torch.Tensor, layer: int, folder: Path) -> Non
             # (tokens, FEATURE_CHUNK) float32: about 12,000 x 4,096 x 4 bytes = 200 MB
             pre = (x - sae.b_dec) @ sae.W_enc[:, lo : lo + FEATURE_CHUNK]
             sae.b_enc[lo : lo + FEATURE_CHUNK] = -pre.kthvalue(len(pre) - k, dim=0).values
-    folder.mkdir(parents=True)
-    sae.save_model(folder)
+    return sae

@@ -139,6 +139,8 @@ class Source:
         if self.model["kind"] in LOCAL_KINDS:
             from featstore.sources.tiny import load_tokenizer
 
+            if self.model["kind"] == "generated":  # an embedded one: no need to generate
+                return load_tokenizer(EMBEDDED / self.model["tokenizer"])
             return load_tokenizer(self.embedded_model_folder())
         from transformers import AutoTokenizer
 

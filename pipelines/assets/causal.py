@@ -5,7 +5,6 @@
 from pathlib import Path
 
 import dagster as dg
-import networkx as nx
 import polars as pl
 
 from featstore import settings
@@ -14,7 +13,7 @@ from featstore.analysis.cards import parse_key
 from featstore.analysis.causal import CausalConfig, causal_dir, run_causal
 from featstore.analysis.concepts import default_set, run_concepts
 from featstore.analysis.erasure import run_erasure
-from featstore.analysis.graph import GRAPHML
+from featstore.analysis.graph import graph_settings, read_edges
 from featstore.analysis.steering import SteerConfig, run_steering
 from featstore.errors import FeatstoreError
 from featstore.sources.extract import load_model_and_saes
@@ -57,11 +56,13 @@ class ErasureConfig(dg.Config):
     max_sequences: int = 32  # per shard
 
 
-def read_graph(featstore: FeatstoreResource) -> nx.DiGraph:
-    path = featstore.home_path() / GRAPH_DIR / GRAPHML
-    if not path.exists():
-        raise FeatstoreError(f"no feature graph at {path}: materialise feature_graph")
-    return nx.read_graphml(path)
+def read_graph(featstore: FeatstoreResource) -> pl.LazyFrame:
+    """The feature graph's edge table, lazily (its consumers filter it before reading)."""
+    folder = featstore.home_path() / GRAPH_DIR
+    try:
+        return read_edges(folder)
+    except FeatstoreError:
+        raise FeatstoreError(f"no feature graph in {folder}: materialise feature_graph") from None
 
 
 def files_metadata(paths: dict[str, Path]) -> dict:
@@ -91,8 +92,9 @@ def causal_edges(
     of `featstore sql`), `comparison.parquet` and two PNGs.
     """
     store = featstore.open()
-    graph = read_graph(featstore)
-    choice = settings.of(EdgeChoice, config, min_pearson=float(graph.graph["threshold"]))
+    read_graph(featstore)  # a missing graph is one line
+    threshold = graph_settings(featstore.home_path() / GRAPH_DIR)["threshold"]
+    choice = settings.of(EdgeChoice, config, min_pearson=float(threshold))
     cfg = settings.of(CausalConfig, config, layers=tuple(featstore.layers), edges=choice)
     model, saes = load_model_and_saes(featstore.extract_config())
     paths = run_causal(store, model, saes, cfg, progress=context.log.info)

@@ -128,7 +128,7 @@ def feature_cards(
     edges_path = featstore.home_path() / GRAPH_DIR / EDGES
     if not edges_path.exists():
         raise FeatstoreError(f"no graph edges at {edges_path}: materialise feature_graph")
-    keys = busiest_features(pl.read_parquet(edges_path), config.n_features)
+    keys = busiest_features(pl.scan_parquet(edges_path), config.n_features)
     out = featstore.home_path() / CARDS_DIR
     paths = write_cards(
         featstore.open(),

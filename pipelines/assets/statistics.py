@@ -12,7 +12,12 @@ import polars as pl
 
 from featstore.analysis import graph as fgraph
 from featstore.analysis import plots as fplots
-from featstore.defaults import AGREEMENT_THRESHOLD, DEFAULT_ENGINE, EDGE_THRESHOLD
+from featstore.defaults import (
+    AGREEMENT_THRESHOLD,
+    DEFAULT_ENGINE,
+    EDGE_THRESHOLD,
+    GRAPHML_MAX_EDGES,
+)
 from featstore.stats.query import PairQuery, save_pair_table
 from featstore.stats.shardsums import update_shard_pairs
 from featstore.store.spec import GRAPH_DIR, PLOTS_DIR
@@ -40,6 +45,7 @@ class PairSumsConfig(dg.Config):
 class GraphConfig(PairSumsConfig):
     metric: str = "pearson"  # an edge needs metric >= threshold
     threshold: float = EDGE_THRESHOLD
+    graphml_max_edges: int = GRAPHML_MAX_EDGES  # GraphML: the strongest edges (Parquet: all)
 
 
 class PlotsConfig(PairSumsConfig):
@@ -123,23 +129,25 @@ def pair_stats(
     automation_condition=EAGER,
     code_version=STATISTICS_VERSION,
     group_name="statistics",
-    kinds={"networkx", "parquet"},
+    kinds={"parquet"},
 )
 def feature_graph(config: GraphConfig, featstore: FeatstoreResource) -> dg.MaterializeResult:
     """Directed graph of feature pairs of adjacent layers with metric >= threshold.
 
-    `featstore.analysis.graph.export_graph`: GraphML, a Parquet edge list and summary.json under
+    `featstore.analysis.graph.export_graph`: a Parquet edge table (written block by block) and
+    node table, summary.json and GraphML (the strongest `graphml_max_edges` edges at most) under
     `{home}/graph/`; metadata: edges per layer pair, degree distributions, share of active
-    features with a successor in the next layer.
+    features with a successor in the next layer, what the GraphML file holds.
     """
     out = featstore.home_path() / GRAPH_DIR
-    _, summary = fgraph.export_graph(
+    summary = fgraph.export_graph(
         featstore.open(),
         out,
         layers=featstore.layers,
         metric=config.metric,
         threshold=config.threshold,
         engine=config.engine,
+        graphml_max_edges=config.graphml_max_edges,
     )
     return dg.MaterializeResult(
         metadata={
@@ -152,7 +160,10 @@ def feature_graph(config: GraphConfig, featstore: FeatstoreResource) -> dg.Mater
             "out_degree": dg.MetadataValue.json(summary["out_degree"]),
             "in_degree": dg.MetadataValue.json(summary["in_degree"]),
             "graphml": dg.MetadataValue.path(str(out / fgraph.GRAPHML)),
+            "graphml_max_edges": summary["graphml"]["max_edges"],
+            "graphml_edges": summary["graphml"]["edges"],
             "edge_list": dg.MetadataValue.path(str(out / fgraph.EDGES)),
+            "node_list": dg.MetadataValue.path(str(out / fgraph.NODES)),
         }
     )
 
