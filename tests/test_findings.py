@@ -112,3 +112,34 @@ def test_findings_view_in_sql(planted, tmp_path):
     findings.run_findings(planted, cfg, planted.home / spec.FINDINGS_DIR)
     got = sql.query(planted, "select conjecture, verdict from findings order by conjecture")
     assert got["conjecture"].to_list()[0] == "C1" and got.height == 5
+
+
+def test_c3_curve_over_distances_is_the_mean_best_pearson_of_numpy(planted, tmp_path):
+    cfg = findings.FindingsConfig(layers=CFG.layers, n_boot=200)
+    shards = planted.shards(6)
+    best = findings.best_pearson(planted, cfg, shards)
+    assert set(best) == {(a, b) for a in CFG.layers for b in CFG.layers if 0 < b - a <= 3}
+    curve = findings.distance_curve(planted, cfg, shards, best, tmp_path)
+    assert (tmp_path / "c3_distance.png").stat().st_size > 1000
+    assert pl.read_parquet(tmp_path / "c3_distance.parquet").equals(curve)
+    dense = {
+        layer: sp.vstack([planted.read(layer, s) for s in shards]).toarray().astype(np.float64)
+        for layer in CFG.layers
+    }
+    for a, b in best:
+        x, y = dense[a], dense[b]
+        alive = np.flatnonzero((x > 0).any(0))
+        with np.errstate(invalid="ignore"):
+            r = np.corrcoef(x.T, y.T)[: x.shape[1], x.shape[1] :]
+        r = np.where(((x > 0).T.astype(float) @ (y > 0)) >= 2, r, -np.inf)  # MIN_BOTH tokens
+        want = np.maximum(np.nan_to_num(r[alive], nan=-np.inf).max(1), 0.0)
+        got = curve.filter((pl.col("start") == str(a)) & (pl.col("distance") == b - a)).row(
+            0, named=True
+        )
+        assert got["n"] == alive.size
+        assert got["mean_best_pearson"] == pytest.approx(want.mean(), rel=1e-9)
+        assert got["lo"] <= got["mean_best_pearson"] <= got["hi"]
+    pooled = curve.filter(pl.col("start") == "all")
+    assert pooled["distance"].to_list() == [1, 2, 3]
+    means = pooled["mean_best_pearson"].to_list()
+    assert means[0] > means[1] > 0 and means[0] > means[2]  # planted: successive layers only

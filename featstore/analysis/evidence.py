@@ -5,8 +5,8 @@ turns it into statistics, intervals and verdicts).
   correlation ratio eta^2 = between-token / total sum of squares of its activation (zeros
   included), from one sparse product per shard (token one-hot x activations), never dense.
 - C2 `multi_parent`: whether a later feature has two or more earlier partners of necessity or
-  sufficiency >= the gate threshold (`featstore.analysis.gates`).
-- C3 `best_by_distance`: each feature's best Pearson 1..3 layers on (`featstore.stats.best`).
+  sufficiency >= the gate threshold (`featstore.analysis.gates.parent_sets`).
+- C3 `best_values`: each feature's best Pearson 1..3 layers on (`featstore.stats.best`).
 - C3a `dominance`: how much of a feature's change across a block one component (a head, the
   attention bias or the MLP) carries (`featstore.analysis.erasure.component_sums`).
 """
@@ -20,9 +20,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from featstore.analysis.erasure import component_sums
-from featstore.analysis.gates import parent_sets
-from featstore.stats.best import best_partners
-from featstore.stats.shardsums import Variant, merged_feature_stats
+from featstore.stats.shardsums import merged_feature_stats
 from featstore.store.local import Store
 
 MIN_ACTIVE = 20  # tokens a feature must fire on to enter C1's and C3a's averages
@@ -61,35 +59,18 @@ def token_explained(
     return pl.DataFrame({"layer": layer, "feature": keep, "eta2": np.clip(eta2[keep], 0, 1)})
 
 
-def multi_parent(
-    store: Store, a: int, b: int, *, threshold: float, min_both: int,
-    shards: Sequence[str] | None = None, variant: Variant | None = None,
-) -> np.ndarray:  # fmt: skip
-    """Per alive feature of layer b (in order): 1 where >= 2 features of layer a have necessity
-    or sufficiency >= `threshold` with it (on >= `min_both` tokens), else 0."""
-    chosen = list(shards or store.shards(b))
-    alive = np.flatnonzero(merged_feature_stats(store, b, chosen).count > 0)
-    parents = parent_sets(
-        store, a, b, threshold=threshold, min_both=min_both, shards=chosen, variant=variant
-    )
-    many = parents.filter(pl.col("n_parents") >= 2)["feature_b"].unique().to_numpy()
-    return np.isin(alive, many).astype(np.float64)
+def multi_parent(parents: pl.DataFrame, b: int, alive: np.ndarray) -> np.ndarray:
+    """Per feature of layer b in `alive` (in order): 1 where `parents` (`parent_sets`: partners
+    of necessity or sufficiency >= the gate threshold) gives it >= 2 partners, else 0."""
+    mine = parents.filter((pl.col("layer_b") == b) & (pl.col("n_parents") >= 2))
+    return np.isin(alive, mine["feature_b"].unique().to_numpy()).astype(np.float64)
 
 
-def best_by_distance(
-    store: Store, a: int, distances: Sequence[int], *, shards: Sequence[str] | None = None,
-    min_both: int = 2,
-) -> np.ndarray:  # fmt: skip
-    """(alive features of a, len(distances)): each one's best Pearson with layer a + distance
-    (0 where co-active with none on `min_both` tokens: below any positive Pearson)."""
-    chosen = list(shards or store.shards(a))
-    alive = np.flatnonzero(merged_feature_stats(store, a, chosen).count > 0)
-    out = np.zeros((alive.size, len(distances)))
-    for k, dist in enumerate(distances):
-        best = best_partners(store, a, a + dist, "pearson", min_both=min_both, shards=chosen)
-        value = dict(zip(best["feature"].to_list(), best["value"].to_list(), strict=True))
-        out[:, k] = [max(value.get(int(f), 0.0), 0.0) for f in alive]
-    return out
+def best_values(sides: dict, alive: np.ndarray) -> np.ndarray:
+    """Each feature of `alive`'s best value on side a of `best_both`'s `sides`, floored at 0
+    (a feature co-active with none, or only below 0, counts 0: below any positive Pearson)."""
+    value, partner = sides["a"]
+    return np.where(partner[alive] >= 0, np.maximum(value[alive], 0.0), 0.0)
 
 
 def dominance(

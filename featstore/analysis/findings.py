@@ -12,6 +12,7 @@ per conjecture.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,18 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from featstore.analysis import evidence
+from featstore.analysis.gates import all_parent_sets, parent_sets
 from featstore.analysis.passthrough import (
     flow_counts,
     flow_figure,
     pass_through_links,
     run_pass_through,
 )
+from featstore.defaults import MIN_BOTH
 from featstore.errors import FeatstoreError
-from featstore.files import atomic_file
+from featstore.figures import save
+from featstore.files import atomic_file, write_parquet_atomic
+from featstore.stats.best import best_both
 from featstore.stats.shardsums import Variant, merged_feature_stats
 from featstore.store import spec
 from featstore.store.local import Store
@@ -119,13 +124,22 @@ def c1_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path) -> 
     )]  # fmt: skip
 
 
-def c2_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path) -> list[dict]:
-    """C2: later features are joint combinations of two or more earlier ones (vs the null)."""
+def successive(layers: Sequence[int]) -> list[tuple[int, int]]:
+    return list(itertools.pairwise(sorted(layers)))
+
+
+def c2_rows(
+    store: Store, cfg: FindingsConfig, shards: list[str], out: Path, parents: pl.DataFrame
+) -> list[dict]:
+    """C2: later features are joint combinations of two or more earlier ones (vs the null);
+    `parents`: `all_parent_sets` of the data (the null's are computed here)."""
     pairs, per_pair = [], {}
-    for a, b in zip(cfg.layers[:-1], cfg.layers[1:], strict=True):
+    for a, b in successive(cfg.layers):
         kw = dict(threshold=cfg.gate_threshold, min_both=cfg.gate_min_both, shards=shards)
-        data = evidence.multi_parent(store, a, b, **kw)
-        null = evidence.multi_parent(store, a, b, variant=Variant(null=True), **kw)
+        null_parents = parent_sets(store, a, b, variant=Variant(null=True), **kw)
+        alive = np.flatnonzero(merged_feature_stats(store, b, shards).count > 0)
+        data = evidence.multi_parent(parents, b, alive)
+        null = evidence.multi_parent(null_parents, b, alive)
         pairs.append(np.stack([data, null], axis=1))
         per_pair[f"L{a}→L{b}"] = data - null
     both = np.concatenate(pairs)
@@ -139,23 +153,92 @@ def c2_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path) -> 
     )]  # fmt: skip
 
 
-def c3_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path) -> list[dict]:
-    """C3: best matches fade with layer distance; pass-through features beyond the null."""
+def best_pearson(store: Store, cfg: FindingsConfig, shards: list[str]) -> dict:
+    """Both sides' best Pearson partners (`best_both`, co-active on >= `MIN_BOTH` tokens) of
+    every layer pair up to `max_distance` apart and of every two successive layers: one
+    compiled pass each, shared by C3's curve, its paired row and the pass-through links."""
+    layers = sorted(cfg.layers)
+    pairs = {(a, b) for a in layers for b in layers if 0 < b - a <= cfg.max_distance}
+    pairs |= set(successive(layers))
+    return {
+        (a, b): best_both(store, a, b, "pearson", min_both=MIN_BOTH, shards=shards)
+        for a, b in sorted(pairs)
+    }
+
+
+def distance_curve(
+    store: Store, cfg: FindingsConfig, shards: list[str], best: dict, out: Path
+) -> pl.DataFrame:
+    """C3's curve: mean best Pearson of a layer's alive features with any feature `distance`
+    layers on, with a 95% bootstrap interval, per start layer and over all starts ("all");
+    written to `c3_distance.parquet`, drawn in `c3_distance.png`."""
+    rows, pooled = [], {}
+    for (a, b), sides in sorted(best.items()):
+        if b - a > cfg.max_distance:
+            continue
+        values = evidence.best_values(sides, _alive(store, a, shards))
+        pooled.setdefault(b - a, []).append(values)
+        rows.append((str(a), b - a, *_mean_interval(values, cfg)))
+    for dist, parts in sorted(pooled.items()):
+        rows.append(("all", dist, *_mean_interval(np.concatenate(parts), cfg)))
+    cols = ["start", "distance", "n", "mean_best_pearson", "lo", "hi"]
+    frame = pl.DataFrame(rows, schema=cols, orient="row")
+    write_parquet_atomic(frame, out / "c3_distance.parquet")
+    _curve_figure(frame, out / "c3_distance.png")
+    return frame
+
+
+def _mean_interval(values: np.ndarray, cfg: FindingsConfig) -> tuple[int, float, float, float]:
+    mean, lo, hi = bootstrap([values], lambda s: float(np.mean(s[0])), cfg.n_boot, cfg.seed)
+    return int(values.size), mean, lo, hi
+
+
+def _curve_figure(frame: pl.DataFrame, path: Path) -> Path:
+    """Mean best Pearson against layer distance: one line per start layer, all starts bold."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for (start,), part in frame.group_by("start", maintain_order=True):
+        x, y = part["distance"].to_numpy(), part["mean_best_pearson"].to_numpy()
+        err = [y - part["lo"].to_numpy(), part["hi"].to_numpy() - y]
+        bold = start == "all"
+        ax.errorbar(x, y, yerr=np.maximum(err, 0), marker="o", capsize=3,
+                    lw=2.5 if bold else 1.0, color="black" if bold else None,
+                    label="all starts" if bold else f"from L{start}")  # fmt: skip
+    ax.set_xticks(sorted(set(frame["distance"].to_list())))
+    ax.set_xlabel("layer distance")
+    ax.set_ylabel("mean best Pearson (95% interval)")
+    ax.set_title("C3: best-match similarity by layer distance", fontsize=10)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def c3_rows(
+    store: Store, cfg: FindingsConfig, shards: list[str], out: Path, best: dict
+) -> tuple[list[dict], pl.DataFrame]:
+    """C3: best matches fade with layer distance (the curve over 1..`max_distance`, and the
+    paired row 1 vs the farthest); pass-through features beyond the null. Returns the rows
+    and the pass-through links of the data."""
     far = min(cfg.max_distance, cfg.layers[-1] - cfg.layers[0])
+    distance_curve(store, cfg, shards, best, out)
     starts = [a for a in cfg.layers if a + far in cfg.layers and a + 1 in cfg.layers]
-    best = [evidence.best_by_distance(store, a, [1, far], shards=shards) for a in starts]
-    paired = np.concatenate(best) if best else np.zeros((0, 2))
+    paired = [
+        np.stack([evidence.best_values(best[(a, a + d)], _alive(store, a, shards))
+                  for d in (1, far)], axis=1)  # fmt: skip
+        for a in starts
+    ]
+    paired = np.concatenate(paired) if paired else np.zeros((0, 2))
     fade = bootstrap([paired], paired_diff, cfg.n_boot, cfg.seed)
     rows = [row(
-        "C3", f"mean best-match Pearson 1 layer on minus {far} layers on", float(
-            paired[:, 0].mean()) if paired.size else np.nan, f"the same {far} layers on",
-        float(paired[:, 1].mean()) if paired.size else np.nan, fade, "features",
-        int(paired.shape[0]), "c3_pass_through.png",
+        "C3", f"mean best-match Pearson 1 layer on minus {far} layers on (curve over 1-{far}: "
+        "c3_distance)", float(paired[:, 0].mean()) if paired.size else np.nan,
+        f"the same {far} layers on", float(paired[:, 1].mean()) if paired.size else np.nan,
+        fade, "features", int(paired.shape[0]), "c3_distance.png",
     )]  # fmt: skip
-    links = pass_through_links(store, cfg.layers, min_pearson=cfg.pass_pearson, shards=shards)
-    null = pass_through_links(
-        store, cfg.layers, min_pearson=cfg.pass_pearson, shards=shards, variant=Variant(null=True)
-    )
+    kw = dict(min_pearson=cfg.pass_pearson, shards=shards)
+    links = pass_through_links(store, cfg.layers, best=best, **kw)
+    null = pass_through_links(store, cfg.layers, variant=Variant(null=True), **kw)
     flags = [_pass_flags(store, a, shards, links, null) for a in cfg.layers[:-1]]
     flags = np.concatenate(flags)
     effect = bootstrap([flags], paired_diff, cfg.n_boot, cfg.seed)
@@ -165,19 +248,27 @@ def c3_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path) -> 
         f"Pearson >= {cfg.pass_pearson})", float(flags[:, 0].mean()), NULL,
         float(flags[:, 1].mean()), effect, "features", int(flags.shape[0]), "c3_pass_through.png",
     ))  # fmt: skip
-    return rows
+    return rows, links
+
+
+def _alive(store: Store, layer: int, shards: Sequence[str]) -> np.ndarray:
+    return np.flatnonzero(merged_feature_stats(store, layer, shards).count > 0)
 
 
 def _pass_flags(store: Store, a: int, shards, links: pl.DataFrame, null: pl.DataFrame):
     """(alive features of a, 2): passes through in the data, in the null."""
-    alive = np.flatnonzero(merged_feature_stats(store, a, shards).count > 0)
+    alive = _alive(store, a, shards)
     sides = [f.filter(pl.col("layer_a") == a)["feature_a"].to_numpy() for f in (links, null)]
     return np.stack([np.isin(alive, s).astype(np.float64) for s in sides], axis=1)
 
 
-def c3a_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path, model, saes):
+def c3a_rows(
+    store: Store, cfg: FindingsConfig, shards: list[str], out: Path, model, saes,
+    successors: dict | None = None,
+):  # fmt: skip
     """C3a: the change of vanishing features is dominated by one component that lowers them,
-    more often than that of features with a good successor."""
+    more often than that of features with a good successor (`successors`: `best_successor`
+    of each two successive layers, computed where not given)."""
     from featstore.analysis.vanishing import best_successor
 
     if model is None:
@@ -187,7 +278,8 @@ def c3a_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path, mo
     for a in cfg.layers[:-1]:
         if a + 1 not in cfg.layers:
             continue
-        best = best_successor(store, a, a + 1, shards=shards)
+        best = (successors or {}).get((a, a + 1))
+        best = best_successor(store, a, a + 1, shards=shards) if best is None else best
         best = best.filter(pl.col("n_active") >= evidence.MIN_ACTIVE)
         low = best["best_necessity"].to_numpy() <= cfg.vanishing_necessity
         for mask, into in ((low, gone), (~low, kept)):
@@ -219,8 +311,6 @@ def _bars(groups: dict[str, np.ndarray], ylabel: str, title: str, path: Path) ->
     """Mean of each group with a 95% bootstrap interval."""
     from matplotlib.figure import Figure
 
-    from featstore.figures import save
-
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     for x, values in enumerate(groups.values()):
@@ -241,23 +331,40 @@ def source_of(store: Store, layer: int) -> str:
     return str(store.info(layer, shards[0]).get("source", "unknown")) if shards else "unknown"
 
 
+@dataclass
+class Shared:
+    """What the rows and the analyses' own tables share (each computed once)."""
+
+    parents: pl.DataFrame  # `all_parent_sets` of the data (gates)
+    links: pl.DataFrame  # pass-through links of the data
+    successors: dict[tuple[int, int], pl.DataFrame]  # `best_successor` of successive layers
+
+
 def findings_table(
     store: Store, cfg: FindingsConfig, out: Path, model=None, saes: dict | None = None
-) -> pl.DataFrame:
-    """Every row of C1, C2, C3 and C3a, with the source and layers they are about."""
+) -> tuple[pl.DataFrame, Shared]:
+    """Every row of C1, C2, C3 and C3a, with the source and layers they are about, and what
+    the analyses' own tables reuse."""
+    from featstore.analysis.vanishing import best_successor
+
     shards = list(cfg.shards or store.shards(cfg.layers[0]))
     out.mkdir(parents=True, exist_ok=True)
+    parents = all_parent_sets(store, cfg.layers, threshold=cfg.gate_threshold,
+                              min_both=cfg.gate_min_both, shards=shards)  # fmt: skip
+    successors = {(a, b): best_successor(store, a, b, shards=shards)
+                  for a, b in successive(cfg.layers)}  # fmt: skip
+    c3, links = c3_rows(store, cfg, shards, out, best_pearson(store, cfg, shards))
     rows = [
         *c1_rows(store, cfg, shards, out),
-        *c2_rows(store, cfg, shards, out),
-        *c3_rows(store, cfg, shards, out),
-        *c3a_rows(store, cfg, shards, out, model, saes),
+        *c2_rows(store, cfg, shards, out, parents),
+        *c3,
+        *c3a_rows(store, cfg, shards, out, model, saes, successors),
     ]
     layers = "-".join(map(str, cfg.layers))
     frame = pl.DataFrame(rows).with_columns(
         source=pl.lit(source_of(store, cfg.layers[0])), layers=pl.lit(layers)
     )
-    return frame.select(FINDINGS_SCHEMA.names)
+    return frame.select(FINDINGS_SCHEMA.names), Shared(parents, links, successors)
 
 
 def write_findings(frame: pl.DataFrame, out: Path) -> dict[str, Path]:
@@ -300,28 +407,22 @@ def _num(x) -> str:
 
 def run_findings(store: Store, cfg: FindingsConfig, out: Path, model=None, saes=None):
     """`findings_table`, written with its page, and the analyses' own tables beside it (gates,
-    pass-through chains, convergence with tokens); returns (table, paths incl. the plots)."""
+    pass-through chains, convergence with tokens, vanishing features), from the same passes;
+    returns (table, paths incl. the plots)."""
     from featstore.analysis.convergence import run_convergence
     from featstore.analysis.gates import run_gates
     from featstore.analysis.vanishing import run_vanishing
 
-    frame = findings_table(store, cfg, out, model, saes)
+    frame, shared = findings_table(store, cfg, out, model, saes)
     paths = write_findings(frame, out)
     plots = {p.stem: p for p in sorted(out.glob("c*.png"))}
     shards = cfg.shards
-    extra = run_gates(store, cfg.layers, out, shards=shards, threshold=cfg.gate_threshold,
-                      min_both=cfg.gate_min_both)  # fmt: skip
-    extra |= run_pass_through(store, cfg.layers, out, shards=shards, min_pearson=cfg.pass_pearson)
+    extra = run_gates(store, cfg.layers, out, parents=shared.parents)
+    extra |= run_pass_through(store, cfg.layers, out, shards=shards, links=shared.links)
     extra |= run_convergence(store, cfg.layers, out, shards=shards)
     extra |= run_vanishing(
-        store,
-        cfg.layers,
-        out,
-        shards=shards,
-        max_best=cfg.vanishing_necessity,
-        model=model,
-        saes=saes,
-        max_features=cfg.max_features,
-        max_sequences=cfg.max_sequences,
-    )
+        store, cfg.layers, out, shards=shards, max_best=cfg.vanishing_necessity, model=model,
+        saes=saes, max_features=cfg.max_features, max_sequences=cfg.max_sequences,
+        best=shared.successors,
+    )  # fmt: skip
     return frame, {**paths, **plots, **extra}

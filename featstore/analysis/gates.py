@@ -96,10 +96,14 @@ def all_parent_sets(
 
 def run_gates(
     store: Store, layers: Sequence[int], out: Path, *, shards: Sequence[str] | None = None,
-    threshold: float = THRESHOLD, min_both: int = MIN_BOTH,
+    threshold: float = THRESHOLD, min_both: int = MIN_BOTH, parents: pl.DataFrame | None = None,
 ) -> dict[str, Path]:  # fmt: skip
-    """Parent sets and gates of every pair of successive layers, written under `out`."""
-    parents = all_parent_sets(store, layers, threshold=threshold, min_both=min_both, shards=shards)
+    """Parent sets (`all_parent_sets`, unless given) and gates of every pair of successive
+    layers, written under `out`."""
+    if parents is None:
+        parents = all_parent_sets(
+            store, layers, threshold=threshold, min_both=min_both, shards=shards
+        )
     return {
         "parent_sets": write_parquet_atomic(parents, out / "parent_sets.parquet"),
         "gates": write_parquet_atomic(gates(parents), out / "gates.parquet"),

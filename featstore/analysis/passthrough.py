@@ -1,22 +1,25 @@
 """Pass-through features: a feature of layer L and one of L+1 that are each other's best match
 with Pearson >= 0.95 (spar-2024), linked into chains across the layers and drawn as a flow.
 
-A pair above the threshold is the only place a best match at or above it can be: a feature's
-best partner is found among the pairs `pair_stats` keeps at that threshold, so the work scales
-with those pairs, never with features x features.
+Each feature's best partner on both sides comes from one compiled pass per layer pair
+(`featstore.stats.best.best_both`: two arrays per layer, no pair written out, never features x
+features); a link is a pair that is each side's best (ties: the lower feature), with Pearson
+>= the threshold, co-active on >= `MIN_BOTH` tokens (a single shared token gives two rare
+features Pearson near 1 by chance).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from featstore.defaults import MIN_BOTH
 from featstore.figures import no_data, save
 from featstore.files import write_parquet_atomic
-from featstore.stats.query import PairQuery, pair_stats
+from featstore.stats.best import best_both
 from featstore.stats.shardsums import Variant, merged_feature_stats
 from featstore.store.local import Store
 
@@ -30,14 +33,17 @@ LINK_SCHEMA = {
 }
 
 
-def mutual_best(frame: pl.DataFrame, measure: str) -> pl.DataFrame:
-    """The pairs of `frame` that are each side's best by `measure` (ties: the lower feature)."""
-    ranked = frame.filter(pl.col(measure).is_not_null()).sort(
-        [measure, "feature_a", "feature_b"], descending=[True, False, False]
-    )
-    best_a = ranked.unique("feature_a", keep="first", maintain_order=True)
-    best_b = ranked.unique("feature_b", keep="first", maintain_order=True)
-    return best_a.join(best_b.select("feature_a", "feature_b"), on=["feature_a", "feature_b"])
+def mutual_links(a: int, b: int, sides: dict, min_pearson: float) -> pl.DataFrame:
+    """The pairs of layers a, b that are each other's best (`best_both`'s `sides`) with
+    Pearson >= `min_pearson`, as rows of `LINK_SCHEMA`."""
+    (value_a, part_a), (_, part_b) = sides["a"], sides["b"]
+    fa = np.flatnonzero((part_a >= 0) & (value_a >= min_pearson))
+    fa = fa[part_b[part_a[fa]] == fa]
+    return pl.DataFrame(
+        {"layer_a": np.full(fa.size, a), "feature_a": fa, "layer_b": np.full(fa.size, b),
+         "feature_b": part_a[fa], "pearson": value_a[fa]},
+        schema=LINK_SCHEMA,
+    )  # fmt: skip
 
 
 def pass_through_links(
@@ -47,21 +53,18 @@ def pass_through_links(
     min_pearson: float = MIN_PEARSON,
     shards: Sequence[str] | None = None,
     variant: Variant | None = None,
+    min_both: int = MIN_BOTH,
+    best: Mapping[tuple[int, int], dict] | None = None,
 ) -> pl.DataFrame:
-    """Per pair of successive layers: the mutual best matches with Pearson >= `min_pearson`."""
+    """Per pair of successive layers: the mutual best matches with Pearson >= `min_pearson`;
+    `best`: `best_both(..., "pearson", min_both=...)` of some layer pairs, already computed."""
     layers = sorted(layers)
     parts = [pl.DataFrame(schema=LINK_SCHEMA)]
     for a, b in zip(layers[:-1], layers[1:], strict=True):
-        frame = pair_stats(
-            store,
-            PairQuery(a, b, shards=shards, min_pearson=min_pearson, variant=variant, save=False),
+        sides = (best or {}).get((a, b)) or best_both(
+            store, a, b, "pearson", min_both=min_both, shards=shards, variant=variant
         )
-        best = mutual_best(frame.select("feature_a", "feature_b", "pearson"), "pearson")
-        parts.append(
-            best.with_columns(layer_a=pl.lit(a), layer_b=pl.lit(b))
-            .select(list(LINK_SCHEMA))
-            .cast(LINK_SCHEMA)  # type: ignore[arg-type]
-        )
+        parts.append(mutual_links(a, b, sides, min_pearson))
     return pl.concat(parts).sort("layer_a", "feature_a")
 
 
@@ -125,10 +128,12 @@ def flow_figure(counts: pl.DataFrame, links: pl.DataFrame, path: Path) -> Path:
 
 def run_pass_through(
     store: Store, layers: Sequence[int], out: Path, *, shards: Sequence[str] | None = None,
-    min_pearson: float = MIN_PEARSON,
+    min_pearson: float = MIN_PEARSON, links: pl.DataFrame | None = None,
 ) -> dict[str, Path]:  # fmt: skip
-    """Links, chains, per-layer flow counts and the flow figure, written under `out`."""
-    links = pass_through_links(store, layers, min_pearson=min_pearson, shards=shards)
+    """Links (`pass_through_links`, unless given), chains, per-layer flow counts and the flow
+    figure, written under `out`."""
+    if links is None:
+        links = pass_through_links(store, layers, min_pearson=min_pearson, shards=shards)
     counts = flow_counts(store, layers, links, shards)
     return {
         "pass_through": write_parquet_atomic(links, out / "pass_through.parquet"),

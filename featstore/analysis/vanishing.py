@@ -59,14 +59,18 @@ def run_vanishing(
     store: Store, layers: Sequence[int], out: Path, *, shards: Sequence[str] | None = None,
     max_best: float = MAX_BEST, model=None, saes: dict | None = None,
     max_features: int = 200, max_sequences: int | None = 16,
+    best: dict[tuple[int, int], pl.DataFrame] | None = None,
 ) -> dict[str, Path]:  # fmt: skip
     """Per pair of successive layers, the vanishing features of the earlier one with their best
-    successor, and (given the store's model and SAEs) the survival of the first `max_features`
-    of each in the next SAE's error; written to `{out}/vanishing.parquet`."""
+    successor (`best_successor`, unless in `best`), and (given the store's model and SAEs) the
+    survival of the first `max_features` of each in the next SAE's error; written to
+    `{out}/vanishing.parquet`."""
     layers, parts = sorted(layers), []
     chosen = list(shards or store.shards(layers[0]))
     for a, b in zip(layers[:-1], layers[1:], strict=True):
-        gone = vanishing(best_successor(store, a, b, shards=chosen), max_best)
+        found = (best or {}).get((a, b))
+        gone = vanishing(best_successor(store, a, b, shards=chosen) if found is None else found,
+                         max_best)  # fmt: skip
         if model is not None and b == a + 1 and gone.height:
             feats = gone["feature"].to_numpy()[:max_features]
             kept = decoder_survival(store, model, saes, a, feats, chosen, max_sequences)

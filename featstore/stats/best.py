@@ -115,6 +115,18 @@ def kernel_inputs(m_a, m_b) -> tuple[tuple, list[tuple[int, int]]]:
     return arrays, kernel.balanced_ranges(work, max(limit, 1))
 
 
+def best_both(
+    store: Store, a: int, b: int, measure: str, *, min_both: int = 1,
+    shards: Sequence[str] | None = None, variant: Variant | None = None,
+) -> dict[str, tuple]:  # fmt: skip
+    """`compiled_best` of layers a and b over `shards` as `variant` sees them: both sides'
+    best partners by `measure` (one of `COMPILED`) from one pass."""
+    if measure not in COMPILED:
+        raise FeatstoreError(f"no compiled best for {measure!r}: use one of {', '.join(COMPILED)}")
+    scan = PairScan.open(store, a, b, shards=shards, variant=variant, save=False)
+    return compiled_best(scan, measure, min_both)
+
+
 def compiled_best(scan: PairScan, measure: str, min_both: int) -> dict[str, tuple]:
     """{"a": (value, partner) per feature of a, "b": the same per feature of b} over the whole
     layers (partner -1 where none), by `kernel.best_block` on blocks of a, two threads."""
