@@ -8,8 +8,10 @@ Data: a `featstore.synth` shard (L0 ~ 50), generated once in memory. Two configu
 
 - on: what featstore does (every array with a CRC-32C codec after blosc and a fill value no valid
   element takes; every read checked: the fill value, feature ids in range, indptr monotone,
-  values positive and finite);
-- off: blosc alone, zarr's fill value 0, and the read checks replaced by no-ops.
+  values positive and finite; spec version 4's reads of one state: each group opened pinned to
+  its `zarr.json` bytes and commit, and its `zarr.json` read again after each array read);
+- off: blosc alone, zarr's fill value 0, the read checks replaced by no-ops, and no pinning (a
+  group's existence tested as before spec version 4, nothing compared after a read).
 
 For each, `write` times storing both layers and the token table (`write_activations`,
 `write_tokens`; extraction's store path) and `stats` times `update_shard_pairs` (reading both
@@ -39,23 +41,41 @@ from featstore.sources.synth import SynthConfig, build_world, generate_block, to
 from featstore.stats.shardsums import update_shard_pairs
 from featstore.store import encodings, writers
 from featstore.store.home import open_store
+from featstore.store.local import Store
+from featstore.store.snapshot import Snapshot
 
 LAYERS = (6, 7)
+STAMPS: list[float] = []  # seconds of each `Store._stamp` with the checks on
 
 
 @contextlib.contextmanager
 def checks(on: bool) -> Iterator[None]:
     """featstore as it is (on), or with its integrity checks replaced by no-ops (off)."""
     saved = (writers.CODECS, encodings.check_read, encodings.csr_problem, encodings.fill_value)
-    if not on:
+    pinning = (Store._stamp, Snapshot.pin, Snapshot.verify)
+    if on:  # time the reads of zarr.json that pinning adds (its one cost besides a dict)
+        stamp = Store._stamp
+
+        def timed(self, path):
+            t0 = time.perf_counter()
+            try:
+                return stamp(self, path)
+            finally:
+                STAMPS.append(time.perf_counter() - t0)
+
+        Store._stamp = timed
+    else:
         writers.CODECS = writers.CODECS[:1]
         encodings.check_read = lambda *_: None
         encodings.csr_problem = lambda *_: None
         encodings.fill_value = lambda _dtype: 0
+        Store._stamp = lambda self, path: b"" if self._exists(path) else None
+        Snapshot.pin = Snapshot.verify = lambda *_: None
     try:
         yield
     finally:
         writers.CODECS, encodings.check_read, encodings.csr_problem, encodings.fill_value = saved
+        Store._stamp, Snapshot.pin, Snapshot.verify = pinning
 
 
 def measure(home: Path, acts: dict, tokens, on: bool) -> tuple[float, float]:
@@ -118,6 +138,9 @@ def main() -> None:
         print(f"{step:<8}{off:>10.2f}{on:>10.2f}{on / off:>9.3f}")
     stats_on = statistics.median(t[1] for t in times[True])
     print(f"checks alone: {alone:.3f} s = {alone / stats_on:.2%} of stats with checks on")
+    per_run = sum(STAMPS) / max(len(times[True]), 1)
+    print(f"pinning (zarr.json reads, write + stats): {len(STAMPS) // max(len(times[True]), 1)} "
+          f"a run, {per_run:.4f} s = {per_run / stats_on:.3%} of stats with checks on")
 
 
 if __name__ == "__main__":

@@ -318,10 +318,12 @@ def file_snapshot(home) -> dict[str, bytes]:
     }
 
 
-def group_states(home, volatile: tuple[str, ...] = ("seconds",)) -> dict[str, tuple]:
+def group_states(
+    home, volatile: tuple[str, ...] = ("seconds", "featstore-commit")
+) -> dict[str, tuple]:
     """Each Zarr group holding arrays under `store.zarr`, read with zarr alone (as a reader
     without featstore would), `_staging` and `_trash` left out: path -> (attrs, arrays), in a
-    form `==` compares; attributes in `volatile` (timings) are dropped."""
+    form `==` compares; attributes in `volatile` (timings, commit ids) are dropped."""
     import json
     from pathlib import Path
 

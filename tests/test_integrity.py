@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from featstore.errors import FeatstoreError
+from featstore.stats.shardsums import load_shard_pairs, update_shard_pairs
 from featstore.store import spec
 from featstore.store.check import check_store
 from featstore.store.home import open_store
@@ -426,8 +427,11 @@ ODD_ATTRS = st.one_of(
 
 
 def pristine(tmp: Path) -> Path:
+    """Two layers of a shard, its token table, a vocabulary and the shard's pair sums of 6-7."""
     home = tmp / "home"
-    build_store(home, {6: {"s0": sparse_acts(30, 12, seed=6)}, 7: {"s0": sparse_acts(30, 12)}})
+    acts = {6: {"s0": sparse_acts(30, 12, seed=6)}, 7: {"s0": sparse_acts(30, 12)}}
+    store = build_store(home, acts, vocab=["a", "caf\u00e9", "\n", "", "\u00fcber"] * 4)
+    update_shard_pairs(store, 6, 7, "s0")
     return home
 
 
@@ -443,26 +447,78 @@ def assert_refused_or_sound(home: Path) -> None:
                 assert m.nnz == 0 or (np.isfinite(m.data).all() and m.data.min() > 0)
                 assert np.all(np.diff(m.indptr) >= 0)
         for shard in store.token_shards():
-            store.tokens(shard)
+            t = store.tokens(shard)
+            assert t["seq"].min() >= 0 and t["pos"].min() >= 0 and t["token"].min() >= -1
+        words = store.vocab()
+        assert words is None or all(isinstance(w, str) for w in words)
+        pairs = load_shard_pairs(store, 6, 7, "s0") if 7 in store.layers() else None
+        if pairs is not None:  # fresh sums: ids in range, counts >= 1, sums finite >= 0
+            assert np.all((pairs.feature_a >= 0) & (pairs.feature_a < pairs.d_a))
+            assert np.all((pairs.feature_b >= 0) & (pairs.feature_b < pairs.d_b))
+            assert np.all(pairs.n_both >= 1) and np.all(np.isfinite(pairs.sum_xy))
+            assert np.all(pairs.sum_xy >= 0)
     except FeatstoreError:
         pass
     check_store(open_store(home)) if (home / spec.ROOT / "zarr.json").exists() else None
 
 
-@settings(max_examples=12, deadline=None)
-@given(array=st.sampled_from(ARRAYS), index=st.integers(0, 40), value=ODD_VALUES)
-def test_any_stored_value_is_refused_or_sound(tmp_path_factory, array, index, value):
+# Every array of every kind of group: activations, token table, vocabulary, pair sums.
+GROUP_ARRAYS = [("activations/layer_6/s0", a) for a in ARRAYS] + [
+    ("tokens/s0", a) for a in ("seq", "pos", "token")
+] + [("vocab", a) for a in ("bytes", "offsets")] + [
+    ("pairs/6-7/s0", a) for a in ("feature_a", "feature_b", "n_both", "sum_xy", "indptr")
+]  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(where=st.sampled_from(GROUP_ARRAYS), index=st.integers(0, 40), value=ODD_VALUES)
+def test_any_stored_value_is_refused_or_sound(tmp_path_factory, where, index, value):
     home = pristine(tmp_path_factory.mktemp("h"))
-    target = zarr.open_array(home / spec.ROOT / "activations/layer_6/s0" / array, mode="r+")
+    group, array = where
+    target = zarr.open_array(home / spec.ROOT / group / array, mode="r+")
     with contextlib.suppress(ValueError, OverflowError, TypeError):
         target[min(index, target.shape[0] - 1)] = value
     assert_refused_or_sound(home)
 
 
+PAIR_ATTRS = ["layers", "n_tokens", "d_a", "d_b", "nnz_a", "nnz_b", "sum_a", "sum_b"]
+COMMIT_ATTRS = st.one_of(
+    ODD_ATTRS,
+    st.fixed_dictionaries({"id": ODD_ATTRS}),
+    st.fixed_dictionaries({"id": st.integers(0, 2**62), "after": st.dictionaries(
+        st.sampled_from(["tokens/s0", "activations/layer_7/s0", "vocab"]), ODD_ATTRS, max_size=2)}),
+)  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    where=st.one_of(
+        st.tuples(st.sampled_from(["activations/layer_6/s0", "tokens/s0"]),
+                  st.sampled_from([spec.SHAPE, "nnz", "d_sae", spec.ENCODING_VERSION, "n_tokens"])),
+        st.tuples(st.just("pairs/6-7/s0"), st.sampled_from([*PAIR_ATTRS, spec.ENCODING_TYPE])),
+        st.tuples(st.just("vocab"), st.sampled_from([spec.ENCODING_TYPE, spec.ENCODING_VERSION])),
+    ),
+    value=ODD_ATTRS,
+)  # fmt: skip
+def test_any_stored_attribute_is_refused_or_sound(tmp_path_factory, where, value):
+    group, key = where
+    _set_attribute(tmp_path_factory, group, key, value)
+
+
 @settings(max_examples=12, deadline=None)
-@given(key=st.sampled_from([spec.SHAPE, "nnz", "d_sae", spec.ENCODING_VERSION, "n_tokens"]),
-       value=ODD_ATTRS, group=st.sampled_from(["activations/layer_6/s0", "tokens/s0"]))
-def test_any_stored_attribute_is_refused_or_sound(tmp_path_factory, key, value, group):
+@given(group=st.sampled_from(["activations/layer_6/s0", "tokens/s0", "pairs/6-7/s0"]),
+       value=COMMIT_ATTRS)
+def test_any_commit_attribute_is_refused_or_sound(tmp_path_factory, group, value):
+    """A crafted `featstore-commit`: refused in one line, or read (a commit that requires what
+    is not there makes readers give up after their tries, quickly here)."""
+    from featstore.store import snapshot
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(snapshot, "TRIES", 3)
+        _set_attribute(tmp_path_factory, group, snapshot.COMMIT, value)
+
+
+def _set_attribute(tmp_path_factory, group: str, key: str, value) -> None:
     home = pristine(tmp_path_factory.mktemp("h"))
     meta = home / spec.ROOT / group / "zarr.json"
     doc = json.loads(meta.read_text())

@@ -129,7 +129,14 @@ def top_contexts(
     store: Store, layer: int, features: Sequence[int], top: int = 10, context: tuple = CONTEXT
 ) -> pl.DataFrame:
     """The `top` strongest activations of each feature over all shards, with their text:
-    feature, shard, seq, pos, value, before, token, after (one pass over the layer)."""
+    feature, shard, seq, pos, value, before, token, after (one pass over the layer; the layer
+    and the token tables of one state: read again when a commit lands midway)."""
+    return store.consistently(_top_contexts, store, layer, features, top, context)
+
+
+def _top_contexts(
+    store: Store, layer: int, features: Sequence[int], top: int, context: tuple
+) -> pl.DataFrame:
     ids = np.unique(np.asarray(features, np.int64))
     hits = pl.concat([_hits(store, layer, s, ids, top) for s in store.shards(layer)])
     hits = hits.sort("value", descending=True).group_by("feature", maintain_order=True).head(top)

@@ -266,8 +266,12 @@ def stacked_matrices(
     if missing:
         for shard in shards:
             check_shard(store, a, b, shard)
-        if variant.plain:  # one layer read alone
-            parts = {i: [store.read((a, b)[i], s) for s in shards] for i in missing}
+        if variant.plain:  # the layers of each shard of one commit
+            per_shard = [
+                store.consistently(lambda s=s: [store.read((a, b)[i], s) for i in missing])
+                for s in shards
+            ]
+            parts = {i: [m[k] for m in per_shard] for k, i in enumerate(missing)}
         else:
             both = [shardsums.variant_matrices(store, a, b, s, variant) for s in shards]
             parts = {i: [pair[i] for pair in both] for i in missing}

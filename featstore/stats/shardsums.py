@@ -49,6 +49,7 @@ from featstore.stats.kernel import (
 )
 from featstore.store import encodings, spec
 from featstore.store.local import FeatureStats, Store
+from featstore.store.snapshot import Snapshot
 
 ENGINES = defaults.ENGINES  # re-exported: featstore.defaults is the one place
 # Tokens per block: the sparse engine holds a block of both layers (~0.6 GB per 1M tokens at
@@ -213,7 +214,13 @@ def cutoffs(store: Store, layer: int, variant: Variant) -> float | np.ndarray:
 def variant_matrices(
     store: Store, a: int, b: int, shard: str, variant: Variant
 ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """Both layers of a whole shard as the variant sees them."""
+    """Both layers of a whole shard as the variant sees them (one commit's)."""
+    return store.consistently(_variant_matrices, store, a, b, shard, variant)
+
+
+def _variant_matrices(
+    store: Store, a: int, b: int, shard: str, variant: Variant
+) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     m_a, m_b = store.read(a, shard), store.read(b, shard)
     if variant.null:
         m_b = m_b[null_rows(_token_rows(store, shard, "the null model deranges sequences"))]
@@ -288,14 +295,15 @@ def iter_shard_pair_counts(
         return
     block_tokens = block_tokens or BLOCK_TOKENS[engine]
     if engine == "sparse" and n_tokens <= block_tokens:  # stream the product's feature blocks
-        m_a, m_b = store.read(a, shard), store.read(b, shard)
+        m_a, m_b = store.consistently(lambda: (store.read(a, shard), store.read(b, shard)))
         yield from iter_sparse_pair_counts(m_a, m_b, sort=sort, screen=screen)
         return
     counts = sparse_pair_counts if engine == "sparse" else polars_pair_counts
     total = PairCounts.empty(0, d_a, d_b)
+    snap = Snapshot()  # both layers' blocks of one commit
     blocks = zip(
-        store.iter_blocks(a, shard, block_tokens),
-        store.iter_blocks(b, shard, block_tokens),
+        store.iter_blocks(a, shard, block_tokens, snap),
+        store.iter_blocks(b, shard, block_tokens, snap),
         strict=True,
     )
     for (_, block_a), (_, block_b) in blocks:
@@ -421,7 +429,14 @@ def update_shard_pairs(
     """Compute one shard's pair sums and save them, block by block where the engine allows.
 
     A variant reads the shard whole (`variant_matrices`) and takes the sparse or polars engine.
+    Everything read is of one commit of the shard (`Store.consistently`).
     """
+    return store.consistently(_update_shard_pairs, store, a, b, shard, engine, variant)
+
+
+def _update_shard_pairs(
+    store: Store, a: int, b: int, shard: str, engine: str, variant: Variant
+) -> SavedPairs:
     if variant.plain:
         counts = iter_shard_pair_counts(store, a, b, shard, engine)
         return save_shard_pairs(store, a, b, shard, counts)

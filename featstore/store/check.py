@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from featstore.errors import FeatstoreError
 from featstore.store import encodings, spec
 from featstore.store.local import FeatureStats, Store
+from featstore.store.snapshot import Commit, SnapshotChanged, check_listing, shard_of
 from featstore.store.sqlindex import check_index
 
 
@@ -37,8 +38,27 @@ def check_store(store: Store) -> list[str]:
         for shard in store.children(f"{spec.PAIRS}/{folder}"):
             where = f"pair sums {folder} shard {shard}"
             problems += _guard(where, _check_pairs, store, folder, shard)
+    problems += list(_check_commits(store))
     problems += _guard("SQL index", check_index, store)
     return problems + list(_check_parquet(store))
+
+
+def _check_commits(store: Store) -> Iterator[str]:
+    """Each shard's groups are of one state (docs/STORE_FORMAT.md, "Reading: all at once"): on
+    a store no writer is writing, a group behind what another's commit requires is damage (or
+    a crafted attribute), and every reader of the shard would give up on it."""
+    paths = [spec.tokens_path(s) for s in store.token_shards()]
+    paths += [spec.activation_path(x, s) for x in store.layers() for s in store.shards(x)]
+    paths += [f"{spec.PAIRS}/{f}/{s}" for f in store.children(spec.PAIRS)
+              for s in store.children(f"{spec.PAIRS}/{f}")]  # fmt: skip
+    by_shard: dict[str, dict[str, Commit]] = {}
+    for path in paths:
+        by_shard.setdefault(shard_of(path), {})[path] = store._current_commit(path)
+    for shard, commits in sorted(by_shard.items()):
+        try:
+            check_listing(commits, pending=False)  # recovered on open: none pending
+        except SnapshotChanged as exc:
+            yield f"shard {shard}: its groups are not of one commit ({exc}); rewrite the shard"
 
 
 # Folders that hold groups; one without its zarr.json is invisible to every reader.
@@ -58,8 +78,8 @@ def _unreadable_folders(store: Store) -> Iterator[str]:
 
 
 def _guard(where: str, check: Callable[..., Iterator[str]], *args: Any) -> list[str]:
-    try:
-        return list(check(*args))
+    try:  # one commit's groups (args[0] is the store)
+        return args[0].consistently(lambda: list(check(*args)))
     except FeatstoreError as exc:
         return [str(exc)]
     except Exception as exc:  # a damaged file can fail anywhere inside zarr or numcodecs

@@ -100,7 +100,7 @@ def require(attrs: Mapping[str, Any], encoding_type: str, what: str, path: str) 
     """The encoding of a group's `attrs`, which must be a known version of `encoding_type` with
     sound attributes; else a one-line error naming the spec and the fix."""
     found = (attrs.get(spec.ENCODING_TYPE), attrs.get(spec.ENCODING_VERSION))
-    encoding = REGISTRY.get(found) if isinstance(found[1], str) else None
+    encoding = REGISTRY.get(found) if all(isinstance(f, str) for f in found) else None
     if found[0] != encoding_type or encoding is None:
         known = sorted(v for t, v in REGISTRY if t == encoding_type)
         raise FeatstoreError(

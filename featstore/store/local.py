@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import threading
 import time
-from collections.abc import Iterator, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -23,6 +25,7 @@ import zarr.storage
 
 from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.store import encodings, spec
+from featstore.store.snapshot import NONE, Commit, Snapshot, SnapshotChanged, retrying
 from featstore.store.transaction import DELETE, Committing, Transaction, finish_pending_writes
 from featstore.store.writers import (
     CODECS,
@@ -49,6 +52,19 @@ def check_shard_name(shard: str) -> str:
             f"first a letter or digit, not {', '.join(sorted(spec.RESERVED_NAMES))})"
         )
     return shard
+
+
+T = TypeVar("T")
+
+
+def _unit(method: Callable[..., T]) -> Callable[..., T]:
+    """A read method that is one consistent state by itself (`Store.consistently`)."""
+
+    @functools.wraps(method)
+    def read(self: Store, *args: Any, **kwargs: Any) -> T:
+        return self.consistently(method, self, *args, **kwargs)
+
+    return read
 
 
 class Store(Committing):
@@ -125,6 +141,82 @@ class Store(Committing):
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    # -- one consistent state (featstore.store.snapshot) ---------------------------------------
+
+    def _stamp(self, path: str) -> bytes | None:
+        """The bytes of a group's zarr.json (every commit rewrites them); None if not there."""
+        try:
+            return (self.root_path / path / "zarr.json").read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def _pending(self) -> bool:
+        """Whether a commit record is there: a commit of several groups under way."""
+        base = self.root_path / spec.COMMITS
+        return base.is_dir() and not base.is_symlink() and any(base.glob("*.json"))
+
+    def _swapping(self, path: str) -> bool:
+        """Whether the group at `path` is between the two renames of a replace (parked in
+        `_trash` under its own name, `Committing._swap_in`)."""
+        base = self.root_path / spec.TRASH
+        quoted = urllib.parse.quote(path, safe="")
+        return base.is_dir() and any(e.name.endswith("." + quoted) for e in base.iterdir())
+
+    def _snapshot(self) -> Snapshot:
+        """The open unit's snapshot, else this thread's loose one."""
+        snap = getattr(self._local, "snap", None)
+        if snap is None:
+            snap = getattr(self._local, "loose", None)
+            if snap is None:
+                snap = self._local.loose = Snapshot(strict=False)
+        return snap
+
+    @contextlib.contextmanager
+    def snapshot(self, snap: Snapshot | None = None) -> Iterator[Snapshot]:
+        """A unit of reads (in this thread) that sees one consistent state, or raises
+        SnapshotChanged; nested in an open unit it is part of it. `snap`: continue that one."""
+        outer = getattr(self._local, "snap", None)
+        if outer is not None:
+            yield outer
+            return
+        self._local.snap = snap if snap is not None else Snapshot()
+        try:
+            yield self._local.snap
+        finally:
+            self._local.snap = None
+
+    def _current_commit(self, path: str) -> Commit:
+        """The commit of the group's current version, for a writer (nothing pinned)."""
+        if self._stamp(path) is None:
+            return NONE
+        try:
+            group = zarr.open_group(self._zstore(True), path=path, mode="r")
+            generation = group.attrs.get(spec.GENERATION)
+            if generation is not None:
+                group = zarr.open_group(self._zstore(True), path=f"{path}/{generation}", mode="r")
+            return Commit.of(group.attrs)
+        except Exception:  # damaged: it requires nothing of the new version
+            return NONE
+
+    def _committed_here(self, paths: list[str]) -> None:
+        """This thread committed `paths`: its snapshots forget them (`Snapshot.forget`)."""
+        for name in ("snap", "loose"):
+            snap = getattr(self._local, name, None)
+            if snap is not None:
+                snap.forget(paths)
+
+    def consistently(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` as one unit of reads, run again while a commit lands in between
+        (`snapshot.retrying`); inside an open unit, simply called (the outer one retries)."""
+        if getattr(self._local, "snap", None) is not None:
+            return fn(*args, **kwargs)
+
+        def once() -> T:
+            with self.snapshot():
+                return fn(*args, **kwargs)
+
+        return retrying(once, self.where)
+
     def write_group(
         self,
         path: str,
@@ -149,30 +241,43 @@ class Store(Committing):
                 zarr.open_group(local, mode="a", zarr_format=3)
 
     def group(self, path: str, what: str) -> zarr.Group:
-        """The group at `path` to read; a committed generation where the group names one."""
-        if not self._exists(path):
+        """The group at `path` to read; a committed generation where the group names one.
+        Pinned in the reader's snapshot (`featstore.store.snapshot`): a group of another commit
+        than the groups read with it is a SnapshotChanged, which the unit's retry answers."""
+        snap = self._snapshot()
+        stamp = self._stamp(path)
+        if stamp is None:
+            snap.missing(path, self._pending, self._swapping(path))
             raise FeatstoreError(f"{what} not in store {self.where} (missing {path}/zarr.json)")
         try:
             group = zarr.open_group(self._zstore(True), path=path, mode="r")
             generation = group.attrs.get(spec.GENERATION)
             if generation is not None:  # a store at a URL: see featstore/store/url.py
                 group = zarr.open_group(self._zstore(True), path=f"{path}/{generation}", mode="r")
-            return group
+            commit = Commit.of(group.attrs)
         except Exception as exc:
+            if self._stamp(path) != stamp:  # replaced while being opened
+                raise SnapshotChanged(f"{path} was replaced while being read") from None
             raise FeatstoreError(f"{what}: corrupt {path}/zarr.json: {exc}") from None
+        snap.pin(path, group.path, stamp, commit)
+        return group
 
     def read_array(
         self, group: zarr.Group, name: str, what: str, sel: slice = slice(None)
     ) -> np.ndarray:
         """`group[name][sel]`, refused (one line naming it) where damaged: unreadable, a
-        checksum that fails, a deleted chunk (`encodings.check_read`)."""
+        checksum that fails, a deleted chunk (`encodings.check_read`). The group's stamp is
+        compared again after the read: arrays of two versions are never combined."""
         where = f"{group.path}/{name}"
+        snap = self._snapshot()
         try:
             array = group[name]
             values = np.asarray(array[sel])
             problem = encodings.check_read(array, values, sel)
         except Exception as exc:
+            snap.verify(group.path, self._stamp)  # a replaced group is no damage
             raise FeatstoreError(f"{what}: cannot read {where} in {self.where}: {exc}") from None
+        snap.verify(group.path, self._stamp)
         if problem:
             raise FeatstoreError(f"{what}: corrupt {where} in {self.where}: {problem}")
         return values
@@ -218,10 +323,12 @@ class Store(Committing):
         encodings.require(group.attrs, encoding_type, what, path)
         return group
 
+    @_unit
     def info(self, layer: int, shard: str) -> dict[str, Any]:
         """The attributes of one (layer, shard) group."""
         return dict(self._activation_group(layer, shard).attrs)
 
+    @_unit
     def read(
         self, layer: int, shard: str, start: int = 0, stop: int | None = None
     ) -> sp.csr_matrix:
@@ -246,13 +353,25 @@ class Store(Committing):
         return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, d_sae))
 
     def iter_blocks(
-        self, layer: int, shard: str, block_tokens: int = spec.TOKEN_CHUNK
+        self,
+        layer: int,
+        shard: str,
+        block_tokens: int = spec.TOKEN_CHUNK,
+        snapshot: Snapshot | None = None,
     ) -> Iterator[tuple[int, sp.csr_matrix]]:
-        """(first token, CSR block) over a shard, memory bounded by one block."""
-        n_rows = self.info(layer, shard)[spec.SHAPE][0]
+        """(first token, CSR block) over a shard, memory bounded by one block. Every block is
+        of the version the first was (a change is SnapshotChanged): `snapshot`, shared by the
+        streams of several layers of a shard, keeps them of one commit too; an open unit of
+        reads does both."""
+        snap = snapshot if snapshot is not None else Snapshot()
+        with self.snapshot(snap):
+            n_rows = self.info(layer, shard)[spec.SHAPE][0]
         for start in range(0, max(n_rows, 1), block_tokens):
-            yield start, self.read(layer, shard, start, start + block_tokens)
+            with self.snapshot(snap):
+                block = self.read(layer, shard, start, start + block_tokens)
+            yield start, block
 
+    @_unit
     def feature_stats(self, layer: int, shard: str) -> FeatureStats:
         group = self._activation_group(layer, shard)
         what = f"layer {layer} shard {shard}"
@@ -318,6 +437,7 @@ class Store(Committing):
             lock_timeout=lock_timeout,
         )
 
+    @_unit
     def rows_hash(self, shard: str) -> str | None:
         """The rows hash of a shard's stored token table (`rows_digest`); None if it has none."""
         if shard not in self.token_shards():
@@ -331,6 +451,7 @@ class Store(Committing):
         table = self.tokens(shard)  # a table from before spec version 3
         return rows_digest({c: table[c].to_numpy() for c in ("seq", "pos")})
 
+    @_unit
     def tokens(self, shard: str) -> pl.DataFrame:
         what = f"token table of shard {shard}"
         group = self.encoded(spec.tokens_path(shard), what, spec.TOKEN_TABLE)
@@ -341,6 +462,7 @@ class Store(Committing):
             raise self.corrupt(what, group.path, problem or f"not {n_tokens} rows")
         return pl.DataFrame(columns)
 
+    @_unit
     def sequences(self, shard: str) -> np.ndarray:
         """A shard's token ids as (sequences, seq_len), from its token table."""
         table = self.tokens(shard)
@@ -359,6 +481,7 @@ class Store(Committing):
             {**dict(attrs or {}), **encodings.stamp(spec.VOCAB)},
         )
 
+    @_unit
     def vocab(self) -> list[str] | None:
         if not self._exists(spec.VOCAB):
             return None
@@ -370,12 +493,13 @@ class Store(Committing):
         return [raw[a:b].decode("utf-8", "replace") for a, b in zip(off[:-1], off[1:], strict=True)]
 
     def delete_shard(self, shard: str) -> list[str]:
-        """Remove a shard's tokens, activations and pair statistics; returns what went."""
-        removed = []
+        """Remove a shard's tokens, activations and pair statistics, in one commit; returns what
+        went."""
         paths = [spec.activation_path(layer, shard) for layer in self.layers()]
         paths += [f"{spec.PAIRS}/{p}/{shard}" for p in self.children(spec.PAIRS)]
         paths.append(spec.tokens_path(shard))
-        for path in paths:
-            if self.delete_group(path):
-                removed.append(path)
+        removed = [path for path in paths if self._exists(path)]
+        with self.transaction() as txn:  # one commit: never a shard half deleted
+            for path in removed:
+                txn.delete(path)
         return removed

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 # 2: groups at a URL are committed generations; 3: fill values no valid element takes and a
-# CRC-32C per chunk, so damage is detected (docs/STORE_FORMAT.md)
-SPEC_VERSION = 3
+# CRC-32C per chunk, so damage is detected; 4: every group names its commit
+# (`featstore-commit`) and readers check that what they read together is of one state
+# (docs/STORE_FORMAT.md)
+SPEC_VERSION = 4
 ROOT = "store.zarr"
 
 # Attribute keys.

@@ -184,22 +184,40 @@ class _Source:
 def _index_views(
     con: duckdb.DuckDBPyConnection, source: _Source, limits: Limits, views: set[str]
 ) -> None:
-    groups = source.groups()
-    sqlindex.prune(source.home, groups)
-    wanted = [g for g in groups if g.kind in views]
-    failed = {g: g.problem for g in wanted if g.problem is not None}
-    readable = [g for g in wanted if g.problem is None]
-    for group in sqlindex.attach(con, source.home, readable):  # missing, stale or bad files
-        try:
-            built = sqlindex.build(source.store(), group, limits.memory_limit)
-        except FeatstoreError as exc:  # a damaged group: fails the queries that read it
-            failed[group] = str(exc)
-            continue
-        except OSError as exc:  # a read-only home, a full disk: no query can be answered
-            where = sqlindex.index_dir(source.home)
-            raise FeatstoreError(f"cannot write the SQL index in {where}: {exc}") from None
-        if sqlindex.attach(con, source.home, [built]):
-            failed[group] = f"{group.path}: its SQL index in {source.home} cannot be read"
+    from featstore.store.snapshot import SnapshotChanged, retrying
+
+    def detach(groups: list[Group]) -> None:
+        for g in groups:
+            con.execute(f"DETACH DATABASE IF EXISTS {sqlindex.alias(g)}")
+
+    def attached() -> tuple[list[Group], dict[Group, str | None]]:
+        """Index files of one state of the store attached: a commit landing while they are
+        built means listing again (else two layers of a shard could be of two commits)."""
+        groups = source.groups()
+        sqlindex.prune(source.home, groups)
+        wanted = [g for g in groups if g.kind in views]
+        failed = {g: g.problem for g in wanted if g.problem is not None}
+        readable = [g for g in wanted if g.problem is None]
+        for group in sqlindex.attach(con, source.home, readable):  # missing, stale or bad
+            try:
+                built = sqlindex.build(source.store(), group, limits.memory_limit)
+            except SnapshotChanged:  # list again (below)
+                detach(readable)
+                raise
+            except FeatstoreError as exc:  # a damaged group: fails the queries that read it
+                failed[group] = str(exc)
+                continue
+            except OSError as exc:  # a read-only home, a full disk: no query can be answered
+                where = sqlindex.index_dir(source.home)
+                raise FeatstoreError(f"cannot write the SQL index in {where}: {exc}") from None
+            if built.stamp != group.stamp:  # committed since it was listed
+                detach(readable)
+                raise SnapshotChanged(f"{group.path} changed while the SQL index was built")
+            if sqlindex.attach(con, source.home, [built]):
+                failed[group] = f"{group.path}: its SQL index in {source.home} cannot be read"
+        return wanted, failed
+
+    wanted, failed = retrying(attached, str(source.home))
     for kind in ("activations", "tokens"):
         if kind in views:
             branches = [_branch(g, failed.get(g)) for g in wanted if g.kind == kind]

@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from featstore.errors import FeatstoreError
 from featstore.store import spec
+from featstore.store.snapshot import NONE, Commit, check_listing, retrying
 
 if TYPE_CHECKING:
     from featstore.store.local import Store
@@ -39,6 +40,7 @@ class Group:
     stamp: str  # hex digest: changes whenever the group (or what it is joined to) changes
     rows: int  # rows the index holds: nonzeros, or token rows
     problem: str | None = None  # why its metadata cannot be read (then it is not indexed)
+    commit: Commit = field(default=NONE, compare=False, hash=False)  # `featstore-commit`
 
 
 def _metadata(root: Path, path: str) -> tuple[dict, list[bytes]]:
@@ -88,7 +90,18 @@ def _layer_folder(name: str) -> bool:
 
 
 def catalog(root: Path) -> list[Group]:
-    """Every activation and token group of the local store at `root`, with stamps."""
+    """Every activation and token group of the local store at `root`, with stamps: of one
+    state, listed again while a commit is half swapped in (`snapshot.check_listing`)."""
+    return retrying(lambda: _consistent(root, _catalog(root)), str(root))
+
+
+def _consistent(root: Path, groups: list[Group]) -> list[Group]:
+    pending = (root / spec.COMMITS).is_dir() and any((root / spec.COMMITS).glob("*.json"))
+    check_listing({g.path: g.commit for g in groups if g.problem is None}, pending)
+    return groups
+
+
+def _catalog(root: Path) -> list[Group]:
     groups: list[Group] = []
     token_parts: dict[str, list[bytes]] = {}
     vocab = _metadata(root, spec.VOCAB)[1] if (root / spec.VOCAB / "zarr.json").is_file() else []
@@ -114,9 +127,10 @@ def _group(
     try:
         attrs, parts = _metadata(root, path)
         rows = _count(attrs, rows_key, path)
+        commit = Commit.of(attrs)
     except FeatstoreError as exc:
         return Group(kind, layer, shard, path, "", 0, str(exc)), []
-    return Group(kind, layer, shard, path, _digest(parts + joined), rows), parts
+    return Group(kind, layer, shard, path, _digest(parts + joined), rows, None, commit), parts
 
 
 def _digest(parts: list[bytes]) -> str:
@@ -174,7 +188,10 @@ def store_catalog(store: Store) -> list[Group]:
     attributes (a generation is written once, so its name changes with every commit)."""
     if store.local:
         return catalog(store.root_path)
+    return store.consistently(_store_catalog, store)
 
+
+def _store_catalog(store: Store) -> list[Group]:
     def parts(path: str, what: str) -> list[bytes]:
         group = store.group(path, what)
         return [group.path.encode(), json.dumps(dict(group.attrs), sort_keys=True).encode()]

@@ -31,6 +31,7 @@ import duckdb
 
 from featstore.errors import FeatstoreError
 from featstore.store import spec
+from featstore.store.snapshot import SnapshotChanged
 from featstore.store.sqlcatalog import Group, restamp, store_catalog
 
 if TYPE_CHECKING:
@@ -158,10 +159,11 @@ def build(store: Store, group: Group, memory_limit: str) -> Group:
             group = _current(store, group)
             if _fresh(file, group):  # another process built it while we waited
                 return group
-            _write(file, group, _table(store, group), memory_limit, temp_dir(store.home))
+            table = store.consistently(_table, store, group)  # tokens and layer of one commit
+            _write(file, group, table, memory_limit, temp_dir(store.home))
             if _current(store, group) == group:  # the store did not change while we read it
                 return group
-    raise FeatstoreError(f"{group.path} kept changing while it was indexed for SQL; try again")
+    raise SnapshotChanged(f"{group.path} kept changing while it was indexed for SQL; try again")
 
 
 def _current(store: Store, group: Group) -> Group:
@@ -286,7 +288,7 @@ def check_index(store: Store) -> Iterator[str]:
 
 
 def _compare(store: Store, group: Group, file: Path, where: str) -> Iterator[str]:
-    want = _table(store, group)
+    want = store.consistently(_table, store, group)
     con = duckdb.connect()
     try:
         con.execute(f"ATTACH {literal(str(file))} AS i (READ_ONLY)")

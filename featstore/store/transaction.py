@@ -30,6 +30,7 @@ import zarr.storage
 from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.files import atomic_file, writing
 from featstore.store import spec
+from featstore.store.snapshot import COMMIT, Commit, next_id, shard_of, stamp
 from featstore.store.writers import GroupWriter
 
 if TYPE_CHECKING:
@@ -277,6 +278,7 @@ class Transaction:
         self.store, self.locks, self.lock_timeout = store, locks, lock_timeout
         self.staged_groups: dict[str, tuple[Any, GroupWriter]] = {}
         self.entries: list[tuple[str, Any]] = []  # everything staged, for `discard`
+        self.deleted: list[str] = []  # groups this commit deletes (`delete`)
 
     @contextlib.contextmanager
     def staged(self, path: str) -> Iterator[GroupWriter]:
@@ -296,21 +298,47 @@ class Transaction:
             writer.flush()
         self.staged_groups[path] = (staging, writer)
 
+    def delete(self, path: str) -> None:
+        """Delete the group at `path` in this commit (under its lock; nothing if not there)."""
+        if path in self.staged_groups or path in self.deleted:
+            raise FeatstoreError(f"{path} is written twice in one operation")
+        self.locks.enter_context(self.store.lock(path, self.lock_timeout))
+        self.deleted.append(path)
+
     def commit(self) -> None:
         store = self.store
         with writing(", ".join(self.staged_groups) or "nothing"):
-            for _, writer in self.staged_groups.values():
-                # Attributes last: their presence is part of what makes a group complete.
-                writer.group.attrs.update(writer.attrs)
             removed = align_shards(store, self.staged_groups)
             for path in removed:
-                self.locks.enter_context(store.lock(path, self.lock_timeout))
+                if path not in self.deleted:  # those are locked already
+                    self.locks.enter_context(store.lock(path, self.lock_timeout))
+            removed += [path for path in self.deleted if path not in removed]
+            commits = self.commits(removed)
+            for path, (_, writer) in self.staged_groups.items():
+                # Attributes last: their presence is part of what makes a group complete.
+                writer.group.attrs.update({**writer.attrs, COMMIT: commits[path].attribute()})
             for path in self.staged_groups:
                 # Parents only now: a write that fails leaves no empty group behind.
                 store._ensure_parents(path)
             entries = [(path, st) for path, (st, _) in self.staged_groups.items()]
             self.entries = []  # from here on `_commit_all` owns them: it discards or commits
             store._commit_all(entries + [(path, None) for path in removed])
+        store._committed_here([*self.staged_groups, *removed])
+
+    def commits(self, removed: list[str]) -> dict[str, Commit]:
+        """Each written group's `featstore-commit` (`snapshot.stamp`): an id above every version
+        it replaces, the shard's other groups of this commit, the token table it was written
+        against, the groups it deletes (docs/STORE_FORMAT.md, "Reading: all at once")."""
+        store, written = self.store, list(self.staged_groups)
+        touched = set(written) | set(removed)
+        depends = {}
+        for shard in {shard_of(p) for p in written if "/" in p}:
+            table = spec.tokens_path(shard)
+            if table not in touched:
+                depends[table] = store._current_commit(table).id
+        previous = [store._current_commit(p).id for p in touched] + list(depends.values())
+        live = {p: i for p, i in depends.items() if i > 0}  # 0: a table that requires nothing
+        return stamp(written, removed, live, next_id(previous))
 
     def discard(self) -> None:
         finish_pending_writes()  # else they could write into the staging place again

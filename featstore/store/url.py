@@ -97,6 +97,20 @@ class UrlStore(Store):
     def _exists(self, path: str) -> bool:
         return bool(_sync(self._zstore(True).exists(_key(path, "zarr.json"))))
 
+    def _swapping(self, path: str) -> bool:
+        return False  # a generation is put in by one PUT: never between two states
+
+    def _pending(self) -> bool:
+        return bool(_sync(_listing(self._zstore(True), spec.COMMITS)))
+
+    def _stamp(self, path: str) -> bytes | None:
+        """The bytes of a group's zarr.json: its pointer, which names the generation."""
+        try:
+            raw = _sync(self._zstore(True).get(_key(path, "zarr.json"), default_buffer_prototype()))
+        except FileNotFoundError:
+            return None
+        return None if raw is None else raw.to_bytes()
+
     def _create_root(self) -> None:
         self._put_group("", {spec.FEATSTORE_VERSION: spec.SPEC_VERSION})
 
