@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ ROWS, D_SAE, SHARD = 96, 12, "s0"
 
 WRITER = textwrap.dedent(
     """
-    import sys, numpy as np, polars as pl, scipy.sparse as sp
+    import sys, time, numpy as np, polars as pl, scipy.sparse as sp
     from featstore.store.home import open_store
     home, url, versions = sys.argv[1], sys.argv[2] or None, int(sys.argv[3])
     store = open_store(home, url=url, create=True)
@@ -46,6 +47,7 @@ WRITER = textwrap.dedent(
                                    (np.arange(rows), np.arange(rows) % d)), shape=(rows, d))
                 store.write_activations(layer, "{shard}", m, lock_timeout=60)
         print(v, flush=True)
+        time.sleep(0.02)
     """
 ).format(rows=ROWS, d=D_SAE, shard=SHARD)
 
@@ -81,13 +83,26 @@ def race(home: Path, url: str | None, versions: int, readers: dict) -> dict[str,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     seen: dict[str, set] = {name: set() for name in readers}
-    try:
-        while writer.poll() is None:
-            for name, read in readers.items():
+    failures: list[BaseException] = []
+
+    def poll(name: str, read) -> None:  # each reader in its own thread, as often as it can
+        try:
+            while writer.poll() is None:
                 seen[name].add(read(store))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=poll, args=item) for item in readers.items()]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     finally:
         writer.kill() if writer.poll() is None else None
         out, err = writer.communicate()
+    if failures:
+        raise failures[0]
     assert writer.returncode == 0, err
     assert out.split()[-1] == str(versions + 1)
     for name, read in readers.items():  # the last version, whole

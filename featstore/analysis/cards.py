@@ -163,7 +163,18 @@ def subset_pair_stats(
     features_b: Sequence[int] | None = None,
 ) -> pl.DataFrame:
     """Every measure of the pairs (features_a x features_b; None: all) over all shards, straight
-    from the activations by the sparse engine on those columns, with 95% intervals."""
+    from the activations by the sparse engine on those columns, with 95% intervals (both layers
+    of one state: read again when a commit lands midway)."""
+    return store.consistently(_subset_pair_stats, store, a, b, features_a, features_b)
+
+
+def _subset_pair_stats(
+    store: Store,
+    a: int,
+    b: int,
+    features_a: Sequence[int] | None,
+    features_b: Sequence[int] | None,
+) -> pl.DataFrame:
     shards = shards_of_pair(store, a, b, None)
     stats_a, stats_b = (merged_feature_stats(store, lay, shards) for lay in (a, b))
     ids_a, ids_b = (np.arange(s.count.size) if f is None else np.unique(np.asarray(f, np.int64))
