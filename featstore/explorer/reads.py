@@ -46,11 +46,12 @@ NULL_COLUMNS = ("null_mean", "null_sd", "null_z", "null_p")
 CONCEPTS_FILE = "best_features.parquet"
 CAUSAL_COLUMNS = ("layer_a", "feature_a", "layer_b", "feature_b", "n_tokens", "asked_by",
                   "relative_effect", "relative_attribution", "share_off", "share_on")  # fmt: skip
-HITS_QUERY = ("SELECT shard, row, value, token FROM activations "
-              "WHERE layer = $layer AND feature = $feature")  # fmt: skip
+# Shards as their index in the layer's list (no string per nonzero: a dense feature has 10^5).
+HITS_QUERY = ("SELECT list_position($shards, shard) - 1 AS shard, row, value, token "
+              "FROM activations WHERE layer = $layer AND feature = $feature")  # fmt: skip
 # Several features of a layer: one feature filter each, so each reads only its row groups.
-MANY_QUERY = ("SELECT feature, shard, row, value, token FROM activations "
-              "WHERE layer = $layer AND feature IN ({})")  # fmt: skip
+MANY_QUERY = ("SELECT feature, list_position($shards, shard) - 1 AS shard, row, value, token "
+              "FROM activations WHERE layer = $layer AND feature IN ({})")  # fmt: skip
 TOKEN_QUERY = ("SELECT layer, feature, count(*) AS n FROM activations "
                "WHERE token IN (SELECT unnest($ids)) GROUP BY layer, feature "
                "ORDER BY n DESC, layer, feature LIMIT $limit")  # fmt: skip
@@ -66,12 +67,14 @@ class Hits:
     token: np.ndarray  # int64 (-1: unknown)
 
     @staticmethod
-    def of(columns: dict[str, np.ndarray], shards: tuple[str, ...]) -> Hits:
-        names, inverse = np.unique(np.asarray(columns["shard"], dtype=str), return_inverse=True)
-        where = {name: i for i, name in enumerate(shards)}
-        shard = np.array([where[n] for n in names], np.int32)[inverse.ravel()]
+    def of(columns: dict[str, np.ndarray]) -> Hits:
+        """From a query's columns (`shard`: index into the layer's shards, -1: a shard the
+        explorer does not know, left out), in any order."""
+        shard = np.asarray(columns["shard"], np.int32)
         row = np.asarray(columns["row"], np.int64)
-        order = np.lexsort((row, shard))
+        # One int64 key, timsort: each index file returns its rows in order, so this merges runs.
+        order = np.argsort((shard.astype(np.int64) << 32) | row, kind="stable")
+        order = order[shard[order] >= 0]
         token = np.asarray(columns["token"])
         token = np.where(np.ma.getmaskarray(token), -1, np.ma.getdata(token)).astype(np.int64)
         value = np.asarray(columns["value"], np.float32)
@@ -238,20 +241,22 @@ class Explorer:
 
     def hits(self, layer: int, feature: int) -> Hits:
         """Every nonzero of the feature (an indexed query: the row groups holding it)."""
-        cols = self._run(self.index().duckdb, HITS_QUERY, {"layer": layer, "feature": feature})
-        return Hits.of(cols, self._shards[layer])
+        params = {"layer": layer, "feature": feature, "shards": list(self._shards[layer])}
+        return Hits.of(self._run(self.index().duckdb, HITS_QUERY, params))
 
     def many_hits(self, layer: int, features: list[int]) -> dict[int, Hits]:
         """The nonzeros of several features of a layer, in one indexed query."""
         if not features:
             return {}
         query = MANY_QUERY.format(", ".join(str(int(f)) for f in sorted(set(features))))
-        cols = self._run(self.index().duckdb, query, {"layer": layer})
-        out = {}
-        for f in set(features):
-            mine = cols["feature"] == f
-            out[f] = Hits.of({k: v[mine] for k, v in cols.items()}, self._shards[layer])
-        return out
+        params = {"layer": layer, "shards": list(self._shards[layer])}
+        cols = self._run(self.index().duckdb, query, params)
+        order = np.argsort(cols["feature"], kind="stable")
+        cols = {k: np.ma.filled(v, -1)[order] for k, v in cols.items()}
+        wanted = sorted(set(features))
+        ends = np.searchsorted(cols["feature"], [*wanted, wanted[-1] + 1])
+        return {f: Hits.of({k: v[ends[i] : ends[i + 1]] for k, v in cols.items()})
+                for i, f in enumerate(wanted)}  # fmt: skip
 
     def contexts(self, layer: int, feature: int, hits: Hits | None = None) -> list[Context]:
         """The strongest activations with the tokens around each and the feature's value on
