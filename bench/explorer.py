@@ -6,7 +6,8 @@
 
 Builds (once, kept in --home) a `featstore synth` store of --layers, the merged pair statistics
 of successive layers above --min-pearson (the explorer reads whatever `pair_stats/` holds; the
-whole co-active table at 10^6 tokens would be ~3 x 10^8 rows a layer pair) and the SQL index.
+whole co-active table at 10^6 tokens would be ~3 x 10^8 rows a layer pair; --wide A-B keeps
+every pair co-active on >= --min-both tokens instead), the SQL index and the pair index.
 Then, in one process: the first feature page after start (opening the store and the index
 included), the feature page (every read plus the HTML: histogram, contexts, label, partners in
 every layer with intervals and the null model, causal, logits) of --features random active
@@ -59,6 +60,11 @@ def build(
     start = time.perf_counter()
     sql.connect(store).close()  # builds the SQL index (what the first query after a change pays)
     print(f"SQL index: {time.perf_counter() - start:.0f}s", flush=True)
+    from featstore.explorer.reads import Explorer
+
+    start = time.perf_counter()
+    Explorer(store).warm()  # and the pair tables' copies by feature_b (`serve` does both)
+    print(f"SQL index checked, pair index: {time.perf_counter() - start:.0f}s", flush=True)
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:

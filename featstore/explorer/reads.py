@@ -5,9 +5,11 @@ file per (layer, shard) sorted by (feature, row); a feature filter reads only th
 hold the feature): the feature's nonzeros give its histogram, its strongest activations and the
 tokens of its label; the feature's stored sums (`Store.feature_stats`, d_sae numbers a shard);
 the token tables (12 bytes a token, read once a shard) around each context; the merged pair
-statistics of each layer pair (`pair_stats/{a}-{b}.parquet`, four columns of the feature's rows,
-`sql/feature_*_sums.sql`); the null model of the partners shown (`featstore.stats.shifted`,
-from the partners' nonzeros and the token tables); the causal edges
+statistics of each layer pair (four columns of the feature's rows: successors from
+`pair_stats/{a}-{b}.parquet`, sorted by feature_a, `sql/feature_*_sums.sql`; predecessors from
+its copy sorted by feature_b, `featstore.store.pairindex`); the null model of the partners
+shown (`featstore.stats.shifted`, from the partners' nonzeros and the token tables); the causal
+edges
 (`sql/feature_causal_effects.sql`), the best concepts (`concepts/best_features.parquet`) and the
 logit effects (`logits/logit_effects.parquet`) where the pipeline wrote them.
 """
@@ -15,6 +17,7 @@ logit effects (`logits/logit_effects.parquet`) where the pipeline wrote them.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,7 @@ from featstore.stats.kernel import PairCounts
 from featstore.stats.measures import with_intervals
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.stats.shifted import SequenceShifts, null_summary, shifted_sums
-from featstore.store import spec
+from featstore.store import pairindex, spec
 from featstore.store import sql as store_sql
 from featstore.store.local import FeatureStats, Store
 from featstore.store.sql import CAUSAL_EDGES_SCHEMA, PAIR_STATS_SCHEMA, named_query, one_line
@@ -174,6 +177,8 @@ class Explorer:
         self.layers = store.layers()
         self._shards = {x: tuple(store.shards(x)) for x in self.layers}
         self._lock, self._index_lock = threading.Lock(), threading.Lock()
+        self._pair_lock = threading.Lock()
+        self._pair_dbs: dict[tuple[int, int], tuple[str, str]] = {}  # name, table's stamp
         self._stats: dict[int, FeatureStats] = {}
         self._vocab = store.vocab()
         self._index: store_sql.Connection | None = None
@@ -190,8 +195,6 @@ class Explorer:
             if self._index is None:
                 self._index = store_sql.connect(self.store, views=("activations",))
             return self._index
-
-    warm = index
 
     def stats(self, layer: int) -> FeatureStats:
         with self._lock:
@@ -213,6 +216,37 @@ class Explorer:
             if shard not in self._shifts:
                 self._shifts[shard] = SequenceShifts.of(table["seq"], table["pos"])
             return self._shifts[shard]
+
+    def pair_index(self, a: int, b: int) -> str | None:
+        """The attached name of the fresh by-feature_b copy of `pair_stats/{a}-{b}.parquet`
+        (`featstore.store.pairindex`; built or rebuilt when the table changed); None without
+        a table, or where the index cannot be written (then the table is scanned)."""
+        parquet = self.store.home / spec.PAIR_STATS_DIR / f"{a}-{b}.parquet"
+        try:
+            now = pairindex.stamp(parquet)
+        except OSError:
+            return None
+        with self._pair_lock:
+            db, seen = self._pair_dbs.get((a, b), (None, None))
+            if seen == now:
+                return db
+            try:
+                file = pairindex.ensure(self.store, a, b, parquet)
+            except (OSError, FeatstoreError):
+                return None
+            if db is not None:
+                self._files.execute(f"DETACH {db}")
+            db = f"pairs_{a}_{b}_{len(self._pair_dbs)}_{uuid.uuid4().hex[:6]}"
+            self._files.execute(f"ATTACH '{str(file).replace(chr(39), chr(39) * 2)}' AS {db} "
+                                "(READ_ONLY)")  # fmt: skip
+            self._pair_dbs[(a, b)] = (db, now)
+            return db
+
+    def warm(self) -> None:
+        """Bring the SQL index and the pair tables' indexes in step with the store."""
+        self.index()
+        for a, b in zip(self.layers, self.layers[1:], strict=False):
+            self.pair_index(a, b)
 
     def d_sae(self, layer: int) -> int:
         return int(self.stats(layer).count.size)
@@ -323,9 +357,17 @@ class Explorer:
         up = other > layer
         a, b = (layer, other) if up else (other, layer)
         stats_a, stats_b = self.stats(a), self.stats(b)
-        name = "feature_successor_sums" if up else "feature_predecessor_sums"
-        sums = self.sql(name, {"layer_a": a, "layer_b": b, "feature": feature,
-                               "min_both": min_both})  # fmt: skip
+        params = {"feature": feature, "min_both": min_both}
+        db = None if up else self.pair_index(a, b)
+        if db is not None:  # the table's copy sorted by feature_b: only that feature's rows
+            try:
+                sums = self._files.cursor().sql(pairindex.PREDECESSORS.format(db=db),
+                                                params=params).pl()  # fmt: skip
+            except duckdb.Error as exc:
+                raise FeatstoreError(one_line(exc)) from None
+        else:
+            name = "feature_successor_sums" if up else "feature_predecessor_sums"
+            sums = self.sql(name, {"layer_a": a, "layer_b": b, **params})
         counts = PairCounts(
             stats_a.n_tokens, stats_a.count.size, stats_b.count.size,
             *(sums[c].to_numpy() for c in ("feature_a", "feature_b", "n_both", "sum_xy")),

@@ -37,6 +37,7 @@ PAIR_STATS_DIR = "pair_stats"  # {home}/pair_stats/{a}-{b}.parquet: merged, for 
 CAUSAL_DIR = "causal"  # {home}/causal/: patching effects (featstore.causal), for SQL
 CAUSAL_EDGES_FILE = "causal_edges.parquet"  # in CAUSAL_DIR: the `causal_edges` SQL table
 SQL_INDEX_DIR = "sql_index"  # {home}/sql_index/: the SQL index (featstore.store.sqlindex)
+PAIR_INDEX_DIR = "pair_index"  # {home}/pair_index/{a}-{b}.duckdb: by feature_b (pairindex)
 STORE_URL_ENV = "FEATSTORE_STORE_URL"  # an fsspec URL for the Zarr hierarchy (objectstore.py)
 STORAGE_OPTIONS_ENV = "FEATSTORE_STORAGE_OPTIONS"  # JSON: fsspec options for that URL
 GENERATION = "featstore-generation"  # group attr at a URL store: the committed generation
