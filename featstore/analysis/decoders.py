@@ -24,9 +24,15 @@ def _unit_rows(w: np.ndarray) -> np.ndarray:
 
 
 def _top_k(block: np.ndarray, k: int, axis: int) -> np.ndarray:
-    """Indices of the k largest values along `axis` (any order)."""
+    """Indices of the k largest values along `axis` (any order).
+
+    torch's top-k: at GPT-2 size (1,024 x 24,576 blocks) numpy's argpartition took 4x the
+    block's matrix product (6.0 s against 1.5 s a block on the shared 2 cores), torch 0.7 s."""
+    import torch
+
     k = min(k, block.shape[axis])
-    return np.argpartition(-block, k - 1, axis=axis).take(range(k), axis=axis)
+    values = torch.from_numpy(np.ascontiguousarray(block))
+    return torch.topk(values, k, dim=axis, sorted=False).indices.numpy()
 
 
 def _cosine_blocks(

@@ -537,7 +537,8 @@ def export_graph(
     capped = graphml_max_edges is not None and summary["edges"] > graphml_max_edges
     if capped:
         chosen = strongest_edges(edges, metric, graphml_max_edges).sort(*EDGE_KEYS)
-        parts, nodes = [chosen], node_table(chosen)
+        nodes = node_table(chosen)
+        parts = (chosen.slice(lo, BATCH) for lo in range(0, chosen.height, BATCH))
     else:
         parts = _batches(out / EDGES)
     write_graphml_table(parts, nodes, edges.collect_schema(), out / GRAPHML, metric=metric,
