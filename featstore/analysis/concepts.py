@@ -29,6 +29,12 @@ from featstore.store.local import Store
 # The concept sets: the repo's top-level concepts/, carried in the package as featstore/_data.
 CONCEPTS_DIR = Path(str(resources.files("featstore") / "_data" / "concepts"))
 RULES = ("token", "span")
+# What a concept is about (`kind:` in its YAML; by default from its rule: token -> lexical, span
+# -> context): syntax (punctuation, brackets, keywords, function words, layout), lexical (the
+# token's own form: digits, capitals, a name), context (where the token is: inside a string, a
+# comment, quotes; its rule reads the surrounding text). C1 compares syntax with context.
+KINDS = ("syntax", "lexical", "context")
+DEFAULT_KIND = {"token": "lexical", "span": "context"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Concept:
     description: str
     rule: str  # "token" or "span"
     pattern: re.Pattern[str]
+    kind: str = "lexical"  # one of KINDS
 
 
 # -- concept sets --------------------------------------------------------------------------------
@@ -91,7 +98,12 @@ def _concept(path: Path, name: str, entry) -> Concept:
         pattern = re.compile(entry[rules[0]])
     except (re.error, TypeError) as exc:
         raise FeatstoreError(f"{path}: concept {name!r}: bad regular expression: {exc}") from None
-    return Concept(name, str(entry.get("description", "")), rules[0], pattern)
+    kind = entry.get("kind", DEFAULT_KIND[rules[0]])
+    if kind not in KINDS:
+        raise FeatstoreError(
+            f"{path}: concept {name!r}: kind must be one of {', '.join(KINDS)}, got {kind!r}"
+        )
+    return Concept(name, str(entry.get("description", "")), rules[0], pattern, kind)
 
 
 # -- labels --------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ turns it into statistics, intervals and verdicts).
 - C1 `token_explained`: how much of a feature's activity the current token alone explains: the
   correlation ratio eta^2 = between-token / total sum of squares of its activation (zeros
   included), from one sparse product per shard (token one-hot x activations), never dense.
+- C1 `concept_auroc`: per concept and layer, the best AUROC of any feature as a detector of the
+  concept (`featstore.analysis.concepts`: a Mann-Whitney statistic), with the concept's kind
+  (syntax, lexical, context).
 - C2 `multi_parent`: whether a later feature has two or more earlier partners of necessity or
   sufficiency >= the gate threshold (`featstore.analysis.gates.parent_sets`).
 - C3 `best_values`: each feature's best Pearson 1..3 layers on (`featstore.stats.best`).
@@ -57,6 +60,27 @@ def token_explained(
         eta2 = (between - mean_sq) / (stats.sumsq - mean_sq)
     keep = np.flatnonzero(stats.count >= MIN_ACTIVE)
     return pl.DataFrame({"layer": layer, "feature": keep, "eta2": np.clip(eta2[keep], 0, 1)})
+
+
+def concept_auroc(
+    store: Store, layers: Sequence[int], shards: Sequence[str], concept_set: str,
+    max_sequences: int | None = None,
+) -> pl.DataFrame:  # fmt: skip
+    """Per concept of `concept_set` and layer: kind, the best AUROC among the features firing on
+    >= 1 scored token (BOS left out) and that feature (ties: the lower)."""
+    from featstore.analysis.concepts import load_concepts, score_store
+
+    concepts = load_concepts(concept_set)
+    kinds = pl.DataFrame({"concept": [c.name for c in concepts],
+                          "kind": [c.kind for c in concepts]})  # fmt: skip
+    scores = score_store(store, concepts, sorted(layers), list(shards), max_sequences)
+    best = (
+        scores.filter((pl.col("n_fire") >= 1) & pl.col("auroc").is_not_null())
+        .sort("concept", "layer", "auroc", "feature", descending=[False, False, True, False])
+        .unique(["concept", "layer"], keep="first", maintain_order=True)
+        .select("concept", "layer", best_auroc="auroc", feature="feature")
+    )
+    return kinds.join(best, on="concept").sort("concept", "layer")
 
 
 def multi_parent(parents: pl.DataFrame, b: int, alive: np.ndarray) -> np.ndarray:

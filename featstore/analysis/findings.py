@@ -57,6 +57,8 @@ class FindingsConfig:
     seed: int = 0
     max_sequences: int = 16  # per shard, for C3a's forward passes
     max_features: int = 200  # vanishing features and controls each, for C3a
+    concept_set: str | None = None  # C1's concepts (default: the set for the store's source)
+    concept_sequences: int | None = None  # per shard, for C1's concept AUROC (None: all)
 
     def __post_init__(self) -> None:
         if len(self.layers) < 2 or list(self.layers) != sorted(set(self.layers)):
@@ -105,7 +107,8 @@ def row(conjecture, statistic, observed, control, control_value, effect, unit, n
 
 
 def c1_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path) -> list[dict]:
-    """C1: the current token explains more of early features' activity than of late ones'."""
+    """C1: the current token explains more of early features' activity than of late ones';
+    early layers detect syntax concepts better than late ones, beyond context concepts."""
     first, last = cfg.layers[0], cfg.layers[-1]
     excess = {}
     for layer in cfg.layers:
@@ -121,7 +124,61 @@ def c1_rows(store: Store, cfg: FindingsConfig, shards: list[str], out: Path) -> 
         "C1", f"mean token eta^2 (above shuffled-token null) of L{first} minus L{last} features",
         float(np.mean(excess[first])), f"the same of L{last}", float(np.mean(excess[last])),
         effect, "features", int(excess[first].size + excess[last].size), plot.name,
-    )]  # fmt: skip
+    ), c1_concept_row(store, cfg, shards, out)]  # fmt: skip
+
+
+def c1_concept_row(store: Store, cfg: FindingsConfig, shards: list[str], out: Path) -> dict:
+    """C1 by concept kind: per concept, the best AUROC at the first layer minus at the last;
+    syntax concepts against context concepts (their mean drop: the control for whatever makes
+    every concept easier to detect early). Table `c1_concepts.parquet` (every layer), figure
+    `c1_concepts.png`. Needs the store's vocabulary and a concept set for its source."""
+    from featstore.analysis.concepts import default_set
+
+    first, last = cfg.layers[0], cfg.layers[-1]
+    try:
+        if store.vocab() is None:
+            raise FeatstoreError("the store has no vocabulary (decoded tokens)")
+        concept_set = cfg.concept_set or default_set(source_of(store, first))
+    except FeatstoreError as exc:
+        return _missing("C1", f"concept AUROC by kind: not computable ({exc})")
+    table = evidence.concept_auroc(store, cfg.layers, shards, concept_set, cfg.concept_sequences)
+    write_parquet_atomic(table, out / "c1_concepts.parquet")
+    wide = table.pivot(on="layer", index=["concept", "kind"], values="best_auroc")
+    drop = {kind: (part[str(first)] - part[str(last)]).drop_nulls().to_numpy()
+            for kind in ("syntax", "context")
+            for part in [wide.filter(pl.col("kind") == kind)]}  # fmt: skip
+    effect = bootstrap([drop["syntax"], drop["context"]], diff_of_means, cfg.n_boot, cfg.seed)
+    plot = _kind_figure(table, cfg, out / "c1_concepts.png")
+    return row(
+        "C1", f"mean best concept AUROC (concept set {concept_set}) of syntax concepts, "
+        f"L{first} minus L{last}", _mean(drop["syntax"]),
+        f"the same of context concepts ({drop['context'].size})", _mean(drop["context"]), effect,
+        "concepts", int(drop["syntax"].size + drop["context"].size), plot.name,
+    )  # fmt: skip
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values)) if values.size else np.nan
+
+
+def _kind_figure(table: pl.DataFrame, cfg: FindingsConfig, path: Path) -> Path:
+    """Mean best AUROC per layer of each concept kind, with 95% bootstrap intervals."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for (kind,), part in table.group_by("kind", maintain_order=True):
+        layers = sorted(set(part["layer"].to_list()))
+        stats = [_mean_interval(part.filter(pl.col("layer") == layer)["best_auroc"].to_numpy(),
+                                cfg) for layer in layers]  # fmt: skip
+        y = np.array([s[1] for s in stats])
+        err = np.maximum([y - [s[2] for s in stats], np.array([s[3] for s in stats]) - y], 0)
+        ax.errorbar(layers, y, yerr=err, marker="o", capsize=3, label=f"{kind} ({stats[0][0]})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean best AUROC of the kind's concepts")
+    ax.set_title("C1: concept AUROC by concept kind", fontsize=10)
+    ax.legend(fontsize=7)
+    return save(fig, path)
 
 
 def successive(layers: Sequence[int]) -> list[tuple[int, int]]:
