@@ -114,3 +114,10 @@ def test_the_explorer_follows_a_rewritten_table(store):
     pl.read_parquet(parquet).with_columns(sum_xy=pl.col("sum_xy") * 2).write_parquet(parquet)
     after = ex.pair_rows(7, 6, 4, min_both=0)
     np.testing.assert_allclose(after["sum_xy"].to_numpy(), 2 * before["sum_xy"].to_numpy())
+
+
+def test_warm_builds_the_indexes(store):
+    ex = reads.Explorer(store)
+    ex.warm()
+    assert pairindex.fresh(pairindex.index_path(store.home, 6, 7), pair_stats_path(store, 6, 7))
+    assert (store.home / spec.SQL_INDEX_DIR / "layer_7" / "s0.duckdb").is_file()

@@ -243,10 +243,13 @@ class Explorer:
             return db
 
     def warm(self) -> None:
-        """Bring the SQL index and the pair tables' indexes in step with the store."""
+        """Bring the SQL index and the pair tables' indexes in step with the store, and read
+        the token tables (and their sequences' shifts) that contexts and the null model use."""
         self.index()
         for a, b in zip(self.layers, self.layers[1:], strict=False):
             self.pair_index(a, b)
+        for shard in self.store.token_shards():
+            self.shifts(shard)
 
     def d_sae(self, layer: int) -> int:
         return int(self.stats(layer).count.size)
