@@ -423,6 +423,54 @@ def cmd_logits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_findings(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from featstore import settings
+    from featstore.analysis.findings import FindingsConfig, run_findings
+    from featstore.store.spec import FINDINGS_DIR
+    from featstore.tables import render
+
+    store = _open(args)
+    layers = tuple(sorted(args.layers or store.layers()))
+    shards = tuple(args.shards) if args.shards else None
+    cfg = settings.of(FindingsConfig, args, layers=layers, shards=shards)
+    cfg.checked_shards(store)  # before a model is loaded or anything written
+    model, saes = None, None
+    if args.model:
+        model, saes = load_model_and_saes(
+            args.source or store_source(store, layers[0]), layers, args.device
+        )
+    out = Path(args.out) if args.out else store.home / FINDINGS_DIR
+    frame, paths = run_findings(store, cfg, out, model, saes)
+    print(render(frame.select("conjecture", "statistic", "effect", "effect_lo", "effect_hi",
+                              "verdict")))  # fmt: skip
+    print(f"wrote {len(paths)} files to {out} (the page: {paths['findings_page'].name})")
+    return 0
+
+
+def cmd_convergence(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import polars as pl
+
+    from featstore.analysis.convergence import FRACTIONS, MIN_BOTH, THRESHOLDS, run_convergence
+    from featstore.store.spec import FINDINGS_DIR
+    from featstore.tables import render
+
+    store = _open(args)
+    out = Path(args.out) if args.out else store.home / FINDINGS_DIR
+    paths = run_convergence(
+        store, args.layers or store.layers(), out, fractions=args.fractions or FRACTIONS,
+        thresholds=dict(args.thresholds) or THRESHOLDS,
+        min_both=MIN_BOTH if args.min_both is None else args.min_both, shards=args.shards,
+    )  # fmt: skip
+    print(render(pl.read_parquet(paths["convergence"]).drop("layer_b", "token_share")))
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0
+
+
 def _open(args: argparse.Namespace, create: bool = False) -> Store:
     from featstore.store.home import open_store
 
@@ -663,6 +711,41 @@ def build_parser() -> ArgumentParser:
                    help="default: every layer")  # fmt: skip
     p.add_argument("--k", type=positive, default=10, help="tokens kept each way per feature")
     p.set_defaults(func=cmd_logits)
+
+    p = sub.add_parser("findings", help="the study's conjectures C1-C3a answered: statistics, "
+                       "95%% intervals, verdicts (docs/FINDINGS.md)")  # fmt: skip
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=STORE_LAYERS)
+    p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
+    p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (>= 100)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--gate-threshold", type=float, default=None,
+                   help="necessity/sufficiency of a gate partner (0.999)")  # fmt: skip
+    p.add_argument("--gate-min-both", type=int, default=None, help="tokens a partner shares (10)")
+    p.add_argument("--pass-pearson", type=float, default=None,
+                   help="pass-through: mutual best match at least (0.95)")  # fmt: skip
+    p.add_argument("--vanishing-necessity", type=float, default=None,
+                   help="vanishing: best necessity at most (0.4)")  # fmt: skip
+    p.add_argument("--max-distance", type=int, default=None, help="C3's layer distances (3)")
+    p.add_argument("--concepts", dest="concept_set", default=None,
+                   help="C1's concept set, name or YAML (default: the source's)")  # fmt: skip
+    p.add_argument("--model", action="store_true",
+                   help="load the store's model and SAEs: C3a and decoder survival")  # fmt: skip
+    p.add_argument("--source", default=None, help="with --model (default: the store's source)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=out_path, default=None, help="folder (default: HOME/findings)")
+    p.set_defaults(func=cmd_findings)
+
+    p = sub.add_parser("convergence", help="pairs above thresholds as shards are added")
+    p.add_argument("--layers", type=layer_number, nargs="+", default=None, help=STORE_LAYERS)
+    p.add_argument("--shards", nargs="+", default=None, help="default: every shard")
+    p.add_argument("--fractions", type=float, nargs="+", default=None,
+                   help="shares of the shards (default 1/8 1/4 1/2 1)")  # fmt: skip
+    p.add_argument("--min", dest="thresholds", type=measure_value, action="append", default=[],
+                   metavar="M=V", help="a measure's threshold (repeatable; default pearson=0.5 "
+                   "jaccard=0.5 necessity=0.9)")  # fmt: skip
+    p.add_argument("--min-both", type=int, default=None, help="pairs co-active on >= N (2)")
+    p.add_argument("--out", type=out_path, default=None, help="folder (default: HOME/findings)")
+    p.set_defaults(func=cmd_convergence)
 
     # Further commands register here (one add_parser block each).
     return parser

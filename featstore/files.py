@@ -47,6 +47,17 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def output_folder(path: str | os.PathLike[str]) -> Path:
+    """`path` as a folder to write files into, made where missing; a link or anything but a
+    folder there is refused in one line, never written through."""
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FeatstoreError(f"cannot write into {path}: it exists and is not a folder")
+    with writing(str(path)):
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def write_parquet_atomic(
     frame: pl.DataFrame, path: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> Path:

@@ -21,7 +21,7 @@ import polars as pl
 
 from featstore.errors import FeatstoreError
 from featstore.figures import no_data, pair_label, save
-from featstore.files import write_parquet_atomic
+from featstore.files import output_folder, write_parquet_atomic
 from featstore.stats.best import FORMS, prefix_counts
 from featstore.stats.measures import check_measure
 from featstore.stats.shardsums import shards_of_pair
@@ -55,6 +55,8 @@ def convergence(
             raise FeatstoreError(
                 f"convergence counts {', '.join(FORMS)}, not {measure!r}"
             )
+    if min_both < 0:
+        raise FeatstoreError(f"min_both must be non-negative, got {min_both}")
     if not fractions or not all(0 < f <= 1 for f in fractions):
         raise FeatstoreError(f"fractions must be in (0, 1], got {list(fractions)}")
     chosen = sorted(shards_of_pair(store, a, b, shards))
@@ -109,6 +111,8 @@ def run_convergence(
 ) -> dict[str, Path]:  # fmt: skip
     """`convergence` of every pair of successive layers: table and figure under `out`."""
     layers = sorted(layers)
+    if len(layers) < 2:
+        raise FeatstoreError(f"convergence needs two or more layers, got {layers}")
     parts = [
         convergence(
             store,
@@ -121,7 +125,8 @@ def run_convergence(
         )  # fmt: skip
         for a, b in zip(layers[:-1], layers[1:], strict=True)
     ]
-    frame = pl.concat(parts) if parts else pl.DataFrame()
+    frame = pl.concat(parts)
+    output_folder(out)
     return {
         "convergence": write_parquet_atomic(frame, out / "convergence.parquet"),
         "convergence_plot": convergence_figure(frame, out / "convergence.png"),

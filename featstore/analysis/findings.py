@@ -32,7 +32,7 @@ from featstore.analysis.passthrough import (
 from featstore.defaults import MIN_BOTH
 from featstore.errors import FeatstoreError
 from featstore.figures import save
-from featstore.files import atomic_file, write_parquet_atomic
+from featstore.files import atomic_file, output_folder, write_parquet_atomic
 from featstore.stats.best import best_both
 from featstore.stats.shardsums import Variant, merged_feature_stats
 from featstore.store import spec
@@ -67,6 +67,31 @@ class FindingsConfig:
             raise FeatstoreError("gate_threshold and pass_pearson must be in (0, 1]")
         if self.n_boot < 100:
             raise FeatstoreError(f"n_boot must be at least 100, got {self.n_boot}")
+        if not 0 <= self.vanishing_necessity <= 1:
+            raise FeatstoreError(f"vanishing_necessity must be in [0, 1], got "
+                                 f"{self.vanishing_necessity}")  # fmt: skip
+        counts = {"gate_min_both": self.gate_min_both, "max_distance": self.max_distance,
+                  "max_sequences": self.max_sequences, "max_features": self.max_features,
+                  "concept_sequences": self.concept_sequences or 1}  # fmt: skip
+        for name, value in counts.items():
+            if value < 1:
+                raise FeatstoreError(f"{name} must be at least 1, got {value}")
+
+    def checked_shards(self, store: Store) -> list[str]:
+        """The shards to use (default: every shard of the first layer), each layer and shard
+        checked to be in the store, before anything is computed or written."""
+        have = store.layers()
+        missing = [layer for layer in self.layers if layer not in have]
+        if missing:
+            raise FeatstoreError(f"layers {missing} are not in the store (it has {have})")
+        shards = list(self.shards or store.shards(self.layers[0]))
+        for layer in self.layers:
+            absent = sorted(set(shards) - set(store.shards(layer)))
+            if absent:
+                raise FeatstoreError(f"layer {layer} has no shard {', '.join(absent)}")
+        if not shards:
+            raise FeatstoreError("the store has no shards")
+        return shards
 
 
 def verdict(lo: float, hi: float) -> str:
@@ -404,8 +429,8 @@ def findings_table(
     the analyses' own tables reuse."""
     from featstore.analysis.vanishing import best_successor
 
-    shards = list(cfg.shards or store.shards(cfg.layers[0]))
-    out.mkdir(parents=True, exist_ok=True)
+    shards = cfg.checked_shards(store)
+    output_folder(out)
     parents = all_parent_sets(store, cfg.layers, threshold=cfg.gate_threshold,
                               min_both=cfg.gate_min_both, shards=shards)  # fmt: skip
     successors = {(a, b): best_successor(store, a, b, shards=shards)
