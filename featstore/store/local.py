@@ -147,8 +147,10 @@ class Store(Committing):
         """The bytes of a group's zarr.json (every commit rewrites them); None if not there."""
         try:
             return (self.root_path / path / "zarr.json").read_bytes()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:  # there but unreadable: opening it names the problem
+            return f"unreadable: {exc.errno}".encode()
 
     def _pending(self) -> bool:
         """Whether a commit record is there: a commit of several groups under way."""
