@@ -99,6 +99,7 @@ def main() -> None:
     from featstore.explorer import pages
     from featstore.explorer.graphview import neighbourhood
     from featstore.explorer.reads import TOKEN_QUERY, Explorer, Search, labeller
+    from featstore.store import pairindex
     from featstore.store.home import open_store
 
     start = time.perf_counter()
@@ -107,9 +108,15 @@ def main() -> None:
     site = pages.Site(labels=labeller(ex))
     x = args.layer
 
+    cpu: list[float] = []
+
     def page(f: int, measure: str = "pearson") -> float:
+        """Wall seconds of a whole page; its CPU seconds (every thread) go to `cpu`."""
+        start = time.process_time()
         seconds, view = timed(ex.feature, x, f, measure)
-        return seconds + timed(pages.feature_page, view, measure, site)[0]
+        seconds += timed(pages.feature_page, view, measure, site)[0]
+        cpu.append(time.process_time() - start)
+        return seconds
 
     count = ex.stats(x).count
     rng = np.random.default_rng(0)
@@ -119,6 +126,7 @@ def main() -> None:
     print(f"first page after start (open, index check, stats, token tables, page): "
           f"{time.perf_counter() - start:.3f}s (the page alone {first:.3f}s)", flush=True)
     page_s = [page(f) for f in chosen[1:]]
+    page_cpu = cpu[1:]
     densest = np.argsort(-count, kind="stable")[:5].tolist()
     dense_s = [page(f) for f in densest]
     measure_s = [page(f, m) for f, m in zip(chosen[1:6], ("jaccard", "sufficiency", "pmi",
@@ -134,6 +142,18 @@ def main() -> None:
         search_s, found = timed(ex._run, ex.index().duckdb, TOKEN_QUERY,
                                 {"ids": [token], "limit": 50})  # fmt: skip
         found = found["n"]
+    below = [y for y in ex.layers if y < x]
+    scan_s, index_s = [], []
+    if below:  # a feature's predecessor sums: scanning the table vs its copy by feature_b
+        y = below[-1]
+        db = ex.pair_index(y, x)
+        for f in chosen[1:]:
+            params = {"layer_a": y, "layer_b": x, "feature": f, "min_both": 2}
+            scan_s.append(timed(ex.sql, "feature_predecessor_sums", params)[0])
+            if db is not None:
+                query = pairindex.PREDECESSORS.format(db=db)
+                index_s.append(timed(lambda q=query, f=f: ex._files.cursor().sql(
+                    q, params={"feature": f, "min_both": 2}).pl())[0])  # fmt: skip
     hits = [int(count[f]) for f in chosen[1:]]
     print(f"\nlayer {x}: {count.size} features, {ex.stats(x).n_tokens} tokens; timed features "
           f"active on {min(hits)}-{max(hits)} tokens (median {int(np.median(hits))}), the densest "
@@ -142,6 +162,14 @@ def main() -> None:
     print(f"| feature page, median of {len(page_s)} random active features | "
           f"{statistics.median(page_s):.3f} |")
     print(f"| feature page, slowest of those | {max(page_s):.3f} |")
+    print(f"| CPU seconds of those pages (all threads): median / largest | "
+          f"{statistics.median(page_cpu):.3f} / {max(page_cpu):.3f} |")
+    if scan_s and index_s:
+        print(f"| predecessor sums of {len(scan_s)} features from layer {y}: scanning the table, "
+              f"median | {statistics.median(scan_s):.3f} |")
+        ratio = statistics.median(scan_s) / statistics.median(index_s)
+        print(f"| the same from the pair index (by feature_b), median | "
+              f"{statistics.median(index_s):.4f} ({ratio:.0f}x less) |")  # fmt: skip
     print(f"| feature page, the 5 densest features: median / slowest | "
           f"{statistics.median(dense_s):.3f} / {max(dense_s):.3f} |")
     print(f"| feature page by another measure, median of 5 | {statistics.median(measure_s):.3f} |")
