@@ -41,8 +41,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def progress(line: str) -> None:
-    """Long steps report here (stderr, so stdout stays the command's result)."""
-    print(line, file=sys.stderr, flush=True)
+    """Long steps report here: stderr (stdout stays the command's result), when it is a terminal
+    or FEATSTORE_PROGRESS=1 asks (a script reading stderr gets only the one-line errors)."""
+    if os.environ.get("FEATSTORE_PROGRESS", "") == "1" or sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
 
 
 def layer_number(text: str) -> int:
@@ -605,8 +607,15 @@ def build_parser() -> ArgumentParser:
         "--save",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="save the shard pair sums computed and the merged table (default: only without "
-        "thresholds, ranges or shards)",
+        help="write the merged table to HOME/pair_stats (default: only without thresholds, "
+        "ranges or shards)",
+    )
+    p.add_argument(
+        "--keep-shard-sums",
+        dest="keep_sums",
+        action="store_true",
+        help="also keep each shard's pair sums, so a later call skips those shards "
+        "(a cache tens of times the activations' size)",
     )
     p.add_argument("--out", type=out_path, required=True, help="Parquet file of the pairs passing")
     p.set_defaults(func=cmd_stats)

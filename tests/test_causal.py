@@ -190,6 +190,7 @@ def test_cli_patch_refuses_bad_bins_in_one_line(store_run, capsys):
 def test_cli_patch_prints_the_comparison(store_run, capsys, monkeypatch):
     store, model, saes, _ = store_run
     monkeypatch.setattr("featstore.cli.load_model_and_saes", lambda *args: (model, saes))
+    monkeypatch.setenv("FEATSTORE_PROGRESS", "1")  # stderr is no terminal here
     argv = ["--home", str(store.home), "patch", "--layers", "6", "7", "--max-sequences", "2"]
     assert main([*argv, "--min-pearson", "0.1", "--sample", "bins", "--per-bin", "2"]) == 0
     captured = capsys.readouterr()

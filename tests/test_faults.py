@@ -139,7 +139,8 @@ def synthetic_store(home: Path, seed: int = 0):
     return build_store(home, acts)
 
 
-STATS = ("stats", "--layer-a", "6", "--layer-b", "7")
+# With the shard sums kept (a cache, off by default): their writes are attacked too.
+STATS = ("stats", "--layer-a", "6", "--layer-b", "7", "--keep-shard-sums")
 
 
 def assert_between(home: Path, before: dict, after: dict) -> None:

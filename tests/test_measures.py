@@ -178,7 +178,7 @@ def test_active_threshold_equals_statistics_of_thresholded_activations(tmp_path,
         np.testing.assert_allclose(got[col].to_numpy(), want[col].to_numpy(), rtol=1e-9)
     assert store.children(spec.PAIRS) == []  # a query computes the variant in memory
     saved = query.pair_stats(
-        store, PairQuery(6, 7, variant=Variant(active_threshold=0.8), save=True)
+        store, PairQuery(6, 7, variant=Variant(active_threshold=0.8), keep_sums=True)
     )
     assert store.children(spec.PAIRS) == ["6-7.t0.8"]  # its own record, the plain one untouched
     assert saved.equals(got)
@@ -218,7 +218,7 @@ def test_null_model_is_the_same_engine_on_deranged_sequences(tmp_path, edge_stor
         store, PairQuery(6, 7, min_pearson=0.05, variant=Variant(null=True))
     )
     assert not store.children(spec.PAIRS)
-    saved = query.pair_stats(store, PairQuery(6, 7, variant=Variant(null=True), save=True))
+    saved = query.pair_stats(store, PairQuery(6, 7, variant=Variant(null=True), keep_sums=True))
     assert store.children(spec.PAIRS) == ["6-7.null"] and saved.equals(got)
     reused = query.pair_stats(store, PairQuery(6, 7, min_pearson=0.05, variant=Variant(null=True)))
     assert reused.equals(screened) and screened.equals(got.filter(pl.col("pearson") >= 0.05))

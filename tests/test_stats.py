@@ -186,8 +186,8 @@ def test_two_shards_merged_equal_one_shard_of_both(tmp_path, two_shards):
 
 
 def test_shard_sums_are_saved_reused_and_a_new_shard_costs_its_own(two_shards, monkeypatch):
-    store, acts = two_shards
-    first = query.pair_stats(store, PairQuery(6, 7))
+    store, acts = two_shards  # kept sums (keep_sums): a cache, off by default
+    first = query.pair_stats(store, PairQuery(6, 7, keep_sums=True))
     attrs = dict(store.group(spec.pairs_path(6, 7, "s0"), "pairs").attrs)
     assert attrs[spec.ENCODING_TYPE] == "pair_stats_coo" and attrs["layers"] == [6, 7]
     assert attrs["n_tokens"] == 70 and (attrs["d_a"], attrs["d_b"]) == (12, 15)
@@ -198,19 +198,19 @@ def test_shard_sums_are_saved_reused_and_a_new_shard_costs_its_own(two_shards, m
         "iter_shard_pair_counts",
         lambda st, a, b, s, e: computed.append(s) or original(st, a, b, s, e),
     )
-    assert query.pair_stats(store, PairQuery(6, 7)).equals(first)
+    assert query.pair_stats(store, PairQuery(6, 7, keep_sums=True)).equals(first)
     assert computed == []
     store.write_activations(6, "s2", sparse_acts(30, 12, 0.25, seed=5))
     store.write_activations(7, "s2", sparse_acts(30, 15, 0.25, seed=6))
-    query.pair_stats(store, PairQuery(6, 7))
+    query.pair_stats(store, PairQuery(6, 7, keep_sums=True))
     assert computed == ["s2"]
     store.write_activations(7, "s1", sparse_acts(45, 15, 0.3, seed=9))  # stale sums
-    query.pair_stats(store, PairQuery(6, 7))
+    query.pair_stats(store, PairQuery(6, 7, keep_sums=True))
     assert computed == ["s2", "s1"]
     same_pattern = store.read(6, "s0")
     same_pattern.data *= 2  # new values, same nonzeros
     store.write_activations(6, "s0", same_pattern)
-    query.pair_stats(store, PairQuery(6, 7))
+    query.pair_stats(store, PairQuery(6, 7, keep_sums=True))
     assert computed == ["s2", "s1", "s0"]
 
 
@@ -219,7 +219,7 @@ def test_small_feature_blocks_give_the_same_table_and_counts(two_shards):
     kwargs = {"min_pearson": -0.1, "min_jaccard": 0.05}
     streamed = query.pair_report(store, PairQuery(6, 7, **kwargs))  # computed in memory
     query.pair_stats(
-        store, PairQuery(6, 7, save=True)
+        store, PairQuery(6, 7, keep_sums=True)
     )  # saved sums: read in blocks of max_block_pairs
     whole, whole_counts = query.pair_report(store, PairQuery(6, 7, **kwargs))
     blocked, blocked_counts = query.pair_report(store, PairQuery(6, 7, max_block_pairs=7, **kwargs))
@@ -239,9 +239,27 @@ def test_merged_table_is_saved_for_sql(two_shards):
     assert saved.filter(pl.col("pearson") >= 0.3).drop("layer_a", "layer_b").equals(frame)
 
 
+def test_saving_keeps_no_pair_state_unless_asked(two_shards, capsys):
+    """Issue 15: the merged table is written without any per-shard pair state (its size would
+    grow with the shards); kept sums give the same table bit for bit, and are then reused."""
+    store, acts = two_shards
+    argv = ["--home", str(store.home), "stats", "--layer-a", "6", "--layer-b", "7", "--out"]
+    out = str(store.home.parent / "out.parquet")
+    assert main([*argv, out]) == 0
+    assert query.pair_stats_path(store, 6, 7).exists() and store.children(spec.PAIRS) == []
+    table = query.pair_stats(store, PairQuery(6, 7, save=True))
+    assert store.children(spec.PAIRS) == []
+    joined = [sp.vstack([m["s0"], m["s1"]]).tocsr() for m in acts.values()]
+    assert_matches(table, reference(*(dense(m) for m in joined)))
+    assert main([*argv, out, "--keep-shard-sums"]) == 0
+    assert store.children(spec.PAIRS + "/6-7") == ["s0", "s1"]
+    assert query.pair_stats(store, PairQuery(6, 7)).equals(table)  # read back: the same bits
+    capsys.readouterr()
+
+
 def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkeypatch):
     store, acts = two_shards
-    query.pair_stats(store, PairQuery(6, 7, shards=["s0"], save=True))  # s0 saved, s1 not
+    query.pair_stats(store, PairQuery(6, 7, shards=["s0"], keep_sums=True))  # s0 saved, s1 not
     monkeypatch.setattr(kernel, "MAX_BLOCK_WORK", 40)  # many blocks per shard
     assert len(list(shardsums.iter_sparse_pair_counts(acts[6]["s1"], acts[7]["s1"]))) > 3
     kwargs = {"min_pearson": 0.05, "min_both": 2}
@@ -249,7 +267,7 @@ def test_new_shard_streamed_in_small_blocks_beside_saved_ones(two_shards, monkey
     assert store.children(spec.PAIRS + "/6-7") == ["s0"]  # a query saves nothing
     assert not query.pair_stats_path(store, 6, 7).exists()
     again, counts_again = query.pair_report(
-        store, PairQuery(6, 7, max_block_pairs=9, save=True, **kwargs)
+        store, PairQuery(6, 7, max_block_pairs=9, keep_sums=True, **kwargs)
     )
     assert store.children(spec.PAIRS + "/6-7") == ["s0", "s1"]
     assert got.equals(again) and counts == counts_again

@@ -84,13 +84,14 @@ def test_relative_threshold_uses_the_maxima_of_the_chosen_shards(two_shards):
     both = (xr > 0).astype(int).T @ (yr > 0).astype(int)
     assert one["n_both"].sum() == both.sum()
     saved = query.pair_stats(
-        store, PairQuery(6, 7, shards=["s0"], variant=Variant(relative_threshold=0.5), save=True)
+        store,
+        PairQuery(6, 7, shards=["s0"], variant=Variant(relative_threshold=0.5), keep_sums=True),
     )
     assert saved.equals(one)
     folders = [f for f in store.children(spec.PAIRS) if ".r0.5-" in f]
     assert len(folders) == 1  # keyed by the shards whose maxima set the thresholds
     whole = query.pair_stats(
-        store, PairQuery(6, 7, variant=Variant(relative_threshold=0.5), save=True)
+        store, PairQuery(6, 7, variant=Variant(relative_threshold=0.5), keep_sums=True)
     )
     assert len([f for f in store.children(spec.PAIRS) if ".r0.5-" in f]) == 2
     assert not whole.equals(one)
@@ -106,7 +107,7 @@ def test_without_bos_equals_statistics_of_the_other_positions(tmp_path, two_shar
         want.select("feature_a", "feature_b", "n_tokens", "n_both")
     )
     np.testing.assert_allclose(got["pearson"].to_numpy(), want["pearson"].to_numpy(), rtol=1e-9)
-    saved = query.pair_stats(store, PairQuery(6, 7, variant=Variant(bos=False), save=True))
+    saved = query.pair_stats(store, PairQuery(6, 7, variant=Variant(bos=False), keep_sums=True))
     assert "6-7.nobos" in store.children(spec.PAIRS) and saved.equals(got)
     assert query.pair_stats(store, PairQuery(6, 7, variant=Variant(bos=False))).equals(
         got

@@ -251,7 +251,8 @@ def test_a_partition_launched_through_the_api_stores_what_its_metadata_says(ui):
     added = ui.query(ADD_PARTITION, selector=ui.selector(), key=SHARD)["addDynamicPartition"]
     assert added["__typename"] in ("AddDynamicPartitionSuccess", "DuplicateDynamicPartitionError")
     partition = multi_key(shard=SHARD, pair="6-7")
-    run_id = launch(ui, "shard_pair_stats", partition)
+    keep = {"ops": {"shard_pair_stats": {"config": {"keep_sums": True}}}}
+    run_id = launch(ui, "shard_pair_stats", partition, keep)
 
     entries = metadata(ui, "shard_pair_stats", run_id)[partition]
     a, b = (ui.acts[layer][SHARD] for layer in (6, 7))

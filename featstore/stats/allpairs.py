@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import polars as pl
 
@@ -20,6 +21,7 @@ from featstore.stats.scan import one_pass
 from featstore.store.local import Store
 
 Pair = tuple[int, int]
+T = TypeVar("T")
 
 
 def layer_pairs(layers: Sequence[int], max_distance: int | None = None) -> list[Pair]:
@@ -40,16 +42,22 @@ def pair_reports(
     count: bool = False,
 ) -> dict[Pair, tuple[pl.DataFrame, dict[str, int]]]:
     """`pair_report(store, ask(a, b), count=count)` of every pair of
-    `layers_pairs(layers, max_distance)`, reading each layer once; a layer no later pair needs is
-    dropped from memory. `ask` makes each pair's query, e.g.
-    `functools.partial(PairQuery, min_pearson=0.2)`. `count` as `pair_report`'s, but off by
-    default (as `pair_stats`): counting every pair over the thresholds turns the kernel's Pearson
-    screen off; without it each pair's counts are an empty dict."""
+    `layers_pairs(layers, max_distance)`, reading each layer once (`in_one_pass`). `ask` makes
+    each pair's query, e.g. `functools.partial(PairQuery, min_pearson=0.2)`. `count` as
+    `pair_report`'s, but off by default (as `pair_stats`): counting every pair over the
+    thresholds turns the kernel's Pearson screen off; without it each pair's counts are an empty
+    dict."""
     pairs = layer_pairs(layers, max_distance)
+    return in_one_pass(pairs, lambda a, b: pair_report(store, ask(a, b), count=count))
+
+
+def in_one_pass(pairs: Sequence[Pair], work: Callable[[int, int], T]) -> dict[Pair, T]:
+    """`work(a, b)` of each pair in order inside `scan.one_pass`: each layer's shards are read
+    once, and a layer no later pair needs is dropped from memory."""
     out = {}
     with one_pass() as kept:
         for k, (a, b) in enumerate(pairs):
-            out[(a, b)] = pair_report(store, ask(a, b), count=count)
+            out[(a, b)] = work(a, b)
             needed = {layer for pair in pairs[k + 1 :] for layer in pair}
             for key in [key for key in kept if key[0] not in needed]:
                 del kept[key]

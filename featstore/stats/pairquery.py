@@ -31,9 +31,11 @@ class PairQuery:
     keep the pairs at or above all; min_both the pairs co-active on at least that many tokens.
     variant: which sums (`Variant`: activity thresholds, BOS positions kept, the null model;
     None: the plain one). intervals adds 95%
-    bounds. engine computes sums not saved yet (all with recompute). save: keep the shard sums
-    computed and, for the whole plain table, `{home}/pair_stats/{a}-{b}.parquet`; None saves
-    only when the whole table is asked for without thresholds.
+    bounds. engine computes sums not saved yet (all with recompute). save: write the whole plain
+    table to `{home}/pair_stats/{a}-{b}.parquet`; None saves only when the whole table is asked
+    for without thresholds. keep_sums: also save each shard's pair sums computed, a cache that
+    lets a later call skip those shards but costs tens of times the activations' size
+    (docs/SCALING.md); off, no pair state is kept and results are the same bit for bit.
     """
 
     layer_a: int
@@ -51,6 +53,7 @@ class PairQuery:
     engine: str = DEFAULT_ENGINE
     recompute: bool = False
     save: bool | None = None
+    keep_sums: bool = False
     max_block_pairs: int = MAX_BLOCK_PAIRS
 
     # From CLI arguments or a Dagster config in one call (the variant: `settings.of(Variant, ...)`).
@@ -60,7 +63,7 @@ class PairQuery:
         least = {"layer_a": 0, "layer_b": 0, "min_both": 0, "max_block_pairs": 1}
         for name, at_least in least.items():
             object.__setattr__(self, name, _integer(name, getattr(self, name), at_least))
-        for name in ("all_pairs", "intervals", "recompute"):
+        for name in ("all_pairs", "intervals", "recompute", "keep_sums"):
             if not isinstance(getattr(self, name), bool):
                 raise FeatstoreError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.save is not None and not isinstance(self.save, bool):

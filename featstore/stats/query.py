@@ -219,20 +219,21 @@ def pair_blocks(
     block's `threshold_counts` over all its pairs (without `count`, empty dicts); memory is
     bounded by a block, however many rows.
 
-    Shard sums are reused when saved and fresh, else computed by the query's engine. The work
-    goes by blocks of feature_a (`PairScan.sums`); the thresholds are tested first, on only the
-    measures they name, and the other measures computed for the rows that pass. When the query
-    saves (`PairQuery.saves`), the shard sums computed are saved (for later calls) and, when it
-    covers the whole plain table (`PairQuery.whole_table`; thresholds aside), that table is
-    written to `{home}/pair_stats/{a}-{b}.parquet` for the `pair_stats` SQL table (complete
-    once the last block is yielded). `progress` hears how many features of layer a are done.
+    Shard sums are reused when saved and fresh, else computed by the query's engine in memory
+    (and saved for later calls with `PairQuery.keep_sums`). The work goes by blocks of
+    feature_a (`PairScan.sums`); the thresholds are tested first, on only the measures they
+    name, and the other measures computed for the rows that pass. When the query saves
+    (`PairQuery.saves`) and covers the whole plain table (`PairQuery.whole_table`; thresholds
+    aside), that table is written to `{home}/pair_stats/{a}-{b}.parquet` for the `pair_stats`
+    SQL table (complete once the last block is yielded). `progress` hears how many features of
+    layer a are done.
     """
     q = query
     a, b = q.layers
     rules, save = q.rules, q.saves
     scan = PairScan.open(
         store, a, b, engine=q.engine, shards=q.shards, features_a=q.features_a,
-        features_b=q.features_b, recompute=q.recompute, variant=q.variant, save=save,
+        features_b=q.features_b, recompute=q.recompute, variant=q.variant, save=q.keep_sums,
     )  # fmt: skip
     write_table = save and q.whole_table
     # Counts over all pairs and the whole table need every pair; a query only those that may pass.
@@ -246,7 +247,9 @@ def pair_blocks(
         _table_writer(store if write_table else None, a, b) as write,
         ThreadPoolExecutor(max_workers=PIPELINE_WORKERS) as pool,
     ):
-        blocks = scan.sums(q.all_pairs, q.max_block_pairs, False, screen)
+        # A table written is sorted by (feature_a, feature_b), whatever the engine: readers prune
+        # its row groups by feature.
+        blocks = scan.sums(q.all_pairs, q.max_block_pairs, write_table, screen)
         blocks = _ticking(blocks, Ticker(progress, f"pair statistics {a}-{b}", _width(scan)))
         for whole, frame, block_counts in _pipelined(pool, finish, blocks, PIPELINE_WORKERS):
             if whole is not None:

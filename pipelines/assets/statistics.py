@@ -18,8 +18,9 @@ from featstore.defaults import (
     EDGE_THRESHOLD,
     GRAPHML_MAX_EDGES,
 )
+from featstore.stats.allpairs import in_one_pass
 from featstore.stats.query import PairQuery, save_pair_table
-from featstore.stats.shardsums import update_shard_pairs
+from featstore.stats.shardsums import check_shard, update_shard_pairs
 from featstore.store.spec import GRAPH_DIR, PLOTS_DIR
 from pipelines import beta
 from pipelines.assets.extraction import activations
@@ -56,6 +57,12 @@ class PlotsConfig(PairSumsConfig):
     n_edges: int = 60  # strongest edges in the layered drawing
 
 
+class ShardPairsConfig(PairSumsConfig):
+    # Keep each shard's pair sums, so pair_stats skips that shard later: a cache that costs tens
+    # of times the activations' size (docs/SCALING.md). Off: the shard is only checked.
+    keep_sums: bool = False
+
+
 @beta.single_run_asset(
     partitions_def=shard_pair_partitions,
     deps=[dg.AssetDep(activations, partition_mapping=layers_to_pairs())],
@@ -65,25 +72,32 @@ class PlotsConfig(PairSumsConfig):
     kinds={"scipy", "zarr"},
 )
 def shard_pair_stats(
-    context: dg.AssetExecutionContext, config: PairSumsConfig, featstore: FeatstoreResource
+    context: dg.AssetExecutionContext, config: ShardPairsConfig, featstore: FeatstoreResource
 ) -> None:
-    """Co-activation counts and sums of products of every co-active feature pair, per shard.
+    """One shard's layer pair, the unit of incremental recomputation: both layers checked to
+    hold the shard on the same tokens; with `keep_sums`, its pair sums (co-activation counts and
+    sums of products of every co-active pair) saved at `pairs/{a}-{b}/{shard}`
+    (`featstore.stats.shardsums.update_shard_pairs`), so pair_stats reads them instead.
 
-    `featstore.stats.shardsums.update_shard_pairs`: additive sufficient statistics, saved at
-    `pairs/{a}-{b}/{shard}` so adding a shard never recomputes the others.
+    Off by default: no pair state grows with the shards; pair_stats computes every shard's sums
+    in memory, with the same result bit for bit.
     """
     store = featstore.open()
     by_shard = group_by_shard(shard_pair_partitions, context.partition_keys, PAIR)
     for shard, pairs in by_shard.items():
         for pair in pairs:
+            a, b = parse_pair(pair)
             start = time.perf_counter()
-            counts = update_shard_pairs(store, *parse_pair(pair), shard, config.engine)
+            if config.keep_sums:
+                counts = update_shard_pairs(store, a, b, shard, config.engine)
+                metadata = {"tokens": counts.n_tokens, "co_active_pairs": counts.nnz}
+            else:
+                metadata = {"tokens": check_shard(store, a, b, shard)[0]}
             context.log.info(
-                f"pair sums {pair} of {shard}: {counts.nnz} co-active pairs over "
-                f"{counts.n_tokens} tokens ({time.perf_counter() - start:.0f}s)"
+                f"pair {pair} of {shard}: {metadata} ({time.perf_counter() - start:.0f}s)"
             )
             context.add_asset_metadata(
-                {"tokens": counts.n_tokens, "co_active_pairs": counts.nnz},
+                {**metadata, "sums_kept": config.keep_sums},
                 partition_key=multi_key(shard, **{PAIR: pair}),
             )
 
@@ -101,13 +115,13 @@ def pair_stats(
 ) -> None:
     """Every measure of each co-active feature pair, merged over all shards.
 
-    `featstore.stats.query.pair_stats` of the whole table (`PairQuery`): saved as
-    `{home}/pair_stats/{a}-{b}.parquet`, the `pair_stats`
-    table of `featstore sql`.
+    `featstore.stats.query.save_pair_table` of the whole table (`PairQuery`), every pair of the
+    run in one pass over the shards (`featstore.stats.allpairs.in_one_pass`): saved as
+    `{home}/pair_stats/{a}-{b}.parquet`, the `pair_stats` table of `featstore sql`.
     """
     store = featstore.open()
-    for pair in context.partition_keys:
-        a, b = parse_pair(pair)
+
+    def save(a: int, b: int) -> None:
         # Streamed to disk: the table is never held.
         query = PairQuery.of(config, layer_a=a, layer_b=b)
         saved = save_pair_table(store, query, progress=context.log.info)
@@ -120,8 +134,10 @@ def pair_stats(
                 "top_pairs_by_pearson": dg.MetadataValue.md(markdown(saved.top)),
                 "path": dg.MetadataValue.path(str(saved.path)),
             },
-            partition_key=pair,
+            partition_key=f"{a}-{b}",
         )
+
+    in_one_pass(sorted(parse_pair(pair) for pair in context.partition_keys), save)
 
 
 @dg.asset(
