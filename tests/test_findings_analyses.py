@@ -192,3 +192,21 @@ def test_compiled_best_partners_equal_the_scan_of_every_pair(planted, monkeypatc
         slow = best_partners(store, 6, 7, measure, side=side, min_both=3)
         assert fast[side].height > 100
         assert fast[side].equals(slow)
+
+
+@pytest.mark.parametrize(("null", "least", "min_both"), [(False, 0.6, 3), (True, 0.1, 2)])
+def test_parent_sets_from_one_pass_equal_two_threshold_queries(planted, null, least, min_both):
+    from featstore.stats.query import PairQuery, pair_stats
+
+    store, _ = planted
+    variant = shardsums.Variant(null=True) if null else None
+    got = gates.parent_sets(store, 6, 7, threshold=least, min_both=min_both, variant=variant)
+    for kind, measure in gates.KIND_MEASURE.items():
+        q = PairQuery(6, 7, thresholds={measure: least}, min_both=min_both, variant=variant,
+                      save=False)  # fmt: skip
+        want = pair_stats(store, q).group_by("feature_b").agg(pl.col("feature_a").sort())
+        mine = got.filter(pl.col("kind") == kind)
+        assert mine.height > 5
+        assert dict(zip(mine["feature_b"], mine["parents"].to_list(), strict=True)) == dict(
+            zip(want["feature_b"], want["feature_a"].to_list(), strict=True)
+        )

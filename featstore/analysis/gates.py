@@ -3,9 +3,9 @@
 (spar-2024's logic gates), and how many later features have two or more such partners.
 
 Necessity of (a, b) is P(a active | b active), sufficiency P(b active | a active)
-(docs/MEASURES.md). Only pairs passing the threshold are read (`pair_stats` with it), with a
-minimum support `min_both` so that a rare feature seen once or twice by chance inside a gate's
-tokens is no partner.
+(docs/MEASURES.md). Only pairs passing the threshold are kept (one compiled pass finds both
+kinds' pairs, `featstore.stats.best.ratio_pairs`), with a minimum support `min_both` so that a
+rare feature seen once or twice by chance inside a gate's tokens is no partner.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import polars as pl
 
 from featstore.files import write_parquet_atomic
-from featstore.stats.query import PairQuery, pair_stats
+from featstore.stats.best import ratio_pairs
+from featstore.stats.measures import check_measure
 from featstore.stats.shardsums import Variant
 from featstore.store.local import Store
 
@@ -43,23 +44,16 @@ def parent_sets(
     shards: Sequence[str] | None = None,
     variant: Variant | None = None,
 ) -> pl.DataFrame:
-    """Per kind (and/or) and feature of layer b: its partners in layer a at `threshold`."""
+    """Per kind (and/or) and feature of layer b: its partners in layer a at `threshold`, both
+    kinds from one compiled pass (`featstore.stats.best.ratio_pairs`)."""
+    check_measure("necessity", threshold)
+    pairs = ratio_pairs(store, a, b, threshold, min_both=min_both, shards=shards, variant=variant)
     parts = [pl.DataFrame(schema=PARENT_SCHEMA)]
     for kind, measure in KIND_MEASURE.items():
-        frame = pair_stats(
-            store,
-            PairQuery(
-                a,
-                b,
-                shards=shards,
-                thresholds={measure: threshold},
-                min_both=min_both,
-                variant=variant,
-                save=False,
-            ),
-        )
-        grouped = frame.group_by("feature_b").agg(
-            parents=pl.col("feature_a").sort(), n_parents=pl.len()
+        grouped = (
+            pairs.filter(pl.col(measure) >= threshold)
+            .group_by("feature_b")
+            .agg(parents=pl.col("feature_a").sort(), n_parents=pl.len())
         )
         parts.append(
             grouped.with_columns(layer_a=pl.lit(a), layer_b=pl.lit(b), kind=pl.lit(kind))

@@ -194,3 +194,38 @@ def prefix_counts(
             for key, part in zip(("above", "stable", "change"), job.result(), strict=True):
                 out[key] += part
     return {**out, "n_tokens": seg[ends]}
+
+
+def ratio_pairs(
+    store: Store, a: int, b: int, least: float, *, min_both: int = 1,
+    shards: Sequence[str] | None = None, variant: Variant | None = None,
+) -> pl.DataFrame:  # fmt: skip
+    """The pairs of layers a, b co-active on >= `min_both` tokens whose necessity or
+    sufficiency is >= `least`, from one compiled pass (`kernel.ratio_block`): feature_a,
+    feature_b, n_both, necessity, sufficiency (the values of `measures`), sorted by (a, b)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scan = PairScan.open(store, a, b, shards=shards, variant=variant, save=False)
+    m_a, m_b, cuts = stacked_matrices(store, a, b, scan.shards, scan.variant)
+    arrays, blocks = kernel_inputs(m_a, m_b)
+    count_a, count_b = (np.asarray(s.count, np.float64) for s in scan.stats)
+    seg = np.asarray(cuts, np.int64)
+    parts = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [
+            pool.submit(kernel.ratio_block, *arrays, lo, hi, seg, count_a, count_b,
+                        float(least), int(min_both), kernel.SCREENED_CAPACITY)  # fmt: skip
+            for lo, hi in blocks
+        ]
+        for job in jobs:
+            fa, fb, n_both, _, m = job.result()
+            parts.append((fa[:m], fb[:m], n_both[:m]))
+    fa, fb, n_both = (np.concatenate(x) for x in zip(*parts, strict=True))
+    order = np.lexsort((fb, fa))
+    fa, fb, n_both = fa[order], fb[order], n_both[order]
+    return pl.DataFrame(
+        {"feature_a": fa, "feature_b": fb, "n_both": n_both,
+         "necessity": n_both / count_b[fb], "sufficiency": n_both / count_a[fa]},
+        schema={"feature_a": pl.Int32, "feature_b": pl.Int32, "n_both": pl.Int64,
+                "necessity": pl.Float64, "sufficiency": pl.Float64},
+    )  # fmt: skip

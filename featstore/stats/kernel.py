@@ -430,6 +430,42 @@ def best_block(
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
+def ratio_block(
+    a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, seg, count_a, count_b, least, min_both,
+    capacity,
+):  # fmt: skip
+    """(feature_a, feature_b, n_both, reach, pairs): the co-active pairs of features lo..hi-1
+    of A and every feature of B, on >= `min_both` tokens, whose necessity n_both / count_b
+    (reach bit 1) or sufficiency n_both / count_a (bit 2) is >= `least`, in one pass (the
+    arrays' first `pairs` entries; `capacity`: their first size). The same ratios, in the same
+    float64 division, as `measures.necessity` and `sufficiency`."""
+    acc, cnt, touched, tot, tcnt, ttouched = _accumulators(count_b.size, seg)
+    out_a = np.empty(max(capacity, 1), np.int32)
+    out_b, out_n = np.empty_like(out_a), np.empty(out_a.size, np.int64)
+    out_r = np.empty(out_a.size, np.int8)
+    m = 0
+    for i in range(lo, hi):
+        k, sums, counts, found = _gather(
+            i, a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, seg, acc, cnt, touched, tot, tcnt,
+            ttouched,
+        )  # fmt: skip
+        for r in range(k):
+            j = found[r]
+            c = counts[j]
+            if c >= min_both:
+                reach = (c / count_b[j] >= least) + 2 * (c / count_a[i] >= least)
+                if reach:
+                    if m == out_a.size:
+                        out_a, out_b = _grown(out_a, 2 * m, m), _grown(out_b, 2 * m, m)
+                        out_n, out_r = _grown(out_n, 2 * m, m), _grown(out_r, 2 * m, m)
+                    out_a[m], out_b[m], out_n[m], out_r[m] = i, j, c, reach
+                    m += 1
+            sums[j] = 0.0
+            counts[j] = 0
+    return out_a, out_b, out_n, out_r, m
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def prefix_block(
     a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, seg, ends, forms, scale, row, col, row_u,
     col_u, clip_lo, clip_hi, floor, min_both,
