@@ -39,6 +39,7 @@ from featstore.store import pairindex, spec
 from featstore.store import sql as store_sql
 from featstore.store.local import FeatureStats, Store
 from featstore.store.sql import CAUSAL_EDGES_SCHEMA, PAIR_STATS_SCHEMA, named_query, one_line
+from featstore.store.sqlindex import literal
 
 CONTEXT = (8, 4)  # tokens shown before and after an activation
 LABEL_HITS = 32  # a label's tokens: the most frequent among the feature's strongest activations
@@ -237,8 +238,7 @@ class Explorer:
             if db is not None:
                 self._files.execute(f"DETACH {db}")
             db = f"pairs_{a}_{b}_{len(self._pair_dbs)}_{uuid.uuid4().hex[:6]}"
-            self._files.execute(f"ATTACH '{str(file).replace(chr(39), chr(39) * 2)}' AS {db} "
-                                "(READ_ONLY)")  # fmt: skip
+            self._files.execute(f"ATTACH {literal(str(file))} AS {db} (READ_ONLY)")
             self._pair_dbs[(a, b)] = (db, now)
             return db
 

@@ -24,6 +24,7 @@ import duckdb
 
 from featstore.errors import FeatstoreError
 from featstore.store import spec
+from featstore.store.sqlindex import literal
 
 if TYPE_CHECKING:
     from featstore.store.local import Store
@@ -43,17 +44,13 @@ def stamp(parquet: Path) -> str:
     return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def fresh(file: Path, parquet: Path) -> bool:
     """Whether `file` is a readable index of `parquet` as it is now."""
     if file.is_symlink() or not file.is_file():
         return False
     con = duckdb.connect()
     try:
-        con.execute(f"ATTACH {_literal(str(file))} AS i (READ_ONLY)")
+        con.execute(f"ATTACH {literal(str(file))} AS i (READ_ONLY)")
         meta = dict(con.execute("SELECT key, value FROM i.meta").fetchall())
         cols = con.execute(
             "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = 'i' "
@@ -96,7 +93,7 @@ def _build(file: Path, parquet: Path, memory_limit: str) -> None:
         try:
             names = ", ".join(f"{c}::{t} AS {c}" for c, t in COLUMNS.items())
             con.execute(f"CREATE TABLE pairs AS SELECT {names} FROM read_parquet("
-                        f"{_literal(str(parquet))}) ORDER BY feature_b, feature_a")  # fmt: skip
+                        f"{literal(str(parquet))}) ORDER BY feature_b, feature_a")  # fmt: skip
             con.execute("CREATE TABLE meta (key VARCHAR, value VARCHAR)")
             con.executemany("INSERT INTO meta VALUES (?, ?)",
                             [("index-version", INDEX_VERSION), ("stamp", before)])  # fmt: skip
