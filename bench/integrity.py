@@ -82,14 +82,14 @@ def measure(home: Path, acts: dict, tokens, on: bool) -> tuple[float, float]:
     shutil.rmtree(home, ignore_errors=True)
     with checks(on):
         store = open_store(home, create=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for layer, matrix in acts.items():
             store.write_activations(layer, "s0", matrix)
         store.write_tokens("s0", tokens)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         update_shard_pairs(store, *LAYERS, "s0")
-        t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+        t2, c2 = time.perf_counter(), time.process_time()
+    return t1 - t0, t2 - t1, c1 - c0, c2 - c1
 
 
 def checks_alone(home: Path) -> float:
@@ -125,17 +125,22 @@ def main() -> None:
     tokens = token_table(rng, cfg)
     nnz = sum(m.nnz for m in acts.values())
     print(f"{args.tokens:,} tokens, layers {LAYERS}, d_sae {cfg.d_sae}, {nnz:,} nonzeros")
-    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    times: dict[bool, list[tuple[float, ...]]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
+        small = {layer: m[:2000] for layer, m in acts.items()}
+        for on in (True, False):  # warm-up (imports, compiled kernels), not counted
+            measure(Path(tmp) / "home", small, tokens.head(2000), on)
         for r in range(args.repeat):
             for on in (False, True) if (args.repeat - r) % 2 else (True, False):  # on last
                 times[on].append(measure(Path(tmp) / "home", acts, tokens, on))
         alone = checks_alone(Path(tmp) / "home") if times[True] else 0.0
-    print(f"{'step':<8}{'off (s)':>10}{'on (s)':>10}{'on/off':>9}")
-    for i, step in enumerate(("write", "stats")):
+    print(f"{'step':<10}{'off (s)':>10}{'on (s)':>10}{'on/off':>9}")
+    # Wall seconds, then CPU seconds of this process (all its threads): on a loaded machine the
+    # CPU seconds are the fairer comparison.
+    for i, step in enumerate(("write", "stats", "write cpu", "stats cpu")):
         off = statistics.median(t[i] for t in times[False])
         on = statistics.median(t[i] for t in times[True])
-        print(f"{step:<8}{off:>10.2f}{on:>10.2f}{on / off:>9.3f}")
+        print(f"{step:<10}{off:>10.2f}{on:>10.2f}{on / off:>9.3f}")
     stats_on = statistics.median(t[1] for t in times[True])
     print(f"checks alone: {alone:.3f} s = {alone / stats_on:.2%} of stats with checks on")
     per_run = sum(STAMPS) / max(len(times[True]), 1)
