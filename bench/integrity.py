@@ -130,6 +130,7 @@ def main() -> None:
         small = {layer: m[:2000] for layer, m in acts.items()}
         for on in (True, False):  # warm-up (imports, compiled kernels), not counted
             measure(Path(tmp) / "home", small, tokens.head(2000), on)
+        STAMPS.clear()
         for r in range(args.repeat):
             for on in (False, True) if (args.repeat - r) % 2 else (True, False):  # on last
                 times[on].append(measure(Path(tmp) / "home", acts, tokens, on))
