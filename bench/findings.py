@@ -76,6 +76,30 @@ def stage_c1_token_eta(store, home, out) -> str:
     return f"eta^2 of {n} features (+ shuffled null)"
 
 
+def stage_c1_concepts(store, home, out) -> str:
+    """C1's concept AUROC at this size: a synthetic store has no vocabulary, so its token ids
+    get stand-in texts (Python-like, seeded) in this process only; the cost is real, the
+    AUROCs mean nothing."""
+    import numpy as np
+
+    from featstore.analysis.evidence import concept_auroc
+    from featstore.sources.synth import VOCAB_SIZE
+
+    pieces = np.array(["(", ")", ":", ",", ".", " =", " def", " if", "#", '"', "\n", " x",
+                       " self", " 1", " None", "    ", " Foo", " BAR", " return", "'"])  # fmt: skip
+    texts = np.random.default_rng(0).choice(pieces, VOCAB_SIZE).tolist()
+    store.vocab = lambda: texts
+
+    def whole(shard):  # `Store.sequences` refuses a partial last sequence (50,000 = 390.6 x 128)
+        tokens = store.tokens(shard)["token"].to_numpy()
+        return tokens[: tokens.size // 128 * 128].reshape(-1, 128)
+
+    store.sequences = whole
+    table = concept_auroc(store, LAYERS, store.shards(6), "python")
+    return f"best AUROC of {table['concept'].n_unique()} concepts x {len(LAYERS)} layers " \
+        "(stand-in texts for the synthetic token ids)"
+
+
 def stage_gates(store, home, out) -> str:
     from featstore.analysis.gates import all_parent_sets, gates
 
