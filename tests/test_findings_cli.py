@@ -138,6 +138,7 @@ def test_an_out_path_that_is_a_file_or_link_is_refused(home, tmp_path, capsys):
     assert list(target.iterdir()) == [] and (tmp_path / "file").read_text() == "keep"
 
 
+@pytest.mark.slow  # ~30 s on the shared machine
 def test_planted_structure_is_recovered_at_24576_features(tmp_path, capsys):
     """GPT-2 small's width (the synth default), few tokens: chains, gates, vanishing features."""
     home = tmp_path / "wide"
