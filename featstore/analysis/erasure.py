@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from featstore.analysis.graph import Graph, as_edges
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
-from featstore.stats.query import PairQuery, pair_blocks
+from featstore.stats.best import best_partners
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store.local import Store
 
@@ -166,13 +166,10 @@ def best_cosine(w_a, w_b, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
 
 def best_pearson(store: Store, a: int, b: int, shards: Sequence[str] | None) -> pl.DataFrame:
     """`feature, best_pearson`: each co-active feature of `a`'s largest Pearson with a feature of
-    `b`, block by block of `a` (`pair_blocks`): no table of all pairs is held or saved."""
-    blocks = pair_blocks(store, PairQuery(a, b, shards=shards, save=False), count=False)
-    best = [
-        frame.group_by("feature_a").agg(best_pearson=pl.col("pearson").max()) for frame, _ in blocks
-    ]
-    return pl.concat(best).select(pl.col("feature_a").cast(pl.Int64).alias("feature"),
-                                  "best_pearson")  # fmt: skip
+    `b` (`stats.best.best_partners`: one compiled pass that keeps each feature's best, writing no
+    pair out; no table of all pairs is held or saved)."""
+    found = best_partners(store, a, b, "pearson", min_both=1, shards=shards)
+    return found.select(pl.col("feature").cast(pl.Int64), pl.col("value").alias("best_pearson"))
 
 
 def gradual_change(

@@ -161,14 +161,17 @@ def _calibration_tokens(source: Source, sequences: int = CALIBRATION_SEQUENCES) 
 
 
 def calibration_residuals(
-    source: Source, model: HookedTransformer, sequences: int = CALIBRATION_SEQUENCES
+    source: Source,
+    model: HookedTransformer,
+    sequences: int = CALIBRATION_SEQUENCES,
+    layers: tuple[int, ...] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Each layer's (tokens, d_model) residual at its hook on the calibration text (the first
     `sequences` sequences of each text shard), BOS excluded (as SAEs are trained): one forward
-    pass for all layers."""
+    pass for all layers (`layers`: some of the source's; None: all)."""
     import torch
 
-    hooks = {layer: source.hook_name(layer) for layer in source.layers}
+    hooks = {layer: source.hook_name(layer) for layer in layers or source.layers}
     with torch.inference_mode():
         _, cache = model.run_with_cache(_calibration_tokens(source, sequences), names_filter=list(
             hooks.values()), stop_at_layer=max(hooks) + 1)  # fmt: skip
