@@ -19,6 +19,8 @@ from featstore.defaults import (
     GRAPHML_MAX_EDGES,
     MIN_BOTH,
     MIN_EFFECT,
+    SERVE_HOST,
+    SERVE_PORT,
 )
 from featstore.errors import FeatstoreError
 
@@ -703,8 +705,8 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_steer)
 
     p = sub.add_parser("serve", help="the feature explorer: a local web app, or --export a site")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8765, help="port to listen on (1-65535)")
+    p.add_argument("--host", default=SERVE_HOST, help="address to listen on")
+    p.add_argument("--port", type=int, default=SERVE_PORT, help="port to listen on (1-65535)")
     p.add_argument("--export", type=out_path, default=None, metavar="DIR",
                    help="write a static site instead")  # fmt: skip
     p.add_argument("--features", nargs="+", default=None, metavar="LAYER:ID",

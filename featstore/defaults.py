@@ -22,6 +22,8 @@ MIN_BOTH = 2  # default support of an edge: a pair seen together once is no edge
 MIN_EFFECT = 0.1  # |relative effect| of a causal edge
 CAUSAL_SEQUENCES = 16  # sequences per shard patched for causal edges
 DEFAULT_MEASURE = "pearson"  # orders a feature page's partners (`featstore serve`)
+SERVE_HOST, SERVE_PORT = "127.0.0.1", 8765  # where `featstore serve` listens by default
+EXPLORER_URL = f"http://{SERVE_HOST}:{SERVE_PORT}"  # where feature cards link to
 NULL_SHIFTS = 20  # alignments of a pair's null model on a feature page (`featstore.stats.shifted`)
 # graph.graphml holds at most this many edges (the strongest by |metric|); edges.parquet holds
 # all. GraphML readers (networkx, Gephi) hold the whole graph: ~1M edges is a few GB there.

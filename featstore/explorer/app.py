@@ -23,7 +23,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from featstore.analysis.cards import busiest_features
-from featstore.defaults import DEFAULT_MEASURE
+from featstore.defaults import DEFAULT_MEASURE, SERVE_HOST, SERVE_PORT
 from featstore.errors import FeatstoreError
 from featstore.explorer import pages
 from featstore.explorer.graphview import neighbourhood
@@ -34,7 +34,7 @@ from featstore.store import spec
 from featstore.store.local import Store
 
 Node = tuple[int, int]
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
+DEFAULT_HOST, DEFAULT_PORT = SERVE_HOST, SERVE_PORT
 CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
        "img-src 'self' data:; form-action 'self'; base-uri 'none'")  # fmt: skip
 DEFAULT_THRESHOLD = 0.1

@@ -12,7 +12,13 @@ from featstore.analysis.cards import busiest_features, write_cards
 from featstore.analysis.compare import CompareConfig, run_comparison
 from featstore.analysis.graph import EDGES
 from featstore.analysis.logits import store_logit_effects, write_logit_effects
-from featstore.defaults import DEFAULT_ENGINE, EDGE_THRESHOLD, MEASURE_THRESHOLDS, MIN_BOTH
+from featstore.defaults import (
+    DEFAULT_ENGINE,
+    EDGE_THRESHOLD,
+    EXPLORER_URL,
+    MEASURE_THRESHOLDS,
+    MIN_BOTH,
+)
 from featstore.errors import FeatstoreError
 from featstore.store.spec import CARDS_DIR, COMPARISON_DIR
 from pipelines.assets.extraction import activations, encoder_config
@@ -40,7 +46,7 @@ class FeatureCardsConfig(dg.Config):
     partners: int = 10  # predecessors and successors per page
     sort_by: str = "pearson"
     min_both: int = MIN_BOTH
-    explorer_url: str = "http://127.0.0.1:8765"  # where `featstore serve` runs: cards link there
+    explorer_url: str = EXPLORER_URL  # where `featstore serve` runs: cards link there
 
 
 class LogitEffectsConfig(dg.Config):
