@@ -220,3 +220,8 @@ def test_dagster_assets_write_the_comparison_and_the_cards(setup):
     assert meta["method_comparison"]["agreement_png"].value.startswith("![agreement.png]")
     assert (store.home / "comparison" / "null_counts.parquet").exists()
     assert meta["feature_cards"]["pages"].value == len(list((store.home / "cards").glob("L*.html")))
+    # the Dagster UI links each card to its page in the explorer (`featstore serve`)
+    urls = meta["feature_cards"]["urls"].value.splitlines()
+    keys = [k.removeprefix("L").split(":") for k in meta["feature_cards"]["features"].value]
+    assert urls == [f"- [L{x}:{f}](http://127.0.0.1:8765/features/{x}/{f})" for x, f in keys]
+    assert len(keys) == meta["feature_cards"]["pages"].value
