@@ -212,3 +212,14 @@ def test_tiny_source_concepts_are_found(tmp_path):
     best = best_features(scores, top=1)
     for concept in ("open_bracket", "self", "colon"):
         assert best.filter(pl.col("concept") == concept)["auroc"][0] > 0.9, concept
+
+
+def test_scores_by_feature_blocks_equal_the_whole(small_store, monkeypatch):
+    """Scoring a few features at a time (what bounds memory at 24,576 features) changes nothing."""
+    from featstore.analysis import concepts as module
+
+    concepts = load_concepts("python")
+    whole = module.score_store(small_store, concepts, [6, 7])
+    monkeypatch.setattr(module, "FEATURE_BLOCK", 7)
+    blocked = module.score_store(small_store, concepts, [6, 7])
+    assert blocked.equals(whole)

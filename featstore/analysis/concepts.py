@@ -228,8 +228,21 @@ def score_store(
     parts = []
     for layer in layers:
         codes = stacked_codes(store, layer, shards, seqs)[keep]
-        parts.append(scores_frame(concept_scores(codes, labels), concepts, layer))
+        parts.append(scores_frame(blocked_scores(codes, labels), concepts, layer))
     return pl.concat(parts)
+
+
+FEATURE_BLOCK = 4096  # features scored at a time: the ranks' temporaries are ~40 bytes a nonzero
+
+
+def blocked_scores(codes: sp.csr_matrix, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """`concept_scores` computed `FEATURE_BLOCK` features at a time (each feature's scores need
+    only its own column), so the sort behind the ranks holds one block's nonzeros, not the
+    layer's: the layer's codes (12 bytes a nonzero) are what grows with the tokens."""
+    blocks = [concept_scores(codes[:, lo : lo + FEATURE_BLOCK], labels)
+              for lo in range(0, codes.shape[1], FEATURE_BLOCK)]  # fmt: skip
+    return {k: (blocks[0][k] if k == "n_concept" else
+                np.concatenate([b[k] for b in blocks], axis=-1)) for k in blocks[0]}  # fmt: skip
 
 
 def best_features(scores: pl.DataFrame, top: int = 5, min_fire: int = 1) -> pl.DataFrame:
