@@ -19,6 +19,7 @@ from featstore.defaults import (
     GRAPHML_MAX_EDGES,
     MIN_BOTH,
     MIN_EFFECT,
+    NULL_SHIFTS,
     SERVE_HOST,
     SERVE_PORT,
 )
@@ -406,14 +407,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     app.check_port(args.port)
     check_measure_name(args.measure)
+    if args.null_shifts < 2:
+        raise FeatstoreError(f"--null-shifts must be at least 2, got {args.null_shifts}")
     keys = [parse_key(k) for k in args.features or []]
     store = _open(args)
     if args.export:
-        paths = app.export(store, args.export, keys, n=args.n, measure=args.measure)
+        paths = app.export(store, args.export, keys, n=args.n, measure=args.measure,
+                           null_shifts=args.null_shifts)  # fmt: skip
         print(f"wrote {len(paths)} pages to {args.export} (open index.html)")
         return 0
     print(f"featstore explorer on http://{args.host}:{args.port}/ (Ctrl-C stops it)")
-    app.serve(store, args.host, args.port)
+    app.serve(store, args.host, args.port, args.null_shifts)
     return 0
 
 
@@ -715,6 +719,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--measure", default=DEFAULT_MEASURE,
                    help="--export: the pair_stats column that orders partners and colours the "
                    "graph (the server lets the reader choose)")  # fmt: skip
+    p.add_argument("--null-shifts", type=int, default=NULL_SHIFTS,
+                   help="alignments of each partner's null model (its p-value's floor is "
+                   "1 / (K + 1); docs/MEASURES.md)")  # fmt: skip
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("logits", help="logit effects of every feature (top promoted/suppressed)")

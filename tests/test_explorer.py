@@ -285,6 +285,23 @@ def test_export_takes_the_measure(setup, capsys, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_export_takes_the_null_shifts(setup, capsys, tmp_path):
+    store, acts, _ = setup
+    status, _, _ = cli(capsys, store.home, "serve", "--export", str(tmp_path / "site"),
+                       "--features", "7:2", "--null-shifts", "4")  # fmt: skip
+    assert status == 0
+    dom = Dom((tmp_path / "site" / "features" / "7" / "2.html").read_text())
+    assert "realigned 4 ways" in dom.ids["null-note"]
+    row = next(r for r in dom.partner_rows if r["layer"] == 8)
+    null = null_reference(store, acts, 7, 8, 2, row["feature"], "pearson", 4)
+    assert row["null-mean"] == pytest.approx(null.mean(), rel=1e-9, abs=1e-12)
+    for bad in ("1", "-3", "x"):
+        status, _, err = cli(capsys, store.home, "serve", "--export", str(tmp_path / "bad"),
+                             "--null-shifts", bad)  # fmt: skip
+        assert_one_line_error(status, err, "null-shifts")
+        assert not (tmp_path / "bad").exists()
+
+
 def test_cli_refuses_bad_port_and_missing_store(capsys, tmp_path):
     assert_one_line_error(*cli(capsys, tmp_path, "serve", "--port", "70000")[::2], "port")
     status, _, err = cli(capsys, tmp_path / "none", "serve", "--export", str(tmp_path / "o"))

@@ -23,7 +23,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from featstore.analysis.cards import busiest_features
-from featstore.defaults import DEFAULT_MEASURE, SERVE_HOST, SERVE_PORT
+from featstore.defaults import DEFAULT_MEASURE, NULL_SHIFTS, SERVE_HOST, SERVE_PORT
 from featstore.errors import FeatstoreError
 from featstore.explorer import pages
 from featstore.explorer.graphview import neighbourhood
@@ -85,11 +85,13 @@ def _html(body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(body, status, headers={"Content-Security-Policy": CSP})
 
 
-def create_app(store: Store, n_index: int = 40, warm: bool = False) -> Starlette:
+def create_app(
+    store: Store, n_index: int = 40, warm: bool = False, null_shifts: int = NULL_SHIFTS
+) -> Starlette:
     """The explorer over `store` (read only); `warm`: bring the SQL index in step with the
     store in the background from the start (after an extraction it is rebuilt), so that the
     first reader waits less."""
-    ex = Explorer(store)
+    ex = Explorer(store, null_shifts=null_shifts)
     if warm:
         threading.Thread(target=ex.warm, daemon=True).start()
     site = pages.Site(labels=labeller(ex))
@@ -131,11 +133,15 @@ def create_app(store: Store, n_index: int = 40, warm: bool = False) -> Starlette
     ])  # fmt: skip
 
 
-def serve(store: Store, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> None:
+def serve(
+    store: Store, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+    null_shifts: int = NULL_SHIFTS,
+) -> None:  # fmt: skip
     import uvicorn
 
     check_port(port)
-    uvicorn.run(create_app(store, warm=True), host=host, port=port, log_level="warning")
+    app = create_app(store, warm=True, null_shifts=null_shifts)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 # -- the static export -----------------------------------------------------------------------------
@@ -157,11 +163,13 @@ def _write(path: Path, text: str) -> Path:
 
 
 def export(store: Store, out: str | os.PathLike[str], features: Sequence[Node] | None = None,
-           n: int = 50, measure: str = DEFAULT_MEASURE) -> list[Path]:  # fmt: skip
+           n: int = 50, measure: str = DEFAULT_MEASURE,
+           null_shifts: int = NULL_SHIFTS) -> list[Path]:  # fmt: skip
     """Write the pages of `features` (default: the `n` busiest) as a static site into `out`,
-    partners ordered and the graph coloured by `measure` (a `pair_stats` column)."""
+    partners ordered and the graph coloured by `measure` (a `pair_stats` column), each partner
+    against `null_shifts` alignments of the null model."""
     check_measure_name(measure)
-    ex = Explorer(store)
+    ex = Explorer(store, null_shifts=null_shifts)
     keys = list(dict.fromkeys(features)) if features else home_features(ex, n)
     for key in keys:
         ex.check(*key)
