@@ -248,6 +248,22 @@ def test_bad_requests_are_one_line_4xx(setup):
         assert needle in got.text and "Traceback" not in got.text
 
 
+def test_concurrent_requests_see_what_one_at_a_time_sees(setup):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.testclient import TestClient
+
+    store, _, _ = setup
+    urls = [f"/features/{x}/{f}?measure={m}" for x in (6, 7, 8) for f in (1, 2, 4)
+            for m in ("pearson", "jaccard")] + ["/graph/7/2", "/search?q=w5", "/"]  # fmt: skip
+    one = TestClient(app.create_app(store))
+    want = {u: one.get(u).text for u in urls}
+    client = TestClient(app.create_app(store, warm=True))  # warming up while pages are asked
+    with ThreadPoolExecutor(8) as pool:
+        got = dict(zip(urls, pool.map(lambda u: client.get(u).text, urls), strict=True))
+    assert got == want
+
+
 def test_damaged_chunk_is_reported_not_shown_as_zeros(setup, tmp_path):
     from starlette.testclient import TestClient
 
