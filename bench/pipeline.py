@@ -1,7 +1,7 @@
 """Every stage of the pipeline at the users' size: wall time and peak memory per stage, projected.
 
     flock /tmp/featstore-heavy.lock .venv/bin/python bench/pipeline.py --source gpt2-random \
-        --tokens 16384 32768
+        --tokens 16384 32768 [--cache DIR] [--results runs.json]
 
 For each token count N (tokens per layer), a fresh store is filled by `featstore.stages` in
 order (extraction, per-shard sums, statistics, graph, plots, decoder cosine, concepts,
@@ -11,6 +11,13 @@ own. Text: Python's standard library sources (featstore.sources.train_tiny's cor
 shards of `--shard-tokens` tokens each. With two token counts, each stage's time and memory are
 projected to 10^6 and 10^7 tokens by the power law through the two measurements
 (t = t1 * (N / N1)^k, k = log(t2 / t1) / log(N2 / N1)); a stage over 16 GB peak is marked.
+
+A generated source (`gpt2-random`) is built on first use into `--cache` (FEATSTORE_CACHE); when
+it is not there yet, that is timed first as its own row (`source`, once: it does not grow with
+tokens). `--results FILE` keeps each token count's rows, so that two counts can be measured in
+two runs (each under the heavy lock's time limit) and the table printed with both.
+The costly analyses run on fixed samples (`--causal-edges`, ...; see `Plan`): their cost is per
+edge or sequence asked, not per token stored.
 """
 
 from __future__ import annotations
@@ -72,9 +79,33 @@ def stage_main(name: str, home: str, plan_json: str) -> None:
     from featstore.store.home import open_store
 
     plan = Plan(**{**json.loads(plan_json), "layers": tuple(json.loads(plan_json)["layers"])})
-    made = STAGES[name](open_store(home, create=True), plan)
+    if name == "source":  # the generated source, built on first use (not a store stage)
+        Path(home).mkdir(parents=True, exist_ok=True)
+        made = generate_source(plan.source)
+    else:
+        made = STAGES[name](open_store(home, create=True), plan)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     Path(home, f".bench-{name}.json").write_text(json.dumps({"peak_gb": peak, "made": made}))
+
+
+def generate_source(name: str) -> str:
+    """The source's model folder, generated first when it is not in the cache."""
+    from featstore.sources.registry import get_source
+
+    source = get_source(name)
+    if source.model["kind"] != "generated":
+        return f"{name}: not generated"
+    return f"{name}: {source.embedded_model_folder().parent}"
+
+
+def source_cached(name: str) -> bool:
+    from featstore.sources import generated
+    from featstore.sources.registry import get_source
+
+    source = get_source(name)
+    if source.model["kind"] != "generated":
+        return True
+    return any((p / generated.DONE).exists() for p in generated.cache_root().glob(f"{name}-*"))
 
 
 def run_all(tokens: int, args: argparse.Namespace, root: Path) -> list[dict]:
@@ -82,7 +113,9 @@ def run_all(tokens: int, args: argparse.Namespace, root: Path) -> list[dict]:
     per_shard = min(tokens, args.shard_tokens)
     write_text(text, tokens, per_shard)
     plan = Plan(source=args.source, text_dir=str(text), max_sequences=per_shard // SEQ_LEN,
-                seq_len=SEQ_LEN, device=args.device)  # fmt: skip
+                seq_len=SEQ_LEN, device=args.device, causal_sequences=args.causal_sequences,
+                causal_edges=args.causal_edges, causal_random=args.causal_random,
+                erasure_sequences=args.erasure_sequences)  # fmt: skip
     home = root / f"home-{tokens}"
     rows = []
     for name in args.stages:
@@ -103,6 +136,8 @@ def projected(v1: float, v2: float, n1: int, n2: int, n: int) -> float:
 
 def table(runs: dict[int, list[dict]]) -> str:
     counts = sorted(runs)
+    first = {r["stage"] for r in runs[counts[0]]}
+    runs = {n: [r for r in rows if r["stage"] in first] for n, rows in runs.items()}
     head = ["stage"] + [f"{n:,} tok: s / GB" for n in counts]
     if len(counts) >= 2:
         head += [f"10^{round(math.log10(n))} tok: s / GB (projected)" for n in PROJECT]
@@ -132,6 +167,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="of extraction, causal edges and erasure")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     p.add_argument("--work", default=None, help="folder for the stores (default: a temporary one)")
+    p.add_argument("--cache", default=None, help="FEATSTORE_CACHE: where a generated source is")
+    p.add_argument("--results", default=None, help="JSON file keeping every token count's rows")
+    p.add_argument("--causal-sequences", type=int, default=1, help="per shard")
+    p.add_argument("--causal-edges", type=int, default=10, help="graph edges per layer pair")
+    p.add_argument("--causal-random", type=int, default=5, help="random pairs per layer pair")
+    p.add_argument("--erasure-sequences", type=int, default=4, help="per shard")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--home", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)
@@ -139,9 +180,23 @@ def main() -> None:
     if args.stage:
         return stage_main(args.stage, args.home, args.plan)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if args.cache:
+        os.environ["FEATSTORE_CACHE"] = args.cache
+    saved = Path(args.results) if args.results else None
+    runs = {int(n): rows for n, rows in json.loads(saved.read_text()).items()} if (
+        saved and saved.exists()) else {}  # fmt: skip
+    if not source_cached(args.source):
+        with tempfile.TemporaryDirectory(dir=args.work) as root:
+            row = run_stage("source", Path(root), Plan(source=args.source))
+        print(f"  {'':>9} {'source':<15} {row['seconds']:8.1f} s {row['peak_gb']:6.2f} GB  "
+              f"{row['made']}", flush=True)  # fmt: skip
+        runs.setdefault(0, []).append(row)
     with tempfile.TemporaryDirectory(dir=args.work) as root:
-        runs = {n: run_all(n, args, Path(root)) for n in sorted(args.tokens)}
-    print(table(runs))
+        for n in sorted(args.tokens):
+            runs[n] = run_all(n, args, Path(root))
+            if saved:
+                saved.write_text(json.dumps(runs, indent=1))
+    print(table({n: rows for n, rows in runs.items() if n > 0}))
 
 
 if __name__ == "__main__":
