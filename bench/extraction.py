@@ -17,6 +17,8 @@ points: `from csr` starts where a GPU hands over (the nonzeros found on the devi
 `dense_to_csr` already run: checks, per-feature statistics, compression, commit), `from dense`
 starts from dense codes in host memory (CPU extraction: `dense_to_csr` included). Run it once
 with `PYTHONPATH` at a worktree of the baseline commit and once at this one, back to back.
+`--shuffle byte bit` measures the store's blosc chunks with each shuffle in one run (the store's
+codec patched for the run), with the bytes stored per nonzero.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import contextlib
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
@@ -139,9 +142,10 @@ def synthetic_codes(batch_tokens: int, d_sae: int = GPT2_D_SAE, seed: int = 0) -
     return codes
 
 
-def host_rate(batches: list, to_csr: bool) -> tuple[float, float, int]:
-    """(nonzeros per CPU second, per wall second, nonzeros) of storing `batches` (dense codes,
-    or their CSR with `to_csr` False) into four layers of a fresh store, commit included."""
+def host_rate(batches: list, to_csr: bool) -> tuple[float, float, int, int]:
+    """(nonzeros per CPU second, per wall second, nonzeros, bytes stored) of storing `batches`
+    (dense codes, or their CSR with `to_csr` False) into four layers of a fresh store, commit
+    included."""
     nnz = 0
     with tempfile.TemporaryDirectory() as home:
         store = open_store(home, create=True)
@@ -153,23 +157,39 @@ def host_rate(batches: list, to_csr: bool) -> tuple[float, float, int]:
                     nnz += csr.nnz
                     writer.append(csr)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return nnz / cpu, nnz / wall, nnz
+        stored = sum(f.stat().st_size for f in Path(home).rglob("*") if f.is_file())
+    return nnz / cpu, nnz / wall, nnz, stored
+
+
+SHUFFLES = {"byte": "shuffle", "bit": "bitshuffle"}
 
 
 def measure_host(args) -> None:
+    from zarr.codecs import BloscCodec
+
+    from featstore.store import writers
+
     tokens = args.batch_size * 128
     # Two distinct batches, cycled: dense codes take 0.4 GB per 4,096 tokens.
     dense = [synthetic_codes(tokens, seed=i) for i in range(2)] * (args.batches // 2)
     csrs = [dense_to_csr(codes) for codes in dense[:2]] * (args.batches // 2)
     host_rate(csrs[:1], False)  # warm-up: imports, compilation
-    for name, batches, to_csr in (("from csr", csrs, False), ("from dense", dense, True)):
-        per_cpu, per_wall, nnz = host_rate(batches, to_csr)
-        print(
-            f"host {name:<10} {per_cpu / 1e6:7.1f} M nonzeros/CPU-s  {per_wall / 1e6:7.1f} M "
-            f"nonzeros/s  ({nnz:,} nonzeros, 4 layers x {args.batches} batches x {tokens} "
-            f"tokens, L0 {nnz / (4 * args.batches * tokens):.0f}, torch threads "
-            f"{torch.get_num_threads()})"
-        )
+    blosc, *rest = writers.CODECS
+    for shuffle in args.shuffle or [None]:
+        if shuffle is not None:
+            patched = BloscCodec(cname=blosc.cname, clevel=blosc.clevel, shuffle=SHUFFLES[shuffle])
+            writers.CODECS = (patched, *rest)
+        for name, batches, to_csr in (("from csr", csrs, False), ("from dense", dense, True)):
+            per_cpu, per_wall, nnz, stored = host_rate(batches, to_csr)
+            print(
+                f"host {name:<10} {shuffle or 'store':<5} {per_cpu / 1e6:7.1f} M nonzeros/CPU-s  "
+                f"{per_wall / 1e6:7.1f} M nonzeros/s  {stored / nnz:5.2f} B/nonzero  "
+                f"({nnz:,} nonzeros, 4 layers x {args.batches} batches x {tokens} tokens, "
+                f"L0 {nnz / (4 * args.batches * tokens):.0f}, torch threads "
+                f"{torch.get_num_threads()})",
+                flush=True,
+            )
+        writers.CODECS = (blosc, *rest)
 
 
 def main() -> None:
@@ -178,6 +198,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--host", action="store_true", help="the host path alone (see above)")
+    p.add_argument("--shuffle", nargs="+", choices=sorted(SHUFFLES), default=None,
+                   help="--host: blosc shuffles to compare (default: the store's)")  # fmt: skip
     args = p.parse_args()
     if args.host:
         measure_host(args)
