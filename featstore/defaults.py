@@ -20,6 +20,7 @@ EDGE_THRESHOLD = 0.2  # Pearson (or Jaccard) of a feature-graph edge and a corre
 AGREEMENT_THRESHOLD = 0.99  # agreement is near 1 for most pairs of sparse features
 MIN_BOTH = 2  # default support of an edge: a pair seen together once is no edge
 MIN_EFFECT = 0.1  # |relative effect| of a causal edge
+DECODER_K = 10  # decoder cosines kept per feature (each feature's top k, as row and as column)
 CAUSAL_SEQUENCES = 16  # sequences per shard patched for causal edges
 DEFAULT_MEASURE = "pearson"  # orders a feature page's partners (`featstore serve`)
 SERVE_HOST, SERVE_PORT = "127.0.0.1", 8765  # where `featstore serve` listens by default

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from featstore.defaults import DECODER_K
 from featstore.errors import FeatstoreError
 from featstore.store import spec
 from featstore.store.local import Store
@@ -36,7 +37,7 @@ class Plan:
     causal_random: int = 100  # random control pairs per layer pair
     erasure_sequences: int = 8  # per shard
     cards: int = 5
-    decoder_k: int = 10
+    decoder_k: int = DECODER_K
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted(self.layers)))

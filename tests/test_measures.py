@@ -344,3 +344,31 @@ def test_decoder_cosine_in_stats_and_graph_commands(edge_store, tmp_path, monkey
     assert sorted(edges.select("feature_a", "feature_b").rows()) == sorted(
         want.select("feature_a", "feature_b").rows()
     )
+
+
+def test_decoder_cosines_are_saved_once_per_pair_of_decoders(tmp_path, monkeypatch):
+    """Saved under a digest of both decoders and k; read back instead of recomputed; another
+    decoder or k is another file; a damaged file is computed again; the best of the top k is
+    each row's largest cosine (numpy over the whole matrix)."""
+    import types
+
+    store = types.SimpleNamespace(home=tmp_path)
+    rng = np.random.default_rng(4)
+    w_a, w_b = rng.normal(size=(40, 12)).astype(np.float32), rng.normal(size=(33, 12))
+    first = decoders.saved_decoder_cosine(store, w_a, w_b, 4)
+    assert first.equals(decoders.decoder_cosine(w_a, w_b, 4))
+    (saved,) = (tmp_path / "decoders").glob("*.parquet")
+    monkeypatch.setattr(decoders, "decoder_cosine", lambda *a: pytest.fail("recomputed"))
+    assert decoders.saved_decoder_cosine(store, w_a, w_b, 4).equals(first)
+    monkeypatch.undo()
+    decoders.saved_decoder_cosine(store, w_a, w_b * 2 + 1, 4)
+    decoders.saved_decoder_cosine(store, w_a, w_b, 5)
+    assert len(list((tmp_path / "decoders").glob("*.parquet"))) == 3
+    saved.write_bytes(b"not parquet")
+    assert decoders.saved_decoder_cosine(store, w_a, w_b, 4).equals(first)
+    assert pl.read_parquet(saved).equals(first)
+    cos, match = decoders.best_of_top_k(first, 40)
+    unit = lambda w: w / np.linalg.norm(w, axis=1, keepdims=True)  # noqa: E731
+    full = unit(w_a.astype(np.float64)) @ unit(w_b).T
+    np.testing.assert_allclose(cos, full.max(1), atol=1e-6)
+    np.testing.assert_array_equal(match, full.argmax(1))

@@ -22,9 +22,15 @@ import polars as pl
 import scipy.stats
 from matplotlib.figure import Figure
 
-from featstore.analysis.decoders import decoder_cosine, store_decoders
+from featstore.analysis.decoders import saved_decoder_cosine, store_decoders
 from featstore.analysis.graph import build_graph
-from featstore.defaults import DEFAULT_ENGINE, EDGE_THRESHOLD, MEASURE_THRESHOLDS, MIN_BOTH
+from featstore.defaults import (
+    DECODER_K,
+    DEFAULT_ENGINE,
+    EDGE_THRESHOLD,
+    MEASURE_THRESHOLDS,
+    MIN_BOTH,
+)
 from featstore.errors import FeatstoreError
 from featstore.figures import no_data, pair_label, save
 from featstore.files import write_parquet_atomic
@@ -49,7 +55,7 @@ class CompareConfig:
     min_both: int = MIN_BOTH
     distances: tuple[int, ...] = (1, 2, 3)
     null_quantile: float = 0.95  # corrected threshold: this quantile of the null's best scores
-    decoder_k: int = 10  # decoder cosines kept per feature; 0: no decoder_cosine method
+    decoder_k: int = DECODER_K  # decoder cosines kept per feature; 0: no decoder_cosine method
     community_metric: str = "pearson"
     community_threshold: float = EDGE_THRESHOLD
     seed: int = 0
@@ -187,7 +193,8 @@ def decoder_scores(
         return {}, str(exc)
     pairs = itertools.pairwise(sorted(layers))
     return {
-        (a, b): decoder_cosine(w[a], w[b], k).rename({"decoder_cosine": "score"}) for a, b in pairs
+        (a, b): saved_decoder_cosine(store, w[a], w[b], k).rename({"decoder_cosine": "score"})
+        for a, b in pairs
     }, None
 
 

@@ -8,12 +8,16 @@ source a store's activations came from; no activations are read.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import polars as pl
 
+from featstore.defaults import DECODER_K
 from featstore.errors import FeatstoreError
+from featstore.files import write_parquet_atomic
+from featstore.store import spec
 from featstore.store.local import Store
 
 
@@ -106,7 +110,42 @@ def store_decoders(store: Store, layers: Iterable[int]) -> dict[int, np.ndarray]
     return {lay: load_decoder(store_source(store, lay), lay) for lay in sorted(set(layers))}
 
 
-def store_decoder_cosine(store: Store, a: int, b: int, k: int = 10) -> pl.DataFrame:
+def store_decoder_cosine(store: Store, a: int, b: int, k: int = DECODER_K) -> pl.DataFrame:
     """`decoder_cosine` of two layers' SAEs, from the source their activations came from."""
     w = store_decoders(store, (a, b))
-    return decoder_cosine(w[a], w[b], k)
+    return saved_decoder_cosine(store, w[a], w[b], k)
+
+
+COSINE_SCHEMA = {"feature_a": pl.Int32, "feature_b": pl.Int32, "decoder_cosine": pl.Float64}
+
+
+def saved_decoder_cosine(store: Store, w_a: np.ndarray, w_b: np.ndarray, k: int) -> pl.DataFrame:
+    """`decoder_cosine`, kept in `{home}/decoders/` under a digest of the two decoders and k:
+    at GPT-2 size a pair is a 464 GFLOP product, asked for by the decoder stage, the comparison
+    and erasure's gradual change alike. A file that is missing, unreadable or of another schema
+    is computed again (and replaced)."""
+    digest = hashlib.sha256(f"{w_a.shape} {w_b.shape} {k}".encode())
+    for w in (w_a, w_b):
+        digest.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+    path = store.home / spec.DECODERS_DIR / f"{digest.hexdigest()[:32]}.parquet"
+    if path.is_file():
+        try:
+            found = pl.read_parquet(path)
+            if found.schema == pl.Schema(COSINE_SCHEMA):
+                return found
+        except (OSError, pl.exceptions.PolarsError):
+            pass
+    frame = decoder_cosine(w_a, w_b, k)
+    write_parquet_atomic(frame, path)
+    return frame
+
+
+def best_of_top_k(frame: pl.DataFrame, d_a: int) -> tuple[np.ndarray, np.ndarray]:
+    """From a `decoder_cosine` frame (each feature_a's top k among its rows): each feature_a's
+    largest cosine and its feature_b (ties: the lower one); NaN and -1 where it has no row."""
+    best = frame.sort(["feature_a", "decoder_cosine", "feature_b"], descending=[False, True, False])
+    best = best.unique("feature_a", keep="first")
+    cos, match = np.full(d_a, np.nan), np.full(d_a, -1, np.int64)
+    rows = best["feature_a"].to_numpy()
+    cos[rows], match[rows] = best["decoder_cosine"].to_numpy(), best["feature_b"].to_numpy()
+    return cos, match

@@ -21,7 +21,9 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from featstore.analysis.decoders import best_of_top_k, saved_decoder_cosine
 from featstore.analysis.graph import Graph, as_edges
+from featstore.defaults import DECODER_K
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
 from featstore.stats.best import best_partners
@@ -154,14 +156,12 @@ def component_table(features: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def best_cosine(w_a, w_b, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of w_a: the largest cosine with any row of w_b, and that row."""
-    import torch
-
-    a = torch.nn.functional.normalize(w_a.detach().float(), dim=1)
-    b = torch.nn.functional.normalize(w_b.detach().float(), dim=1)
-    best = [(a[lo : lo + chunk] @ b.T).max(dim=1) for lo in range(0, a.shape[0], chunk)]
-    return torch.cat([v for v, _ in best]).numpy(), torch.cat([i for _, i in best]).numpy()
+def best_cosine(store: Store, w_a, w_b) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of w_a (a torch W_dec): the largest cosine with any row of w_b, and that row; from
+    the decoder cosines' top k (`decoders.saved_decoder_cosine`, shared with the decoder stage
+    and the comparison: a GPT-2-sized pair is computed once)."""
+    a, b = (w.detach().float().cpu().numpy() for w in (w_a, w_b))
+    return best_of_top_k(saved_decoder_cosine(store, a, b, DECODER_K), a.shape[0])
 
 
 def best_pearson(store: Store, a: int, b: int, shards: Sequence[str] | None) -> pl.DataFrame:
@@ -183,7 +183,7 @@ def gradual_change(
     for a, b in ((a, b) for a in layers for b in layers if 0 < b - a <= max_distance):
         alive = np.flatnonzero(merged_feature_stats(store, a, chosen).count > 0)
         pearson = best_pearson(store, a, b, shards)
-        cos, match = best_cosine(saes[a].W_dec, saes[b].W_dec)
+        cos, match = best_cosine(store, saes[a].W_dec, saes[b].W_dec)
         frame = pl.DataFrame(
             {
                 "layer": a,

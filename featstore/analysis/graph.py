@@ -29,7 +29,7 @@ import networkx as nx
 import numpy as np
 import polars as pl
 
-from featstore.analysis.decoders import decoder_cosine, store_decoders
+from featstore.analysis.decoders import saved_decoder_cosine, store_decoders
 from featstore.defaults import (
     DEFAULT_ENGINE,
     EDGE_THRESHOLD,
@@ -434,7 +434,7 @@ def _edge_blocks(
     for a, b in pairs:
         if metric in DATA_FREE:
             w = store_decoders(store, [a, b])
-            frames = iter([decoder_cosine(w[a], w[b], top_k)])
+            frames = iter([saved_decoder_cosine(store, w[a], w[b], top_k)])
         else:
             q = PairQuery(a, b, engine=engine, thresholds={metric: threshold}, min_both=need)
             frames = (frame for frame, _ in pair_blocks(store, q, count=False))

@@ -101,7 +101,8 @@ def pairs_path(layer_a: int, layer_b: int, shard: str) -> str:
 
 
 # Derived outputs under the store home (rebuilt from store.zarr; not part of the Zarr spec).
-GRAPH_DIR = "graph"  # graph.graphml, edges.parquet, summary.json
+GRAPH_DIR = "graph"  # edges.parquet, nodes.parquet, summary.json, graph.graphml
+DECODERS_DIR = "decoders"  # {digest}.parquet: decoder cosines' top k (analysis.decoders)
 PLOTS_DIR = "plots"  # the PNGs of featstore.plots
 CONCEPTS_DIR = "concepts"  # best features, traces, one PNG per concept
 ERASURE_DIR = "erasure"  # erasure and gradual-change tables and PNGs

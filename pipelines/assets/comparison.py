@@ -13,6 +13,7 @@ from featstore.analysis.compare import CompareConfig, run_comparison
 from featstore.analysis.graph import EDGES
 from featstore.analysis.logits import store_logit_effects, write_logit_effects
 from featstore.defaults import (
+    DECODER_K,
     DEFAULT_ENGINE,
     EDGE_THRESHOLD,
     EXPLORER_URL,
@@ -33,7 +34,7 @@ class MethodComparisonConfig(dg.Config):
     min_both: int = MIN_BOTH  # pairs co-active on fewer tokens are no candidates
     distances: list[int] = [1, 2, 3]  # layer gaps of the best-match score distributions
     null_quantile: float = 0.95  # null-corrected threshold: this quantile of null best scores
-    decoder_k: int = 10  # decoder cosines kept per feature (0: no decoder_cosine method)
+    decoder_k: int = DECODER_K  # decoder cosines kept per feature (0: no decoder_cosine method)
     community_metric: str = "pearson"
     community_threshold: float = EDGE_THRESHOLD
     seed: int = 0  # Louvain's
