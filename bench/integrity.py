@@ -142,6 +142,9 @@ def main() -> None:
         off = statistics.median(t[i] for t in times[False])
         on = statistics.median(t[i] for t in times[True])
         print(f"{step:<10}{off:>10.2f}{on:>10.2f}{on / off:>9.3f}")
+    for on in (False, True):  # every run, to see the spread the medians hide
+        runs = ", ".join(f"{t[1]:.2f}/{t[3]:.2f}" for t in times[on])
+        print(f"stats wall/cpu, checks {'on' if on else 'off'}: {runs}")
     stats_on = statistics.median(t[1] for t in times[True])
     print(f"checks alone: {alone:.3f} s = {alone / stats_on:.2%} of stats with checks on")
     per_run = sum(STAMPS) / max(len(times[True]), 1)
