@@ -57,7 +57,11 @@ def test_blocks_do_not_change_the_table(setup):
     w_u, scale, centre = logits.unembedding(model)
     whole = logits.logit_effects(decoders[6], w_u, scale=scale, centre=centre, k=3, block_rows=64)
     small = logits.logit_effects(decoders[6], w_u, scale=scale, centre=centre, k=3, block_rows=5)
-    assert whole.equals(small)
+    # The same rows and tokens; the effects to float32 rounding (a matrix product of 5 rows need
+    # not round as one of 64 does: BLAS picks its kernel by shape and threads).
+    keys = ["feature", "kind", "rank", "token"]
+    assert whole.select(keys).equals(small.select(keys))
+    np.testing.assert_allclose(whole["effect"], small["effect"], rtol=1e-5, atol=1e-6)
 
 
 def test_table_is_queryable_and_read_per_feature(setup):
