@@ -453,12 +453,14 @@ def ratio_block(
             j = found[r]
             c = counts[j]
             if c >= min_both:
-                reach = (c / count_b[j] >= least) + 2 * (c / count_a[i] >= least)
-                if reach:
+                necessity = c / count_b[j] >= least
+                sufficiency = c / count_a[i] >= least
+                if necessity or sufficiency:
                     if m == out_a.size:
                         out_a, out_b = _grown(out_a, 2 * m, m), _grown(out_b, 2 * m, m)
                         out_n, out_r = _grown(out_n, 2 * m, m), _grown(out_r, 2 * m, m)
-                    out_a[m], out_b[m], out_n[m], out_r[m] = i, j, c, reach
+                    out_a[m], out_b[m], out_n[m] = i, j, c
+                    out_r[m] = 1 * necessity + 2 * sufficiency
                     m += 1
             sums[j] = 0.0
             counts[j] = 0
