@@ -108,7 +108,9 @@ def source_cached(name: str) -> bool:
     return any((p / generated.DONE).exists() for p in generated.cache_root().glob(f"{name}-*"))
 
 
-def run_all(tokens: int, args: argparse.Namespace, root: Path) -> list[dict]:
+def run_all(
+    tokens: int, args: argparse.Namespace, root: Path, keep=lambda rows: None
+) -> list[dict]:
     text = root / f"text-{tokens}"
     per_shard = min(tokens, args.shard_tokens)
     write_text(text, tokens, per_shard)
@@ -120,6 +122,7 @@ def run_all(tokens: int, args: argparse.Namespace, root: Path) -> list[dict]:
     rows = []
     for name in args.stages:
         rows.append(run_stage(name, home, plan))
+        keep(rows)  # a run stopped by a time limit keeps the stages it finished
         r = rows[-1]
         print(f"  {tokens:>9,} {name:<15} {r['seconds']:8.1f} s {r['peak_gb']:6.2f} GB  "
               f"{r['made']}",
@@ -136,8 +139,8 @@ def projected(v1: float, v2: float, n1: int, n2: int, n: int) -> float:
 
 def table(runs: dict[int, list[dict]]) -> str:
     counts = sorted(runs)
-    first = {r["stage"] for r in runs[counts[0]]}
-    runs = {n: [r for r in rows if r["stage"] in first] for n, rows in runs.items()}
+    done = set.intersection(*({r["stage"] for r in rows} for rows in runs.values()))
+    runs = {n: [r for r in rows if r["stage"] in done] for n, rows in runs.items()}
     head = ["stage"] + [f"{n:,} tok: s / GB" for n in counts]
     if len(counts) >= 2:
         head += [f"10^{round(math.log10(n))} tok: s / GB (projected)" for n in PROJECT]
@@ -193,9 +196,12 @@ def main() -> None:
         runs.setdefault(0, []).append(row)
     with tempfile.TemporaryDirectory(dir=args.work) as root:
         for n in sorted(args.tokens):
-            runs[n] = run_all(n, args, Path(root))
-            if saved:
-                saved.write_text(json.dumps(runs, indent=1))
+
+            def keep(rows: list[dict], n: int = n) -> None:
+                if saved:
+                    saved.write_text(json.dumps({**runs, n: rows}, indent=1))
+
+            runs[n] = run_all(n, args, Path(root), keep)
     print(table({n: rows for n, rows in runs.items() if n > 0}))
 
 
