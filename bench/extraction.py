@@ -165,18 +165,18 @@ SHUFFLES = {"byte": "shuffle", "bit": "bitshuffle"}
 
 
 def measure_host(args) -> None:
-    from zarr.codecs import BloscCodec
-
-    from featstore.store import writers
-
     tokens = args.batch_size * 128
     # Two distinct batches, cycled: dense codes take 0.4 GB per 4,096 tokens.
     dense = [synthetic_codes(tokens, seed=i) for i in range(2)] * (args.batches // 2)
     csrs = [dense_to_csr(codes) for codes in dense[:2]] * (args.batches // 2)
     host_rate(csrs[:1], False)  # warm-up: imports, compilation
-    blosc, *rest = writers.CODECS
     for shuffle in args.shuffle or [None]:
-        if shuffle is not None:
+        if shuffle is not None:  # the store's codec patched (the baseline has no such module)
+            from zarr.codecs import BloscCodec
+
+            from featstore.store import writers
+
+            blosc, *rest = original = writers.CODECS
             patched = BloscCodec(cname=blosc.cname, clevel=blosc.clevel, shuffle=SHUFFLES[shuffle])
             writers.CODECS = (patched, *rest)
         for name, batches, to_csr in (("from csr", csrs, False), ("from dense", dense, True)):
@@ -189,7 +189,8 @@ def measure_host(args) -> None:
                 f"{torch.get_num_threads()})",
                 flush=True,
             )
-        writers.CODECS = (blosc, *rest)
+        if shuffle is not None:
+            writers.CODECS = original
 
 
 def main() -> None:
