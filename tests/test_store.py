@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
+from helpers import build_store, sparse_acts
 
 from featstore import FeatstoreError, open_store
 from featstore.errors import StoreBusyError
@@ -197,3 +198,13 @@ def test_check_finds_every_problem(store):
     assert any("layer 6 shard bad" in p and "data" in p for p in problems)
     assert any("layer 7 shard orphan" in p and "token table has None" in p for p in problems)
     assert not any("good" in p for p in problems)
+
+
+def test_sequences_of_a_shard_that_is_not_whole_sequences_is_one_error(tmp_path):
+    store = build_store(tmp_path / "whole", {6: {"s": sparse_acts(24, 5, 0.3, seed=1)}})
+    got = store.sequences("s")  # 24 tokens in sequences of 8 (helpers.token_frame)
+    want = store.tokens("s")["token"].to_numpy()
+    assert got.shape == (3, 8) and (got.ravel() == want).all()
+    ragged = build_store(tmp_path / "ragged", {6: {"s": sparse_acts(20, 5, 0.3, seed=1)}})
+    with pytest.raises(FeatstoreError, match="20 tokens are not whole sequences of 8"):
+        ragged.sequences("s")

@@ -469,7 +469,15 @@ class Store(Committing):
         """A shard's token ids as (sequences, seq_len), from its token table."""
         table = self.tokens(shard)
         group = self.group(spec.tokens_path(shard), f"token table of shard {shard}")
-        seq_len = int(group.attrs.get("seq_len", 0)) or int(table["pos"].max()) + 1
+        recorded = group.attrs.get("seq_len", 0)
+        if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 0:
+            raise FeatstoreError(f"token table of shard {shard}: bad seq_len {recorded!r}")
+        seq_len = recorded or (int(table["pos"].max()) + 1 if table.height else 1)
+        if table.height % seq_len:
+            raise FeatstoreError(
+                f"shard {shard}: {table.height} tokens are not whole sequences of {seq_len} "
+                "(the model-side analyses patch whole sequences)"
+            )
         return table["token"].to_numpy().reshape(-1, seq_len)
 
     def write_vocab(self, strings: list[str], attrs: Mapping[str, Any] | None = None) -> None:
