@@ -38,6 +38,8 @@ class Plan:
     erasure_sequences: int = 8  # per shard
     cards: int = 5
     decoder_k: int = DECODER_K
+    steered: int = 2  # busiest features of the first layer clamped (steering)
+    findings_features: int = 50  # vanishing features and controls each, for C3a
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(sorted(self.layers)))
@@ -153,6 +155,42 @@ def erasure(store: Store, plan: Plan) -> str:
     return f"{len(paths)} files"
 
 
+def logits(store: Store, plan: Plan) -> str:
+    from featstore.analysis.logits import store_logit_effects, write_logit_effects
+    from featstore.sources.extract import load_model_and_saes
+
+    model, saes = load_model_and_saes(plan.extract_config())
+    w_dec = {layer: saes[layer].W_dec.detach().float().cpu().numpy() for layer in plan.layers}
+    frame = store_logit_effects(store, plan.layers, model=model, decoders=w_dec)
+    write_logit_effects(store, frame)
+    return f"{frame.height} rows"
+
+
+def steering(store: Store, plan: Plan) -> str:
+    from featstore.analysis.steering import SteerConfig, run_steering
+    from featstore.sources.extract import load_model_and_saes
+    from featstore.stats.shardsums import merged_feature_stats
+
+    model, saes = load_model_and_saes(plan.extract_config())
+    first = plan.layers[0]
+    count = merged_feature_stats(store, first, store.shards(first)).count
+    busiest = tuple(int(f) for f in count.argsort()[::-1][: plan.steered])
+    cfg = SteerConfig(layer=first, features=busiest, targets=plan.layers[1:])
+    paths = run_steering(store, model, saes, cfg, max_sequences=plan.causal_sequences)
+    return f"{len(busiest)} features, {len(paths)} tables"
+
+
+def findings(store: Store, plan: Plan) -> str:
+    from featstore.analysis.findings import FindingsConfig, run_findings
+    from featstore.sources.extract import load_model_and_saes
+
+    model, saes = load_model_and_saes(plan.extract_config())
+    cfg = FindingsConfig(layers=plan.layers, max_sequences=plan.erasure_sequences,
+                         max_features=plan.findings_features)  # fmt: skip
+    frame, paths = run_findings(store, cfg, store.home / spec.FINDINGS_DIR, model, saes)
+    return f"{frame.height} conjectures, {len(paths)} files"
+
+
 def graph_edges(store: Store) -> pl.LazyFrame:
     """The graph stage's edge table, lazily (each consumer filters it before reading)."""
     from featstore.analysis.graph import read_edges
@@ -173,4 +211,7 @@ STAGES: dict[str, Stage] = {
     "cards": cards,
     "causal_edges": causal_edges,
     "erasure": erasure,
+    "logits": logits,
+    "steering": steering,
+    "findings": findings,
 }

@@ -100,3 +100,18 @@ def test_analyses_at_gpt2_dims_wrote_their_tables(run):
     assert len(list((home / "cards").glob("**/*.html"))) >= 2
     assert {p.name for p in (home / "plots").glob("*.png")} >= {"graph.png", "heatmap.png"}
     assert list((home / "comparison").glob("*.parquet"))
+
+
+def test_model_side_analyses_at_gpt2_dims(run):
+    """Issue 17's analyses that run the model (logit effects, steering, C3a of the findings) at
+    GPT-2's width, not only at the toy's."""
+    home, _ = run
+    effects = pl.read_parquet(home / "logits" / "logit_effects.parquet")
+    assert set(effects["layer"]) == set(LAYERS)
+    per_layer = effects.group_by("layer").agg(pl.col("feature").n_unique())["feature"]
+    assert per_layer.to_list() == [D_SAE] * len(LAYERS)  # every feature of every layer
+    steered = list((home / "steering").glob("*.parquet"))
+    assert steered and all(pl.read_parquet(p).height > 0 for p in steered)
+    table = pl.read_parquet(home / "findings" / "findings.parquet")
+    assert table.height >= 6
+    assert set(table["verdict"]) <= {"supported", "not supported", "inconclusive"}

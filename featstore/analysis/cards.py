@@ -25,6 +25,7 @@ from featstore.defaults import MIN_BOTH
 from featstore.errors import FeatstoreError
 from featstore.files import atomic_file
 from featstore.progress import Progress, Ticker
+from featstore.sequences import token_texts
 from featstore.stats.finish import finish_stats
 from featstore.stats.kernel import sparse_pair_counts
 from featstore.stats.measures import DATA_FREE, RANGES, with_intervals
@@ -102,17 +103,11 @@ def _hits(store: Store, layer: int, shard: str, features: np.ndarray, top: int) 
         "feature", maintain_order=True).head(top)  # fmt: skip
 
 
-def _texts(store: Store, tokens: np.ndarray) -> list[str]:
-    vocab = store.vocab()
-    known = vocab is not None
-    return [vocab[t] if known and 0 <= t < len(vocab) else f"<{t}>" for t in tokens.tolist()]
-
-
 def _windows(store: Store, shard: str, hits: pl.DataFrame, before: int, after: int) -> pl.DataFrame:
     """Each hit with its sequence, position and the text around it (same sequence only)."""
     table = store.tokens(shard)
     seq, pos, tok = (table[c].to_numpy() for c in ("seq", "pos", "token"))
-    text = np.array(_texts(store, tok), dtype=object)
+    text = np.array(token_texts(tok, store.vocab()), dtype=object)
     rows = hits["row"].to_numpy()
     out = {"seq": seq[rows], "pos": pos[rows], "before": [], "token": text[rows].tolist(),
            "after": []}  # fmt: skip

@@ -21,6 +21,7 @@ import polars as pl
 from featstore.analysis.decoders import load_decoder, store_source
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
+from featstore.sequences import token_texts
 from featstore.store import spec
 from featstore.store.local import Store
 
@@ -83,11 +84,6 @@ def logit_effects(
     return pl.concat(parts).sort("feature", "kind", "rank")
 
 
-def _texts(tokens: np.ndarray, vocab: list[str] | None) -> list[str]:
-    n = len(vocab) if vocab else 0
-    return [vocab[t] if 0 <= t < n else f"<{t}>" for t in tokens.tolist()]
-
-
 def store_logit_effects(
     store: Store,
     layers: Iterable[int],
@@ -112,9 +108,8 @@ def store_logit_effects(
     frames = []
     for layer in layers:
         frame = logit_effects(decoders[layer], w_u, scale=scale, centre=centre, k=k)
-        frames.append(frame.with_columns(
-            layer=pl.lit(layer, pl.Int32), text=pl.Series(_texts(frame["token"].to_numpy(), vocab)),
-        ))  # fmt: skip
+        text = pl.Series(token_texts(frame["token"].to_numpy(), vocab), dtype=pl.String)
+        frames.append(frame.with_columns(layer=pl.lit(layer, pl.Int32), text=text))
     return pl.concat(frames).select(list(SCHEMA)).cast(SCHEMA)
 
 

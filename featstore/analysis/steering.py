@@ -21,7 +21,7 @@ import polars as pl
 from featstore.analysis.patching import RESID_PRE, device_of
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
-from featstore.sequences import store_sequences
+from featstore.sequences import store_sequences, token_texts
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store import spec
 from featstore.store.local import Store
@@ -105,8 +105,8 @@ def steer(model: HookedTransformer, saes: dict[int, SAE], sequences: np.ndarray,
             later.append(_top(delta.cpu().numpy(), cfg.top, keys, "feature_b"))
     tokens_frame = pl.concat(gained)
     if vocab is not None:
-        text = pl.Series(np.asarray(vocab, dtype=object)[tokens_frame["token"].to_numpy()])
-        tokens_frame = tokens_frame.with_columns(text=text.cast(pl.String))
+        text = pl.Series(token_texts(tokens_frame["token"].to_numpy(), vocab), dtype=pl.String)
+        tokens_frame = tokens_frame.with_columns(text=text)
     empty = pl.DataFrame(schema={"feature_b": pl.Int64, "change": pl.Float64})
     return {"summary": pl.DataFrame(summary), "tokens": tokens_frame,
             "features": pl.concat(later) if later else empty}

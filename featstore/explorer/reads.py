@@ -30,6 +30,7 @@ from featstore.analysis.cards import check_feature
 from featstore.analysis.logits import read_logit_effects
 from featstore.defaults import DEFAULT_MEASURE, MIN_BOTH, NULL_SHIFTS
 from featstore.errors import FeatstoreError
+from featstore.sequences import token_text
 from featstore.stats.finish import finish_stats
 from featstore.stats.kernel import PairCounts
 from featstore.stats.measures import with_intervals
@@ -258,8 +259,7 @@ class Explorer:
         check_feature(self.store, layer, feature)
 
     def text(self, token: int) -> str:
-        vocab = self._vocab
-        return vocab[token] if vocab is not None and 0 <= token < len(vocab) else f"<{token}>"
+        return token_text(token, self._vocab)
 
     # -- queries ---------------------------------------------------------------------------------
 
