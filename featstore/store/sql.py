@@ -128,6 +128,7 @@ def connect(
     try:
         if check is not None:
             check_read_only(check, con)
+        sqlindex.temp_dir(source.home, make=True)  # a query may spill (nothing made if refused)
         if not source.plain():
             source.store()  # a store that needs recovery, or one featstore cannot read
         if {"activations", "tokens"} & set(views):

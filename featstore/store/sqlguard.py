@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,38 +92,48 @@ def _after_first_word(sql: str) -> str:
 def run_interruptible(con: duckdb.DuckDBPyConnection, work: Callable[[], T], limits: Limits) -> T:
     """`work()` (a query and its fetch) under the time limit; Ctrl-C becomes KeyboardInterrupt.
 
-    DuckDB stops a query on SIGINT itself when it runs in the main thread (within a vector of
-    rows); at the time limit a watcher thread calls `con.interrupt()`, again every `POLL`
-    seconds in case the query had not yet started.
+    The work runs in a thread of its own while this one waits: Python delivers SIGINT only to
+    the main thread, between bytecodes, never while it is blocked inside DuckDB's C code (this
+    DuckDB does not stop a running query on SIGINT by itself: measured, a cross join ran on for
+    minutes). The waiting thread turns Ctrl-C, and the time limit, into `con.interrupt()`,
+    repeated every `POLL` seconds until the query has stopped (it stops within a vector of rows).
     """
-    stop, late = threading.Event(), threading.Event()
+    box: dict[str, object] = {}
+    done = threading.Event()
 
-    def watch() -> None:
-        if limits.timeout is None or stop.wait(limits.timeout):
-            return
-        late.set()
-        con.interrupt()
-        while not stop.wait(POLL):
-            con.interrupt()
+    def run() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # handed to the waiting thread
+            box["error"] = exc
+        finally:
+            done.set()
 
-    watcher = threading.Thread(target=watch, name="featstore-sql-clock", daemon=True)
-    watcher.start()
+    deadline = None if limits.timeout is None else time.monotonic() + limits.timeout
+    late = False
+    threading.Thread(target=run, name="featstore-sql-query", daemon=True).start()
     try:
-        return work()
-    except duckdb.InterruptException:
-        if late.is_set():
+        while not done.wait(POLL):
+            if deadline is not None and time.monotonic() >= deadline:
+                late = True
+                con.interrupt()
+    except KeyboardInterrupt:
+        while not done.wait(POLL):
+            con.interrupt()
+        raise KeyboardInterrupt from None
+    error = box.get("error")
+    if error is None:
+        return box["value"]  # type: ignore[return-value]
+    if isinstance(error, duckdb.InterruptException):
+        if late:
             raise FeatstoreError(
                 f"query stopped at its time limit of {limits.timeout:g} s "
                 "(set another with --timeout SECONDS)"
             ) from None
-        raise
-    except RuntimeError as exc:  # how DuckDB reports the SIGINT it caught
-        if "interrupted" in str(exc).lower():
-            raise KeyboardInterrupt from None
-        raise
-    finally:
-        stop.set()
-        watcher.join()
+        raise KeyboardInterrupt from None
+    if isinstance(error, RuntimeError) and "interrupted" in str(error).lower():
+        raise KeyboardInterrupt from None
+    raise error
 
 
 def read_query_file(path: Path) -> str:

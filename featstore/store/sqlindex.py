@@ -20,6 +20,7 @@ store's current stamps (one query); a missing, stale, corrupt or crafted-looking
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -260,9 +261,22 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def temp_dir(home: Path) -> Path:
-    """Where DuckDB spills: inside the store home, never the current directory."""
-    return index_dir(home) / ".tmp"
+def temp_dir(home: Path, make: bool = False) -> Path:
+    """Where DuckDB spills: inside the store home, never the current directory. DuckDB makes only
+    the last folder, so with `make` the index folder is made (a store whose index was never
+    built, or a query that reads no activations); a link or file in its place is refused
+    (spilling through it would write outside the home). A read-only home is left as it is: only
+    a query that spills then fails, with DuckDB's own error."""
+    folder = index_dir(home)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise FeatstoreError(
+            f"{folder} is not a plain folder inside {home}: featstore keeps its SQL index and "
+            "spill files only there (remove it)"
+        )
+    if make and home.is_dir():
+        with contextlib.suppress(OSError):
+            folder.mkdir(exist_ok=True)
+    return folder / ".tmp"
 
 
 # -- checking ------------------------------------------------------------------------------------
