@@ -1,6 +1,8 @@
 """The pair-statistics wing: exact cross-layer statistics of feature pairs.
 
 From the bottom up:
+- `compact`: a layer in the kernels' compact form (uint16 ids, float32 values: 6 bytes a
+  nonzero), its feature-major side built per range of features.
 - `kernel`: the compiled pass over two layers' activations (pair sums, counts, Pearson screen).
 - `shardsums`: per-shard pair sums saved in the store and merged (incremental recomputation).
 - `scan`: scanning a layer pair's shards block by block.

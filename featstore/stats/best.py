@@ -19,6 +19,7 @@ import polars as pl
 
 from featstore.errors import FeatstoreError
 from featstore.stats import kernel
+from featstore.stats.compact import Compact
 from featstore.stats.finish import MEASURE_COLUMNS, measure_values
 from featstore.stats.measures import Spread
 from featstore.stats.scan import PairScan, stacked_matrices
@@ -108,9 +109,9 @@ FORMS = (*COMPILED, "jaccard")  # measures `form_of` gives
 def kernel_inputs(m_a, m_b) -> tuple[tuple, list[tuple[int, int]]]:
     """The compiled kernels' matrix arrays for stacked layers, and blocks of A's features of
     about equal work (~`kernel.PIPELINE_BLOCKS`, for two threads)."""
-    a_t = m_a.T.tocsr()
-    arrays = kernel.kernel_arrays(a_t) + kernel.kernel_arrays(m_b)
-    work = kernel.pattern(a_t, np.int64) @ np.diff(m_b.indptr)
+    m_a, m_b = Compact.of(m_a), Compact.of(m_b)
+    arrays = m_a.feature_major(0, m_a.shape[1]) + m_b.arrays()
+    work = m_a.feature_work(np.diff(m_b.indptr))
     limit = -(-int(work.sum()) // kernel.PIPELINE_BLOCKS)
     return arrays, kernel.balanced_ranges(work, max(limit, 1))
 

@@ -27,12 +27,15 @@ import polars as pl
 import scipy.sparse as sp
 
 from featstore.errors import FeatstoreError
+from featstore.stats.compact import Compact, prefetch
 
 MAX_BLOCK_WORK = 30_000_000  # multiply-adds per kernel call: bounds its output arrays
 SCREENED_CAPACITY = 1 << 12  # first room for a screened block's pairs (it grows as needed)
 # Blocks per kernel run at least: computing a block overlaps the use of the one before.
 PIPELINE_BLOCKS = 8
 LOOKAHEAD_BLOCKS = 2  # blocks computed ahead of the one used
+PREFETCH_TOKENS = 16  # how far ahead the kernels ask for B's rows (measured: 8-16 best)
+CHUNK_ENTRIES = 1 << 25  # A's nonzeros made feature-major at once (~256 MB of float32)
 
 Range = tuple[int, int]
 T = TypeVar("T")
@@ -185,11 +188,6 @@ def _before(p: PairCounts, q: PairCounts) -> bool:
 # -- engines: each gives the same PairCounts for one block of tokens ------------------------------
 
 
-def pattern(matrix: sp.csr_matrix, dtype: type) -> sp.csr_matrix:
-    """`matrix` with every stored value replaced by one (values are > 0: zeros are not stored)."""
-    return sp.csr_matrix((np.ones(matrix.nnz, dtype), matrix.indices, matrix.indptr), matrix.shape)
-
-
 def canonical_input(matrix: sp.spmatrix) -> sp.csr_matrix:
     csr = sp.csr_matrix(matrix, dtype=np.float64)
     csr.sum_duplicates()
@@ -269,13 +267,17 @@ def _add_tokens(start, end, a_tok, a_val, b_ptr, b_feat, b_val, acc, cnt, touche
     """Add the pairs of A's entries start..end-1 (one feature's tokens) with B's features on
     those tokens to `acc` and `cnt`, appending new features to `touched[k:]`; returns the new k."""
     for p in range(start, end):
-        t, x = a_tok[p], a_val[p]
+        if p + PREFETCH_TOKENS < end:  # B's row a few tokens ahead: rows lie at random
+            ahead = b_ptr[a_tok[p + PREFETCH_TOKENS]]
+            prefetch(b_feat, ahead)
+            prefetch(b_val, ahead)
+        t, x = a_tok[p], np.float64(a_val[p])
         for q in range(b_ptr[t], b_ptr[t + 1]):
             j = b_feat[q]
             touched[k] = j  # kept where j is new; branch-free, as j is new too often to predict
             k += cnt[j] == 0
             cnt[j] += 1
-            acc[j] += x * b_val[q]
+            acc[j] += x * np.float64(b_val[q])  # exact for float32 inputs: sums as float64's
     return k
 
 
@@ -310,14 +312,7 @@ def _gather(i, a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, seg, acc, cnt, touched
     return kt, tot, tcnt, ttouched
 
 
-# Eagerly compiled (and cached next to this file): no call pays compilation.
-@numba.njit(
-    "Tuple((int32[::1], int32[::1], int64[::1], float64[::1], int64))(int64[::1], int32[::1],"
-    " float64[::1], int64[::1], int32[::1], float64[::1], int64, int64, float64[::1],"
-    " float64[::1], float64, int64, boolean, int64[::1])",
-    nogil=True,
-    cache=True,
-)
+@numba.njit(nogil=True, cache=True)
 def coactive_block(
     a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, row, col, floor, capacity, sort, seg
 ):
@@ -527,17 +522,13 @@ def prefix_block(
     return above, stable, change
 
 
-def kernel_arrays(matrix: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indptr, indices, data) of a canonical CSR matrix in `coactive_block`'s types."""
-    return matrix.indptr.astype(np.int64), matrix.indices.astype(np.int32, copy=False), matrix.data
-
-
 def _start_block(
     pool: ThreadPoolExecutor, shape: tuple[int, int, int], arrays: tuple, features: Range,
     screen: Screen, capacity: int, sort: bool, seg: np.ndarray,
 ) -> Callable[[], PairCounts]:  # fmt: skip
-    """Start `coactive_block` of `features` of A on `pool` (`arrays`: `kernel_arrays` of A.T
-    and of B; `shape`: tokens, d_a, d_b); the function returned waits for its pairs."""
+    """Start `coactive_block` of `features` of A on `pool` (`arrays`: A's `feature_major` side
+    holding those features, and B's `Compact.arrays`; `shape`: tokens, d_a, d_b); the function
+    returned waits for its pairs."""
     job = pool.submit(
         coactive_block, *arrays, *features, screen.row, screen.col, screen.floor, capacity, sort,
         seg,
@@ -551,9 +542,23 @@ def _start_block(
     return done
 
 
+def chunked(blocks: list[Range], counts: np.ndarray, limit: int) -> list[tuple[Range, list[Range]]]:
+    """The blocks grouped into runs whose features hold ~`limit` entries (`counts` per feature;
+    one block at least): (range of the run's features, its blocks)."""
+    runs: list[tuple[Range, list[Range]]] = []
+    for lo, hi in blocks:
+        if runs:
+            (first, _), members = runs[-1]
+            if int(counts[first:hi].sum()) <= limit:
+                runs[-1] = ((first, hi), [*members, (lo, hi)])
+                continue
+        runs.append(((lo, hi), [(lo, hi)]))
+    return runs
+
+
 def iter_sparse_pair_counts(
-    A: sp.spmatrix,
-    B: sp.spmatrix,
+    A: sp.spmatrix | Compact,
+    B: sp.spmatrix | Compact,
     max_work: int | None = None,
     sort: bool = True,
     screen: Screen | None = None,
@@ -562,35 +567,40 @@ def iter_sparse_pair_counts(
     """`sparse_pair_counts` in blocks of feature_a of ~`max_work` multiply-adds (None:
     `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order, by `coactive_block`
     on two threads. The next blocks are computed while one is used: memory holds up to
-    `LOOKAHEAD_BLOCKS` + 1 blocks' pairs. Without `sort`, each feature_a's pairs come together
-    but not sorted by feature_b (`PairCounts.sorted` sorts them). With a `screen`, only the
-    pairs passing it come. `segments` (token boundaries from 0 to the token count) sums the
-    tokens between each two apart and adds those sums in order, bit for bit the sums of the
-    segments computed alone and added by `PairCounts.total` (stacked shards)."""
+    `LOOKAHEAD_BLOCKS` + 1 blocks' pairs, and A's feature-major side of ~`CHUNK_ENTRIES`
+    nonzeros at a time (built from A as the blocks reach it). Without `sort`, each feature_a's
+    pairs come together but not sorted by feature_b (`PairCounts.sorted` sorts them). With a
+    `screen`, only the pairs passing it come. `segments` (token boundaries from 0 to the token
+    count) sums the tokens between each two apart and adds those sums in order, bit for bit
+    the sums of the segments computed alone and added by `PairCounts.total` (stacked shards)."""
     if A.shape[0] != B.shape[0]:
         raise FeatstoreError(f"layers differ in token count: {A.shape[0]} vs {B.shape[0]}")
     seg = np.asarray([0, A.shape[0]] if segments is None else segments, np.int64)
     if seg.size < 2 or seg[0] != 0 or seg[-1] != A.shape[0] or np.any(np.diff(seg) < 0):
         raise FeatstoreError(f"segments must rise from 0 to {A.shape[0]} tokens")
-    a_t = canonical_input(A).T.tocsr()  # d_a x tokens
-    b = canonical_input(B)
-    shape = (a_t.shape[1], a_t.shape[0], b.shape[1])
-    work = pattern(a_t, np.int64) @ np.diff(b.indptr)  # multiply-adds per feature of A
+    a, b = Compact.of(A), Compact.of(B)
+    shape = (a.shape[0], a.shape[1], b.shape[1])
+    work = a.feature_work(np.diff(b.indptr))  # multiply-adds per feature of A
     limit = max_work or min(MAX_BLOCK_WORK, -(-int(work.sum()) // PIPELINE_BLOCKS))
     blocks = balanced_ranges(work, max(limit, 1))
     if screen is None:  # every co-active pair: at most one per multiply-add, room made at once
         screen = Screen(np.ones(shape[1]), np.ones(shape[2]), -np.inf)
-        capacities = [int(work[lo:hi].sum()) for lo, hi in blocks]
+        rooms = {r: int(work[r[0] : r[1]].sum()) for r in blocks}
     else:  # few pass: the output grows as needed
         screen, sort = screen.checked(*shape[1:]), True
-        capacities = [SCREENED_CAPACITY] * len(blocks)
-    arrays = kernel_arrays(a_t) + kernel_arrays(b)
+        rooms = {r: SCREENED_CAPACITY for r in blocks}
+    counts = a.column_counts()
+
+    def starts(pool: ThreadPoolExecutor) -> Iterator[Callable[[], Callable[[], PairCounts]]]:
+        for (lo, hi), members in chunked(blocks, counts, CHUNK_ENTRIES):
+            arrays = a.feature_major(lo, hi, counts) + b.arrays()
+            for r in members:
+                yield functools.partial(
+                    _start_block, pool, shape, arrays, r, screen, rooms[r], sort, seg
+                )
+
     with ThreadPoolExecutor(max_workers=2) as pool:
-        starts = (
-            functools.partial(_start_block, pool, shape, arrays, r, screen, room, sort, seg)
-            for r, room in zip(blocks, capacities, strict=True)
-        )
-        yield from run_ahead(starts, LOOKAHEAD_BLOCKS + 1)
+        yield from run_ahead(starts(pool), LOOKAHEAD_BLOCKS + 1)
 
 
 def run_ahead(starts: Iterable[Callable[[], Callable[[], T]]], ahead: int) -> Iterator[T]:

@@ -19,20 +19,14 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 import zarr
 
 from featstore.defaults import DEFAULT_ENGINE
 from featstore.errors import FeatstoreError
 from featstore.stats import shardsums
+from featstore.stats.compact import Compact, Filling
 from featstore.stats.finish import finish_stats
-from featstore.stats.kernel import (
-    PairCounts,
-    Range,
-    Screen,
-    canonical_input,
-    iter_sparse_pair_counts,
-)
+from featstore.stats.kernel import PairCounts, Range, Screen, iter_sparse_pair_counts
 from featstore.stats.shardsums import (
     ENGINES,
     Variant,
@@ -42,6 +36,7 @@ from featstore.stats.shardsums import (
     shards_of_pair,
     variant_stats,
 )
+from featstore.store import spec
 from featstore.store.local import FeatureStats, Store
 
 ALL_PAIRS_LIMIT = 50_000_000  # most pairs `all_pairs` may list; narrow the ranges beyond
@@ -233,7 +228,7 @@ def merged_blocks(
 
 
 # Within `one_pass`: (layer, shards, variant, side) -> (that layer's stacked matrix, cuts).
-Kept = dict[tuple, tuple[sp.csr_matrix, np.ndarray]]
+Kept = dict[tuple, tuple[Compact, np.ndarray]]
 _ONE_PASS: contextvars.ContextVar[Kept | None] = contextvars.ContextVar("one_pass", default=None)
 
 
@@ -252,34 +247,44 @@ def one_pass() -> Iterator[Kept]:
 
 def stacked_matrices(
     store: Store, a: int, b: int, shards: Sequence[str], variant: Variant = shardsums.PLAIN
-) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
-    """Both layers over `shards`, as the variant sees them, stacked in the order given (float64
-    CSR, canonical), and the shards' token boundaries: the engine sums each shard alone and
-    adds the shards' sums in order (`iter_sparse_pair_counts(segments=)`), the same sums as
-    the saved shard sums merged, and a screen sees them whole. Within `one_pass` each layer
-    is read once."""
+) -> tuple[Compact, Compact, np.ndarray]:
+    """Both layers over `shards`, as the variant sees them, stacked in the order given (in the
+    kernels' `Compact` form: 6 bytes a nonzero at 24,576 features), and the shards' token
+    boundaries: the engine sums each shard alone and adds the shards' sums in order
+    (`iter_sparse_pair_counts(segments=)`), the same sums as the saved shard sums merged, and
+    a screen sees them whole. Within `one_pass` each layer is read once."""
     kept = _ONE_PASS.get()
     kept = {} if kept is None else kept
     keys = [(layer, tuple(shards), variant, side if variant.null else "") for layer, side in
             ((a, "a"), (b, "b"))]  # fmt: skip
     missing = [i for i, key in enumerate(keys) if key not in kept]
     if missing:
-        for shard in shards:
-            check_shard(store, a, b, shard)
-        if variant.plain:  # the layers of each shard of one commit
-            per_shard = [
-                store.consistently(lambda s=s: [store.read((a, b)[i], s) for i in missing])
-                for s in shards
-            ]
-            parts = {i: [m[k] for m in per_shard] for k, i in enumerate(missing)}
+        sizes = [check_shard(store, a, b, shard) for shard in shards]
+        cuts = np.cumsum([0] + [n for n, _, _ in sizes])
+        if variant.plain:  # filled shard by shard: the layers of each shard of one commit
+            layers = [(a, b)[i] for i in missing]
+            fills = [_filling(store, layer, shards) for layer in layers]
+            for s in shards:
+                parts = store.consistently(lambda s=s: [store.read(x, s) for x in layers])
+                for fill, part in zip(fills, parts, strict=True):
+                    fill.add(part)
+            made = {i: fill.done() for i, fill in zip(missing, fills, strict=True)}
         else:
             both = [shardsums.variant_matrices(store, a, b, s, variant) for s in shards]
-            parts = {i: [pair[i] for pair in both] for i in missing}
-        cuts = np.cumsum([0] + [m.shape[0] for m in parts[missing[0]]])
+            made = {i: Compact.stacked([pair[i] for pair in both]) for i in missing}
         for i in missing:
-            kept[keys[i]] = canonical_input(sp.vstack(parts[i], format="csr")), cuts
+            kept[keys[i]] = made[i], cuts
     (m_a, cuts), (m_b, _) = kept[keys[0]], kept[keys[1]]
     return m_a, m_b, cuts
+
+
+def _filling(store: Store, layer: int, shards: Sequence[str]) -> Filling:
+    """A `Filling` for `layer` over `shards`, sized by their attributes (a shard changed before
+    it is read no longer fits: one line, run again)."""
+    infos = [store.info(layer, s) for s in shards]
+    rows = sum(int(info[spec.SHAPE][0]) for info in infos)
+    nnz = sum(int(info["nnz"]) for info in infos)
+    return Filling(rows, nnz, int(infos[0][spec.SHAPE][1]))
 
 
 def _aligned(
