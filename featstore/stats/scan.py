@@ -259,8 +259,7 @@ def stacked_matrices(
             ((a, "a"), (b, "b"))]  # fmt: skip
     missing = [i for i, key in enumerate(keys) if key not in kept]
     if missing:
-        sizes = [check_shard(store, a, b, shard) for shard in shards]
-        cuts = np.cumsum([0] + [n for n, _, _ in sizes])
+        rows = [check_shard(store, a, b, shard)[0] for shard in shards]
         if variant.plain:  # filled shard by shard: the layers of each shard of one commit
             layers = [(a, b)[i] for i in missing]
             fills = [_filling(store, layer, shards) for layer in layers]
@@ -272,6 +271,8 @@ def stacked_matrices(
         else:
             both = [shardsums.variant_matrices(store, a, b, s, variant) for s in shards]
             made = {i: Compact.stacked([pair[i] for pair in both]) for i in missing}
+            rows = [pair[0].shape[0] for pair in both]  # a variant may drop tokens
+        cuts = np.cumsum([0, *rows])
         for i in missing:
             kept[keys[i]] = made[i], cuts
     (m_a, cuts), (m_b, _) = kept[keys[0]], kept[keys[1]]
