@@ -15,7 +15,9 @@ projected to 10^6 and 10^7 tokens by the power law through the two measurements
 A generated source (`gpt2-random`) is built on first use into `--cache` (FEATSTORE_CACHE); when
 it is not there yet, that is timed first as its own row (`source`, once: it does not grow with
 tokens). `--results FILE` keeps each token count's rows, so that two counts can be measured in
-two runs (each under the heavy lock's time limit) and the table printed with both.
+two runs (each under the heavy lock's time limit) and the table printed with both; `--work DIR`
+keeps the stores, so that one count's stages can be split over runs (`--stages`): rows of a
+stage run again replace its earlier row.
 The costly analyses run on fixed samples (`--causal-edges`, ...; see `Plan`): their cost is per
 edge or sequence asked, not per token stored.
 """
@@ -23,6 +25,7 @@ edge or sequence asked, not per token stored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -113,7 +116,8 @@ def run_all(
 ) -> list[dict]:
     text = root / f"text-{tokens}"
     per_shard = min(tokens, args.shard_tokens)
-    write_text(text, tokens, per_shard)
+    if not text.exists():  # a kept --work folder continues with its text and store
+        write_text(text, tokens, per_shard)
     plan = Plan(source=args.source, text_dir=str(text), max_sequences=per_shard // SEQ_LEN,
                 seq_len=SEQ_LEN, device=args.device, causal_sequences=args.causal_sequences,
                 causal_edges=args.causal_edges, causal_random=args.causal_random,
@@ -128,6 +132,12 @@ def run_all(
               f"{r['made']}",
               flush=True)
     return rows
+
+
+def ordered(rows: list[dict]) -> list[dict]:
+    """Rows in the pipeline's order of stages."""
+    order = ["source", *STAGES]
+    return sorted(rows, key=lambda r: order.index(r["stage"]))
 
 
 def projected(v1: float, v2: float, n1: int, n2: int, n: int) -> float:
@@ -169,7 +179,9 @@ def main() -> None:
     p.add_argument("--shard-tokens", type=int, default=8192)
     p.add_argument("--device", default="cpu", help="of extraction, causal edges and erasure")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
-    p.add_argument("--work", default=None, help="folder for the stores (default: a temporary one)")
+    p.add_argument("--work", default=None,
+                   help="folder keeping the stores (home-N), so that a later run with --stages "
+                        "continues them (default: a temporary folder, deleted)")
     p.add_argument("--cache", default=None, help="FEATSTORE_CACHE: where a generated source is")
     p.add_argument("--results", default=None, help="JSON file keeping every token count's rows")
     p.add_argument("--causal-sequences", type=int, default=1, help="per shard")
@@ -189,19 +201,22 @@ def main() -> None:
     runs = {int(n): rows for n, rows in json.loads(saved.read_text()).items()} if (
         saved and saved.exists()) else {}  # fmt: skip
     if not source_cached(args.source):
-        with tempfile.TemporaryDirectory(dir=args.work) as root:
+        with tempfile.TemporaryDirectory() as root:
             row = run_stage("source", Path(root), Plan(source=args.source))
         print(f"  {'':>9} {'source':<15} {row['seconds']:8.1f} s {row['peak_gb']:6.2f} GB  "
               f"{row['made']}", flush=True)  # fmt: skip
         runs.setdefault(0, []).append(row)
-    with tempfile.TemporaryDirectory(dir=args.work) as root:
+    with contextlib.ExitStack() as stack:
+        root = args.work or stack.enter_context(tempfile.TemporaryDirectory())
         for n in sorted(args.tokens):
 
-            def keep(rows: list[dict], n: int = n) -> None:
-                if saved:
-                    saved.write_text(json.dumps({**runs, n: rows}, indent=1))
+            before = [r for r in runs.get(n, []) if r["stage"] not in args.stages]
 
-            runs[n] = run_all(n, args, Path(root), keep)
+            def keep(rows: list[dict], n: int = n, before: list = before) -> None:
+                if saved:
+                    saved.write_text(json.dumps({**runs, n: ordered(before + rows)}, indent=1))
+
+            runs[n] = ordered(before + run_all(n, args, Path(root), keep))
     print(table({n: rows for n, rows in runs.items() if n > 0}))
 
 

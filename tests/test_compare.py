@@ -186,6 +186,7 @@ def test_without_sae_the_decoder_method_is_left_out_with_a_note(setup):
         ({"thresholds": {"decoder_cosine": 0.5}}, "data-free"),
         ({"thresholds": {"lift": 1.0}}, "unknown metric"),
         ({"community_threshold": 0.0}, "community_threshold"),
+        ({"community_metric": "decoder_cosine"}, "community_metric takes a data measure"),
         ({"layers": (6,)}, "at least two layers"),
         ({"null_quantile": 1.0}, "null_quantile"),
     ],

@@ -1,8 +1,9 @@
 """Methods compared on the same tokens and SAEs.
 
 For every feature of layer L its best successor at L+1 under each measure (data measures from one
-block pass over the saved pair sums, `decoder_cosine` from the SAEs, the causal effect from
-`{home}/causal/causal_edges.parquet` when it exists), how often methods agree and how their scores
+compiled pass, `stats.bests`, that keeps each feature's bests and counts, never every co-active
+pair; `decoder_cosine` from the SAEs; the causal effect from `{home}/causal/causal_edges.parquet`
+when it exists), how often methods agree and how their scores
 rank (Spearman), pairs above threshold in the data and in the null model, the share of features
 with no predecessor ("from nowhere") with and without the null correction, best-match scores by
 layer distance, and Louvain communities of the graph.
@@ -23,7 +24,6 @@ import scipy.stats
 from matplotlib.figure import Figure
 
 from featstore.analysis.decoders import saved_decoder_cosine, store_decoders
-from featstore.analysis.graph import build_graph
 from featstore.defaults import (
     DECODER_K,
     DEFAULT_ENGINE,
@@ -34,9 +34,12 @@ from featstore.defaults import (
 from featstore.errors import FeatstoreError
 from featstore.figures import no_data, pair_label, save
 from featstore.files import write_parquet_atomic
+from featstore.names import node_id
 from featstore.progress import Progress, Ticker
 from featstore.sources.registry import default_layers
-from featstore.stats.measures import DATA_FREE, check_measure, passing
+from featstore.stats.bests import MEASURES, several_bests
+from featstore.stats.finish import measure_values
+from featstore.stats.measures import DATA_FREE, check_measure
 from featstore.stats.scan import PairScan
 from featstore.stats.shardsums import Variant, merged_feature_stats
 from featstore.store import spec
@@ -67,6 +70,10 @@ class CompareConfig:
             if measure in DATA_FREE:
                 raise FeatstoreError(f"thresholds take data measures; {measure} is data-free")
         check_measure(self.community_metric, self.community_threshold)
+        if self.community_metric not in MEASURES:
+            raise FeatstoreError(
+                f"community_metric takes a data measure, got {self.community_metric}"
+            )
         if self.community_threshold <= 0:
             raise FeatstoreError("community_threshold must be > 0: it weights Louvain's edges")
         if not 0 < self.null_quantile < 1:
@@ -101,11 +108,21 @@ def best(frame: pl.DataFrame, by: str, other: str, score: str, method: str) -> p
     )
 
 
-def _flip(frame: pl.DataFrame) -> pl.DataFrame:
-    """Best predecessors as (feature_b, feature_a) rows for a second reduction."""
-    return frame.select(
-        pl.col("feature").alias("feature_b"), pl.col("match").alias("feature_a"), "score"
-    )
+def _bests_frame(value: np.ndarray, partner: np.ndarray, method: str) -> pl.DataFrame:
+    """`method, feature, match, score` of the features with a finite best."""
+    found = np.flatnonzero((partner >= 0) & np.isfinite(value))
+    return pl.DataFrame(
+        {"method": method, "feature": found, "match": partner[found], "score": value[found]},
+        schema={"method": pl.String, "feature": pl.Int32, "match": pl.Int32,
+                "score": pl.Float64},
+    )  # fmt: skip
+
+
+def _partners(frame: pl.DataFrame, d_a: int) -> np.ndarray:
+    """A best frame's matches as an array over the features of A (-1: none)."""
+    out = np.full(d_a, -1, np.int32)
+    out[frame["feature"].to_numpy()] = frame["match"].to_numpy()
+    return out
 
 
 def summarize_pair(
@@ -117,52 +134,52 @@ def summarize_pair(
     variant: Variant | None = None,
     extra: Mapping[str, pl.DataFrame] | None = None,
 ) -> PairSummary:
-    """Bests, counts and candidates of one layer pair in one block pass; `extra` methods come as
-    frames (feature_a, feature_b, score) computed elsewhere (decoder cosine, causal effect)."""
+    """Bests, counts and candidates of one layer pair in one compiled pass (`stats.bests`: each
+    feature's best per measure, counts above threshold and the edges, never every co-active
+    pair); `extra` methods come as frames (feature_a, feature_b, score) computed elsewhere
+    (decoder cosine, causal effect)."""
     extra = {k: f.with_columns(pl.col(KEYS).cast(pl.Int32)).sort(KEYS) for k, f in
              (extra or {}).items()}  # fmt: skip
     extra_best = {m: best(f, "feature_a", "feature_b", "score", m) for m, f in extra.items()}
-    scan = PairScan.open(store, a, b, engine=cfg.engine, variant=variant)
-    succ, pred, cand, edges, counts = [], [], [], [], Counter[str]()
-    edge_test = passing({cfg.community_metric: cfg.community_threshold}, cfg.min_both)
-    for (lo, hi), frame in scan.blocks():
-        frame = frame.filter(pl.col("n_both") >= max(cfg.min_both, 1))
-        edges.append(frame.filter(edge_test).select(*KEYS, "n_both", cfg.community_metric))
-        block_best = []
-        for m, t in cfg.thresholds.items():
-            counts[m] += frame.filter(passing({m: t})).height
-            block_best.append(best(frame, "feature_a", "feature_b", m, m))
-            pred.append(best(frame, "feature_b", "feature_a", m, m))
-        succ += block_best
-        picked = [
-            f.filter(pl.col("feature").is_between(lo, hi - 1)).select(
-                pl.col("feature").alias("feature_a"), pl.col("match").alias("feature_b")
-            )
-            for f in [*block_best, *extra_best.values()]
-        ]
-        cand.append(
-            pl.concat(picked)
-            .unique()
-            .join(frame.select(*KEYS, *cfg.thresholds), on=KEYS, how="left")
-        )
-    preds = pl.concat(pred)
-    predecessors = [
-        best(_flip(preds.filter(pl.col("method") == m)), "feature_b", "feature_a", "score", m)
-        for m in cfg.thresholds
-    ]
+    scan = PairScan.open(store, a, b, engine=cfg.engine, variant=variant, save=False)
+    stats_a, stats_b = scan.stats
+    d_a = stats_a.count.size
+    found = several_bests(
+        scan, cfg.thresholds, max(cfg.min_both, 1),
+        edge=(cfg.community_metric, cfg.community_threshold),
+        extra=[_partners(f, d_a) for f in extra_best.values()],
+    )  # fmt: skip
+    succ = [_bests_frame(*found.side(m, "a"), m) for m in cfg.thresholds]
+    predecessors = [_bests_frame(*found.side(m, "b"), m) for m in cfg.thresholds]
     succ += extra_best.values()
     predecessors += [best(f, "feature_b", "feature_a", "score", m) for m, f in extra.items()]
-    candidates = pl.concat(cand).with_columns(pl.col(KEYS).cast(pl.Int32))
+    picks = found.picks
+    scored = pl.DataFrame(
+        {"feature_a": picks.feature_a, "feature_b": picks.feature_b,
+         **measure_values(picks, stats_a, stats_b, list(cfg.thresholds))},
+        schema_overrides={"feature_a": pl.Int32, "feature_b": pl.Int32},
+    ).fill_nan(None)  # fmt: skip
+    picked = pl.concat(
+        [f.select(pl.col("feature").alias("feature_a"), pl.col("match").alias("feature_b"))
+         for f in succ]
+    ).with_columns(pl.col(KEYS).cast(pl.Int32))  # fmt: skip
+    candidates = picked.unique().join(scored, on=KEYS, how="left")
     for method, frame in extra.items():
         scores = frame.select(pl.col(KEYS).cast(pl.Int32), pl.col("score").alias(method))
         candidates = candidates.join(scores, on=KEYS, how="left")
+    edges = found.edges
     return PairSummary(
         pl.concat(succ),
         pl.concat(predecessors),
-        dict(counts),
+        {m: found.above[m] for m in cfg.thresholds},
         candidates.sort(KEYS),
-        pl.concat(edges),
-    )
+        pl.DataFrame(
+            {"feature_a": edges.feature_a, "feature_b": edges.feature_b,
+             "n_both": edges.n_both, cfg.community_metric: edges.sum_xy},
+            schema={"feature_a": pl.Int32, "feature_b": pl.Int32, "n_both": pl.Int64,
+                    cfg.community_metric: pl.Float64},
+        ),
+    )  # fmt: skip
 
 
 # -- the other methods -----------------------------------------------------------------------------
@@ -282,25 +299,43 @@ def distance_table(successors: pl.DataFrame) -> pl.DataFrame:
 
 
 def communities(edges: Mapping[tuple[int, int], pl.DataFrame], cfg: CompareConfig) -> pl.DataFrame:
-    """Louvain communities (seeded) of the undirected graph weighted by the community metric."""
-    graph = build_graph(edges, cfg.community_metric, cfg.community_threshold, cfg.min_both)
-    undirected = graph.to_undirected()
+    """Louvain communities (seeded) of the undirected graph weighted by the community metric.
+
+    The graph holds only what Louvain reads: integer nodes (layer << 32 | feature) and one weight
+    an edge, built undirected at once (no directed graph with every statistic, no copy).
+    """
+    graph = nx.Graph()
+    for (a, b), frame in sorted(edges.items()):
+        kept = frame.filter(
+            (pl.col("n_both") >= cfg.min_both) & pl.col(cfg.community_metric).is_finite()
+            & (pl.col(cfg.community_metric) >= cfg.community_threshold)
+        )  # fmt: skip
+        graph.add_weighted_edges_from(
+            zip(
+                ((a << 32) | kept["feature_a"].cast(pl.Int64).to_numpy()).tolist(),
+                ((b << 32) | kept["feature_b"].cast(pl.Int64).to_numpy()).tolist(),
+                kept[cfg.community_metric].to_list(),
+                strict=True,
+            ),
+            weight=cfg.community_metric,
+        )
     groups = (
-        nx.community.louvain_communities(undirected, weight=cfg.community_metric, seed=cfg.seed)
-        if undirected.number_of_edges()
+        nx.community.louvain_communities(graph, weight=cfg.community_metric, seed=cfg.seed)
+        if graph.number_of_edges()
         else []
     )
+    del graph
     rows = []
     for nodes in sorted(groups, key=lambda g: (-len(g), min(g))):
-        members = sorted(nodes, key=lambda n: (graph.nodes[n]["layer"], graph.nodes[n]["feature"]))
-        per_layer = Counter(graph.nodes[n]["layer"] for n in members)
+        members = sorted(nodes)  # by layer, then feature
+        per_layer = Counter(n >> 32 for n in members)
         rows.append(
             {
                 "community": len(rows),
                 "size": len(members),
                 "layers": sorted(per_layer),
                 "per_layer": [per_layer[x] for x in sorted(per_layer)],
-                "members": members,
+                "members": [node_id(n >> 32, n & 0xFFFFFFFF) for n in members],
             }
         )
     schema = {
