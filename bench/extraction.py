@@ -17,8 +17,10 @@ points: `from csr` starts where a GPU hands over (the nonzeros found on the devi
 `dense_to_csr` already run: checks, per-feature statistics, compression, commit), `from dense`
 starts from dense codes in host memory (CPU extraction: `dense_to_csr` included). Run it once
 with `PYTHONPATH` at a worktree of the baseline commit and once at this one, back to back.
-`--shuffle byte bit` measures the store's blosc chunks with each shuffle in one run (the store's
-codec patched for the run), with the bytes stored per nonzero.
+`--values store blosc` measures the store's codecs for activation values (`VALUE_CODECS`: none
+but the CRC-32C) against blosc-lz4 with bit shuffle, as the other arrays, in one run (the codec
+patched for the run; not with the baseline, which has no `VALUE_CODECS`), with the bytes stored
+per nonzero.
 """
 
 from __future__ import annotations
@@ -161,7 +163,13 @@ def host_rate(batches: list, to_csr: bool) -> tuple[float, float, int, int]:
     return nnz / cpu, nnz / wall, nnz, stored
 
 
-SHUFFLES = {"byte": "shuffle", "bit": "bitshuffle"}
+def value_codecs(name: str | None) -> tuple | None:
+    """The codecs `--values name` stores activation values with (None: the store's, unpatched)."""
+    if name in (None, "store"):
+        return None
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"), Crc32cCodec()
 
 
 def measure_host(args) -> None:
@@ -170,27 +178,24 @@ def measure_host(args) -> None:
     dense = [synthetic_codes(tokens, seed=i) for i in range(2)] * (args.batches // 2)
     csrs = [dense_to_csr(codes) for codes in dense[:2]] * (args.batches // 2)
     host_rate(csrs[:1], False)  # warm-up: imports, compilation
-    for shuffle in args.shuffle or [None]:
-        if shuffle is not None:  # the store's codec patched (the baseline has no such module)
-            from zarr.codecs import BloscCodec
-
+    for values in args.values or [None]:
+        patched = value_codecs(values)
+        if patched is not None:  # the store's codec for values patched (not in the baseline)
             from featstore.store import writers
 
-            blosc, *rest = original = writers.CODECS
-            patched = BloscCodec(cname=blosc.cname, clevel=blosc.clevel, shuffle=SHUFFLES[shuffle])
-            writers.CODECS = (patched, *rest)
+            original, writers.VALUE_CODECS = writers.VALUE_CODECS, patched
         for name, batches, to_csr in (("from csr", csrs, False), ("from dense", dense, True)):
             per_cpu, per_wall, nnz, stored = host_rate(batches, to_csr)
             print(
-                f"host {name:<10} {shuffle or 'store':<5} {per_cpu / 1e6:7.1f} M nonzeros/CPU-s  "
+                f"host {name:<10} {values or 'store':<5} {per_cpu / 1e6:7.1f} M nonzeros/CPU-s  "
                 f"{per_wall / 1e6:7.1f} M nonzeros/s  {stored / nnz:5.2f} B/nonzero  "
                 f"({nnz:,} nonzeros, 4 layers x {args.batches} batches x {tokens} tokens, "
                 f"L0 {nnz / (4 * args.batches * tokens):.0f}, torch threads "
                 f"{torch.get_num_threads()})",
                 flush=True,
             )
-        if shuffle is not None:
-            writers.CODECS = original
+        if patched is not None:
+            writers.VALUE_CODECS = original
 
 
 def main() -> None:
@@ -199,8 +204,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--host", action="store_true", help="the host path alone (see above)")
-    p.add_argument("--shuffle", nargs="+", choices=sorted(SHUFFLES), default=None,
-                   help="--host: blosc shuffles to compare (default: the store's)")  # fmt: skip
+    p.add_argument("--values", nargs="+", choices=["store", "blosc"], default=None,
+                   help="--host: codecs of activation values to compare")  # fmt: skip
     args = p.parse_args()
     if args.host:
         measure_host(args)

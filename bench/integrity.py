@@ -51,7 +51,8 @@ STAMPS: list[float] = []  # seconds of each `Store._stamp` with the checks on
 @contextlib.contextmanager
 def checks(on: bool) -> Iterator[None]:
     """featstore as it is (on), or with its integrity checks replaced by no-ops (off)."""
-    saved = (writers.CODECS, encodings.check_read, encodings.csr_problem, encodings.fill_value)
+    saved = (writers.CODECS, writers.VALUE_CODECS, encodings.check_read, encodings.csr_problem,
+             encodings.fill_value)  # fmt: skip
     pinning = (Store._stamp, Snapshot.pin, Snapshot.verify)
     if on:  # time the reads of zarr.json that pinning adds (its one cost besides a dict)
         stamp = Store._stamp
@@ -65,7 +66,7 @@ def checks(on: bool) -> Iterator[None]:
 
         Store._stamp = timed
     else:
-        writers.CODECS = writers.CODECS[:1]
+        writers.CODECS, writers.VALUE_CODECS = writers.CODECS[:1], ()  # no CRC-32C
         encodings.check_read = lambda *_: None
         encodings.csr_problem = lambda *_: None
         encodings.fill_value = lambda _dtype: 0
@@ -74,7 +75,8 @@ def checks(on: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        writers.CODECS, encodings.check_read, encodings.csr_problem, encodings.fill_value = saved
+        (writers.CODECS, writers.VALUE_CODECS, encodings.check_read, encodings.csr_problem,
+         encodings.fill_value) = saved  # fmt: skip
         Store._stamp, Snapshot.pin, Snapshot.verify = pinning
 
 

@@ -15,11 +15,12 @@ import zarr.storage
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from featstore import FeatstoreError
-from featstore.sources.extract import dense_to_csr
+from featstore.sources.extract import dense_to_csr, device_csr
 from featstore.store import blockpass, encodings
 from featstore.store.chunks import ChunkWriter
 from featstore.store.home import open_store
 from featstore.store.local import CODECS, WRITE, FeatureStats, GroupWriter, validate_activations
+from featstore.store.writers import VALUE_CODECS
 
 
 def codes(rows: int = 300, cols: int = 500, seed: int = 0) -> torch.Tensor:
@@ -36,6 +37,20 @@ def test_dense_csr_equals_torch_nonzero():
     rows, cols = torch.nonzero(dense, as_tuple=True)
     np.testing.assert_array_equal(got.indices, cols.numpy())
     np.testing.assert_array_equal(got.indptr, np.searchsorted(rows.numpy(), np.arange(301)))
+    np.testing.assert_array_equal(got.data, dense[rows, cols].numpy())
+
+
+def test_dense_csr_skips_negative_zero_and_finds_values_in_any_run():
+    """Runs of 16 floats are tested at once: a lone value at each place of a run, and in the
+    tail past the last whole run, is found; -0.0 (bits set, but zero) is not a nonzero."""
+    dense = torch.zeros(40, 16 * 5 + 7)
+    for r in range(dense.shape[0]):
+        dense[r, (r * 7) % dense.shape[1]] = r + 1.0
+    dense[0, 3], dense[1, 86] = -0.0, -0.0
+    got = dense_to_csr(dense)
+    rows, cols = torch.nonzero(dense, as_tuple=True)
+    np.testing.assert_array_equal(got.indices, cols.numpy())
+    np.testing.assert_array_equal(got.indptr, np.searchsorted(rows.numpy(), np.arange(41)))
     np.testing.assert_array_equal(got.data, dense[rows, cols].numpy())
 
 
@@ -103,12 +118,22 @@ def _files(root: Path) -> list[Path]:
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.int32, np.int64])
-def test_chunk_writer_writes_what_zarr_writes(tmp_path, dtype):
-    """GroupWriter's direct whole-chunk writes give byte for byte zarr's own chunk files."""
+@pytest.mark.parametrize(
+    "dtype, codecs",
+    [
+        pytest.param(np.float32, CODECS, id="float32"),
+        pytest.param(np.int32, CODECS, id="int32"),
+        pytest.param(np.int64, CODECS, id="int64"),
+        pytest.param(np.float32, VALUE_CODECS, id="float32-values"),
+    ],
+)
+def test_chunk_writer_writes_what_zarr_writes(tmp_path, dtype, codecs):
+    """GroupWriter's direct chunk writes give byte for byte zarr's own chunk files, the last
+    part chunk (padded with the fill value) included."""
     values = (np.random.default_rng(1).random(10_000) * 1000).astype(dtype)
     ours = zarr.open_group(zarr.storage.LocalStore(tmp_path / "ours"), mode="w", zarr_format=3)
     writer = GroupWriter(ours)
+    writer.create("x", values.dtype, chunk=1024, codecs=codecs)
     for lo in range(0, values.size, 1234):  # appends straddling chunks of 1,024
         writer.append("x", values[lo : lo + 1234], chunk=1024)
     writer.flush()
@@ -119,7 +144,7 @@ def test_chunk_writer_writes_what_zarr_writes(tmp_path, dtype):
         shape=values.shape,
         dtype=dtype,
         chunks=(1024,),
-        compressors=CODECS,
+        compressors=codecs,
         config=WRITE,
         fill_value=encodings.fill_value(dtype),
     )
@@ -132,11 +157,22 @@ def test_chunk_writer_writes_what_zarr_writes(tmp_path, dtype):
             assert filecmp.cmp(tmp_path / "ours/x" / name, tmp_path / "theirs/x" / name, False)
 
 
-@pytest.mark.parametrize("crc", [False, True], ids=["blosc", "blosc+crc32c"])
-def test_chunk_writer_with_a_checksum_writes_what_zarr_writes(tmp_path, crc):
-    codecs = (BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"),) + (
-        (Crc32cCodec(),) if crc else ()
-    )
+def _blosc(shuffle: str) -> BloscCodec:
+    return BloscCodec(cname="lz4", clevel=1, shuffle=shuffle)
+
+
+@pytest.mark.parametrize(
+    "codecs",
+    [
+        pytest.param((_blosc("shuffle"),), id="blosc"),
+        pytest.param((_blosc("shuffle"), Crc32cCodec()), id="blosc+crc32c"),
+        pytest.param((_blosc("bitshuffle"), Crc32cCodec()), id="bitshuffle+crc32c"),
+        pytest.param((_blosc("noshuffle"),), id="noshuffle"),
+        pytest.param((Crc32cCodec(),), id="crc32c"),
+        pytest.param((), id="bytes"),
+    ],
+)
+def test_chunk_writer_with_each_codec_chain_writes_what_zarr_writes(tmp_path, codecs):
     values = np.arange(4096, dtype=np.float32) * 1.5
     arrays = []
     for name in ("ours", "theirs"):
@@ -149,3 +185,42 @@ def test_chunk_writer_with_a_checksum_writes_what_zarr_writes(tmp_path, crc):
     np.testing.assert_array_equal(arrays[0][:], values)  # zarr checks the checksums on reading
     for k in range(4):
         assert filecmp.cmp(tmp_path / f"ours/x/c/{k}", tmp_path / f"theirs/x/c/{k}", False)
+
+
+def test_activation_values_are_stored_uncompressed_and_read_bit_for_bit(tmp_path):
+    """`data` takes VALUE_CODECS (the bytes and their CRC-32C), the other arrays CODECS; zarr
+    alone reads every array back equal to the block, bit for bit, from the codecs it records."""
+    store = open_store(tmp_path / "home", create=True)
+    csr = dense_to_csr(codes(rows=3000))  # two appends, each array ending in a part chunk
+    with store.activation_writer(6, "s", 500) as writer:
+        writer.append(csr[:1234])
+        writer.append(csr[1234:])
+    group = zarr.open_group(tmp_path / "home" / "store.zarr" / "activations/layer_6/s", mode="r")
+    names = {name: [c.to_dict()["name"] for c in group[name].metadata.codecs] for name in group}
+    assert names["data"] == ["bytes", "crc32c"]
+    assert names["indices"] == names["indptr"] == ["bytes", "blosc", "crc32c"]
+    assert group["indices"].metadata.codecs[1].shuffle.value == "bitshuffle"
+    np.testing.assert_array_equal(group["data"][:].view(np.uint32), csr.data.view(np.uint32))
+    np.testing.assert_array_equal(group["indices"][:], csr.indices)
+    np.testing.assert_array_equal(group["indptr"][:], csr.indptr)
+    stats = FeatureStats.of(csr)
+    np.testing.assert_array_equal(group["feature_count"][:], stats.count)
+    np.testing.assert_allclose(group["feature_sum"][:], stats.total, rtol=1e-12)
+    got = store.read(6, "s")
+    np.testing.assert_array_equal(got.data.view(np.uint32), csr.data.view(np.uint32))
+    np.testing.assert_array_equal(got.indices, csr.indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+def test_the_device_path_hands_over_what_the_host_pass_finds(dtype):
+    """`device_csr` (what runs on a GPU: torch's nonzero, gather, searchsorted, run here on the
+    CPU) gives the compiled host pass's CSR: int32 ids, float32 values, one row per token."""
+    dense = codes().to(dtype)
+    got = device_csr(dense)
+    ref = dense_to_csr(dense.float())
+    assert got.indices.dtype == np.int32 and got.data.dtype == np.float32
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(got.indptr, ref.indptr)
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.data, ref.data)
+    assert blockpass.fast_block(got, 500) is not None  # the writer takes it the fast way

@@ -204,12 +204,22 @@ def dense_to_csr(acts: torch.Tensor) -> sp.csr_matrix:
     acts = acts.detach()
     if acts.device.type == "cpu":  # one compiled pass: torch's nonzero is ~10x slower here
         return blockpass.dense_csr(acts.float().numpy())
+    return device_csr(acts)
+
+
+def device_csr(acts: torch.Tensor) -> sp.csr_matrix:
+    """`dense_to_csr` on the tensor's own device (torch ops; what a GPU runs, testable on CPU):
+    only the nonzeros, their int32 ids and the row pointers cross to the host."""
+    import torch
+
     rows, cols = torch.nonzero(acts, as_tuple=True)  # row-major order, as CSR wants
     values = acts[rows, cols].float()
     bounds = torch.arange(acts.shape[0] + 1, device=acts.device, dtype=rows.dtype)
     indptr = torch.searchsorted(rows, bounds)
+    # Feature ids cross as int32 (the store's type; half the bytes of nonzero's int64).
+    ids = cols.to(torch.int32) if acts.shape[1] < 2**31 else cols
     return sp.csr_matrix(
-        (values.cpu().numpy(), cols.cpu().numpy(), indptr.cpu().numpy()),
+        (values.cpu().numpy(), ids.cpu().numpy(), indptr.cpu().numpy()),
         shape=tuple(acts.shape),
     )
 
@@ -242,24 +252,20 @@ def encode_and_store(
 ) -> Iterator[dict[int, sp.csr_matrix]]:
     """Encode each batch, append its codes to the layers' writers and yield them.
 
-    Storing batch k (CPU: checks, statistics, compression) runs in a thread while the model
-    encodes batch k + 1, so a GPU is not kept waiting for the disk.
+    Storing batch k (CPU: checks, statistics, compression, file writes; one thread per layer,
+    the compiled passes and blosc release the GIL) runs while the model encodes batch k + 1, so
+    a GPU is not kept waiting for the disk.
     """
-    with ThreadPoolExecutor(1, "featstore-store") as background:
-        stored: Future[None] | None = None
+    with ThreadPoolExecutor(max(len(writers), 1), "featstore-store") as background:
+        stored: list[Future[None]] = []
         for batch in batches:
             codes = encode_batch(model, saes, hooks, batch)
-            if stored is not None:
-                stored.result()
-            stored = background.submit(_append_codes, writers, codes)
+            for done in stored:
+                done.result()
+            stored = [background.submit(writers[layer].append, csr) for layer, csr in codes.items()]
             yield codes
-        if stored is not None:
-            stored.result()
-
-
-def _append_codes(writers: dict[int, ActivationWriter], codes: dict[int, sp.csr_matrix]) -> None:
-    for layer, csr in codes.items():
-        writers[layer].append(csr)
+        for done in stored:
+            done.result()
 
 
 def extract_shard(

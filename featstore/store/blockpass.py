@@ -22,11 +22,11 @@ OK, NOT_CANONICAL = 0, 1
 
 
 @numba.njit(nogil=True, cache=True)
-def check_block(indptr, indices, data, d, count, total, sumsq):
+def check_block(indptr, indices, data, d, sums):
     """OK if the CSR arrays (rows by `indptr`) are canonical with every value finite and > 0 and
     every feature id in [0, d), with each value's count, sum and sum of squares (float64, in
-    order, as `np.bincount` adds them) added to `count`, `total`, `sumsq`; else NOT_CANONICAL
-    (the sums then hold part of the block)."""
+    order, as `np.bincount` adds them) added to `sums[feature]` (d, 3): one cache line per
+    value, not three; else NOT_CANONICAL (the sums then hold part of the block)."""
     nnz = indices.size
     if indptr[0] != 0 or indptr[indptr.size - 1] != nnz or data.size != nnz:
         return NOT_CANONICAL
@@ -42,9 +42,9 @@ def check_block(indptr, indices, data, d, count, total, sumsq):
             if j <= last or j >= d or not x > 0 or x - x != 0:
                 return NOT_CANONICAL
             last = j
-            count[j] += 1
-            total[j] += x
-            sumsq[j] += x * x
+            sums[j, 0] += 1.0
+            sums[j, 1] += x
+            sums[j, 2] += x * x
     return OK
 
 
@@ -70,34 +70,51 @@ def fast_block(block: object, d: int) -> CheckedBlock | None:
         return None
     indices = block.indices.astype(np.int32, copy=False)
     indptr = block.indptr.astype(np.int64, copy=False)
-    sums = np.zeros(d, np.int64), np.zeros(d), np.zeros(d)
-    if check_block(indptr, indices, block.data, d, *sums) != OK:
+    sums = np.zeros((d, 3))  # counts exact in float64: a shard has < 2^53 tokens
+    if check_block(indptr, indices, block.data, d, sums) != OK:
         return None
-    return CheckedBlock(block.shape[0], indptr, indices, block.data, *sums)
+    count, total, sumsq = np.ascontiguousarray(sums.T)
+    return CheckedBlock(
+        block.shape[0], indptr, indices, block.data, count.astype(np.int64), total, sumsq
+    )
+
+
+SCAN = 16  # floats tested at once for any nonzero: one or two SIMD registers
 
 
 @numba.njit(nogil=True, cache=True)
 def _dense_csr(dense, indptr):
     """(indices, data) of the nonzeros of a C-ordered 2-D float32 array, row by row, and its
-    row pointers in `indptr`; each row is counted, then copied, while it is in cache."""
+    row pointers in `indptr`. Codes are sparse (~140 nonzeros in 24,576): each run of SCAN
+    floats is first tested at once by OR-ing its bits (SIMD, at memory speed), and only a run
+    with a bit set is copied, without branches (every float written, the count moved by
+    `x != 0`; so -0.0 is skipped, NaN kept)."""
     rows, cols = dense.shape
-    indices = np.empty(max(rows * 16, 1024), np.int32)
+    bits = dense.view(np.int32)
+    runs = cols // SCAN
+    indices = np.empty(max(rows * 64, cols, 1024), np.int32)
     data = np.empty(indices.size, np.float32)
     m = 0
     for r in range(rows):
-        k = 0
-        for c in range(cols):
-            k += dense[r, c] != 0
-        if m + k > indices.size:
-            size = max(2 * indices.size, m + k)
+        if m + cols > indices.size:  # room for a whole row, so the row's loop never checks
+            size = max(2 * indices.size, m + cols)
             grown_i, grown_d = np.empty(size, np.int32), np.empty(size, np.float32)
             grown_i[:m], grown_d[:m] = indices[:m], data[:m]
             indices, data = grown_i, grown_d
-        for c in range(cols):
+        for b in range(runs):
+            lo = b * SCAN
+            any_bit = 0
+            for c in range(lo, lo + SCAN):
+                any_bit |= bits[r, c]
+            if any_bit != 0:
+                for c in range(lo, lo + SCAN):
+                    x = dense[r, c]
+                    indices[m], data[m] = c, x
+                    m += x != 0
+        for c in range(runs * SCAN, cols):
             x = dense[r, c]
-            if x != 0:
-                indices[m], data[m] = c, x
-                m += 1
+            indices[m], data[m] = c, x
+            m += x != 0
         indptr[r + 1] = m
     return indices[:m], data[:m]
 

@@ -315,8 +315,9 @@ class Transaction:
             removed += [path for path in self.deleted if path not in removed]
             commits = self.commits(removed)
             for path, (_, writer) in self.staged_groups.items():
-                # Attributes last: their presence is part of what makes a group complete.
-                writer.group.attrs.update({**writer.attrs, COMMIT: commits[path].attribute()})
+                # Attributes last: their presence is part of what makes a group complete. In one
+                # write (zarr's `attrs.update` writes the group's zarr.json once per key).
+                writer.group.update_attributes({**writer.attrs, COMMIT: commits[path].attribute()})
             for path in self.staged_groups:
                 # Parents only now: a write that fails leaves no empty group behind.
                 store._ensure_parents(path)

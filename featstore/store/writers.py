@@ -64,9 +64,14 @@ def rows_digest(columns: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-# Every array featstore writes: 3x faster to write and read than zarr's default zstd, and smaller;
-# then a CRC-32C of each chunk, so a damaged chunk is an error, not other numbers.
-CODECS = (BloscCodec(cname="lz4", clevel=1, shuffle="shuffle"), Crc32cCodec())
+# Every array featstore writes but activation values: blosc-lz4 with bit shuffle, 3x faster to
+# write and read than zarr's default zstd and smaller (bit shuffle: ~1.7x faster than byte shuffle
+# here, 3.5% smaller); then a CRC-32C of each chunk, so a damaged chunk is an error, not other
+# numbers.
+CODECS = (BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"), Crc32cCodec())
+# Activation values (`data` of a CSR group): float32 mantissas do not compress (91% with blosc),
+# so they are stored as they are, with the CRC-32C (bench/RESULTS.md, issue 15).
+VALUE_CODECS = (Crc32cCodec(),)
 # Chunks are written whole, never tested for being all zeros first (a third of zarr's write time).
 WRITE = {"write_empty_chunks": True}
 
@@ -87,21 +92,36 @@ class GroupWriter:
         self.chunk_writers: dict[str, ChunkWriter | None] = {}
         self.written: dict[str, int] = {}  # elements written, the array's shape may lag behind
 
-    def create(self, name: str, dtype: np.dtype, chunk: int = spec.NNZ_CHUNK) -> None:
-        """An empty 1-D array, there even when nothing is appended to it."""
+    def create(
+        self,
+        name: str,
+        dtype: np.dtype,
+        chunk: int = spec.NNZ_CHUNK,
+        codecs: tuple | None = None,
+        size: int = 0,
+    ) -> None:
+        """An empty 1-D array (of `size` elements, which the caller writes; `codecs` by default
+        `CODECS`), there even when nothing is appended to it."""
         with writing(f"{self.path}/{name}"):
             array = self.group.create_array(
                 name,
-                shape=(0,),
+                shape=(size,),
                 dtype=dtype,
                 chunks=(chunk,),
-                compressors=CODECS,
+                compressors=CODECS if codecs is None else codecs,
                 fill_value=encodings.fill_value(dtype),  # what a deleted chunk reads as
                 config=WRITE,
             )
         self.pending[name] = []
         self.arrays[name], self.chunk_writers[name] = array, ChunkWriter.of(array)
         self.written[name] = 0
+
+    def put(self, name: str, values: np.ndarray, chunk: int = spec.NNZ_CHUNK) -> None:
+        """A new array holding `values`, created at its size: no resize afterwards."""
+        values = np.ascontiguousarray(values)
+        self.create(name, values.dtype, chunk, size=values.size)
+        self.pending[name].append(values)
+        self._write(name, whole_chunks=False)
 
     def append(self, name: str, values: np.ndarray, chunk: int = spec.NNZ_CHUNK) -> None:
         values = np.ascontiguousarray(values)
@@ -120,23 +140,23 @@ class GroupWriter:
                     self.arrays[name].resize((self.written[name],))
 
     def _write(self, name: str, whole_chunks: bool) -> None:
-        """Write the buffered values: whole chunks by the array's `ChunkWriter` where it has
-        one (the shape is set once the rest comes), a part chunk (at the end) by zarr."""
+        """Write the buffered values (with `whole_chunks`, only whole chunks): by the array's
+        `ChunkWriter` where it has one and the array ends at a chunk's start (the shape is set
+        by `flush`), else by zarr."""
         array, parts, done = self.arrays[name], self.pending[name], self.written[name]
         size, chunk = sum(len(p) for p in parts), array.chunks[0]
         cut = size - size % chunk if whole_chunks else size
         if not cut:
             return
         values = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        fast = self.chunk_writers[name]
-        whole = cut - cut % chunk if fast is not None and done % chunk == 0 else 0
+        fast = self.chunk_writers[name] if done % chunk == 0 else None
         with writing(f"{self.path}/{name}"):
-            if whole:
-                fast.write(done // chunk, values[:whole].astype(array.dtype, copy=False))
-            if whole < cut:
-                if array.shape[0] != done + whole:
-                    array.resize((done + whole,))
-                array.append(values[whole:cut])
+            if fast is not None:
+                fast.write(done // chunk, values[:cut].astype(array.dtype, copy=False))
+            else:
+                if array.shape[0] != done:
+                    array.resize((done,))
+                array.append(values[:cut])
         self.written[name] = done + cut
         self.pending[name] = [values[cut:]] if cut < size else []
 
@@ -150,6 +170,7 @@ class ActivationWriter:
             0, *(np.zeros(d_sae, dt) for dt in (np.int64, np.float64, np.float64))
         )
         self.nnz = 0
+        group.create("data", np.dtype(np.float32), codecs=VALUE_CODECS)
         group.append("indptr", np.zeros(1, np.int64), spec.TOKEN_CHUNK)
 
     def append(self, block: sp.spmatrix) -> None:
@@ -175,9 +196,9 @@ class ActivationWriter:
     def finish(self, attrs: Mapping[str, Any]) -> None:
         for name, dtype in (("data", np.float32), ("indices", np.int32)):
             self.group.append(name, np.zeros(0, dtype))
-        self.group.append("feature_count", self.stats.count)
-        self.group.append("feature_sum", self.stats.total)
-        self.group.append("feature_sumsq", self.stats.sumsq)
+        self.group.put("feature_count", self.stats.count)
+        self.group.put("feature_sum", self.stats.total)
+        self.group.put("feature_sumsq", self.stats.sumsq)
         self.group.attrs.update(
             {
                 **dict(attrs),
