@@ -117,9 +117,10 @@ class GroupWriter:
         self.written[name] = 0
 
     def put(self, name: str, values: np.ndarray, chunk: int = spec.NNZ_CHUNK) -> None:
-        """A new array holding `values`, created at its size: no resize afterwards."""
+        """A new array holding `values`, created at its size (no resize afterwards), in chunks
+        of at most `chunk` (one chunk of its size when smaller: nothing padded)."""
         values = np.ascontiguousarray(values)
-        self.create(name, values.dtype, chunk, size=values.size)
+        self.create(name, values.dtype, max(1, min(chunk, values.size)), size=values.size)
         self.pending[name].append(values)
         self._write(name, whole_chunks=False)
 
