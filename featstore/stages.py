@@ -32,6 +32,9 @@ class Plan:
     batch_size: int = 8
     device: str = "cpu"  # of the model steps (extraction, causal edges, erasure)
     threshold: float = 0.2  # Pearson of a graph edge
+    # The statistics stage: None writes the table of every co-active pair; a Pearson computes only
+    # the pairs reaching it (not written; the plots stage then writes the whole tables itself).
+    stats_min_pearson: float | None = None
     causal_sequences: int = 2  # per shard
     causal_edges: int | None = 100  # graph edges measured per layer pair (a seeded sample)
     causal_random: int = 100  # random control pairs per layer pair
@@ -77,10 +80,15 @@ def shard_sums(store: Store, plan: Plan) -> str:
 
 
 def statistics(store: Store, plan: Plan) -> str:
-    from featstore.stats.query import PairQuery, save_pair_table
+    from featstore.stats.query import PairQuery, pair_stats, save_pair_table
 
-    rows = {f"{a}-{b}": save_pair_table(store, PairQuery(a, b)).rows for a, b in plan.pairs}
-    return f"co-active pairs written {rows}"
+    if plan.stats_min_pearson is None:
+        rows = {f"{a}-{b}": save_pair_table(store, PairQuery(a, b)).rows for a, b in plan.pairs}
+        return f"co-active pairs written {rows}"
+    rows = {f"{a}-{b}": pair_stats(store, PairQuery(a, b, min_pearson=plan.stats_min_pearson,
+                                                    save=False)).height
+            for a, b in plan.pairs}  # fmt: skip
+    return f"pairs with Pearson >= {plan.stats_min_pearson} (not written) {rows}"
 
 
 def graph(store: Store, plan: Plan) -> str:
@@ -95,7 +103,8 @@ def plots(store: Store, plan: Plan) -> str:
     from featstore.analysis.plots import plot_store
 
     paths = plot_store(store, store.home / spec.PLOTS_DIR, layers=plan.layers,
-                       threshold=plan.threshold, fresh_tables=True)  # fmt: skip
+                       threshold=plan.threshold,
+                       fresh_tables=plan.stats_min_pearson is None)  # fmt: skip
     return f"{len(paths)} figures"
 
 
@@ -118,9 +127,10 @@ def concepts(store: Store, plan: Plan) -> str:
 def comparison(store: Store, plan: Plan) -> str:
     from featstore.analysis.compare import CompareConfig, run_comparison
 
-    _, paths = run_comparison(store, CompareConfig(layers=plan.layers),
-                              store.home / spec.COMPARISON_DIR)  # fmt: skip
-    return f"{len(paths)} files"
+    result, paths = run_comparison(store, CompareConfig(layers=plan.layers),
+                                   store.home / spec.COMPARISON_DIR)  # fmt: skip
+    groups = result.communities
+    return f"{len(paths)} files, {groups.height} communities of {groups['size'].sum()} nodes"
 
 
 def cards(store: Store, plan: Plan) -> str:
