@@ -10,19 +10,18 @@ Data: a `featstore.sources.synth` store of layers 6-9, 24,576 features (L0 ~49),
 shards of `--tokens` tokens, cached under `--out` (default `bench/out/`), or any store with
 layers 6-9 (`--home`). Each measurement runs in a fresh process (peak RSS its own; killed
 above `--max-gb` of RSS): `alone` runs `pair_stats(store, PairQuery(a, b, min_pearson=0.2))`
-for the 6 pairs one after the other; `one pass` runs `allpairs.pair_reports(store, (6, 7, 8,
-9), partial(PairQuery, min_pearson=0.2))`. With `--baseline`, `one pass` runs again with
-`PYTHONPATH` at that worktree (the baseline's code, this script), alternating with this
-tree's, and the pairs found are compared: equal row for row, every column bit for bit. Rates
-are tokens per core-minute per pair: tokens x pairs over the process's CPU time (all its
-threads), which a shared machine's load inflates less than wall time; wall time is printed
-beside it, with the load average.
+for the 6 pairs one after the other; `one pass` does what `allpairs.pair_reports(store,
+(6, 7, 8, 9), partial(PairQuery, min_pearson=0.2))` does (`in_one_pass`), printing each pair's
+time and peak. With `--baseline`, `one pass` runs first with `PYTHONPATH` at that worktree
+(the baseline's code, this script), then this tree's, and the pairs found are compared: equal
+row for row, every column bit for bit. Rates are tokens per core-minute per pair: tokens x
+pairs over the process's CPU time (all its threads), which a shared machine's load inflates
+less than wall time; wall time is printed beside it, with the load average.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -65,10 +64,15 @@ def measure(home: str, how: str, frames: str = "") -> dict:
     else:
         from featstore.stats import allpairs
 
-        reports = allpairs.pair_reports(
-            store, LAYERS, functools.partial(PairQuery, min_pearson=MIN_PEARSON)
-        )
-        found = {pair: frame for pair, (frame, _) in reports.items()}
+        def work(a: int, b: int) -> pl.DataFrame:  # `pair_reports`' query, timed pair by pair
+            frame = query.pair_stats(store, PairQuery(a, b, min_pearson=MIN_PEARSON))
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+            print(f"pair {a}-{b} done at {time.perf_counter() - start:.0f} s wall, "
+                  f"{time.process_time() - cpu:.0f} CPU-s, peak {rss:.1f} GB", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            return frame
+
+        found = allpairs.in_one_pass(allpairs.layer_pairs(LAYERS), work)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if frames:
@@ -90,8 +94,9 @@ def in_subprocess(home: Path, how: str, code: Path, frames: Path, max_gb: float)
                 proc.kill()
                 print(f"{how}: killed above {max_gb} GB of RSS")
         out, err = proc.communicate()
+    print(err.strip(), flush=True)  # progress pair by pair, or why it failed
     if proc.returncode:
-        print(f"{how}: failed: {(err.strip().splitlines() or ['?'])[-1]}")
+        print(f"{how}: failed (exit {proc.returncode})")
         return None
     return json.loads(out.strip().splitlines()[-1])
 
