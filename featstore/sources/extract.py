@@ -199,8 +199,6 @@ def dense_to_csr(acts: torch.Tensor) -> sp.csr_matrix:
     dense codes off a GPU first made extraction 20-60x slower than the forward pass. Codes in
     host memory go through `blockpass.dense_csr`.
     """
-    import torch
-
     acts = acts.detach()
     if acts.device.type == "cpu":  # one compiled pass: torch's nonzero is ~10x slower here
         return blockpass.dense_csr(acts.float().numpy())
