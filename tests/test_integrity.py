@@ -222,21 +222,34 @@ def test_garbage_pair_stats_parquet_fails_check(small_home, capsys):
 
 SYNTH = "from featstore.sources.synth import SynthConfig\nCFG = SynthConfig(d_sae=64, layers=(6, 7), n_tokens=1500, l0=5.0, n_planted=8, seed={seed})\n"  # noqa: E501
 KILLER = SYNTH + """
-import os, signal, sys
+import json, os, shutil, signal, sys
 from featstore.sources.synth import generate
 from featstore.store.home import open_store
-store = open_store(sys.argv[1])
-count = [0]
-def killing(real):
-    def move(*args, **kwargs):
-        count[0] += 1
-        if count[0] == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    return move
-os.rename, os.replace = killing(os.rename), killing(os.replace)  # the commit record: a replace
-generate(store, CFG, "synth-000")
-print(count[0])
+before, root = sys.argv[1], sys.argv[2]
+statuses = []
+while True:  # one child a rename of the replace, killed at it, then a child with no kill
+    k = len(statuses) + 1
+    home = os.path.join(root, f"run{{k}}")
+    shutil.copytree(before, home)
+    pid = os.fork()  # the imports above are paid once, not once a kill
+    if pid == 0:
+        store = open_store(home)
+        count = [0]
+        def killing(real):
+            def move(*args, **kwargs):
+                count[0] += 1
+                if count[0] == k:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real(*args, **kwargs)
+            return move
+        os.rename, os.replace = killing(os.rename), killing(os.replace)  # the commit record too
+        generate(store, CFG, "synth-000")
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    statuses.append(status)
+    if status == 0:
+        break
+print(json.dumps(statuses))
 """
 
 
@@ -256,21 +269,21 @@ def test_a_killed_replace_of_a_shard_leaves_it_whole_old_or_whole_new(tmp_path):
     after = synth_home(tmp_path / "after", 0, 1)
     assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    k, seen = 1, set()
-    while True:  # a kill at every rename of the replace, then a run with none
+    done = subprocess.run([sys.executable, "-c", KILLER.format(seed=1), str(tmp_path / "before"),
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    statuses = json.loads(done.stdout)
+    # every child but the last was killed at its rename (a SIGKILL status), the last finished
+    assert len(statuses) > 2 and statuses[-1] == 0, statuses
+    assert all(os.WIFSIGNALED(s) and os.WTERMSIG(s) == signal.SIGKILL for s in statuses[:-1])
+    seen = set()
+    for k in range(1, len(statuses) + 1):
         home = tmp_path / f"run{k}"
-        shutil.copytree(tmp_path / "before", home)
-        done = subprocess.run([sys.executable, "-c", KILLER.format(seed=1), str(home), str(k)],
-                              capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
         store = open_store(home)  # recovers
         state = group_states(home)
         assert state in (before, after), f"kill at rename {k}: a mixed shard"
         assert check_store(store) == []
         seen.add(state == after)
-        if done.returncode == 0:
-            break
-        assert done.returncode == -signal.SIGKILL, done.stderr
-        k += 1
     assert seen == {False, True}, "no kill fell on either side of the commit"
 
 
