@@ -103,8 +103,7 @@ def plots(store: Store, plan: Plan) -> str:
     from featstore.analysis.plots import plot_store
 
     paths = plot_store(store, store.home / spec.PLOTS_DIR, layers=plan.layers,
-                       threshold=plan.threshold,
-                       fresh_tables=plan.stats_min_pearson is None)  # fmt: skip
+                       threshold=plan.threshold)  # fmt: skip
     return f"{len(paths)} figures"
 
 

@@ -83,3 +83,37 @@ def test_unknown_measure_is_one_line(pair):
     store, _ = pair
     with pytest.raises(FeatstoreError, match="no compiled form"):
         several_bests(PairScan.open(store, 6, 7, save=False), {"decoder_cosine": 0.1}, 1)
+
+
+def test_histograms_counts_and_edges_of_every_co_active_pair_equal_numpy(pair):
+    """What the plots draw: over every co-active pair (min_both 1), each measure's histogram as
+    `np.histogram` over the same bins (values outside left out), counts above threshold, and the
+    edges co-active on enough tokens."""
+    store, acts = pair
+    ref = reference(acts[6], acts[7])
+    co_active = ref["n_both"] >= 1
+    agreement = ref["agreement"][co_active]
+    low = float(np.quantile(agreement, 0.1))  # a tenth of the pairs fall below the bins
+    bins = {"agreement": np.linspace(low, 1.0, 31), "jaccard": np.linspace(0.0, 1.0, 31)}
+    thresholds = {"pearson": 0.2, "agreement": 0.95, "jaccard": 0.2}
+    got = several_bests(PairScan.open(store, 6, 7, save=False), thresholds, 1,
+                        edge=("pearson", 0.2), edge_min_both=10, bins=bins)  # fmt: skip
+    for m, e in bins.items():
+        values = ref[m][co_active & np.isfinite(ref[m])]
+        np.testing.assert_array_equal(got.histograms[m], np.histogram(values, bins=e)[0])
+    assert got.histograms["agreement"].sum() < co_active.sum()  # some were outside
+    for m, t in thresholds.items():
+        with np.errstate(invalid="ignore"):
+            assert got.above[m] == int((co_active & (ref[m] >= t)).sum()), m
+    with np.errstate(invalid="ignore"):
+        fa, fb = np.nonzero((ref["n_both"] >= 10) & (ref["pearson"] >= 0.2))
+    np.testing.assert_array_equal(got.edges.feature_a, fa)
+    np.testing.assert_array_equal(got.edges.feature_b, fb)
+    assert fa.size and (ref["n_both"][(ref["pearson"] >= 0.2)] < 10).any()  # the bar mattered
+
+
+def test_histograms_need_one_number_of_bins(pair):
+    store, _ = pair
+    bins = {"agreement": np.linspace(0, 1, 11), "jaccard": np.linspace(0, 1, 21)}
+    with pytest.raises(FeatstoreError, match="one number"):
+        several_bests(PairScan.open(store, 6, 7, save=False), {"pearson": 0.2}, 1, bins=bins)

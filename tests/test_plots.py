@@ -11,14 +11,14 @@ import scipy.sparse as sp
 from helpers import build_store, correlated_layers, dense_pair_frames
 from matplotlib.image import imread
 
-from featstore.analysis.graph import above, build_graph
+from featstore.analysis.graph import MIN_BOTH, above, build_graph
 from featstore.analysis.plots import (
     block_heatmap,
     cooccurrence_histograms,
-    counts_above,
     layered_drawing,
     layered_positions,
     pair_matrix,
+    plot_numbers,
     threshold_bars,
 )
 from featstore.cli import main
@@ -70,27 +70,76 @@ def test_block_heatmap(frames, tmp_path: Path):
     assert image.shape[1] > 2 * image.shape[0]  # three blocks side by side
 
 
-def test_cooccurrence_histograms(frames, tmp_path: Path):
+@pytest.fixture(scope="module")
+def planted(acts):
+    """The layers, float32, with a pair seen together once (Pearson 1): no graph edge."""
+    x = {k: v.astype(np.float32).astype(np.float64) for k, v in acts.items()}
+    for layer in (6, 7):
+        x[layer][:, 39] = 0.0
+        x[layer][5, 39] = 1.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def store(planted, tmp_path_factory):
+    # Two shards a layer: the pass adds them as the saved sums would.
+    shards = {k: {"s0": sp.csr_matrix(x[:170]), "s1": sp.csr_matrix(x[170:])}
+              for k, x in planted.items()}  # fmt: skip
+    return build_store(tmp_path_factory.mktemp("plots") / "home", shards)
+
+
+THRESHOLDS = {"pearson": 0.2, "agreement": 0.8, "jaccard": 0.1}
+
+
+def test_plot_numbers_equal_numpy_over_every_co_active_pair(store, planted):
+    """Histograms, counts above threshold and the strongest edges from the one pass equal numpy
+    over the dense table of every pair, co-active pairs only."""
+    got = plot_numbers(store, LAYERS, THRESHOLDS, bins=40, n_edges=25)
+    x = planted
+    frames = dense_pair_frames(x, all_pairs=True)
+    on = {k: (v > 0).sum(0) for k, v in x.items()}
+    strongest = []
+    for (a, b), frame in frames.items():
+        co = frame.filter(pl.col("n_both") >= 1)
+        for m, (edges, counted) in got.histograms.items():
+            values = co[m].to_numpy()
+            np.testing.assert_array_equal(counted[(a, b)], np.histogram(values, bins=edges)[0])
+            assert counted[(a, b)].sum() == co.height  # no co-active pair outside the bins
+        for m, t in THRESHOLDS.items():
+            want = co.filter(above(m, t)).height
+            assert got.counts.filter((pl.col("layer_a") == a) & (pl.col("metric") == m))[
+                "count"].item() == want  # fmt: skip
+        # agreement's bins start at the lowest value a co-active pair can take
+        n = x[a].shape[0]
+        lowest = 1 - (on[a].max() + on[b].max() - 2) / n
+        assert got.histograms["agreement"][0][0] <= lowest + 1e-12
+        strongest.append(co.filter(above("pearson", 0.2) & (pl.col("n_both") >= MIN_BOTH))
+                         .with_columns(layer_a=pl.lit(a), layer_b=pl.lit(b)))  # fmt: skip
+    want = pl.concat(strongest).sort(pl.col("pearson").abs(), descending=True)
+    assert got.edges.height == 25
+    np.testing.assert_allclose(np.sort(got.edges["pearson"].to_numpy()),
+                               np.sort(want["pearson"].head(25).to_numpy()), rtol=1e-9)  # fmt: skip
+    every = plot_numbers(store, LAYERS, THRESHOLDS, n_edges=10**6).edges
+    keys = ["layer_a", "feature_a", "layer_b", "feature_b"]
+    assert sorted(every.select(keys).iter_rows()) == sorted(want.select(keys).iter_rows())
+    assert (6, 39, 7, 39) not in set(every.select(keys).iter_rows())  # co-active once
+    assert got.histograms["jaccard"][0][[0, -1]].tolist() == [0.0, 1.0]
+
+
+def test_cooccurrence_histograms(store, tmp_path: Path):
+    numbers = plot_numbers(store, LAYERS, THRESHOLDS)
     assert_png(
         cooccurrence_histograms(
-            frames, tmp_path / "hist.png", title_context=CONTEXT, thresholds={"jaccard": 0.2}
-        )
+            numbers.histograms, tmp_path / "hist.png", title_context=CONTEXT,
+            thresholds={"jaccard": 0.2},
+        )  # fmt: skip
     )
 
 
-def test_counts_above_equal_numpy(frames):
-    thresholds = {"pearson": 0.2, "jaccard": 0.1}
-    counts = counts_above(frames, thresholds)
-    assert counts.height == len(frames) * len(thresholds)
-    for a, b, metric, n in counts.iter_rows():
-        values = frames[(a, b)][metric].to_numpy()
-        assert n == (np.isfinite(values) & (values >= thresholds[metric])).sum()
-
-
-def test_threshold_bars(frames, tmp_path: Path):
-    thresholds = {"pearson": 0.2, "agreement": 0.8, "jaccard": 0.1}
+def test_threshold_bars(store, tmp_path: Path):
+    counts = plot_numbers(store, LAYERS, THRESHOLDS).counts
     path = threshold_bars(
-        frames, tmp_path / "counts.png", title_context=CONTEXT, thresholds=thresholds
+        counts, tmp_path / "counts.png", title_context=CONTEXT, thresholds=THRESHOLDS
     )
     assert_png(path)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
@@ -21,10 +22,10 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from featstore.analysis.graph import (
+    EDGE_KEYS,
     METRICS,
     MIN_BOTH,
     PairFrames,
-    above,
     adjacent_pairs,
     check_metric,
     edges_graph,
@@ -35,12 +36,10 @@ from featstore.analysis.graph import (
 from featstore.defaults import AGREEMENT_THRESHOLD, DEFAULT_ENGINE, EDGE_THRESHOLD
 from featstore.errors import FeatstoreError
 from featstore.figures import PathLike, no_data, pair_label, save
-from featstore.stats.measures import passing
-from featstore.stats.query import PairQuery, pair_stats, pair_stats_path, save_pair_table
+from featstore.stats.bests import count_value, several_bests
+from featstore.stats.query import PairQuery, pair_stats
+from featstore.stats.scan import PairScan
 from featstore.store.local import Store
-
-# Tables of pairs by layer pair, in memory or lazy (a scan of a whole table on disk).
-PairTables = Mapping[tuple[int, int], pl.DataFrame | pl.LazyFrame]
 
 # -- block heatmap -------------------------------------------------------------------------------
 
@@ -98,25 +97,26 @@ def block_heatmap(
 # -- distributions and counts --------------------------------------------------------------------
 
 
+# A measure's histogram: the bin edges and, per layer pair, the counts in those bins.
+Histogram = tuple[np.ndarray, Mapping[tuple[int, int], np.ndarray]]
+
+
 def cooccurrence_histograms(
-    pair_frames: PairTables,
+    histograms: Mapping[str, Histogram],
     path: PathLike,
     *,
     title_context: str,
-    measures: Sequence[str] = ("agreement", "jaccard"),
     thresholds: Mapping[str, float] | None = None,
-    bins: int = 50,
     population: str = "feature pairs",
 ) -> Path:
-    """Histogram of each measure over the frames' rows, one line per layer pair, log counts.
+    """Each measure's histogram, one line per layer pair, log counts.
 
-    `population` names what the rows are (e.g. "co-active feature pairs") on the axes.
+    `population` names what was counted (e.g. "co-active feature pairs") on the axes.
     """
-    fig = Figure(figsize=(5.5 * len(measures), 4.2), layout="constrained")
+    fig = Figure(figsize=(5.5 * len(histograms), 4.2), layout="constrained")
     fig.suptitle(f"co-occurrence of {population} — {title_context}")
-    axes = fig.subplots(1, len(measures), squeeze=False)[0]
-    for ax, measure in zip(axes, measures, strict=True):
-        edges, counted = histograms(pair_frames, measure, bins)
+    axes = fig.subplots(1, len(histograms), squeeze=False)[0]
+    for ax, (measure, (edges, counted)) in zip(axes, histograms.items(), strict=True):
         for pair in sorted(counted):
             label = f"{pair_label(pair)} ({int(counted[pair].sum()):,})"
             ax.stairs(counted[pair], edges, label=label, lw=1.4)
@@ -131,71 +131,28 @@ def cooccurrence_histograms(
     return save(fig, path)
 
 
-def histograms(
-    pair_frames: PairTables, measure: str, bins: int = 50
-) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
-    """Bin edges over the finite values of `measure` in all frames (its range when there are
-    none), and each frame's counts in those bins (`np.histogram`'s bins: the last one closed).
-
-    Frames may be lazy (`pl.scan_parquet` of a whole table): both passes run on polars'
-    streaming engine, so a table is never held.
-    """
-    finite = pl.col(measure).is_finite()
-    span = [
-        frame.lazy().filter(finite).select(lo=pl.col(measure).min(), hi=pl.col(measure).max())
-        for frame in pair_frames.values()
-    ]
-    ends = pl.concat(span).select(pl.col("lo").min(), pl.col("hi").max()).collect(
-        engine="streaming").row(0) if span else (None, None)  # fmt: skip
-    lo, hi = METRICS[measure] if ends[0] is None else ends
-    lo, hi = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)  # as np.histogram_bin_edges
-    edges = np.linspace(lo, hi, bins + 1)
-    index = ((pl.col(measure) - lo) / (hi - lo) * bins).floor().clip(0, bins - 1).cast(pl.Int64)
-    counted = {}
-    for pair, frame in pair_frames.items():
-        found = frame.lazy().filter(finite).group_by(index.alias("bin")).len().collect(
-            engine="streaming")  # fmt: skip
-        counts = np.zeros(bins, dtype=np.int64)
-        counts[found["bin"].to_numpy()] = found["len"].to_numpy()
-        counted[pair] = counts
-    return edges, counted
-
-
-def counts_above(pair_frames: PairTables, thresholds: Mapping[str, float]) -> pl.DataFrame:
-    """`layer_a, layer_b, metric, count`: pairs whose metric reaches its threshold (frames may
-    be lazy: counted on polars' streaming engine)."""
-    rows = [
-        {"layer_a": a, "layer_b": b, "metric": m, "count": n}
-        for (a, b), frame in sorted(pair_frames.items())
-        for m, n in frame.lazy().select(
-            **{m: above(m, t).sum() for m, t in thresholds.items()}
-        ).collect(engine="streaming").row(0, named=True).items()
-    ]  # fmt: skip
-    schema = {"layer_a": pl.Int64, "layer_b": pl.Int64, "metric": pl.String, "count": pl.Int64}
-    return pl.DataFrame(rows, schema=schema)
-
-
 def threshold_bars(
-    pair_frames: PairTables,
+    counts: pl.DataFrame,
     path: PathLike,
     *,
     title_context: str,
     thresholds: Mapping[str, float],
     population: str = "feature pairs",
 ) -> Path:
-    """Grouped bars: rows at or above each measure's threshold, per layer pair."""
-    counts = counts_above(pair_frames, thresholds)
-    pairs = sorted(pair_frames)
+    """Grouped bars of `counts` (`layer_a, layer_b, metric, count`: rows at or above each
+    measure's threshold), per layer pair."""
+    pairs = sorted(set(counts.select("layer_a", "layer_b").iter_rows()))
     fig = Figure(figsize=(2.0 * len(pairs) + 2.5, 4.5), layout="constrained")
     fig.suptitle(f"{population} above threshold — {title_context}")
     ax = fig.add_subplot()
     width = 0.8 / max(len(thresholds), 1)
     x = np.arange(len(pairs))
     for i, (metric, t) in enumerate(thresholds.items()):
-        heights = counts.filter(pl.col("metric") == metric)["count"].to_numpy()
+        heights = counts.filter(pl.col("metric") == metric).sort("layer_a", "layer_b")["count"]
         bars = ax.bar(
-            x + (i - (len(thresholds) - 1) / 2) * width, heights, width, label=f"{metric} ≥ {t}"
-        )
+            x + (i - (len(thresholds) - 1) / 2) * width, heights.to_numpy(), width,
+            label=f"{metric} ≥ {t}",
+        )  # fmt: skip
         ax.bar_label(bars, fmt="{:,.0f}", fontsize=8)
     positive = counts.filter(pl.col("count") > 0)["count"]
     # Measures differ by orders of magnitude in how many pairs pass; log keeps all bars visible.
@@ -302,6 +259,70 @@ def describe_context(store: Store, layers: Sequence[int], threshold: float) -> s
     return f"source {source}, layers {span}, threshold {threshold}"
 
 
+@dataclass(frozen=True)
+class PlotNumbers:
+    """What the distribution figures draw, over every co-active pair of each adjacent pair."""
+
+    histograms: dict[str, Histogram]  # measure -> bin edges, counts per layer pair
+    counts: pl.DataFrame  # layer_a, layer_b, metric, count: pairs reaching each threshold
+    edges: pl.DataFrame  # the `n_edges` strongest graph edges (Pearson, co-active on MIN_BOTH)
+
+
+def bin_edges(measure: str, scans: Sequence[PairScan], bins: int) -> np.ndarray:
+    """Uniform bin edges over the values `measure` can take on a co-active pair of the scans.
+
+    Agreement gets [its smallest possible value, 1]: co-active on one token, the features the
+    busiest of their layers (the kernel's formula, so no value falls below); the other
+    measures their whole range. Fixed before the pass, so one pass counts every pair.
+    """
+    lo, hi = METRICS[measure]
+    if measure == "agreement":
+        n = int(scans[0].stats_a.n_tokens)
+        busiest = [(int(s.stats_a.count.max()), int(s.stats_b.count.max())) for s in scans]
+        lo = min(count_value(measure, 1, ca, cb, n) for ca, cb in busiest)
+        lo, hi = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)  # as np.histogram_bin_edges
+    return np.linspace(lo, hi, bins + 1)
+
+
+def plot_numbers(
+    store: Store,
+    layers: Sequence[int],
+    thresholds: Mapping[str, float],
+    *,
+    measures: Sequence[str] = ("agreement", "jaccard"),
+    bins: int = 50,
+    n_edges: int = 60,
+    engine: str = DEFAULT_ENGINE,
+) -> PlotNumbers:
+    """One compiled pass per adjacent layer pair (`stats.bests`) over every co-active pair:
+    histograms of `measures`, counts reaching `thresholds`, and the graph edges (Pearson at
+    `thresholds["pearson"]`, co-active on MIN_BOTH tokens) of which the `n_edges` strongest are
+    kept. Memory holds the edges, never a table of every pair."""
+    pairs = adjacent_pairs(layers)
+    scans = {(a, b): PairScan.open(store, a, b, engine=engine, save=False) for a, b in pairs}
+    edges_of = {m: bin_edges(m, list(scans.values()), bins) for m in measures}
+    hists: dict[str, dict[tuple[int, int], np.ndarray]] = {m: {} for m in measures}
+    counts, edge_frames = [], []
+    for (a, b), scan in scans.items():
+        found = several_bests(scan, thresholds, 1, edge=("pearson", thresholds["pearson"]),
+                              edge_min_both=MIN_BOTH, bins=edges_of)  # fmt: skip
+        for m in measures:
+            hists[m][(a, b)] = found.histograms[m]
+        counts += [{"layer_a": a, "layer_b": b, "metric": m, "count": found.above[m]}
+                   for m in thresholds]  # fmt: skip
+        e = found.edges
+        edge_frames.append(pl.DataFrame(
+            {"layer_a": a, "feature_a": e.feature_a.astype(np.int64), "layer_b": b,
+             "feature_b": e.feature_b.astype(np.int64), "pearson": e.sum_xy, "n_both": e.n_both},
+            schema_overrides={"layer_a": pl.Int64, "layer_b": pl.Int64},
+        ))  # fmt: skip
+    schema = {"layer_a": pl.Int64, "layer_b": pl.Int64, "metric": pl.String, "count": pl.Int64}
+    strongest = strongest_edges(pl.concat(edge_frames), "pearson", n_edges) if edge_frames else (
+        pl.DataFrame(schema={k: pl.Int64 for k in EDGE_KEYS} | {"pearson": pl.Float64}))
+    return PlotNumbers({m: (edges_of[m], hists[m]) for m in measures},
+                       pl.DataFrame(counts, schema=schema), strongest)  # fmt: skip
+
+
 def plot_store(
     store: Store,
     out: PathLike,
@@ -312,13 +333,12 @@ def plot_store(
     features: tuple[int, int] = (0, 100),
     n_edges: int = 60,
     engine: str = DEFAULT_ENGINE,
-    fresh_tables: bool = False,
 ) -> list[Path]:
     """All four figures of adjacent layer pairs into `out`; `threshold` is Pearson's and Jaccard's.
 
-    The feature range of the heatmap is cut to the smallest d_sae of the layers. The whole
-    tables are written first (`save_pair_table`), unless `fresh_tables` says the caller has
-    just written them (`pair_stats_path`), as the pipeline's statistics stage does.
+    The feature range of the heatmap is cut to the smallest d_sae of the layers. The other
+    figures come from `plot_numbers`: one pass per layer pair, no table of every pair written
+    or held.
     """
     check_metric("pearson", threshold)
     check_metric("agreement", agreement_threshold)
@@ -327,19 +347,8 @@ def plot_store(
     block = (features[0], min(features[1], *d_sae.values()))
     if block[0] >= block[1]:
         raise FeatstoreError(f"feature range {features[0]}:{features[1]} is outside 0:{block[1]}")
-    # Every co-active pair is streamed to disk and read back lazily; only the `n_edges` drawn
-    # (the strongest graph edges: Pearson >= threshold, co-active on MIN_BOTH tokens) are held.
-    full = {(a, b): pl.scan_parquet(pair_stats_path(store, a, b) if fresh_tables else
-                                    save_pair_table(store, PairQuery(a, b, engine=engine)).path)
-            for a, b in pairs}  # fmt: skip
-    edge = passing({"pearson": threshold}, MIN_BOTH)
-    graph_edges = pl.concat(
-        [t.filter(edge).with_columns(layer_a=pl.lit(a, pl.Int64), layer_b=pl.lit(b, pl.Int64))
-         .select("layer_a", pl.col("feature_a").cast(pl.Int64), "layer_b",
-                 pl.col("feature_b").cast(pl.Int64), "pearson", "n_both")
-         for (a, b), t in full.items()]
-    )  # fmt: skip
-    strongest = strongest_edges(graph_edges, "pearson", n_edges)
+    thresholds = {"pearson": threshold, "agreement": agreement_threshold, "jaccard": threshold}
+    numbers = plot_numbers(store, layers, thresholds, n_edges=n_edges, engine=engine)
     ranged = {
         (a, b): pair_stats(
             store,
@@ -348,8 +357,7 @@ def plot_store(
         for a, b in pairs
     }
     context = describe_context(store, layers, threshold)
-    thresholds = {"pearson": threshold, "agreement": agreement_threshold, "jaccard": threshold}
-    # Pairs that never fire together are not rows here (they can still pass an agreement bar).
+    # Pairs that never fire together are not counted (they can still pass an agreement bar).
     population = "co-active feature pairs"
     out = Path(out)
     return [
@@ -357,21 +365,21 @@ def plot_store(
             ranged, out / "heatmap.png", title_context=context, features=block, threshold=threshold
         ),
         cooccurrence_histograms(
-            full,
+            numbers.histograms,
             out / "cooccurrence.png",
             title_context=context,
             thresholds=thresholds,
             population=population,
         ),
         threshold_bars(
-            full,
+            numbers.counts,
             out / "threshold_counts.png",
             title_context=context,
             thresholds=thresholds,
             population=population,
         ),
         layered_drawing(
-            edges_graph(strongest, "pearson", threshold),
+            edges_graph(numbers.edges, "pearson", threshold),
             out / "graph.png",
             title_context=context,
             n_edges=n_edges,

@@ -1,13 +1,14 @@
 """Several measures at once over one layer pair, in one compiled pass: each feature's best partner
-by each measure (both sides), the pairs reaching each measure's threshold (counted), the pairs
-reaching one measure's threshold (written out: graph edges) and the sums of each feature's best
-pairs (written out: to score them by every measure afterwards).
+by each measure (both sides), the pairs reaching each measure's threshold (counted), histograms of
+measures over fixed bins, the pairs reaching one measure's threshold (written out: graph edges)
+and the sums of each feature's best pairs (written out: to score them by every measure
+afterwards).
 
-What a comparison of methods needs, without finishing or holding every co-active pair: memory is
-a few arrays per feature and measure plus the pairs written out; time is one pass of the sparse
-engine's accumulation (`kernel._gather`) with each measure's formula per co-active pair. Values
-are `finish.measure_values`' formulas in their order of operations (`best.form_of` for pearson,
-cosine, jaccard, necessity, sufficiency; `_count_value` here for agreement, pmi and mutual
+What a comparison of methods and the plots need, without finishing or holding every co-active pair:
+memory is a few arrays per feature and measure plus the pairs written out; time is one pass of the
+sparse engine's accumulation (`kernel._gather`) with each measure's formula per co-active pair.
+Values are `finish.measure_values`' formulas in their order of operations (`best.form_of` for
+pearson, cosine, jaccard, necessity, sufficiency; `_count_value` here for agreement, pmi and mutual
 information), ties go to the lower partner, NaN never counts, and only finite values reach a
 threshold (as `measures.above`).
 """
@@ -66,6 +67,11 @@ def _count_value(form, c, ca, cb, n):
     return 0.0 if total < 0.0 else total
 
 
+def count_value(measure: str, n_both: int, count_a: int, count_b: int, n: int) -> float:
+    """Agreement, pmi or mutual information of one pair, exactly as the pass computes it."""
+    return float(_count_value(COUNT_FORMS[measure], n_both, count_a, count_b, n))
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _measure(form, s, c, r, q, uu, scale):
     if form >= AGREEMENT:  # counts: r, q are the features' counts, scale the tokens
@@ -87,14 +93,16 @@ def _put(out, m, i, j, n_both, value):
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def bests_block(
     a_ptr, a_tok, a_val, b_ptr, b_feat, b_val, lo, hi, seg, forms, scale, row, col, row_u, col_u,
-    clip_lo, clip_hi, floor, min_both, edge, edge_floor, extra, capacity,
+    clip_lo, clip_hi, floor, min_both, edge, edge_floor, edge_min_both, bins, extra, capacity,
 ):  # fmt: skip
     """For features lo..hi-1 of A with every feature of B, their pairs co-active on >= `min_both`
     tokens under each measure t (`forms[t]`, factors `row[t]`, ...): best value and partner of
     each of lo..hi-1 and of each feature of B (-inf, -1 where none), pairs whose finite value
     reaches `floor[t]`; the pairs whose finite value of measure `edge` (-1: none) reaches
-    `edge_floor`, with that value
-    (`edges`, their first `n_edges` rows), and the sums (n_both, sum_xy) of each feature's best
+    `edge_floor` on >= `edge_min_both` tokens, with that value (`edges`, their first `n_edges`
+    rows); the histogram of each measure t's finite values over the bin edges `bins[t]` (no
+    histogram where they are all NaN; as `np.histogram`: half-open bins, the last one closed,
+    values outside not counted); and the sums (n_both, sum_xy) of each feature's best
     pairs and of its partners in `extra` (methods x features of A, -1: none) when co-active
     on >= `min_both` tokens (`picks`, first `n_picks` rows, each pair once)."""
     n_m, d_b = forms.size, col.shape[1]
@@ -104,6 +112,8 @@ def bests_block(
     best_b = np.full((n_m, d_b), -np.inf)
     part_b = np.full((n_m, d_b), -1, np.int32)
     above = np.zeros(n_m, np.int64)
+    n_bins = bins.shape[1] - 1
+    hist = np.zeros((n_m, max(n_bins, 0)), np.int64)
     room = max(capacity, 1)
     edges = (np.empty(room, np.int32), np.empty(room, np.int32), np.empty(room, np.int64),
              np.empty(room))  # fmt: skip
@@ -128,8 +138,10 @@ def bests_block(
                 v = min(max(v, clip_lo[t]), clip_hi[t])
                 if np.isfinite(v):
                     above[t] += v >= floor[t]
-                    if t == edge and v >= edge_floor:
+                    if t == edge and v >= edge_floor and counts[j] >= edge_min_both:
                         edges, n_edges = _put(edges, n_edges, i, j, counts[j], v)
+                    if n_bins > 0 and bins[t, 0] == bins[t, 0]:
+                        _bin(hist[t], bins[t], v)
                 if v > best_a[t, i - lo] or (v == best_a[t, i - lo] and j < part_a[t, i - lo]):
                     best_a[t, i - lo], part_a[t, i - lo] = v, j
                 if v > best_b[t, j]:  # i rises: on a tie the lower one stays
@@ -149,7 +161,23 @@ def bests_block(
         for r in range(k):
             sums[found[r]] = 0.0
             counts[found[r]] = 0
-    return best_a, part_a, best_b, part_b, above, edges, n_edges, picks, n_picks
+    return best_a, part_a, best_b, part_b, above, hist, edges, n_edges, picks, n_picks
+
+
+@numba.njit(nogil=True, cache=True)
+def _bin(hist, edges, v):
+    """Count `v` in `hist` over the uniform bin `edges` as `np.histogram` does: the index from
+    the arithmetic, then moved so that edges[k] <= v < edges[k + 1] (the last bin closed)."""
+    n = hist.size
+    first, last = edges[0], edges[n]
+    if not first <= v <= last:
+        return
+    k = min(int((v - first) / (last - first) * n), n - 1)
+    if v < edges[k]:
+        k -= 1
+    elif k < n - 1 and v >= edges[k + 1]:
+        k += 1
+    hist[k] += 1
 
 
 @dataclass(frozen=True)
@@ -162,6 +190,7 @@ class Bests:
     best_b: np.ndarray  # (measures, d_b)
     partner_b: np.ndarray  # (measures, d_b)
     above: dict[str, int]  # measure -> pairs reaching its threshold
+    histograms: dict[str, np.ndarray]  # measure -> counts in the bins asked for
     edges: PairCounts  # pairs reaching the edge threshold; sum_xy holds the edge measure's value
     picks: PairCounts  # each feature of A's best pairs (and extra partners): their sums
 
@@ -195,14 +224,19 @@ def several_bests(
     min_both: int,
     edge: tuple[str, float] | None = None,
     extra: Sequence[np.ndarray] = (),
+    *,
+    edge_min_both: int | None = None,
+    bins: Mapping[str, np.ndarray] | None = None,
 ) -> Bests:
-    """Over the pair `scan` opens (its shards and variant): per measure of `thresholds` (any of
-    `MEASURES`), each feature's best partner on both sides and the pairs reaching the threshold;
-    the pairs reaching `edge` = (measure, threshold); the sums of each feature of A's best pairs
+    """Over the pair `scan` opens (its shards and variant), the pairs co-active on >= `min_both`
+    tokens: per measure of `thresholds` (any of `MEASURES`), each feature's best partner on both
+    sides and the pairs reaching the threshold; the pairs reaching `edge` = (measure, threshold)
+    on >= `edge_min_both` tokens (default `min_both`); the histogram of each measure of `bins`
+    over its uniform bin edges (`np.histogram`'s bins); the sums of each feature of A's best pairs
     and of its partners in `extra` (arrays over A's features, -1: none)."""
-    thresholds = dict(thresholds)
-    if edge is not None and edge[0] not in thresholds:
-        thresholds[edge[0]] = np.inf  # its bests come along; `above` counts none
+    thresholds, bins = dict(thresholds), dict(bins or {})
+    for m in [*([edge[0]] if edge else []), *bins]:
+        thresholds.setdefault(m, np.inf)  # its bests come along; `above` counts none
     names = tuple(thresholds)
     unknown = [m for m in names if m not in MEASURES]
     if unknown:
@@ -216,24 +250,33 @@ def several_bests(
     for e, partners in enumerate(extra):
         others[e] = partners
     edge_index, edge_floor = (names.index(edge[0]), float(edge[1])) if edge else (-1, np.inf)
+    n_bins = {len(e) - 1 for e in bins.values()}
+    if len(n_bins) > 1 or min(n_bins, default=1) < 1:
+        raise FeatstoreError(f"histograms need one number (>= 1) of bins, got {sorted(n_bins)}")
+    bin_edges = np.full((len(names), min(n_bins, default=0) + 1), np.nan)
+    for m, e in bins.items():
+        bin_edges[names.index(m)] = e
+    edge_min_both = min_both if edge_min_both is None else edge_min_both
     best_a, part_a = np.full((len(names), d_a), -np.inf), np.full((len(names), d_a), -1, np.int64)
     best_b, part_b = np.full((len(names), d_b), -np.inf), np.full((len(names), d_b), -1, np.int64)
     above = np.zeros(len(names), np.int64)
+    hist = np.zeros((len(names), bin_edges.shape[1] - 1), np.int64)
     edges, picks = [], []
     seg = np.asarray(cuts, np.int64)
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = [
             pool.submit(bests_block, *arrays, lo, hi, seg, *factors[:6], factors[6], factors[7],
-                        floor, int(min_both), edge_index, edge_floor, others,
-                        kernel.SCREENED_CAPACITY)
+                        floor, int(min_both), edge_index, edge_floor, int(edge_min_both),
+                        bin_edges, others, kernel.SCREENED_CAPACITY)
             for lo, hi in blocks
         ]  # fmt: skip
         for (lo, hi), job in zip(blocks, jobs, strict=True):  # in order: ties keep the lower a
-            b_a, p_a, b_b, p_b, up, found, n_found, chosen, n_chosen = job.result()
+            b_a, p_a, b_b, p_b, up, counted, found, n_found, chosen, n_chosen = job.result()
             best_a[:, lo:hi], part_a[:, lo:hi] = b_a, p_a
             better = b_b > best_b
             best_b[better], part_b[better] = b_b[better], p_b[better]
             above += up
+            hist += counted
             edges.append([x[:n_found] for x in found])
             picks.append([x[:n_chosen] for x in chosen])
 
@@ -242,4 +285,5 @@ def several_bests(
         return PairCounts.from_coo(n, d_a, d_b, *columns)
 
     return Bests(names, best_a, part_a, best_b, part_b, dict(zip(names, above.tolist(),
-                 strict=True)), counts(edges), counts(picks))  # fmt: skip
+                 strict=True)),
+                 {m: hist[names.index(m)] for m in bins}, counts(edges), counts(picks))
