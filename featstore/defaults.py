@@ -22,6 +22,17 @@ MIN_BOTH = 2  # default support of an edge: a pair seen together once is no edge
 MIN_EFFECT = 0.1  # |relative effect| of a causal edge
 DECODER_K = 10  # decoder cosines kept per feature (each feature's top k, as row and as column)
 CAUSAL_SEQUENCES = 16  # sequences per shard patched for causal edges
+# Sequences per forward pass of the model-side analyses, so that their memory is one batch's,
+# never grows with the shards sampled. Steering, a sequence of seq_len tokens: the clean and
+# steered next-token log-probabilities, the clean probabilities and one temporary (float64,
+# (seq_len - 1) x d_vocab each; GPT-2: 4 x 51 MB), the float32 logits (26 MB) and each target
+# layer's codes clean and steered (float32 seq_len x d_sae; 2 x 12.6 MB a target at 24,576
+# features): ~0.3 GB a 128-token sequence at GPT-2 dims with three targets, 4 sequences ~1.2 GB
+# above the model and SAEs (bench/RESULTS.md).
+STEER_BATCH = 4
+# Erasure's block components and C3a's next-SAE errors: (n_heads + 2) x d_model float32 a
+# token, 5.5 MB a 128-token GPT-2 sequence (and a batch's projection onto the features asked).
+MODEL_BATCH = 8
 DEFAULT_MEASURE = "pearson"  # orders a feature page's partners (`featstore serve`)
 SERVE_HOST, SERVE_PORT = "127.0.0.1", 8765  # where `featstore serve` listens by default
 EXPLORER_URL = f"http://{SERVE_HOST}:{SERVE_PORT}"  # where feature cards link to

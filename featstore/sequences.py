@@ -3,7 +3,7 @@ the text of token ids (ground floor: takes any store, imports nothing of featsto
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,6 +26,19 @@ def stacked_codes(
     """A layer's codes of those sequences' tokens, shards stacked in order."""
     parts = [store.read(layer, sh, 0, s.size) for sh, s in zip(shards, sequences, strict=True)]
     return sp.vstack(parts, format="csr")
+
+
+def sequence_batches(sequences: np.ndarray, batch: int) -> Iterator[tuple[np.ndarray, slice]]:
+    """Consecutive batches of at most `batch` of `sequences` (n_seq, seq_len), in order: each
+    batch's token ids and the rows its tokens take in codes stacked the same way
+    (`stacked_codes`). A model run over one batch at a time holds memory for `batch` sequences
+    whatever the number of shards; sums over the batches equal the one-batch sums."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1 sequence, got {batch}")
+    seq_len = sequences.shape[1]
+    for lo in range(0, len(sequences), batch):
+        hi = min(lo + batch, len(sequences))
+        yield sequences[lo:hi], slice(lo * seq_len, hi * seq_len)
 
 
 def token_text(token: int, vocab: Sequence[str] | None) -> str:

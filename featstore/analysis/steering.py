@@ -6,6 +6,11 @@ decoder-direction patch as `patching`, applied everywhere). Reported per steered
 KL divergence KL(clean || steered) of the next-token distribution, the tokens whose mean
 probability rises and falls most, and the later features (`targets`) whose mean activation
 changes most. Every tensor is made on the model's device.
+
+The sequences run `batch` at a time (`defaults.STEER_BATCH`), the clean run once a batch: each
+feature's sums (KL, probability change per token, code change per target feature) are added up
+over the batches and divided by the positions at the end, so memory is one batch's however many
+shards are sampled, and the means equal the one-batch means to float rounding.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import numpy as np
 import polars as pl
 
 from featstore.analysis.patching import RESID_PRE, device_of
+from featstore.defaults import STEER_BATCH
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
-from featstore.sequences import store_sequences, token_texts
+from featstore.sequences import sequence_batches, store_sequences, token_texts
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store import spec
 from featstore.store.local import Store
@@ -78,31 +84,56 @@ def steered_run(model: HookedTransformer, saes: dict[int, SAE], tokens: torch.Te
 
 
 def steer(model: HookedTransformer, saes: dict[int, SAE], sequences: np.ndarray,
-          typical: np.ndarray, cfg: SteerConfig, vocab: Sequence[str] | None = None
-          ) -> dict[str, pl.DataFrame]:
-    """`summary` (one row per feature), `tokens` (gained and lost), `features` (later ones)."""
+          typical: np.ndarray, cfg: SteerConfig, vocab: Sequence[str] | None = None,
+          batch: int = STEER_BATCH) -> dict[str, pl.DataFrame]:
+    """`summary` (one row per feature), `tokens` (gained and lost), `features` (later ones);
+    the model runs on `batch` sequences at a time."""
     import torch
 
     d_sae = saes[cfg.layer].cfg.d_sae
     if min(cfg.features) < 0 or max(cfg.features) >= d_sae:
         raise FeatstoreError(f"features must lie in 0:{d_sae}, got {list(cfg.features)}")
-    tokens = torch.as_tensor(sequences, device=device_of(saes[cfg.layer]))
-    clean, clean_codes = steered_run(model, saes, tokens, cfg, 0, None)
+    never = [f for f in cfg.features if not np.isfinite(typical[f])]
+    if never:
+        raise FeatstoreError(f"feature {cfg.layer}:{never[0]} never fires: no typical activation")
+    if batch < 1:
+        raise FeatstoreError(f"batch must be at least 1 sequence, got {batch}")
+    if len(sequences) == 0:
+        raise FeatstoreError("no sequences to steer on")
+    device = device_of(saes[cfg.layer])
+    values = {f: cfg.k * float(typical[f]) for f in cfg.features}
+    # Sums over (sequence, position): ("kl", f), ("change", f) per token, ("delta", f, t) per
+    # feature of target t; float64 on the model's device.
+    sums: dict[tuple, torch.Tensor] = {}
+    positions = 0
+
+    def add(key: tuple, value: torch.Tensor) -> None:
+        sums[key] = sums[key].add_(value) if key in sums else value
+
+    for part, _ in sequence_batches(np.asarray(sequences), batch):
+        tokens = torch.tensor(part, device=device)  # a copy: store arrays are read-only
+        clean, clean_codes = steered_run(model, saes, tokens, cfg, 0, None)
+        p = clean.exp()
+        positions += clean.shape[0] * clean.shape[1]
+        for f in cfg.features:
+            logp, codes = steered_run(model, saes, tokens, cfg, f, values[f])
+            add(("kl", f), torch.sub(clean, logp).mul_(p).sum())
+            add(("change", f), logp.exp_().sub_(p).sum((0, 1)))  # logp turned into q - p
+            for t in cfg.targets:
+                diff = (codes[t] - clean_codes[t])[:, cfg.skip_positions :]
+                add(("delta", f, t), diff.sum((0, 1), dtype=torch.float64))
+            del logp, codes  # freed before the next run: one steered run's memory at a time
+        del clean, p, clean_codes
+    mean = {k: (v / positions).cpu() for k, v in sums.items()}
     summary, gained, later = [], [], []
     for f in cfg.features:
-        if not np.isfinite(typical[f]):
-            raise FeatstoreError(f"feature {cfg.layer}:{f} never fires: no typical activation")
-        value = cfg.k * float(typical[f])
-        logp, codes = steered_run(model, saes, tokens, cfg, f, value)
-        kl = (clean.exp() * (clean - logp)).sum(-1).mean()
-        summary.append({"layer": cfg.layer, "feature": f, "k": cfg.k, "value": value,
-                        "kl": float(kl.cpu())})
-        change = (logp.exp() - clean.exp()).mean((0, 1)).cpu().numpy()
-        gained.append(_top(change, cfg.top, {"layer": cfg.layer, "feature": f}, "token"))
+        summary.append({"layer": cfg.layer, "feature": f, "k": cfg.k, "value": values[f],
+                        "kl": float(mean["kl", f])})
+        gained.append(_top(mean["change", f].numpy(), cfg.top,
+                           {"layer": cfg.layer, "feature": f}, "token"))  # fmt: skip
         for t in cfg.targets:
-            delta = (codes[t] - clean_codes[t])[:, cfg.skip_positions :].mean((0, 1))
             keys = {"layer": cfg.layer, "feature": f, "layer_b": t}
-            later.append(_top(delta.cpu().numpy(), cfg.top, keys, "feature_b"))
+            later.append(_top(mean["delta", f, t].numpy(), cfg.top, keys, "feature_b"))
     tokens_frame = pl.concat(gained)
     if vocab is not None:
         text = pl.Series(token_texts(tokens_frame["token"].to_numpy(), vocab), dtype=pl.String)
@@ -127,8 +158,9 @@ def _top(change: np.ndarray, n: int, keys: dict, name: str) -> pl.DataFrame:
 
 
 def run_steering(store: Store, model, saes: dict, cfg: SteerConfig,
-                 max_sequences: int | None = 8) -> dict[str, Path]:
-    """Steer over the first `max_sequences` sequences of each shard; write `{home}/steering/`."""
+                 max_sequences: int | None = 8, batch: int = STEER_BATCH) -> dict[str, Path]:
+    """Steer over the first `max_sequences` sequences of each shard, `batch` at a time; write
+    `{home}/steering/`."""
     shards = store.shards(cfg.layer)
     if not shards:
         raise FeatstoreError(f"layer {cfg.layer} has no activations in store {store.home}")
@@ -136,6 +168,6 @@ def run_steering(store: Store, model, saes: dict, cfg: SteerConfig,
     stats = merged_feature_stats(store, cfg.layer, shards)
     with np.errstate(invalid="ignore", divide="ignore"):
         typical = stats.total / stats.count
-    frames = steer(model, saes, sequences, typical, cfg, store.vocab())
+    frames = steer(model, saes, sequences, typical, cfg, store.vocab(), batch)
     folder = store.home / spec.STEERING_DIR
     return {k: write_parquet_atomic(v, folder / f"{k}.parquet") for k, v in frames.items()}
