@@ -24,10 +24,11 @@ def setup(tmp_path_factory):
     return small_model_setup(tmp_path_factory.mktemp("fm"), seed=3, n_seq=16)
 
 
-def test_decoder_survival_projects_the_next_saes_error(setup):
+@pytest.mark.parametrize("batch", [3, 16])  # batches of 3 sequences (the last of 1), or one
+def test_decoder_survival_projects_the_next_saes_error(setup, batch):
     model, saes, tokens, store = setup
     features = np.array([0, 5, 17, 40])
-    got = vanishing.decoder_survival(store, model, saes, 7, features, ["s0"])
+    got = vanishing.decoder_survival(store, model, saes, 7, features, ["s0"], batch=batch)
     with torch.no_grad():
         _, cache = model.run_with_cache(torch.as_tensor(tokens))
         x = cache["blocks.8.hook_resid_pre"].reshape(-1, model.cfg.d_model)

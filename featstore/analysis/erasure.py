@@ -23,9 +23,10 @@ import scipy.sparse as sp
 
 from featstore.analysis.decoders import best_of_top_k, saved_decoder_cosine
 from featstore.analysis.graph import Graph, as_edges
-from featstore.defaults import DECODER_K
+from featstore.defaults import DECODER_K, MODEL_BATCH
 from featstore.errors import FeatstoreError
 from featstore.files import write_parquet_atomic
+from featstore.sequences import sequence_batches
 from featstore.stats.best import best_partners
 from featstore.stats.shardsums import merged_feature_stats
 from featstore.store.local import Store
@@ -74,10 +75,11 @@ def project_sums(x: np.ndarray, active: sp.csr_matrix, w_enc: np.ndarray) -> np.
 
 def component_sums(
     model, sae, sequences: np.ndarray, codes: sp.csr_matrix, features: np.ndarray, block: int,
-    batch: int = 8,
+    batch: int = MODEL_BATCH,
 ) -> ComponentSums:  # fmt: skip
     """Contributions of block `block`'s components to `features` of `sae` (whose stored codes of
-    the `sequences` tokens are `codes`), at the tokens where each is active past BOS."""
+    the `sequences` tokens are `codes`), at the tokens where each is active past BOS; the model
+    runs on `batch` sequences at a time."""
     seq_len = sequences.shape[1]
     keep = sp.diags((np.arange(codes.shape[0]) % seq_len >= 1).astype(np.float32))
     values = sp.csr_matrix(keep @ codes[:, features])
@@ -87,9 +89,9 @@ def component_sums(
     out = ComponentSums(features, np.asarray(active.sum(0)).ravel().astype(np.int64),
                         np.asarray(values.sum(0)).ravel(), np.zeros((len(features), n_comp)),
                         np.zeros(len(features)))  # fmt: skip
-    for lo in range(0, len(sequences), batch):
-        comps, delta = block_components(model, sequences[lo : lo + batch], block)
-        part = active[lo * seq_len : (lo + batch) * seq_len]
+    for tokens, rows in sequence_batches(sequences, batch):
+        comps, delta = block_components(model, tokens, block)
+        part = active[rows]
         out.contrib += project_sums(comps.flatten(0, 1).numpy(), part, w_enc)
         out.total += project_sums(delta.flatten(0, 1)[:, None].numpy(), part, w_enc)[:, 0]
     return out

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from featstore.defaults import MIN_BOTH
+from featstore.defaults import MIN_BOTH, MODEL_BATCH
 from featstore.files import write_parquet_atomic
 from featstore.stats.best import best_partners
 from featstore.stats.shardsums import Variant, merged_feature_stats
@@ -89,10 +89,21 @@ def survival(codes: sp.csr_matrix, w_dec: np.ndarray, errors: np.ndarray) -> np.
 
     `codes` (tokens x n): the features' activations at L; `w_dec` (n x d_model): their decoder
     rows; `errors` (tokens x d_model): the next SAE's reconstruction error at those tokens."""
+    return share(found_sums(codes, w_dec, errors), written_sums(codes, w_dec))
+
+
+def written_sums(codes: sp.csr_matrix, w_dec: np.ndarray) -> np.ndarray:
+    """(n,) `sum_t a_i(t) |d_i|` over the tokens of `codes` (tokens x n)."""
     codes = sp.csr_matrix(codes, dtype=np.float64)
+    return np.asarray(codes.sum(axis=0)).ravel() * np.linalg.norm(w_dec, axis=1)
+
+
+def found_sums(codes: sp.csr_matrix, w_dec: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """(n,) `sum_t e(t) . d_i / |d_i|` over the tokens where feature i is active in `codes`
+    (tokens x n), `errors` (tokens x d_model) at the same tokens: a sum over tokens, so batches
+    of tokens add up."""
     norms = np.linalg.norm(w_dec, axis=1)
-    active = (codes > 0).astype(np.float64).tocsc()
-    written = np.asarray(codes.sum(axis=0)).ravel() * norms
+    active = (sp.csr_matrix(codes, dtype=np.float64) > 0).astype(np.float64).tocsc()
     found = np.zeros(norms.size)
     for lo in range(0, norms.size, CHUNK_FEATURES):
         hi = min(lo + CHUNK_FEATURES, norms.size)
@@ -100,43 +111,48 @@ def survival(codes: sp.csr_matrix, w_dec: np.ndarray, errors: np.ndarray) -> np.
             unit = w_dec[lo:hi] / norms[lo:hi, None]
         proj = np.asarray(errors, np.float64) @ unit.T  # (tokens, chunk)
         found[lo:hi] = np.asarray(active[:, lo:hi].multiply(proj).sum(axis=0)).ravel()
+    return found
+
+
+def share(found: np.ndarray, written: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(written > 0, found / written, np.nan)
 
 
-def next_errors(model, sae_next, tokens: np.ndarray, layer_next: int, batch: int = 8) -> np.ndarray:
+def next_errors(model, sae_next, tokens: np.ndarray, layer_next: int) -> np.ndarray:
     """(n_seq * seq_len, d_model) reconstruction errors of the layer-`layer_next` SAE on the
-    residual stream it reads (`sae_next.cfg.metadata.hook_name` or `blocks.L.hook_resid_pre`)."""
+    residual stream it reads (`blocks.L.hook_resid_pre`), the sequences `tokens` in one run."""
     import torch
 
     hook = f"blocks.{layer_next}.hook_resid_pre"
-    out = []
     with torch.inference_mode():
-        for lo in range(0, len(tokens), batch):
-            _, cache = model.run_with_cache(
-                torch.as_tensor(tokens[lo : lo + batch]), names_filter=[hook],
-                stop_at_layer=layer_next + 1,
-            )  # fmt: skip
-            x = cache[hook].flatten(0, 1)
-            out.append((x - sae_next.decode(sae_next.encode(x))).float().numpy())
-    return np.concatenate(out)
+        _, cache = model.run_with_cache(
+            torch.as_tensor(tokens), names_filter=[hook], stop_at_layer=layer_next + 1
+        )
+        x = cache[hook].flatten(0, 1)
+        return (x - sae_next.decode(sae_next.encode(x))).float().cpu().numpy()
 
 
 def decoder_survival(
     store: Store, model, saes: dict, a: int, features: np.ndarray, shards: Sequence[str],
-    max_sequences: int | None = 32,
+    max_sequences: int | None = 32, batch: int = MODEL_BATCH,
 ) -> pl.DataFrame:  # fmt: skip
     """`survival` of `features` of layer a in the layer-(a+1) SAE's error, on the first
-    `max_sequences` sequences of each shard, BOS positions left out."""
-    from featstore.sequences import stacked_codes, store_sequences
+    `max_sequences` sequences of each shard, BOS positions left out; the model runs on `batch`
+    sequences at a time and each batch's projected errors are summed (never all tokens' errors
+    at once)."""
+    from featstore.sequences import sequence_batches, stacked_codes, store_sequences
 
     seqs = store_sequences(store, shards, max_sequences)
     tokens = np.concatenate(seqs)
     codes = stacked_codes(store, a, shards, seqs)[:, features]
     keep = sp.diags((np.arange(codes.shape[0]) % tokens.shape[1] >= 1).astype(np.float64))
-    errors = next_errors(model, saes[a + 1], tokens, a + 1)
-    w_dec = saes[a].W_dec.detach().float().numpy()[features]
+    codes = sp.csr_matrix(keep @ codes)
+    w_dec = saes[a].W_dec.detach().float().cpu().numpy()[features]
+    found = np.zeros(len(features))
+    for part, rows in sequence_batches(tokens, batch):
+        found += found_sums(codes[rows], w_dec, next_errors(model, saes[a + 1], part, a + 1))
     return pl.DataFrame(
         {"layer": np.full(len(features), a, np.int32), "feature": np.asarray(features, np.int32),
-         "survival": survival(keep @ codes, w_dec, errors)}
+         "survival": share(found, written_sums(codes, w_dec))}
     )  # fmt: skip
