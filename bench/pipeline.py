@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from featstore.defaults import STEER_BATCH
 from featstore.stages import STAGES, Plan
 
 LIMIT_GB = 16.0
@@ -121,7 +122,7 @@ def run_all(
     plan = Plan(source=args.source, text_dir=str(text), max_sequences=per_shard // SEQ_LEN,
                 seq_len=SEQ_LEN, device=args.device, causal_sequences=args.causal_sequences,
                 causal_edges=args.causal_edges, causal_random=args.causal_random,
-                erasure_sequences=args.erasure_sequences,
+                erasure_sequences=args.erasure_sequences, steer_batch=args.steer_batch,
                 stats_min_pearson=args.stats_min_pearson)  # fmt: skip
     home = root / f"home-{tokens}"
     rows = []
@@ -192,6 +193,8 @@ def main() -> None:
                    help="the statistics stage writes only pairs reaching it (default: every "
                         "co-active pair)")
     p.add_argument("--erasure-sequences", type=int, default=4, help="per shard")
+    p.add_argument("--steer-batch", type=int, default=STEER_BATCH,
+                   help="sequences per forward pass of steering")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--home", help=argparse.SUPPRESS)
     p.add_argument("--plan", help=argparse.SUPPRESS)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from featstore.defaults import DECODER_K
+from featstore.defaults import DECODER_K, STEER_BATCH
 from featstore.errors import FeatstoreError
 from featstore.store import spec
 from featstore.store.local import Store
@@ -42,6 +42,7 @@ class Plan:
     cards: int = 5
     decoder_k: int = DECODER_K
     steered: int = 2  # busiest features of the first layer clamped (steering)
+    steer_batch: int = STEER_BATCH  # sequences per forward pass of steering
     findings_features: int = 50  # vanishing features and controls each, for C3a
 
     def __post_init__(self) -> None:
@@ -185,7 +186,7 @@ def steering(store: Store, plan: Plan) -> str:
     count = merged_feature_stats(store, first, store.shards(first)).count
     busiest = tuple(int(f) for f in count.argsort()[::-1][: plan.steered])
     cfg = SteerConfig(layer=first, features=busiest, targets=plan.layers[1:])
-    paths = run_steering(store, model, saes, cfg, max_sequences=plan.causal_sequences)
+    paths = run_steering(store, model, saes, cfg, plan.causal_sequences, plan.steer_batch)
     return f"{len(busiest)} features, {len(paths)} tables"
 
 
