@@ -87,7 +87,11 @@ def steer(model: HookedTransformer, saes: dict[int, SAE], sequences: np.ndarray,
           typical: np.ndarray, cfg: SteerConfig, vocab: Sequence[str] | None = None,
           batch: int = STEER_BATCH) -> dict[str, pl.DataFrame]:
     """`summary` (one row per feature), `tokens` (gained and lost), `features` (later ones);
-    the model runs on `batch` sequences at a time."""
+    the model runs on `batch` sequences at a time. Memory a sequence in the batch: about
+    (seq_len - 1) x d_vocab x 36 bytes (float64 clean and steered log-probabilities, clean
+    probabilities and one temporary; float32 logits) plus 8 x seq_len x d_sae bytes a target
+    layer (its codes clean and steered): ~0.3 GB a 128-token sequence at GPT-2 dims with three
+    targets (measured 0.25-0.38 GB, bench/RESULTS.md)."""
     import torch
 
     d_sae = saes[cfg.layer].cfg.d_sae
