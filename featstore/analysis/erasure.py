@@ -84,7 +84,7 @@ def component_sums(
     keep = sp.diags((np.arange(codes.shape[0]) % seq_len >= 1).astype(np.float32))
     values = sp.csr_matrix(keep @ codes[:, features])
     active = (values > 0).astype(np.float32)
-    w_enc = sae.W_enc.detach().float().numpy()[:, features]
+    w_enc = sae.W_enc.detach().float().cpu().numpy()[:, features]
     n_comp = model.cfg.n_heads + 2
     out = ComponentSums(features, np.asarray(active.sum(0)).ravel().astype(np.int64),
                         np.asarray(values.sum(0)).ravel(), np.zeros((len(features), n_comp)),
@@ -92,8 +92,8 @@ def component_sums(
     for tokens, rows in sequence_batches(sequences, batch):
         comps, delta = block_components(model, tokens, block)
         part = active[rows]
-        out.contrib += project_sums(comps.flatten(0, 1).numpy(), part, w_enc)
-        out.total += project_sums(delta.flatten(0, 1)[:, None].numpy(), part, w_enc)[:, 0]
+        out.contrib += project_sums(comps.flatten(0, 1).cpu().numpy(), part, w_enc)
+        out.total += project_sums(delta.flatten(0, 1)[:, None].cpu().numpy(), part, w_enc)[:, 0]
     return out
 
 
