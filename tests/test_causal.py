@@ -74,6 +74,52 @@ def test_graph_sample_asks_every_correlation_edge_and_random_controls(store_run)
     assert set(only["feature_a"]) == set(some.tolist())
 
 
+@pytest.fixture(scope="module")
+def graph_only(store_run, tmp_path_factory):
+    """A store with the correlation graph (Pearson >= 0.1) and no pair table: what the statistics
+    stage leaves when it only computes the pairs reaching a threshold (a 10^5-token store)."""
+    from featstore.analysis.graph import export_graph
+
+    _, model, saes, cfg = store_run
+    store = model_store(tmp_path_factory.mktemp("graph_only"), model, saes, random_tokens(8, 12, 1))
+    export_graph(store, store.home / spec.GRAPH_DIR, layers=[6, 7, 8, 9], threshold=0.1)
+    assert not (store.home / spec.PAIR_STATS_DIR).exists()
+    return store
+
+
+def test_graph_sample_without_pair_tables_asks_the_graphs_edges(store_run, graph_only):
+    _, model, saes, cfg = store_run
+    frame = causal_edge_frame(graph_only, model, saes, cfg)
+    edges = pl.read_parquet(graph_only.home / spec.GRAPH_DIR / "edges.parquet")
+    for a, b in PAIRS:
+        mine = frame.filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b))
+        expect = edges.filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b)
+                              & (pl.col("pearson") >= 0.1))  # fmt: skip
+        assert expect.height > 0
+        graph = mine.filter(pl.col("asked_by") == "graph")
+        pairs = ["feature_a", "feature_b"]
+        assert set(graph.select(pairs).iter_rows()) == set(expect.select(pairs).iter_rows())
+        random = mine.filter(pl.col("asked_by") == "random")
+        looked_up = random.join(expect, on=pairs, how="left", suffix="_graph")
+        assert looked_up["pearson"].equals(looked_up["pearson_graph"], null_equal=True)
+    assert frame.filter(pl.col("n_tokens") >= cfg.min_tokens).height > 0
+    assert frame.filter((pl.col("layer_b") - pl.col("layer_a")) > 1).height == 0
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        pytest.param(EdgeChoice(min_pearson=0.05), id="graph-above-the-ask"),
+        pytest.param(EdgeChoice(sample="bins"), id="bins-need-the-table"),
+    ],
+)
+def test_nothing_to_ask_from_is_refused(store_run, graph_only, choice):
+    _, model, saes, _ = store_run
+    cfg = CausalConfig(max_sequences=2, edges=choice, attribution=False)
+    with pytest.raises(FeatstoreError, match="no edge to ask"):
+        causal_edge_frame(graph_only, model, saes, cfg)
+
+
 def test_bins_sample_is_stratified(store_run):
     store, *_ = store_run
     bins = (0.0, 0.05, 0.1, 0.2, 1.0)

@@ -9,12 +9,19 @@ measure's bins, plus random pairs of the same sources as a control.
   SAE (any pair, co-active or not, in the graph or not): the rate of causal edges among them
   estimates how many the correlation graph misses beyond the measured ones.
 
-`pair_stats` files are read lazily, filtered before they are collected: only the pairs passing a
-threshold or lying in a bin are held, never a whole table.
+The pairs are chosen from the layer pair's whole `pair_stats` table when it was written; else,
+for the `graph` sample, from the correlation graph's edge table (`graph/edges.parquet`) when it
+holds every pair that can be asked (a Pearson graph of the pair's layers at a threshold <=
+`min_pearson`; its edges carry the graph's support `min_both`, and a random pair outside it has a
+null `pearson`). The statistics stage of a large store computes only the pairs reaching a
+threshold and writes no table (`featstore.stages.Plan.stats_min_pearson`): the graph is then
+where the correlation edges are. Both are read lazily, filtered before they are collected: only
+the pairs passing a threshold or lying in a bin are held, never a whole table.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +31,7 @@ from featstore.defaults import EDGE_THRESHOLD
 from featstore.errors import FeatstoreError
 from featstore.stats.measures import above, check_measure
 from featstore.stats.query import pair_stats_path
+from featstore.store import spec
 from featstore.store.local import Store
 
 SAMPLES = ("graph", "bins")
@@ -69,13 +77,14 @@ class EdgeChoice:
 def asked_edges(
     store: Store, a: int, b: int, d_b: int, choice: EdgeChoice, sources: np.ndarray | None = None
 ) -> pl.DataFrame | None:
-    """The pairs of layers a -> b to measure (`COLUMNS`); None when the pair has no statistics.
+    """The pairs of layers a -> b to measure (`COLUMNS`); None when no table holds the pairs
+    to choose from (`pair_table`).
 
     `sources`: only these source features (None: any)."""
-    path = pair_stats_path(store, a, b)
-    if not path.exists():
+    table = pair_table(store, a, b, choice)
+    if table is None:
         return None
-    scan = pl.scan_parquet(path).select(
+    scan = table.select(
         pl.col(PAIR).cast(pl.Int64), pl.col("pearson").cast(pl.Float64),
         pl.col(choice.measure).cast(pl.Float64).alias("bin_value"),
     )
@@ -90,6 +99,29 @@ def asked_edges(
     control = control.with_columns(asked_by=pl.lit("random"))
     both = pl.concat([asked, control], how="diagonal_relaxed")
     return both.select(pl.col(k).cast(v) for k, v in COLUMNS.items())
+
+
+def pair_table(store: Store, a: int, b: int, choice: EdgeChoice) -> pl.LazyFrame | None:
+    """The pairs of layers a -> b the choice draws from, lazily: the whole pair table when it was
+    written, else (`graph` sample) the correlation graph's edges of the pair when the graph was
+    built on Pearson at a threshold <= `min_pearson` with a and b adjacent among its layers;
+    None when neither."""
+    path = pair_stats_path(store, a, b)
+    if path.exists():
+        return pl.scan_parquet(path)
+    folder = store.home / spec.GRAPH_DIR
+    if choice.sample != "graph":
+        return None
+    from featstore.analysis import graph
+
+    if not (folder / graph.SUMMARY).is_file():
+        return None
+    built = graph.graph_settings(folder)
+    layers = json.loads((folder / graph.SUMMARY).read_text())["layers"]
+    if built["metric"] != "pearson" or built["threshold"] > choice.min_pearson or (
+            (a, b) not in graph.adjacent_pairs(layers)):  # fmt: skip
+        return None
+    return graph.read_edges(folder).filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b))
 
 
 def _graph(scan: pl.LazyFrame, choice: EdgeChoice) -> pl.DataFrame:

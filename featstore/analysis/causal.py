@@ -1,19 +1,21 @@
 """The `causal_edges` table of a store and its comparison with the correlation graph.
 
-For each source layer L and later layer L' with pair statistics, the asked edges
+For each source layer L and later layer L' with pair statistics (the whole pair table, or for the
+graph sample the correlation graph's edges), the asked edges
 (`featstore.analysis.asked`: the correlation graph's, or a sample stratified by a measure's bins,
 plus random control pairs) are patched exactly (`featstore.analysis.patching`) and, optionally,
 estimated by attribution patching, over the first `max_sequences` sequences of each shard. Cost
 and memory grow with the asked edges, never with features x features.
 
 Columns (one row per asked edge): `asked_by` (graph, bin, random), `pearson` of the pair (null:
-never co-active), `bin` and `bin_value` (bins sample); `n_tokens` = tokens where i is active (and
-patched); `mean_effect` = mean over them of f_j(patched) - f_j(clean); `relative_effect` = that /
-the mean activation of j where j is active (clean, whole shards); `share_off` = n_off / n_clean_on
-(tokens where j was on); `share_on` = n_on / (n_tokens - n_clean_on) (tokens where j was off);
-`total_effect` = change of f_j summed over every position of the patched sequences, per patched
-token; `attribution` = its first-order estimate (null when not computed). A pair is a causal edge
-when |relative_effect| >= min_effect over at least `min_tokens` tokens.
+never co-active; asked from the graph: not a graph edge), `bin` and `bin_value` (bins sample);
+`n_tokens` = tokens where i is active (and patched); `mean_effect` = mean over them of
+f_j(patched) - f_j(clean); `relative_effect` = that / the mean activation of j where j is active
+(clean, whole shards); `share_off` = n_off / n_clean_on (tokens where j was on); `share_on` =
+n_on / (n_tokens - n_clean_on) (tokens where j was off); `total_effect` = change of f_j summed over
+every position of the patched sequences, per patched token; `attribution` = its first-order
+estimate (null when not computed). A pair is a causal edge when |relative_effect| >= min_effect
+over at least `min_tokens` tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from featstore.analysis.asked import PAIR, EdgeChoice, asked_edges
+from featstore.analysis.asked import PAIR, EdgeChoice, asked_edges, pair_table
 from featstore.analysis.attribution import edge_attribution
 from featstore.analysis.patching import Edges, EdgeSums, PatchConfig, edge_effects
 from featstore.defaults import CAUSAL_SEQUENCES, MIN_EFFECT
@@ -161,6 +163,13 @@ def causal_edge_frame(
     shards = list(cfg.shards or store.shards(layers[0]))
     if not shards:
         raise FeatstoreError(f"layer {layers[0]} has no activations in store {store.home}")
+    if not any(pair_table(store, a, b, cfg.edges) is not None
+               for a in layers for b in layers if b > a):  # fmt: skip
+        raise FeatstoreError(
+            f"no layer pair of layers {layers} has a pair table (featstore stats, no threshold)"
+            + (" or a Pearson graph at <= the asked Pearson (featstore graph)"
+               if cfg.edges.sample == "graph" else "") + ": no edge to ask"  # fmt: skip
+        )
     scale = mean_active(store, layers, shards)
     parts = [
         f
