@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
-from test_patching import reference
+from test_patching import DeviceWatch, reference
 
 from featstore.analysis.asked import EdgeChoice, asked_edges
 from featstore.analysis.causal import (
@@ -104,6 +104,21 @@ def test_graph_sample_without_pair_tables_asks_the_graphs_edges(store_run, graph
         assert looked_up["pearson"].equals(looked_up["pearson_graph"], null_equal=True)
     assert frame.filter(pl.col("n_tokens") >= cfg.min_tokens).height > 0
     assert frame.filter((pl.col("layer_b") - pl.col("layer_a")) > 1).height == 0
+
+
+def test_the_stage_makes_every_tensor_on_the_models_device(store_run, graph_only):
+    """The whole causal computation (asked from the graph, patched, attributed) under
+    `test_patching.DeviceWatch`: no tensor made without a device, no `.numpy()` of a tensor
+    that did not pass through `.cpu()`, either of which breaks (or silently mixes) on cuda."""
+    _, model, saes, cfg = store_run
+    small = CausalConfig(max_sequences=2, min_tokens=1,
+                         edges=EdgeChoice(min_pearson=0.1, max_edges=5, random_pairs=3))
+    watch = DeviceWatch()
+    with watch:
+        frame = causal_edge_frame(graph_only, model, saes, small)
+    assert frame.filter(pl.col("n_tokens") > 0).height > 0
+    assert frame["attribution"].is_not_null().any()
+    assert watch.problems == []
 
 
 @pytest.mark.parametrize(
