@@ -122,6 +122,7 @@ def run_all(
     plan = Plan(source=args.source, text_dir=str(text), max_sequences=per_shard // SEQ_LEN,
                 seq_len=SEQ_LEN, device=args.device, causal_sequences=args.causal_sequences,
                 causal_edges=args.causal_edges, causal_random=args.causal_random,
+                causal_attribution=not args.causal_no_attribution,
                 erasure_sequences=args.erasure_sequences, steer_batch=args.steer_batch,
                 stats_min_pearson=args.stats_min_pearson)  # fmt: skip
     home = root / f"home-{tokens}"
@@ -189,6 +190,8 @@ def main() -> None:
     p.add_argument("--causal-sequences", type=int, default=1, help="per shard")
     p.add_argument("--causal-edges", type=int, default=10, help="graph edges per layer pair")
     p.add_argument("--causal-random", type=int, default=5, help="random pairs per layer pair")
+    p.add_argument("--causal-no-attribution", action="store_true",
+                   help="causal edges by exact patching only (no attribution estimate)")
     p.add_argument("--stats-min-pearson", type=float, default=None,
                    help="the statistics stage writes only pairs reaching it (default: every "
                         "co-active pair)")

@@ -38,6 +38,7 @@ class Plan:
     causal_sequences: int = 2  # per shard
     causal_edges: int | None = 100  # graph edges measured per layer pair (a seeded sample)
     causal_random: int = 100  # random control pairs per layer pair
+    causal_attribution: bool = True  # also the attribution estimate of each causal edge
     erasure_sequences: int = 8  # per shard
     cards: int = 5
     decoder_k: int = DECODER_K
@@ -149,7 +150,8 @@ def causal_edges(store: Store, plan: Plan) -> str:
     model, saes = load_model_and_saes(plan.extract_config())
     choice = EdgeChoice(sample="graph", min_pearson=plan.threshold, max_edges=plan.causal_edges,
                         random_pairs=plan.causal_random)  # fmt: skip
-    cfg = CausalConfig(layers=plan.layers, max_sequences=plan.causal_sequences, edges=choice)
+    cfg = CausalConfig(layers=plan.layers, max_sequences=plan.causal_sequences, edges=choice,
+                       attribution=plan.causal_attribution)  # fmt: skip
     paths = run_causal(store, model, saes, cfg)
     return f"{len(paths)} files"
 
