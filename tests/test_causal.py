@@ -167,6 +167,7 @@ def test_comparison_counts_equal_set_arithmetic(store_run, graph_frame):
     store, _, _, cfg = store_run
     table = compare(graph_frame, cfg)
     assert table.height == 3  # the adjacent pairs: the only ones with statistics
+    assert table.schema["attribution_r"] == pl.Float64
     for a, b in PAIRS:
         rows = graph_frame.filter((pl.col("layer_a") == a) & (pl.col("layer_b") == b)).to_dicts()
         measured = {(r["feature_a"], r["feature_b"]) for r in rows if r["n_tokens"] >= 3}
@@ -181,6 +182,10 @@ def test_comparison_counts_equal_set_arithmetic(store_run, graph_frame):
         assert got["correlation_edges_causal"] == len(edges & causal)
         assert got["causal_edges_missed"] == len(causal - edges)
         assert got["random_pairs_causal"] == len(causal & random)
+        measured_rows = [r for r in rows if r["n_tokens"] >= 3]
+        x = np.array([r["attribution"] for r in measured_rows])
+        y = np.array([r["total_effect"] for r in measured_rows])
+        assert len(x) > 2 and got["attribution_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
     assert table["correlation_edges_tested"].sum() > 0 and table["causal_edges"].sum() > 0
 
 

@@ -196,7 +196,8 @@ def compare(frame: pl.DataFrame, cfg: CausalConfig) -> pl.DataFrame:
     pairs, and the agreement of attribution with exact patching (Pearson r of total effects)."""
     in_graph = pl.col("pearson").fill_null(-1.0) >= cfg.edges.min_pearson
     random = pl.col("asked_by") == "random"
-    r = pl.corr("attribution", "total_effect")
+    both = tested(cfg) & pl.col("attribution").is_not_null()
+    r = pl.corr(pl.col("attribution").filter(both), pl.col("total_effect").filter(both))
     out = frame.group_by("layer_a", "layer_b").agg(
         asked_pairs=pl.len(),
         correlation_edges_asked=(pl.col("asked_by") == "graph").sum(),
@@ -208,8 +209,7 @@ def compare(frame: pl.DataFrame, cfg: CausalConfig) -> pl.DataFrame:
         causal_edges_missed=(is_causal(cfg) & ~in_graph).sum(),
         random_pairs_tested=(tested(cfg) & random).sum(),
         random_pairs_causal=(is_causal(cfg) & random).sum(),
-        attribution_r=pl.when(tested(cfg).sum() > 2).then(
-            r.filter(tested(cfg) & pl.col("attribution").is_not_null())),
+        attribution_r=pl.when(both.sum() > 2).then(r),
     )
     return out.with_columns(
         share_of_correlation_causal=pl.col("correlation_edges_causal")
