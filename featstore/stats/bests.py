@@ -101,10 +101,10 @@ def bests_block(
     reaches `floor[t]`; the pairs whose finite value of measure `edge` (-1: none) reaches
     `edge_floor` on >= `edge_min_both` tokens, with that value (`edges`, their first `n_edges`
     rows); the histogram of each measure t's finite values over the bin edges `bins[t]` (no
-    histogram where they are all NaN; as `np.histogram`: half-open bins, the last one closed,
-    values outside not counted); and the sums (n_both, sum_xy) of each feature's best
-    pairs and of its partners in `extra` (methods x features of A, -1: none) when co-active
-    on >= `min_both` tokens (`picks`, first `n_picks` rows, each pair once)."""
+    histogram where they are all NaN or `bins` is None; as `np.histogram`: half-open bins, the
+    last one closed, values outside not counted); and the sums (n_both, sum_xy) of each
+    feature's best pairs and of its partners in `extra` (methods x features of A, -1: none)
+    when co-active on >= `min_both` tokens (`picks`, first `n_picks` rows, each pair once)."""
     n_m, d_b = forms.size, col.shape[1]
     acc, cnt, touched, tot, tcnt, ttouched = kernel._accumulators(d_b, seg)
     best_a = np.full((n_m, hi - lo), -np.inf)
@@ -112,8 +112,11 @@ def bests_block(
     best_b = np.full((n_m, d_b), -np.inf)
     part_b = np.full((n_m, d_b), -1, np.int32)
     above = np.zeros(n_m, np.int64)
-    n_bins = bins.shape[1] - 1
-    hist = np.zeros((n_m, max(n_bins, 0)), np.int64)
+    # `bins` None (no histogram) is pruned when compiled: the comparison's pass pays nothing.
+    if bins is None:
+        hist = np.zeros((n_m, 0), np.int64)
+    else:
+        hist = np.zeros((n_m, bins.shape[1] - 1), np.int64)
     room = max(capacity, 1)
     edges = (np.empty(room, np.int32), np.empty(room, np.int32), np.empty(room, np.int64),
              np.empty(room))  # fmt: skip
@@ -140,8 +143,9 @@ def bests_block(
                     above[t] += v >= floor[t]
                     if t == edge and v >= edge_floor and counts[j] >= edge_min_both:
                         edges, n_edges = _put(edges, n_edges, i, j, counts[j], v)
-                    if n_bins > 0 and bins[t, 0] == bins[t, 0]:
-                        _bin(hist[t], bins[t], v)
+                    if bins is not None:
+                        if bins[t, 0] == bins[t, 0]:
+                            _bin(hist[t], bins[t], v)
                 if v > best_a[t, i - lo] or (v == best_a[t, i - lo] and j < part_a[t, i - lo]):
                     best_a[t, i - lo], part_a[t, i - lo] = v, j
                 if v > best_b[t, j]:  # i rises: on a tie the lower one stays
@@ -253,14 +257,14 @@ def several_bests(
     n_bins = {len(e) - 1 for e in bins.values()}
     if len(n_bins) > 1 or min(n_bins, default=1) < 1:
         raise FeatstoreError(f"histograms need one number (>= 1) of bins, got {sorted(n_bins)}")
-    bin_edges = np.full((len(names), min(n_bins, default=0) + 1), np.nan)
+    bin_edges = np.full((len(names), min(n_bins, default=0) + 1), np.nan) if bins else None
     for m, e in bins.items():
         bin_edges[names.index(m)] = e
     edge_min_both = min_both if edge_min_both is None else edge_min_both
     best_a, part_a = np.full((len(names), d_a), -np.inf), np.full((len(names), d_a), -1, np.int64)
     best_b, part_b = np.full((len(names), d_b), -np.inf), np.full((len(names), d_b), -1, np.int64)
     above = np.zeros(len(names), np.int64)
-    hist = np.zeros((len(names), bin_edges.shape[1] - 1), np.int64)
+    hist = np.zeros((len(names), 0 if bin_edges is None else bin_edges.shape[1] - 1), np.int64)
     edges, picks = [], []
     seg = np.asarray(cuts, np.int64)
     with ThreadPoolExecutor(max_workers=2) as pool:
