@@ -4,14 +4,16 @@ ablation effect by similarity bin, against set arithmetic, numpy and plain hook 
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from helpers import model_store, one_torch_thread, random_model, random_saes, random_tokens
 from test_patching import DeviceWatch, reference
 
-from featstore.analysis.asked import EdgeChoice, asked_edges
+from featstore.analysis.asked import EdgeChoice, asked_edges, pair_table
 from featstore.analysis.causal import (
     CausalConfig,
     ablation_by_bin,
@@ -23,6 +25,7 @@ from featstore.cli import main
 from featstore.errors import FeatstoreError
 from featstore.stats.query import PairQuery, pair_stats
 from featstore.store import spec
+from featstore.store.home import open_store
 
 PAIRS = ((6, 7), (7, 8), (8, 9))
 
@@ -133,6 +136,32 @@ def test_nothing_to_ask_from_is_refused(store_run, graph_only, choice):
     cfg = CausalConfig(max_sequences=2, edges=choice, attribution=False)
     with pytest.raises(FeatstoreError, match="no edge to ask"):
         causal_edge_frame(graph_only, model, saes, cfg)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda g: (g / "summary.json").write_text("{not json"), id="summary-not-json"),
+        pytest.param(lambda g: (g / "summary.json").write_text('{"layers": "6-9"}'),
+                     id="summary-layers-not-a-list"),
+        pytest.param(lambda g: (g / "summary.json").write_text("[6, 7]"), id="summary-a-list"),
+        pytest.param(lambda g: pq.write_table(
+            pq.read_table(g / "edges.parquet").replace_schema_metadata(
+                {"featstore.graph": "{oops"}), g / "edges.parquet"), id="settings-not-json"),
+        pytest.param(lambda g: pq.write_table(
+            pq.read_table(g / "edges.parquet").replace_schema_metadata(
+                {"featstore.graph": '{"metric": "dot", "threshold": 0.1}'}), g / "edges.parquet"),
+            id="settings-unknown-metric"),
+    ],
+)
+def test_a_damaged_graph_is_one_line_not_a_crash(graph_only, tmp_path, damage):
+    """Edges asked from a graph someone else built: a crafted or damaged summary or edge-table
+    metadata is reported, never read (nor a traceback)."""
+    home = tmp_path / "home"
+    shutil.copytree(graph_only.home, home)
+    damage(home / spec.GRAPH_DIR)
+    with pytest.raises(FeatstoreError, match="damaged"):
+        pair_table(open_store(home), 6, 7, EdgeChoice(min_pearson=0.1))
 
 
 def test_bins_sample_is_stratified(store_run):

@@ -21,7 +21,6 @@ the pairs passing a threshold or lying in a bin are held, never a whole table.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,15 +108,15 @@ def pair_table(store: Store, a: int, b: int, choice: EdgeChoice) -> pl.LazyFrame
     path = pair_stats_path(store, a, b)
     if path.exists():
         return pl.scan_parquet(path)
-    folder = store.home / spec.GRAPH_DIR
     if choice.sample != "graph":
         return None
     from featstore.analysis import graph
 
-    if not (folder / graph.SUMMARY).is_file():
+    folder = store.home / spec.GRAPH_DIR
+    layers = graph.graph_layers(folder)
+    if layers is None:
         return None
     built = graph.graph_settings(folder)
-    layers = json.loads((folder / graph.SUMMARY).read_text())["layers"]
     if built["metric"] != "pearson" or built["threshold"] > choice.min_pearson or (
             (a, b) not in graph.adjacent_pairs(layers)):  # fmt: skip
         return None

@@ -500,10 +500,34 @@ def graph_settings(folder: str | os.PathLike[str]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     read_edges(folder)  # a missing table is one line
-    meta = pq.read_schema(Path(folder) / EDGES).metadata or {}
+    path = Path(folder) / EDGES
+    meta = pq.read_schema(path).metadata or {}
     if METADATA_KEY.encode() not in meta:
-        raise FeatstoreError(f"{Path(folder) / EDGES} has no {METADATA_KEY} metadata: rebuild it")
-    return json.loads(meta[METADATA_KEY.encode()])
+        raise FeatstoreError(f"{path} has no {METADATA_KEY} metadata: rebuild it")
+    try:
+        settings = json.loads(meta[METADATA_KEY.encode()])
+    except ValueError:
+        settings = None
+    if not (isinstance(settings, dict) and settings.get("metric") in METRICS
+            and isinstance(settings.get("threshold"), int | float)):  # fmt: skip
+        raise FeatstoreError(f"{path}: its {METADATA_KEY} metadata is damaged: rebuild it")
+    return settings
+
+
+def graph_layers(folder: str | os.PathLike[str]) -> list[int] | None:
+    """The layers a graph folder was built over (its summary.json); None when there is no
+    summary; a damaged one is one line."""
+    path = Path(folder) / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        layers = json.loads(path.read_text(encoding="utf-8")).get("layers")
+    except (OSError, ValueError, AttributeError):
+        layers = None
+    if not (isinstance(layers, list) and layers
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):  # fmt: skip
+        raise FeatstoreError(f"{path} is damaged (no list of layers): rebuild the graph")
+    return layers
 
 
 def export_graph(
