@@ -354,19 +354,30 @@ def test_opening_the_store_while_a_writer_is_between_its_renames_does_not_undo_i
 # -- a full disk ----------------------------------------------------------------------------------
 
 
-def full_disk_after(monkeypatch, n_writes: int) -> list[int]:
-    """Zarr's file writes fail with ENOSPC from the `n_writes`-th on (counted from 0)."""
+def store_file_writes(monkeypatch, write) -> None:
+    """Every file write of the store's Zarr hierarchy, zarr's own (`_put`) and featstore's
+    direct chunk and metadata writes (`chunks._write_file`), goes through `write(original,
+    path, *args)`."""
     import zarr.storage._local as local
 
-    put, seen = local._put, []
+    from featstore.store import chunks
 
-    def put_or_fail(*args, **kwargs):
+    for module, name in ((local, "_put"), (chunks, "_write_file")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, functools.partial(write, original))
+
+
+def full_disk_after(monkeypatch, n_writes: int) -> list[int]:
+    """The store's file writes fail with ENOSPC from the `n_writes`-th on (counted from 0)."""
+    seen = []
+
+    def write_or_fail(original, *args, **kwargs):
         seen.append(1)
         if len(seen) > n_writes:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return put(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(local, "_put", put_or_fail)
+    store_file_writes(monkeypatch, write_or_fail)
     return seen
 
 
@@ -400,22 +411,21 @@ def test_full_disk_at_any_write_of_an_ingest_leaves_the_store_unchanged(
 
 
 def test_full_disk_while_other_writes_still_run_leaves_no_trace(tmp_path, monkeypatch, capsys):
-    """zarr writes an array's metadata and its parent group's at once: when one fails, the
-    other is still running, and must not land in the staging folder after its removal."""
-    import zarr.storage._local as local
-
+    """zarr wrote an array's metadata and its parent group's at once (featstore now writes
+    them in turn): when one fails, no other write may land in the staging folder after its
+    removal."""
     home = tmp_path / "home"
     build_store(home, {6: {"s0": sparse_acts(300, 48)}})
-    before, put = file_snapshot(home), local._put
+    before = file_snapshot(home)
 
-    def slow_group_failing_array(path, *args, **kwargs):
+    def slow_group_failing_array(original, path, *args, **kwargs):
         if spec.STAGING in Path(path).parts and path.name == "zarr.json":
             if path.parent.name == "seq":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             time.sleep(0.3)
-        return put(path, *args, **kwargs)
+        return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(local, "_put", slow_group_failing_array)
+    store_file_writes(monkeypatch, slow_group_failing_array)
     npz = save_npz(tmp_path / "m.npz", sparse_acts(300, 48))
     rc, _, err = cli(capsys, home, "ingest", npz, "--layer", "8", "--shard", "s2")
     assert_one_line_error(rc, err, "No space left on device", "tokens/s2")

@@ -12,7 +12,8 @@ import scipy.sparse as sp
 import torch
 import zarr
 import zarr.storage
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.storage import StorePath
 
 from featstore import FeatstoreError
 from featstore.sources.extract import dense_to_csr, device_csr
@@ -128,33 +129,52 @@ def _files(root: Path) -> list[Path]:
     ],
 )
 def test_chunk_writer_writes_what_zarr_writes(tmp_path, dtype, codecs):
-    """GroupWriter's direct chunk writes give byte for byte zarr's own chunk files, the last
-    part chunk (padded with the fill value) included."""
+    """GroupWriter's direct writes give byte for byte zarr's own files: every chunk (the last
+    part chunk padded with the fill value), the array's zarr.json at its final size and the
+    group's zarr.json with its attributes; zarr reads the group back."""
     values = (np.random.default_rng(1).random(10_000) * 1000).astype(dtype)
-    ours = zarr.open_group(zarr.storage.LocalStore(tmp_path / "ours"), mode="w", zarr_format=3)
-    writer = GroupWriter(ours)
+    writer = GroupWriter(StorePath(zarr.storage.LocalStore(tmp_path / "ours")))
     writer.create("x", values.dtype, chunk=1024, codecs=codecs)
     for lo in range(0, values.size, 1234):  # appends straddling chunks of 1,024
         writer.append("x", values[lo : lo + 1234], chunk=1024)
     writer.flush()
+    attributes = {"layer": 6, "shape": [3, 4], "name": "x\u00e9", "nested": {"b": [1.5, None]}}
+    writer.write_attributes(attributes)
     assert writer.chunk_writers["x"] is not None  # the direct path, not zarr's
     theirs = zarr.open_group(zarr.storage.LocalStore(tmp_path / "theirs"), mode="w", zarr_format=3)
     array = theirs.create_array(
         "x",
-        shape=values.shape,
+        shape=(0,),
         dtype=dtype,
         chunks=(1024,),
         compressors=codecs,
         config=WRITE,
         fill_value=encodings.fill_value(dtype),
     )
-    array[:] = values
+    array.append(values)  # created empty and resized, as GroupWriter's arrays were
+    theirs.update_attributes(attributes)
+    ours = zarr.open_group(zarr.storage.LocalStore(tmp_path / "ours"), mode="r")
     np.testing.assert_array_equal(ours["x"][:], values)
-    names = _files(tmp_path / "ours" / "x")
-    assert names == _files(tmp_path / "theirs" / "x") and len(names) == 11  # zarr.json + 10
+    assert dict(ours.attrs) == attributes
+    names = _files(tmp_path / "ours")
+    assert names == _files(tmp_path / "theirs") and len(names) == 12  # 2 zarr.json + 10 chunks
     for name in names:
-        if name.name != "zarr.json":
-            assert filecmp.cmp(tmp_path / "ours/x" / name, tmp_path / "theirs/x" / name, False)
+        assert filecmp.cmp(tmp_path / "ours" / name, tmp_path / "theirs" / name, False), name
+
+
+def test_group_writer_writes_other_codecs_through_zarr(tmp_path):
+    """An array of a codec chain ChunkWriter does not encode (zstd) is written by zarr into
+    the region, a part chunk read back and completed; zarr reads every value back."""
+    values = np.arange(5000, dtype=np.int64) * 7
+    writer = GroupWriter(StorePath(zarr.storage.LocalStore(tmp_path / "g")))
+    writer.create("x", values.dtype, chunk=1024, codecs=(ZstdCodec(),))
+    assert writer.chunk_writers["x"] is None
+    writer.append("x", values[:1500], chunk=1024)
+    writer.flush()  # a part chunk: the next append starts inside it
+    writer.append("x", values[1500:], chunk=1024)
+    writer.flush()
+    writer.write_attributes({})
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "g" / "x", mode="r")[:], values)
 
 
 def _blosc(shuffle: str) -> BloscCodec:
@@ -224,3 +244,40 @@ def test_the_device_path_hands_over_what_the_host_pass_finds(dtype):
     np.testing.assert_array_equal(got.indices, ref.indices)
     np.testing.assert_array_equal(got.data, ref.data)
     assert blockpass.fast_block(got, 500) is not None  # the writer takes it the fast way
+
+
+def test_store_groups_zarr_json_are_what_zarr_writes(tmp_path):
+    """The zarr.json documents featstore writes itself (an activation group's with its
+    attributes, the parent groups it makes, each array's at its final shape) are byte for byte
+    what zarr writes for the same metadata, and zarr opens every node from them."""
+    store = open_store(tmp_path / "home", create=True)
+    csr = dense_to_csr(codes(rows=3000))
+    with store.activation_writer(6, "s", 500, {"note": "x"}) as writer:
+        writer.append(csr[:1234])
+        writer.append(csr[1234:])
+    root = tmp_path / "home" / "store.zarr"
+    ours = zarr.open_group(root / "activations/layer_6/s", mode="r")
+    ref = zarr.open_group(zarr.storage.LocalStore(tmp_path / "ref"), mode="w", zarr_format=3)
+    ref.update_attributes(dict(ours.attrs))
+    assert (root / "activations/layer_6/s/zarr.json").read_bytes() == (
+        tmp_path / "ref/zarr.json"
+    ).read_bytes()
+    for name in ours.array_keys():
+        array = ours[name]
+        ref.create_array(
+            name,
+            shape=array.shape,
+            dtype=array.dtype,
+            chunks=array.chunks,
+            compressors=array.compressors,
+            fill_value=array.fill_value,
+        )
+        assert (root / f"activations/layer_6/s/{name}/zarr.json").read_bytes() == (
+            tmp_path / f"ref/{name}/zarr.json"
+        ).read_bytes(), name
+    for parent in ("activations", "activations/layer_6"):
+        zarr.open_group(zarr.storage.LocalStore(tmp_path / "parents" / parent), mode="a")
+        assert (root / parent / "zarr.json").read_bytes() == (
+            tmp_path / "parents" / parent / "zarr.json"
+        ).read_bytes(), parent
+    np.testing.assert_array_equal(store.read(6, "s").toarray(), csr.toarray())

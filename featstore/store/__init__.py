@@ -9,7 +9,8 @@
   recovery of what a killed writer left); `writers`: how a group's arrays are written and the
   values that may enter them (`GroupWriter`, `ActivationWriter`, `FeatureStats`).
 - `blockpass`: compiled passes over a block of codes on its way in (dense to CSR; checks and
-  per-feature sums in one pass); `chunks`: whole Zarr chunks written straight to the store.
+  per-feature sums in one pass); `chunks`: whole Zarr chunks and `zarr.json`
+  documents written straight to the store.
 - `check`: verifying a whole store; `ingest`: importing activations computed elsewhere;
   `sql`: read-only DuckDB over the store (`sqlguard` its rules, `sqlcatalog` + `sqlindex`
   the columnar SQL index kept in step with the store, `sqlfiles` the Parquet tables).

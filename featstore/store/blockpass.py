@@ -56,27 +56,39 @@ class CheckedBlock:
     indptr: np.ndarray  # (rows + 1,) int64, from 0
     indices: np.ndarray  # (nnz,) int32
     data: np.ndarray  # (nnz,) float32
-    count: np.ndarray  # (d,) int64
-    total: np.ndarray  # (d,) float64
-    sumsq: np.ndarray  # (d,) float64
+    sums: np.ndarray  # (d, 3) float64: each feature's count, sum and sum of squares
+
+    @property
+    def count(self) -> np.ndarray:  # (d,) int64
+        return self.sums[:, 0].astype(np.int64)
+
+    @property
+    def total(self) -> np.ndarray:  # (d,) float64
+        return self.sums[:, 1]
+
+    @property
+    def sumsq(self) -> np.ndarray:  # (d,) float64
+        return self.sums[:, 2]
 
 
-def fast_block(block: object, d: int) -> CheckedBlock | None:
+def fast_block(block: object, d: int, sums: np.ndarray | None = None) -> CheckedBlock | None:
     """The checked block and its sums by one `check_block` pass, or None where the block is not
-    a canonical, valid CSR matrix of float32 values `d` wide (the caller then validates it)."""
+    a canonical, valid CSR matrix of float32 values `d` wide (the caller then validates it).
+    The sums go to `sums` ((d, 3) float64, zeroed first) where given: a writer's buffer, used
+    again for each block (no fresh pages each time)."""
     if not (sp.issparse(block) and block.format == "csr" and block.ndim == 2):
         return None
     if block.shape[1] != d or block.dtype != np.float32 or d >= 2**31:
         return None
     indices = block.indices.astype(np.int32, copy=False)
     indptr = block.indptr.astype(np.int64, copy=False)
-    sums = np.zeros((d, 3))  # counts exact in float64: a shard has < 2^53 tokens
+    if sums is None:
+        sums = np.zeros((d, 3))  # counts exact in float64: a shard has < 2^53 tokens
+    else:
+        sums.fill(0.0)
     if check_block(indptr, indices, block.data, d, sums) != OK:
         return None
-    count, total, sumsq = np.ascontiguousarray(sums.T)
-    return CheckedBlock(
-        block.shape[0], indptr, indices, block.data, count.astype(np.int64), total, sumsq
-    )
+    return CheckedBlock(block.shape[0], indptr, indices, block.data, sums)
 
 
 SCAN = 16  # floats tested at once for any nonzero: one or two SIMD registers

@@ -22,9 +22,11 @@ import polars as pl
 import scipy.sparse as sp
 import zarr
 import zarr.storage
+from zarr.storage import StorePath
 
 from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.store import encodings, spec
+from featstore.store.chunks import put_group
 from featstore.store.snapshot import NONE, Commit, Snapshot, SnapshotChanged, retrying
 from featstore.store.transaction import DELETE, Committing, Transaction, finish_pending_writes
 from featstore.store.writers import (
@@ -239,8 +241,7 @@ class Store(Committing):
         for i in range(1, len(parts) + 1):
             sub = "/".join(parts[:i])
             if not self._exists(sub):  # a store of its own: zarr leaves the ancestors alone
-                local = zarr.storage.LocalStore(self.root_path / sub)
-                zarr.open_group(local, mode="a", zarr_format=3)
+                put_group(StorePath(zarr.storage.LocalStore(self.root_path / sub)), {})
 
     def group(self, path: str, what: str) -> zarr.Group:
         """The group at `path` to read; a committed generation where the group names one.

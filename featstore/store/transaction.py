@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import zarr
 import zarr.core.sync
 import zarr.storage
+from zarr.storage import StorePath
 
 from featstore.errors import FeatstoreError, StoreBusyError
 from featstore.files import atomic_file, writing
@@ -153,8 +154,9 @@ class Committing:
             raise FeatstoreError(f"{base} is not a folder of this store: remove it")
         return base
 
-    def _open_staging(self, path: str, staging: Path) -> zarr.Group:
-        return zarr.open_group(zarr.storage.LocalStore(staging), mode="w", zarr_format=3)
+    def _open_staging(self, path: str, staging: Path) -> StorePath:
+        """Where the staged group's nodes go (written by its `GroupWriter`)."""
+        return StorePath(zarr.storage.LocalStore(staging))
 
     def _commit(self, path: str, staging: Path) -> None:
         self._swap_in(staging, path)
@@ -290,9 +292,8 @@ class Transaction:
         staging = store._new_staging(path)
         self.entries.append((path, staging))
         with writing(path):
-            group = store._open_staging(path, staging)
-        writer = GroupWriter(group, path)
-        with writing(path):  # also what the caller writes to `writer.group` itself
+            writer = GroupWriter(store._open_staging(path, staging), path)
+        with writing(path):
             yield writer
         with writing(path):
             writer.flush()
@@ -315,9 +316,9 @@ class Transaction:
             removed += [path for path in self.deleted if path not in removed]
             commits = self.commits(removed)
             for path, (_, writer) in self.staged_groups.items():
-                # Attributes last: their presence is part of what makes a group complete. In one
-                # write (zarr's `attrs.update` writes the group's zarr.json once per key).
-                writer.group.update_attributes({**writer.attrs, COMMIT: commits[path].attribute()})
+                # The group's zarr.json last, once, with every attribute: their presence is part
+                # of what makes a group complete.
+                writer.write_attributes({**writer.attrs, COMMIT: commits[path].attribute()})
             for path in self.staged_groups:
                 # Parents only now: a write that fails leaves no empty group behind.
                 store._ensure_parents(path)
@@ -361,7 +362,7 @@ def align_shards(store: Store, staged: Mapping[str, tuple[Any, GroupWriter]]) ->
         table = tables.get(shard)
         digest = table.attrs[spec.ROWS_HASH] if table else store.rows_hash(shard)
         if digest is not None:
-            writer.group.attrs.update({spec.ROWS_HASH: digest})
+            writer.attrs = {spec.ROWS_HASH: digest, **writer.attrs}  # first, as it was written
     removed: list[str] = []
     for shard, table in tables.items():
         before = store.rows_hash(shard)

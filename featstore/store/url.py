@@ -26,7 +26,7 @@ from typing import Any
 import zarr
 import zarr.core.sync
 from zarr.core.buffer import default_buffer_prototype
-from zarr.storage import FsspecStore
+from zarr.storage import FsspecStore, StorePath
 
 from featstore.errors import FeatstoreError
 from featstore.files import writing
@@ -172,8 +172,10 @@ class UrlStore(Store):
         """A fresh generation's name: the time it was begun (hex seconds), then random hex."""
         return f"{spec.GENERATION_PREFIX}{int(time.time()):010x}-{uuid.uuid4().hex}"
 
-    def _open_staging(self, path: str, generation: str) -> zarr.Group:
-        return zarr.open_group(self._zstore(), path=f"{path}/{generation}", mode="w", zarr_format=3)
+    def _open_staging(self, path: str, generation: str) -> StorePath:
+        """The generation's place, its group written at once (it is there from its start)."""
+        zarr.open_group(self._zstore(), path=f"{path}/{generation}", mode="w", zarr_format=3)
+        return StorePath(self._zstore(), f"{path}/{generation}")
 
     def _commit(self, path: str, generation: str) -> None:
         previous = self._committed(path)

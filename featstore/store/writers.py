@@ -9,6 +9,7 @@ cannot hold, with one line; `rows_digest` is the rows hash of a token table.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,11 @@ import polars as pl
 import scipy.sparse as sp
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import StorePath
 
 from featstore.errors import FeatstoreError
 from featstore.files import writing
-from featstore.store import blockpass, encodings, spec
+from featstore.store import blockpass, chunks, encodings, spec
 from featstore.store.chunks import ChunkWriter
 
 
@@ -77,20 +79,23 @@ WRITE = {"write_empty_chunks": True}
 
 
 class GroupWriter:
-    """Appends 1-D arrays to a staged group; attributes are written when it is swapped in.
+    """Appends 1-D arrays to a staged group at `where`; each array's `zarr.json` is written by
+    `flush` (at its final shape), the group's by `write_attributes` when it is committed.
 
-    Appends are buffered and written in whole chunks: a zarr append of a part chunk rewrites
-    that chunk and the array's metadata each time, which made storing codes slower than the
-    GPU that makes them.
+    Appends are buffered and written in whole chunks, cut from the appended pieces as they come
+    (`chunks.ChunkWriter`): a zarr append of a part chunk rewrites that chunk and the array's
+    metadata each time, which made storing codes slower than the GPU that makes them. Array
+    metadata is zarr's own (`_metadata`), written once, not created, resized and annotated in
+    round trips to zarr's event loop.
     """
 
-    def __init__(self, group: zarr.Group, path: str = "") -> None:
-        self.group, self.path = group, path
+    def __init__(self, where: StorePath, path: str = "") -> None:
+        self.where, self.path = where, path
         self.attrs: dict[str, Any] = {}
         self.pending: dict[str, list[np.ndarray]] = {}
-        self.arrays: dict[str, zarr.Array] = {}
+        self.metadata: dict[str, Any] = {}
         self.chunk_writers: dict[str, ChunkWriter | None] = {}
-        self.written: dict[str, int] = {}  # elements written, the array's shape may lag behind
+        self.written: dict[str, int] = {}  # elements written
 
     def create(
         self,
@@ -98,68 +103,102 @@ class GroupWriter:
         dtype: np.dtype,
         chunk: int = spec.NNZ_CHUNK,
         codecs: tuple | None = None,
-        size: int = 0,
     ) -> None:
-        """An empty 1-D array (of `size` elements, which the caller writes; `codecs` by default
-        `CODECS`), there even when nothing is appended to it."""
+        """An empty 1-D array (`codecs` by default `CODECS`), there even when nothing is
+        appended to it."""
         with writing(f"{self.path}/{name}"):
-            array = self.group.create_array(
-                name,
-                shape=(size,),
-                dtype=dtype,
-                chunks=(chunk,),
-                compressors=CODECS if codecs is None else codecs,
-                fill_value=encodings.fill_value(dtype),  # what a deleted chunk reads as
-                config=WRITE,
-            )
+            meta = _metadata(np.dtype(dtype), chunk, CODECS if codecs is None else codecs)
         self.pending[name] = []
-        self.arrays[name], self.chunk_writers[name] = array, ChunkWriter.of(array)
+        self.metadata[name] = meta
+        self.chunk_writers[name] = ChunkWriter.at(meta, self.where / name)
         self.written[name] = 0
 
     def put(self, name: str, values: np.ndarray, chunk: int = spec.NNZ_CHUNK) -> None:
-        """A new array holding `values`, created at its size (no resize afterwards), in chunks
-        of at most `chunk` (one chunk of its size when smaller: nothing padded)."""
+        """A new array holding `values`, in chunks of at most `chunk` (one chunk of its size
+        when smaller: nothing padded)."""
         values = np.ascontiguousarray(values)
-        self.create(name, values.dtype, max(1, min(chunk, values.size)), size=values.size)
+        self.create(name, values.dtype, max(1, min(chunk, values.size)))
         self.pending[name].append(values)
         self._write(name, whole_chunks=False)
 
     def append(self, name: str, values: np.ndarray, chunk: int = spec.NNZ_CHUNK) -> None:
-        values = np.ascontiguousarray(values)
         if name not in self.pending:
-            self.create(name, values.dtype, chunk)
+            self.create(name, np.asarray(values).dtype, chunk)
+        values = np.ascontiguousarray(values, self.metadata[name].dtype.to_native_dtype())
         if values.size:
             self.pending[name].append(values)
             self._write(name, whole_chunks=True)
 
     def flush(self) -> None:
-        """Write what is still buffered, and every array's shape."""
+        """Write what is still buffered, then every array's `zarr.json` at its size."""
         for name in self.pending:
             self._write(name, whole_chunks=False)
-            if self.arrays[name].shape[0] != self.written[name]:
-                with writing(f"{self.path}/{name}"):
-                    self.arrays[name].resize((self.written[name],))
+        docs = [
+            (f"{name}/zarr.json", [chunks.document(meta.update_shape((self.written[name],)))])
+            for name, meta in self.metadata.items()
+        ]
+        with writing(self.path):
+            chunks.put(self.where, docs)
+
+    def write_attributes(self, attributes: Mapping[str, Any]) -> None:
+        """The group's `zarr.json` with these attributes, as zarr writes a group's."""
+        with writing(self.path):
+            chunks.put_group(self.where, dict(attributes))
 
     def _write(self, name: str, whole_chunks: bool) -> None:
         """Write the buffered values (with `whole_chunks`, only whole chunks): by the array's
-        `ChunkWriter` where it has one and the array ends at a chunk's start (the shape is set
-        by `flush`), else by zarr."""
-        array, parts, done = self.arrays[name], self.pending[name], self.written[name]
-        size, chunk = sum(len(p) for p in parts), array.chunks[0]
+        `ChunkWriter` where it has one and the array ends at a chunk's start, else by zarr."""
+        parts, done = self.pending[name], self.written[name]
+        size, chunk = sum(p.size for p in parts), int(self.metadata[name].chunks[0])
         cut = size - size % chunk if whole_chunks else size
         if not cut:
             return
-        values = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        head, tail = _split(parts, cut)
         fast = self.chunk_writers[name] if done % chunk == 0 else None
         with writing(f"{self.path}/{name}"):
             if fast is not None:
-                fast.write(done // chunk, values[:cut].astype(array.dtype, copy=False))
-            else:
-                if array.shape[0] != done:
-                    array.resize((done,))
-                array.append(values[:cut])
+                fast.write_pieces(done // chunk, head)
+            else:  # zarr's own write into the region (reading back a part chunk)
+                meta = self.metadata[name].update_shape((done + cut,))
+                chunks.put(self.where, [(f"{name}/zarr.json", [chunks.document(meta)])])
+                array = zarr.open_array(self.where / name, mode="r+", config=WRITE)
+                array[done : done + cut] = np.concatenate(head)
         self.written[name] = done + cut
-        self.pending[name] = [values[cut:]] if cut < size else []
+        self.pending[name] = tail
+
+
+def _split(parts: list[np.ndarray], n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The pieces' first `n` elements and the rest, as lists of views."""
+    head: list[np.ndarray] = []
+    for k, part in enumerate(parts):
+        if part.size >= n:
+            head.append(part[:n])
+            rest = [part[n:]] if part.size > n else []
+            return head, rest + parts[k + 1 :]
+        head.append(part)
+        n -= part.size
+    return head, []
+
+
+_TEMPLATES: dict[tuple[str, int, str], Any] = {}
+
+
+def _metadata(dtype: np.dtype, chunk: int, codecs: tuple) -> Any:
+    """The metadata zarr's `create_array` gives a 1-D array of `dtype` in chunks of `chunk`
+    with `codecs` and the store's fill value (`encodings.fill_value`), at shape (0,): made once
+    a process in memory (`update_shape` sets the size)."""
+    key = (dtype.str, chunk, json.dumps([c.to_dict() for c in codecs], sort_keys=True))
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = zarr.create_array(
+            zarr.storage.MemoryStore(),
+            shape=(0,),
+            dtype=dtype,
+            chunks=(chunk,),
+            compressors=codecs,
+            fill_value=encodings.fill_value(dtype),  # what a deleted chunk reads as
+            config=WRITE,
+        ).metadata
+    return _TEMPLATES[key]
 
 
 class ActivationWriter:
@@ -167,17 +206,27 @@ class ActivationWriter:
 
     def __init__(self, group: GroupWriter, layer: int, shard: str, d_sae: int) -> None:
         self.group, self.layer, self.shard, self.d_sae = group, layer, shard, d_sae
-        self.stats = FeatureStats(
-            0, *(np.zeros(d_sae, dt) for dt in (np.int64, np.float64, np.float64))
-        )
-        self.nnz = 0
+        self.n_tokens, self.nnz = 0, 0
+        # Each feature's count, sum and sum of squares, added block by block (float64, as
+        # `FeatureStats.__add__` adds them); `scratch` takes one block's sums.
+        self.sums, self.scratch = np.zeros((d_sae, 3)), np.empty((d_sae, 3))
         group.create("data", np.dtype(np.float32), codecs=VALUE_CODECS)
         group.append("indptr", np.zeros(1, np.int64), spec.TOKEN_CHUNK)
+
+    @property
+    def stats(self) -> FeatureStats:
+        sums = self.sums
+        return FeatureStats(
+            self.n_tokens,
+            sums[:, 0].astype(np.int64),
+            np.ascontiguousarray(sums[:, 1]),
+            np.ascontiguousarray(sums[:, 2]),
+        )
 
     def append(self, block: sp.spmatrix) -> None:
         """Append token rows; `block` is validated (finite, non-negative, d_sae wide): by one
         compiled pass (`blockpass`) where it comes canonical, else by `validate_activations`."""
-        checked = blockpass.fast_block(block, self.d_sae)
+        checked = blockpass.fast_block(block, self.d_sae, self.scratch)
         if checked is None:
             what = f"layer {self.layer} shard {self.shard}"
             csr = validate_activations(block, what)
@@ -185,26 +234,27 @@ class ActivationWriter:
                 raise FeatstoreError(
                     f"{what}: {csr.shape[1]} features, expected d_sae {self.d_sae}"
                 )
-            checked = blockpass.fast_block(csr, self.d_sae)
+            checked = blockpass.fast_block(csr, self.d_sae, self.scratch)
             assert checked is not None, "a validated block is canonical"
         self.group.append("data", checked.data)
         self.group.append("indices", checked.indices)
         self.group.append("indptr", checked.indptr[1:] + self.nnz, spec.TOKEN_CHUNK)
         self.nnz += checked.indices.size
-        sums = FeatureStats(checked.n_rows, checked.count, checked.total, checked.sumsq)
-        self.stats = self.stats + sums
+        self.n_tokens += checked.n_rows
+        self.sums += checked.sums
 
     def finish(self, attrs: Mapping[str, Any]) -> None:
         for name, dtype in (("data", np.float32), ("indices", np.int32)):
             self.group.append(name, np.zeros(0, dtype))
-        self.group.put("feature_count", self.stats.count)
-        self.group.put("feature_sum", self.stats.total)
-        self.group.put("feature_sumsq", self.stats.sumsq)
+        stats = self.stats
+        self.group.put("feature_count", stats.count)
+        self.group.put("feature_sum", stats.total)
+        self.group.put("feature_sumsq", stats.sumsq)
         self.group.attrs.update(
             {
                 **dict(attrs),
                 **encodings.stamp(spec.CSR),
-                spec.SHAPE: [self.stats.n_tokens, self.d_sae],
+                spec.SHAPE: [self.n_tokens, self.d_sae],
                 "layer": int(self.layer),
                 "shard": self.shard,
                 "d_sae": int(self.d_sae),
