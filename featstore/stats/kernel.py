@@ -34,7 +34,8 @@ SCREENED_CAPACITY = 1 << 12  # first room for a screened block's pairs (it grows
 # Blocks per kernel run at least: computing a block overlaps the use of the one before.
 PIPELINE_BLOCKS = 8
 LOOKAHEAD_BLOCKS = 2  # blocks computed ahead of the one used
-PREFETCH_TOKENS = 16  # how far ahead the kernels ask for B's rows (measured: 8-16 best)
+PREFETCH_TOKENS = 8  # how far ahead the kernels ask for B's rows (measured: 4-16 alike)
+CACHE_LINE = 64  # bytes
 CHUNK_ENTRIES = 1 << 25  # A's nonzeros made feature-major at once (~256 MB of float32)
 
 Range = tuple[int, int]
@@ -262,15 +263,34 @@ def _accumulators(d_b, seg):
     return acc, cnt, touched, tot, tcnt, ttouched
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _prefetch_row(p, end, a_tok, b_ptr, b_feat, b_val):
+    """Ask for what position p + `PREFETCH_TOKENS` of A's tokens will read: B's row there, whole
+    (every cache line of its ids and of its values; rows lie at random, and the hardware
+    fetches ahead only within a line or two), and B's row pointer of the token
+    `PREFETCH_TOKENS` further, which that row's address needs. Reading B's rows was most of
+    the pass: a row's first lines alone asked for left ~5.5 ns a multiply-add waiting on
+    memory, all of them ~1.9 (bench/RESULTS.md)."""
+    if p + 2 * PREFETCH_TOKENS < end:
+        prefetch(b_ptr, a_tok[p + 2 * PREFETCH_TOKENS])
+    if p + PREFETCH_TOKENS < end:
+        t = a_tok[p + PREFETCH_TOKENS]
+        first, stop = b_ptr[t], b_ptr[t + 1]
+        for q in range(first, stop, CACHE_LINE // b_feat.itemsize):
+            prefetch(b_feat, q)
+        for q in range(first, stop, CACHE_LINE // b_val.itemsize):
+            prefetch(b_val, q)
+        if stop > first:  # the last line of each, where the row does not start a line
+            prefetch(b_feat, stop - 1)
+            prefetch(b_val, stop - 1)
+
+
 @numba.njit(nogil=True, cache=True)
 def _add_tokens(start, end, a_tok, a_val, b_ptr, b_feat, b_val, acc, cnt, touched, k):
     """Add the pairs of A's entries start..end-1 (one feature's tokens) with B's features on
     those tokens to `acc` and `cnt`, appending new features to `touched[k:]`; returns the new k."""
     for p in range(start, end):
-        if p + PREFETCH_TOKENS < end:  # B's row a few tokens ahead: rows lie at random
-            ahead = b_ptr[a_tok[p + PREFETCH_TOKENS]]
-            prefetch(b_feat, ahead)
-            prefetch(b_val, ahead)
+        _prefetch_row(p, end, a_tok, b_ptr, b_feat, b_val)
         t, x = a_tok[p], np.float64(a_val[p])
         for q in range(b_ptr[t], b_ptr[t + 1]):
             j = b_feat[q]
