@@ -167,6 +167,16 @@ def flip_byte(home: Path, path: str, array: str) -> None:
     chunk.write_bytes(bytes(raw))
 
 
+def repeat_an_id(home: Path, path: str) -> None:
+    """A token's row with one feature id twice (in range and valid otherwise): the kernels
+    would count that token twice for the feature's pairs."""
+    indptr = zarr.open_array(home / spec.ROOT / path / "indptr")[:]
+    row = int(np.flatnonzero(np.diff(indptr) >= 2)[0])
+    first = int(indptr[row])
+    ids = zarr.open_array(home / spec.ROOT / path / "indices", mode="r+")
+    ids[first + 1] = ids[first]
+
+
 CORRUPTIONS = {
     "deleted data": (lambda h: delete_chunks(h, "activations/layer_6/s0", "data"), "data"),
     "deleted indices": (lambda h: delete_chunks(h, "activations/layer_6/s0", "indices"),
@@ -180,6 +190,8 @@ CORRUPTIONS = {
                        "feature ids out of range"),
     "indptr not monotone": (lambda h: overwrite(h, "activations/layer_6/s0", "indptr", 5, 10**9),
                             "indptr"),
+    "repeated feature id": (lambda h: repeat_an_id(h, "activations/layer_6/s0"),
+                            "feature ids repeated"),
 }  # fmt: skip
 
 
@@ -458,6 +470,7 @@ def assert_refused_or_sound(home: Path) -> None:
                 assert m.nnz == 0 or (m.indices.min() >= 0 and m.indices.max() < d)
                 assert m.nnz == 0 or (np.isfinite(m.data).all() and m.data.min() > 0)
                 assert np.all(np.diff(m.indptr) >= 0)
+                assert m.has_canonical_format  # ids rise strictly within each token's row
         for shard in store.token_shards():
             t = store.tokens(shard)
             assert t["seq"].min() >= 0 and t["pos"].min() >= 0 and t["token"].min() >= -1

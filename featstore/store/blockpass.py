@@ -1,6 +1,7 @@
 """Compiled passes over a block of activations on its way into the store: dense codes in host
 memory to CSR (`dense_csr`), and the checks of `validate_activations` with the block's
-per-feature sums together (`check_block`).
+per-feature sums together (`check_block`); and the reader's check that each token's feature
+ids rise (`first_unsorted_row`).
 
 Extraction stores hundreds of nonzeros per token and layer; checking them (finite, positive,
 feature ids in range, sorted without repeats) and summing them per feature with numpy took
@@ -46,6 +47,19 @@ def check_block(indptr, indices, data, d, sums):
             sums[j, 1] += x
             sums[j, 2] += x * x
     return OK
+
+
+@numba.njit(nogil=True, cache=True)
+def first_unsorted_row(indptr, indices):
+    """The first row whose feature ids do not rise strictly (repeated or out of order), or -1:
+    rows by `indptr` (monotone, within `indices`), which may start past 0 (a block read from
+    the middle of a shard: `indices` then starts at `indptr[0]`)."""
+    base = indptr[0]
+    for r in range(indptr.size - 1):
+        for p in range(indptr[r] - base + 1, indptr[r + 1] - base):
+            if indices[p] <= indices[p - 1]:
+                return r
+    return -1
 
 
 @dataclass(frozen=True)
