@@ -94,3 +94,21 @@ def test_stacked_layers_are_the_shards_in_compact_form(tmp_path):
         want = sp.vstack([acts[layer]["s0"], acts[layer]["s1"]]).toarray()
         back = sp.csr_matrix((c.data, c.indices.astype(np.int32), c.indptr), shape=c.shape)
         np.testing.assert_array_equal(back.toarray(), want)
+
+
+def test_feature_majors_of_rising_ranges_are_each_ranges_transpose():
+    m = sparse_acts(300, 37, 0.1, 7)
+    c, t = Compact.of(m), m.T.tocsr()
+    ranges = [(0, 3), (3, 10), (12, 12), (15, 30), (30, 37)]  # gaps and an empty range too
+    for (lo, hi), (ptr, rows, values) in zip(ranges, c.feature_majors(ranges), strict=True):
+        assert np.all(np.diff(ptr)[:lo] == 0) and np.all(np.diff(ptr)[hi:] == 0)
+        for j in range(lo, hi):
+            want = slice(t.indptr[j], t.indptr[j + 1])
+            np.testing.assert_array_equal(rows[ptr[j] : ptr[j + 1]], t.indices[want])
+            np.testing.assert_array_equal(values[ptr[j] : ptr[j + 1]], t.data[want])
+
+
+def test_feature_majors_refuse_ranges_that_go_back():
+    c = Compact.of(sparse_acts(50, 20, 0.2, 8))
+    with pytest.raises(FeatstoreError, match="must rise"):
+        list(c.feature_majors([(5, 10), (8, 12)]))

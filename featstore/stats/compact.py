@@ -11,7 +11,7 @@ features (`Compact.feature_major`), never for the whole layer at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numba
@@ -116,16 +116,33 @@ class Compact:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ptr, rows, values) of columns lo..hi-1 as CSR of the transpose (A.T's side of the
         kernels, rows rising): `ptr` has an entry per column + 1 of the whole matrix, empty
-        outside [lo, hi), so the kernels index it by the column itself. One pass over the
-        matrix; `counts`: `column_counts`, when known."""
+        outside [lo, hi), so the kernels index it by the column itself. `counts`:
+        `column_counts`, when known."""
+        return next(self.feature_majors([(lo, hi)], counts))
+
+    def feature_majors(
+        self, ranges: Iterable[tuple[int, int]], counts: np.ndarray | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`feature_major` of each range of columns in turn (ranges rising, not overlapping),
+        in one pass over the matrix in all: each row's ids rise (canonical CSR; the store's
+        reader checks it), so each row keeps where the last range stopped and the next range
+        starts there, instead of every range scanning every entry."""
         counts = self.column_counts() if counts is None else counts
-        ptr = np.zeros(self.shape[1] + 1, np.int64)
-        ptr[lo + 1 : hi + 1] = np.cumsum(counts[lo:hi])
-        ptr[hi + 1 :] = ptr[hi]
-        rows = np.empty(int(ptr[hi]), np.int32)
-        values = np.empty(int(ptr[hi]), self.data.dtype)
-        _fill_columns(self.indptr, self.indices, self.data, lo, hi, ptr.copy(), rows, values)
-        return ptr, rows, values
+        at = self.indptr[:-1].copy()  # per row: its first entry not yet taken
+        last = 0
+        for lo, hi in ranges:
+            if not last <= lo <= hi <= self.shape[1]:
+                raise FeatstoreError(f"column ranges must rise within [0, {self.shape[1]}): "
+                                     f"{(lo, hi)} after {last}")  # fmt: skip
+            ptr = np.zeros(self.shape[1] + 1, np.int64)
+            ptr[lo + 1 : hi + 1] = np.cumsum(counts[lo:hi])
+            ptr[hi + 1 :] = ptr[hi]
+            rows = np.empty(int(ptr[hi]), np.int32)
+            values = np.empty(int(ptr[hi]), self.data.dtype)
+            _fill_columns(self.indptr, self.indices, self.data, lo, hi, at, ptr.copy(), rows,
+                          values)  # fmt: skip
+            last = hi
+            yield ptr, rows, values
 
 
 class Filling:
@@ -180,12 +197,18 @@ def _feature_work(indptr, indices, weight, d):
 
 
 @numba.njit(nogil=True, cache=True)
-def _fill_columns(indptr, indices, data, lo, hi, cursor, rows, values):
-    """Scatter the entries of columns lo..hi-1 to their column's run (rows in order)."""
+def _fill_columns(indptr, indices, data, lo, hi, at, cursor, rows, values):
+    """Scatter the entries of columns lo..hi-1 to their column's run (rows in order), each
+    row read from `at[row]` (its entries before hold columns below lo) and left at its first
+    entry of a column >= hi."""
     for t in range(indptr.size - 1):
-        for q in range(indptr[t], indptr[t + 1]):
+        q, end = at[t], indptr[t + 1]
+        while q < end and indices[q] < lo:
+            q += 1
+        while q < end and indices[q] < hi:
             j = indices[q]
-            if lo <= j < hi:
-                at = cursor[j]
-                rows[at], values[at] = t, data[q]
-                cursor[j] = at + 1
+            c = cursor[j]
+            rows[c], values[c] = t, data[q]
+            cursor[j] = c + 1
+            q += 1
+        at[t] = q

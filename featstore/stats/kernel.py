@@ -588,8 +588,10 @@ def iter_sparse_pair_counts(
     `MAX_BLOCK_WORK`, and at least ~`PIPELINE_BLOCKS` blocks), in order, by `coactive_block`
     on two threads. The next blocks are computed while one is used: memory holds up to
     `LOOKAHEAD_BLOCKS` + 1 blocks' pairs, and A's feature-major side of ~`CHUNK_ENTRIES`
-    nonzeros at a time (built from A as the blocks reach it). Without `sort`, each feature_a's
-    pairs come together but not sorted by feature_b (`PairCounts.sorted` sorts them). With a
+    nonzeros at a time, two at most (the next built on a thread while this one is used,
+    `built_ahead`; all of them in one pass over A, `Compact.feature_majors`). Without `sort`,
+    each feature_a's pairs come together but not sorted by feature_b (`PairCounts.sorted`
+    sorts them). With a
     `screen`, only the pairs passing it come. `segments` (token boundaries from 0 to the token
     count) sums the tokens between each two apart and adds those sums in order, bit for bit
     the sums of the segments computed alone and added by `PairCounts.total` (stacked shards)."""
@@ -612,8 +614,10 @@ def iter_sparse_pair_counts(
     counts = a.column_counts()
 
     def starts(pool: ThreadPoolExecutor) -> Iterator[Callable[[], Callable[[], PairCounts]]]:
-        for (lo, hi), members in chunked(blocks, counts, CHUNK_ENTRIES):
-            arrays = a.feature_major(lo, hi, counts) + b.arrays()
+        runs = chunked(blocks, counts, CHUNK_ENTRIES)
+        sides = built_ahead(a.feature_majors([r for r, _ in runs], counts))
+        for (_, members), side in zip(runs, sides, strict=True):
+            arrays = side + b.arrays()
             for r in members:
                 yield functools.partial(
                     _start_block, pool, shape, arrays, r, screen, rooms[r], sort, seg
@@ -633,6 +637,18 @@ def run_ahead(starts: Iterable[Callable[[], Callable[[], T]]], ahead: int) -> It
             yield pending.popleft()()
     while pending:
         yield pending.popleft()()
+
+
+def built_ahead(items: Iterator[T]) -> Iterator[T]:
+    """The items of `items` in order, each next one made on a thread while the caller uses the
+    one before (`items`' work releases the GIL: compiled code): A's feature-major side of the
+    next run of blocks is built while the kernels work through this one's, instead of the
+    kernels waiting for it."""
+    with ThreadPoolExecutor(max_workers=1) as builder:
+        job = builder.submit(next, items, None)
+        while (item := job.result()) is not None:
+            job = builder.submit(next, items, None)
+            yield item
 
 
 def sparse_pair_counts(A: sp.spmatrix, B: sp.spmatrix) -> PairCounts:
