@@ -263,34 +263,30 @@ def _accumulators(d_b, seg):
     return acc, cnt, touched, tot, tcnt, ttouched
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _prefetch_row(p, end, a_tok, b_ptr, b_feat, b_val):
-    """Ask for what position p + `PREFETCH_TOKENS` of A's tokens will read: B's row there, whole
-    (every cache line of its ids and of its values; rows lie at random, and the hardware
-    fetches ahead only within a line or two), and B's row pointer of the token
-    `PREFETCH_TOKENS` further, which that row's address needs. Reading B's rows was most of
-    the pass: a row's first lines alone asked for left ~5.5 ns a multiply-add waiting on
-    memory, all of them ~1.9 (bench/RESULTS.md)."""
-    if p + 2 * PREFETCH_TOKENS < end:
-        prefetch(b_ptr, a_tok[p + 2 * PREFETCH_TOKENS])
-    if p + PREFETCH_TOKENS < end:
-        t = a_tok[p + PREFETCH_TOKENS]
-        first, stop = b_ptr[t], b_ptr[t + 1]
-        for q in range(first, stop, CACHE_LINE // b_feat.itemsize):
-            prefetch(b_feat, q)
-        for q in range(first, stop, CACHE_LINE // b_val.itemsize):
-            prefetch(b_val, q)
-        if stop > first:  # the last line of each, where the row does not start a line
-            prefetch(b_feat, stop - 1)
-            prefetch(b_val, stop - 1)
-
-
 @numba.njit(nogil=True, cache=True)
 def _add_tokens(start, end, a_tok, a_val, b_ptr, b_feat, b_val, acc, cnt, touched, k):
     """Add the pairs of A's entries start..end-1 (one feature's tokens) with B's features on
     those tokens to `acc` and `cnt`, appending new features to `touched[k:]`; returns the new k."""
     for p in range(start, end):
-        _prefetch_row(p, end, a_tok, b_ptr, b_feat, b_val)
+        # Ask for what position p + PREFETCH_TOKENS will read: B's row there, whole (every
+        # cache line of its ids and of its values: rows lie at random, and the hardware fetches
+        # ahead only within a line or two), and B's row pointer of the token PREFETCH_TOKENS
+        # further, which that row's address needs. Reading B's rows was most of the pass: with
+        # a row's first lines alone asked for, ~5.5 ns a multiply-add waited on memory; with
+        # all of them ~1.9 (bench/RESULTS.md). Written out here, not called: a call passes the
+        # arrays with atomic reference counts, which two threads then fight over.
+        if p + 2 * PREFETCH_TOKENS < end:
+            prefetch(b_ptr, a_tok[p + 2 * PREFETCH_TOKENS])
+        if p + PREFETCH_TOKENS < end:
+            ahead = a_tok[p + PREFETCH_TOKENS]
+            first, stop = b_ptr[ahead], b_ptr[ahead + 1]
+            for q in range(first, stop, CACHE_LINE // b_feat.itemsize):
+                prefetch(b_feat, q)
+            for q in range(first, stop, CACHE_LINE // b_val.itemsize):
+                prefetch(b_val, q)
+            if stop > first:  # the last line of each, where the row does not start a line
+                prefetch(b_feat, stop - 1)
+                prefetch(b_val, stop - 1)
         t, x = a_tok[p], np.float64(a_val[p])
         for q in range(b_ptr[t], b_ptr[t + 1]):
             j = b_feat[q]
