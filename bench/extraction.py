@@ -17,6 +17,8 @@ points: `from csr` starts where a GPU hands over (the nonzeros found on the devi
 `dense_to_csr` already run: checks, per-feature statistics, compression, commit), `from dense`
 starts from dense codes in host memory (CPU extraction: `dense_to_csr` included). Run it once
 with `PYTHONPATH` at a worktree of the baseline commit and once at this one, back to back.
+`--repeat N` runs `from csr` N times in the process, each printed (the first run is the one
+earlier sections report; one run is ~0.5 CPU-s, at the mercy of a moment's load).
 `--values store blosc` measures the store's codecs for activation values (`VALUE_CODECS`: none
 but the CRC-32C) against blosc-lz4 with bit shuffle, as the other arrays, in one run (the codec
 patched for the run; not with the baseline, which has no `VALUE_CODECS`), with the bytes stored
@@ -185,15 +187,17 @@ def measure_host(args) -> None:
 
             original, writers.VALUE_CODECS = writers.VALUE_CODECS, patched
         for name, batches, to_csr in (("from csr", csrs, False), ("from dense", dense, True)):
-            per_cpu, per_wall, nnz, stored = host_rate(batches, to_csr)
-            print(
-                f"host {name:<10} {values or 'store':<5} {per_cpu / 1e6:7.1f} M nonzeros/CPU-s  "
-                f"{per_wall / 1e6:7.1f} M nonzeros/s  {stored / nnz:5.2f} B/nonzero  "
-                f"({nnz:,} nonzeros, 4 layers x {args.batches} batches x {tokens} tokens, "
-                f"L0 {nnz / (4 * args.batches * tokens):.0f}, torch threads "
-                f"{torch.get_num_threads()})",
-                flush=True,
-            )
+            for run in range(args.repeat if not to_csr else 1):
+                per_cpu, per_wall, nnz, stored = host_rate(batches, to_csr)
+                print(
+                    f"host {name:<10} {values or 'store':<5} run {run + 1} "
+                    f"{per_cpu / 1e6:7.1f} M nonzeros/CPU-s  "
+                    f"{per_wall / 1e6:7.1f} M nonzeros/s  {stored / nnz:5.2f} B/nonzero  "
+                    f"({nnz:,} nonzeros, 4 layers x {args.batches} batches x {tokens} tokens, "
+                    f"L0 {nnz / (4 * args.batches * tokens):.0f}, torch threads "
+                    f"{torch.get_num_threads()})",
+                    flush=True,
+                )
         if patched is not None:
             writers.VALUE_CODECS = original
 
@@ -204,6 +208,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--host", action="store_true", help="the host path alone (see above)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="--host: runs from csr in one process, each printed")  # fmt: skip
     p.add_argument("--values", nargs="+", choices=["store", "blosc"], default=None,
                    help="--host: codecs of activation values to compare")  # fmt: skip
     args = p.parse_args()
