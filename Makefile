@@ -34,8 +34,14 @@ lock: venv
 demo: venv
 	$(BIN)/python -m pipelines.demo
 
+# The tests on TEST_WORKERS processes (pytest-xdist), whole files at a time so that a file's
+# module fixtures (a store, a model, the GPT-2-dims run) are built once, the files holding a
+# `slow` test first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order).
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
+
 test: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 	$(BIN)/ruff check .
 
 ui: venv

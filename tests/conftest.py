@@ -13,6 +13,15 @@ import pytest
 from featstore.store import spec
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files holding a `slow` test first (in their own order), then the others: `make test`
+    hands whole files to two processes in this order (pytest-xdist's `--dist loadfile
+    --no-loadscope-reorder`), so that the long files start early and the short ones fill the end
+    instead of one process finishing the GPT-2-dims run alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: order kept within each
+
+
 @dataclass(frozen=True)
 class S3:
     endpoint: str
