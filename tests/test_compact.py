@@ -112,3 +112,14 @@ def test_feature_majors_refuse_ranges_that_go_back():
     c = Compact.of(sparse_acts(50, 20, 0.2, 8))
     with pytest.raises(FeatstoreError, match="must rise"):
         list(c.feature_majors([(5, 10), (8, 12)]))
+
+
+def test_a_matrix_whose_row_ids_do_not_rise_is_refused_not_half_filled():
+    c = Compact.of(sparse_acts(50, 20, 0.3, 9))
+    row = int(np.flatnonzero(np.diff(c.indptr) >= 2)[0])
+    ids = c.indices.copy()
+    ids[c.indptr[row] : c.indptr[row + 1]] = ids[c.indptr[row] : c.indptr[row + 1]][::-1]
+    bad = Compact(c.indptr, ids, c.data, c.shape)  # what no reader hands out (they check)
+    top = int(ids[c.indptr[row]])  # the row now starts at its largest id
+    with pytest.raises(FeatstoreError, match="must rise within each row"):
+        bad.feature_major(0, top)  # its smaller ids lie behind that one

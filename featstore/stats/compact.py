@@ -139,8 +139,11 @@ class Compact:
             ptr[hi + 1 :] = ptr[hi]
             rows = np.empty(int(ptr[hi]), np.int32)
             values = np.empty(int(ptr[hi]), self.data.dtype)
-            _fill_columns(self.indptr, self.indices, self.data, lo, hi, at, ptr.copy(), rows,
-                          values)  # fmt: skip
+            placed = _fill_columns(self.indptr, self.indices, self.data, lo, hi, at, ptr.copy(),
+                                   rows, values)  # fmt: skip
+            if placed != rows.size:  # a row's ids did not rise: never hand out unfilled entries
+                raise FeatstoreError(f"columns {lo}..{hi - 1}: {placed} of {rows.size} entries "
+                                     "found; feature ids must rise within each row")  # fmt: skip
             last = hi
             yield ptr, rows, values
 
@@ -200,15 +203,19 @@ def _feature_work(indptr, indices, weight, d):
 def _fill_columns(indptr, indices, data, lo, hi, at, cursor, rows, values):
     """Scatter the entries of columns lo..hi-1 to their column's run (rows in order), each
     row read from `at[row]` (its entries before hold columns below lo) and left at its first
-    entry of a column >= hi."""
+    entry of a column >= hi; returns how many entries it placed."""
+    placed = 0
     for t in range(indptr.size - 1):
         q, end = at[t], indptr[t + 1]
         while q < end and indices[q] < lo:
             q += 1
+        start = q
         while q < end and indices[q] < hi:
             j = indices[q]
             c = cursor[j]
             rows[c], values[c] = t, data[q]
             cursor[j] = c + 1
             q += 1
+        placed += q - start
         at[t] = q
+    return placed
