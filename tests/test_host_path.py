@@ -200,7 +200,7 @@ def test_chunk_writer_with_each_codec_chain_writes_what_zarr_writes(tmp_path, co
         arrays.append(group.create_array(
             "x", shape=values.shape, dtype=np.float32, chunks=(1024,), compressors=codecs,
             config=WRITE))  # fmt: skip
-    ChunkWriter.of(arrays[0]).write(0, values)
+    ChunkWriter.at(arrays[0].metadata, arrays[0].store_path).write(0, values)
     arrays[1][:] = values
     np.testing.assert_array_equal(arrays[0][:], values)  # zarr checks the checksums on reading
     for k in range(4):

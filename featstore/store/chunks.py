@@ -112,11 +112,6 @@ class ChunkWriter:
         self.scratch: np.ndarray | None = None  # a chunk assembled from pieces for blosc
 
     @staticmethod
-    def of(array: zarr.Array) -> ChunkWriter | None:
-        """`at` for an array zarr opened."""
-        return ChunkWriter.at(array.metadata, array.store_path)
-
-    @staticmethod
     def at(metadata: Any, where: StorePath) -> ChunkWriter | None:
         """A writer for the 1-D array of `metadata` at `where` whose codecs are bytes, then
         blosc or none, then crc32c or none; else None."""
